@@ -1,0 +1,17 @@
+# The two commands a newcomer needs:
+#   make lab    set everything up, then open JupyterLab on notebooks/ (the default model is
+#               the embedded synthetic one; pass MODEL=path.gguf to use a real file)
+#   make test   set everything up, then run the whole test suite (unit tests and nbval)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: lab test setup
+setup:
+	@VENV=$(VENV) scripts/setup.sh
+
+lab: setup
+	RWKVLAB_MODEL=$(MODEL) $(VENV)/bin/jupyter lab --notebook-dir=notebooks
+
+test: setup
+	$(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg $(PYTEST_ARGS)
