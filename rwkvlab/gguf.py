@@ -11,6 +11,7 @@ with quant blocks running along K. See /work/shared/reference/rwkv7-gguf.md for 
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,10 +174,12 @@ def _field_value(field) -> object:
         sub = types[-1].name if len(types) > 1 else "?"
         if n > _METADATA_ARRAY_MAX:
             return f"[{n} x {sub}]"
+    if types and types[0] == GGUFValueType.STRING:
+        return _text(field)
     try:
         return field.contents()
-    except UnicodeDecodeError:
-        return bytes(field.parts[-1]).decode("utf-8", errors="replace")
+    except UnicodeDecodeError:  # a short array of strings with invalid UTF-8
+        return f"[{len(field.data)} x STRING, not valid UTF-8]"
 
 
 def _tensor_infos(reader: _HeaderReader) -> list[_TensorInfo]:
@@ -190,6 +193,13 @@ def _tensor_infos(reader: _HeaderReader) -> list[_TensorInfo]:
             offset=reader.tensor_data_start + int(offset[0]),
         ))
     return infos
+
+
+def _text(field) -> str:
+    """A string field's value; invalid UTF-8 is replaced rather than raised (it is only shown)."""
+    if field.types and field.types[0] == GGUFValueType.STRING:
+        return bytes(field.parts[-1]).decode("utf-8", errors="replace")
+    return repr(field.contents())
 
 
 def _metadata_int(path: Path, reader: _HeaderReader, key: str) -> int:
@@ -213,9 +223,13 @@ def _read_spec(path: Path, reader: _HeaderReader, n_vocab: int) -> ModelSpec:
                         f"{head_size} ({ARCH}.wkv.head_size); the file's metadata is inconsistent")
     eps_field = reader.fields.get(f"{ARCH}.attention.layer_norm_epsilon")
     # llama.cpp silently uses 0 when the key is absent; match it so the oracle agrees with it.
-    eps = float(eps_field.contents()) if eps_field is not None else 0.0
+    eps = eps_field.contents() if eps_field is not None else 0.0
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise GGUFError(f"{path}: metadata key '{ARCH}.attention.layer_norm_epsilon' should be a "
+                        f"non-negative number, found {eps!r}")
+    eps = float(eps)
     name_field = reader.fields.get("general.name")
-    name = str(name_field.contents()) if name_field is not None else path.stem
+    name = _text(name_field) if name_field is not None else path.stem
     return ModelSpec(
         n_embd=n_embd,
         n_layer=key("block_count"),
@@ -273,8 +287,8 @@ def unescape_token(text: str) -> bytes:
 
 def _read_vocab(path: Path, reader: _HeaderReader) -> list[bytes]:
     model_field = reader.fields.get("tokenizer.ggml.model")
-    if model_field is not None and model_field.contents() != "rwkv":
-        raise GGUFError(f"{path}: tokenizer.ggml.model is {model_field.contents()!r}; "
+    if model_field is not None and _text(model_field) != "rwkv":
+        raise GGUFError(f"{path}: tokenizer.ggml.model is {_text(model_field)!r}; "
                         "only the 'rwkv' (world) tokenizer is supported")
     field = reader.fields.get("tokenizer.ggml.tokens")
     if field is None:
@@ -303,7 +317,7 @@ def _make_tensor(path: Path, reader: _HeaderReader, info: _TensorInfo) -> Tensor
         qtype = GGMLQuantizationType(info.type_id)
         type_name = qtype.name
     except ValueError:
-        qtype, type_name = None, f"unknown type id {info.type_id}"
+        qtype, type_name = None, f"id {info.type_id} (unknown to gguf-py)"
     if qtype is None or type_name not in SUPPORTED_TYPES:
         raise GGUFError(f"{path}: tensor {info.name!r} has ggml type {type_name}, which rwkvlab "
                         f"does not support; supported: {', '.join(SUPPORTED_TYPES)} (re-quantize "
@@ -315,7 +329,7 @@ def _make_tensor(path: Path, reader: _HeaderReader, info: _TensorInfo) -> Tensor
         raise GGUFError(f"{path}: tensor {info.name!r} is {type_name} with rows of {k} elements "
                         f"(ne[0]); {need} rows that are a multiple of {block} (use Q8_0, Q4_0 or "
                         "a float type for this tensor)")
-    n_elements = int(np.prod(info.ne, dtype=np.int64)) if info.ne else 1
+    n_elements = math.prod(info.ne)  # Python ints: a corrupt ne cannot overflow
     nbytes = n_elements // block * block_bytes
     end = info.offset + nbytes
     if end > len(reader.data):
@@ -376,7 +390,7 @@ def read_model(path: str | Path) -> Model:
     reader = _open(path)
 
     arch_field = reader.fields.get("general.architecture")
-    arch = arch_field.contents() if arch_field is not None else None
+    arch = _text(arch_field) if arch_field is not None else None
     if arch != ARCH:
         found = "no general.architecture key" if arch is None else f"architecture {arch!r}"
         hint = " (arwkv7 is a different hybrid: RMSNorm + SwiGLU)" if arch == "arwkv7" else ""
@@ -393,7 +407,7 @@ def read_model(path: str | Path) -> Model:
                             f"{spec.n_layer} layers needs it")
         if t.shape != shape:
             raise GGUFError(f"{path}: tensor {name!r} has shape {t.shape}, expected {shape} "
-                            f"(from C={spec.n_embd}, F={spec.n_ffn}, V={spec.n_vocab}, LoRA ranks "
+                            f"(from C={spec.n_embd}, F={spec.n_ffn}, V={spec.n_vocab} vocab tokens, LoRA ranks "
                             f"{spec.rank_decay}/{spec.rank_iclr}/{spec.rank_value}/{spec.rank_gate})")
 
     metadata = {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
