@@ -1,0 +1,838 @@
+"""The benchmark history: Markdown run logs in, a pandas DataFrame out, new runs appended safely.
+
+A history file (``data/benchmarks/*.md``) is Markdown written for people and read by machines::
+
+    ## <title>                                   groups runs: the before/after of one change
+    ### 2026-01-04 06:02:59 - <change>           one run; the timestamp is UTC
+    | Metric | Value |                           its metric table (bold: Load Time, Prefill,
+    ...                                          Generation; extra metric rows sit after
+    | Quality Hash | `c55251c506e49c98` |        Generation and before Quality Hash)
+    <details> ... [33, 236, 149, 157, ...] ...   the first 16 of the 32 greedy tokens
+
+Reading is forgiving because these files are edited by hand: free text, tables that are not
+runs, missing rows, repeated or out-of-order headings and truncated files are all expected.
+Every ``###`` entry that looks like a run becomes a row, whatever is wrong with it, and every
+problem is reported as a :class:`HistoryWarning` naming ``file:line``; reading never raises.
+Markdown structure comes from markdown-it-py (CommonMark plus tables), so a ``## `` inside a
+code block is not taken for a section.
+
+Writing only ever inserts a run at a section boundary or appends at the end: bytes already
+in a file are never changed. Each write replaces the file atomically (temporary file in the
+same folder, then ``os.replace``) while holding ``<file>.lock``, so readers never see half a
+run and concurrent writers in several processes lose nothing.
+
+A JSON-lines *sidecar* ``<file>.jsonl`` (e.g. ``m2max-loading.md.jsonl``) may sit next to a
+history file. Each line is one JSON object with the run's ``timestamp`` (ISO 8601, UTC when no
+zone is given) and ``change``, which identify the run in that file, and optionally
+``samples``: a mapping of metric name to the per-repeat measurements (e.g.
+``{"prefill_tps": [218.1, 219.0, 218.7]}``). That mapping becomes the run's ``samples`` cell
+(``{}`` for runs without a record); other keys are kept in the file for people and later
+readers. Records are added with :func:`append_sidecar`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from filelock import FileLock
+from markdown_it import MarkdownIt
+from markdown_it.token import Token
+
+from .quality import SHOWN_TOKENS, quality_hash
+
+__all__ = [
+    "COLUMNS",
+    "HistoryWarning",
+    "HistoryWriteError",
+    "RunRecord",
+    "append_run",
+    "append_sidecar",
+    "format_run",
+    "read_history",
+    "sidecar_path",
+    "snake_case",
+]
+
+# The fixed columns, in order. Extra metric rows follow as columns, in order of first appearance.
+COLUMNS = [
+    "file", "title", "timestamp", "change", "model", "version", "layers", "embedding", "gpu",
+    "load_ms", "prefill_tps", "generation_tps", "quality_hash", "quality_tokens", "line", "samples",
+]
+_STR_COLUMNS = ["file", "title", "change", "model", "version", "gpu", "quality_hash"]
+_INT_COLUMNS = ["layers", "embedding"]
+_FLOAT_COLUMNS = ["load_ms", "prefill_tps", "generation_tps"]
+
+MISSING = "n/a"  # written where a value was not measured; read back as missing, silently
+
+# A new file starts with this header: the same shape as the seed files' header.
+NEW_FILE_HEADER = """# Benchmark Results
+
+Each `###` entry below is one benchmark run; runs of one experiment share a `##` title.
+
+**How to use:**
+1. Benchmark the unchanged code under a title that names the experiment
+2. Make the change
+3. Benchmark again under the same title, so the before and after runs sit together
+
+---
+
+"""
+
+
+class HistoryWarning(UserWarning):
+    """Something in a history file could not be read as expected; the message names file:line."""
+
+
+class HistoryWriteError(ValueError):
+    """A run could not be appended; the file was left unchanged."""
+
+
+# --------------------------------------------------------------------------------------------
+# Records and the metric rows of the table
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class RunRecord:
+    """One benchmark run as :func:`append_run` writes it.
+
+    ``timestamp`` must be timezone-aware (default: now, UTC); it is stored in UTC at whole-second
+    resolution because that is what the file records. Newlines in text fields become spaces.
+    ``quality_hash`` defaults to the hash of ``quality_tokens`` (give all 32 tokens; the file
+    shows the first 16). ``None`` or NaN for a number is written as ``n/a`` and reads back as
+    missing. ``extra`` holds further metric rows (name -> value), written in insertion order.
+    """
+
+    title: str
+    change: str
+    timestamp: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    model: str = ""
+    version: str = "V7"
+    layers: int | None = None
+    embedding: int | None = None
+    gpu: str = ""
+    load_ms: float | None = None
+    prefill_tps: float | None = None
+    generation_tps: float | None = None
+    quality_hash: str = ""
+    quality_tokens: list[int] = field(default_factory=list)
+    extra: dict[str, str | float | int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.timestamp.tzinfo is None:
+            raise ValueError(
+                f"RunRecord.timestamp {self.timestamp} has no time zone; history timestamps are UTC, "
+                "so pass an aware datetime, e.g. datetime.now(timezone.utc)"
+            )
+        self.timestamp = self.timestamp.astimezone(timezone.utc).replace(microsecond=0)
+        for name in ("title", "change", "model", "version", "gpu"):
+            setattr(self, name, _one_line(getattr(self, name)))
+        self.quality_tokens = [int(t) for t in self.quality_tokens]
+        if not self.quality_hash and self.quality_tokens:
+            self.quality_hash = quality_hash(self.quality_tokens)
+        self.quality_hash = self.quality_hash.strip().lower()
+        if self.quality_hash and not _HASH_RE.fullmatch(self.quality_hash):
+            raise ValueError(f"RunRecord.quality_hash {self.quality_hash!r} is not 1-16 hex digits")
+        for key in self.extra:
+            _check_extra_name(key)
+
+
+@dataclass(frozen=True)
+class _Metric:
+    """A known row of the metric table: its label, column, kind and (for numbers) unit."""
+
+    label: str
+    column: str
+    kind: str  # "str", "int", "hash", or "float"
+    unit: str = ""
+    bold: bool = False
+
+
+_METRICS = [
+    _Metric("Model", "model", "str"),
+    _Metric("Version", "version", "str"),
+    _Metric("Layers", "layers", "int"),
+    _Metric("Embedding", "embedding", "int"),
+    _Metric("GPU", "gpu", "str"),
+    _Metric("Load Time", "load_ms", "float", "ms", bold=True),
+    _Metric("Prefill", "prefill_tps", "float", "tok/s", bold=True),
+    _Metric("Generation", "generation_tps", "float", "tok/s", bold=True),
+    _Metric("Quality Hash", "quality_hash", "hash"),
+]
+_METRIC_BY_LABEL = {m.label.lower(): m for m in _METRICS}
+# Load times written in other units are converted to milliseconds rather than rejected.
+_TIME_UNITS_MS = {"ms": 1.0, "s": 1000.0, "sec": 1000.0, "us": 1e-3, "µs": 1e-3, "μs": 1e-3}
+_RATE_UNITS = {"tok/s", "tokens/s", "t/s", ""}
+
+_HASH_RE = re.compile(r"[0-9a-f]{1,16}")
+_NUMBER_RE = re.compile(
+    r"(?P<num>[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf|infinity))"
+    r"\s*(?P<unit>[A-Za-z%µμ][A-Za-z%µμ]*(?:/[A-Za-z]+)?)?",
+    re.IGNORECASE,
+)
+_TOKENS_RE = re.compile(r"\[\s*(?:-?\d+\s*(?:,\s*-?\d+\s*)*,?\s*)?\]")
+_DATE_START_RE = re.compile(r"\d{4}-\d{1,2}-\d{1,2}")
+_RUN_HEADING_RE = re.compile(
+    r"(?P<ts>\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?\s*(?:Z|UTC|[+-]\d{2}:?\d{2})?)"
+    r"(?:\s+[-\u2013\u2014]\s*(?P<change>.*))?"
+)
+
+
+def snake_case(name: str) -> str:
+    """Column name for a metric row label: ``"VRAM Peak (MiB)"`` -> ``"vram_peak_mib"``."""
+    return re.sub(r"[^0-9a-z]+", "_", name.strip().strip("*").lower()).strip("_")
+
+
+def _check_extra_name(name: str) -> None:
+    column = snake_case(str(name))
+    if not column:
+        raise ValueError(f"extra metric name {name!r} has no letters or digits; give it a name")
+    if column in COLUMNS or str(name).strip().lower() in _METRIC_BY_LABEL:
+        raise ValueError(
+            f"extra metric name {name!r} clashes with the fixed column {column!r}; "
+            "use the RunRecord field instead, or rename the metric"
+        )
+
+
+def _one_line(text: str) -> str:
+    # A newline inside a heading or a table cell would end it: store one line of text.
+    return " ".join(str(text).split())
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+_MD = MarkdownIt("commonmark").enable("table")
+
+
+def read_history(paths_or_dir: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.DataFrame:
+    """Read history files into one DataFrame, one row per run (``### <timestamp> - <change>``).
+
+    ``paths_or_dir`` is a file, a folder (all its ``*.md`` files, sorted by name) or a list of
+    either. Columns are :data:`COLUMNS` (strings use pandas' ``str`` dtype, ``timestamp`` is
+    UTC, ``layers``/``embedding`` are ``Int64``, the three speeds are floats with NaN where
+    missing, ``line`` is the 1-based line of the ``###`` heading) followed by one column per
+    extra metric row (snake_case of its label; float where every value is a number with an
+    optional unit, else str). ``df.attrs["units"]`` maps numeric columns to their unit.
+    Malformed input gives :class:`HistoryWarning` messages naming file:line, never an exception.
+    """
+    rows: list[dict[str, Any]] = []
+    extras: dict[str, str] = {}  # column -> unit of its first numeric value; keeps first-seen order
+    for path in _history_files(paths_or_dir):
+        file_rows = _read_file(path, extras)
+        _join_sidecar(path, file_rows)
+        rows.extend(file_rows)
+    return _to_frame(rows, extras)
+
+
+def _history_files(paths_or_dir: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    items = [paths_or_dir] if isinstance(paths_or_dir, (str, os.PathLike)) else list(paths_or_dir)
+    files: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.glob("*.md") if p.is_file()))
+        elif path.is_file():
+            files.append(path)
+        else:
+            _warn(path, None, "no such file or folder; nothing read from it")
+    return files
+
+
+def _warn(path: Path | str, line: int | None, message: str) -> None:
+    where = f"{path}:{line}" if line else f"{path}"
+    warnings.warn(HistoryWarning(f"{where}: {message}"), stacklevel=4)
+
+
+def _read_file(path: Path, extras: dict[str, str]) -> list[dict[str, Any]]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        _warn(path, None, f"cannot be read ({exc.strerror}); no runs taken from it")
+        return []
+    text = data.decode("utf-8", errors="replace")
+    if "\ufffd" in text and b"\xef\xbf\xbd" not in data:
+        _warn(path, None, "is not valid UTF-8; undecodable bytes were read as U+FFFD")
+    return parse_history_text(text, path, extras)
+
+
+def parse_history_text(text: str, path: Path | str = "<text>", extras: dict[str, str] | None = None
+                       ) -> list[dict[str, Any]]:
+    """Parse the text of one history file into run dicts (see :func:`read_history`).
+
+    ``path`` only names the source in the ``file`` column and in warnings. ``extras``, when
+    given, collects the extra metric columns met (column -> unit) in order of first appearance.
+    """
+    extras = {} if extras is None else extras
+    try:
+        tokens = _MD.parse(text)
+    except Exception as exc:  # markdown-it is robust, but a reader of hand-edited files must not stop
+        _warn(path, None, f"Markdown parser failed ({exc!r}); no runs taken from this file")
+        return []
+    rows = []
+    for block in _run_blocks(tokens):
+        try:
+            row = _parse_run(block, path, extras)
+        except Exception as exc:  # a bug here must cost one run's values, never the run itself
+            _warn(path, block.line, f"internal error while reading this run ({exc!r}); kept with missing values")
+            row = _empty_row(path, block.title, block.line, block.heading)
+        if row is not None:
+            rows.append(row)
+    _warn_duplicates(path, rows)
+    return rows
+
+
+@dataclass
+class _Block:
+    """The tokens of one ``###`` entry: from its heading up to the next heading of level 1-3."""
+
+    title: str
+    heading: str
+    line: int
+    tokens: list[Token]
+
+
+def _run_blocks(tokens: list[Token]) -> list[_Block]:
+    blocks: list[_Block] = []
+    title = ""
+    current: _Block | None = None
+    for i, tok in enumerate(tokens):
+        if tok.type == "heading_open" and tok.level == 0 and tok.tag in ("h1", "h2", "h3"):
+            text = tokens[i + 1].content.strip() if i + 1 < len(tokens) else ""
+            current = None
+            if tok.tag == "h2":
+                title = text
+            elif tok.tag == "h1":
+                title = ""  # a new top-level part: runs below it belong to no earlier section
+            else:
+                current = _Block(title, text, (tok.map[0] + 1) if tok.map else 0, [])
+                blocks.append(current)
+        elif current is not None:
+            current.tokens.append(tok)
+    return blocks
+
+
+def _empty_row(path: Path | str, title: str, line: int, heading: str) -> dict[str, Any]:
+    return {
+        "file": Path(path).name, "title": title, "timestamp": pd.NaT, "change": heading,
+        "model": float("nan"), "version": float("nan"), "layers": pd.NA, "embedding": pd.NA,
+        "gpu": float("nan"), "load_ms": float("nan"), "prefill_tps": float("nan"),
+        "generation_tps": float("nan"), "quality_hash": float("nan"), "quality_tokens": [],
+        "line": line, "samples": {},
+    }
+
+
+def _parse_run(block: _Block, path: Path | str, extras: dict[str, str]) -> dict[str, Any] | None:
+    tables = _tables(block.tokens)
+    metric_tables = [t for t in tables if _is_metric_table(t)]
+    heading = _RUN_HEADING_RE.fullmatch(block.heading)
+    if heading is None and not _DATE_START_RE.match(block.heading) and not metric_tables:
+        return None  # a free-form subsection (notes, analysis): not a run
+
+    row = _empty_row(path, block.title, block.line, block.heading)
+    if heading is None:
+        _warn(path, block.line, f"run heading {block.heading!r} is not '<YYYY-MM-DD HH:MM:SS> - <change>'; "
+                                "kept with no timestamp")
+    else:
+        row["change"] = (heading.group("change") or "").strip()
+        row["timestamp"] = _parse_timestamp(heading.group("ts"))
+        if pd.isna(row["timestamp"]):
+            _warn(path, block.line, f"timestamp {heading.group('ts')!r} is not a valid date and time; kept as missing")
+
+    if not metric_tables:
+        _warn(path, block.line, "run has no metric table (| Metric | Value |); its metrics are missing")
+    else:
+        if len(metric_tables) > 1:
+            _warn(path, metric_tables[1].line, "second metric table in one run ignored; the first one is used")
+        _read_metric_table(metric_tables[0], row, path, extras)
+
+    row["quality_tokens"] = _read_tokens(block.tokens, path, block.line)
+    return row
+
+
+@dataclass
+class _Table:
+    """A table's rows as (1-based line, cells); ``header`` is False for a line-by-line fallback."""
+
+    line: int
+    rows: list[tuple[int, list[str]]]
+    header: bool = True
+
+
+def _tables(tokens: list[Token]) -> list[_Table]:
+    """Tables of a run: real Markdown tables, and pipe lines markdown-it did not take as a table."""
+    tables: list[_Table] = []
+    current: _Table | None = None
+    cells: list[str] = []
+    row_line = 0
+    for tok in tokens:
+        if tok.type == "table_open":
+            current = _Table((tok.map[0] + 1) if tok.map else 0, [])
+        elif tok.type == "tr_open":
+            cells, row_line = [], (tok.map[0] + 1) if tok.map else 0
+        elif tok.type == "inline" and current is not None:
+            cells.append(tok.content)
+        elif tok.type == "tr_close" and current is not None:
+            current.rows.append((row_line, cells))
+        elif tok.type == "table_close" and current is not None:
+            tables.append(current)
+            current = None
+        elif tok.type == "inline" and tok.level == 1 and tok.content.lstrip().startswith("|") and tok.map:
+            # A table with a broken or missing delimiter row is a paragraph to CommonMark; its
+            # lines still carry the values, so read them one by one.
+            lines = tok.content.split("\n")
+            rows = [(tok.map[0] + 1 + k, _split_pipe_row(s)) for k, s in enumerate(lines) if s.strip().startswith("|")]
+            tables.append(_Table(tok.map[0] + 1, rows, header=False))
+    return tables
+
+
+def _split_pipe_row(line: str) -> list[str]:
+    body = line.strip()
+    body = body[1:] if body.startswith("|") else body
+    body = body[:-1] if body.endswith("|") and not body.endswith("\\|") else body
+    return [c.replace("\\|", "|").strip() for c in re.split(r"(?<!\\)\|", body)]
+
+
+def _is_metric_table(table: _Table) -> bool:
+    labels = [_plain(cells[0]).lower() for _, cells in table.rows if cells]
+    return bool(labels) and (labels[0] == "metric" or any(label in _METRIC_BY_LABEL for label in labels))
+
+
+def _plain(cell: str) -> str:
+    """A cell without its Markdown emphasis: ``**7519.07 ms**`` -> ``7519.07 ms``."""
+    text = cell.strip()
+    for mark in ("**", "__"):
+        if len(text) >= 2 * len(mark) and text.startswith(mark) and text.endswith(mark):
+            text = text[len(mark):-len(mark)].strip()
+    return text
+
+
+def _read_metric_table(table: _Table, row: dict[str, Any], path: Path | str, extras: dict[str, str]) -> None:
+    if not table.header:
+        _warn(path, table.line, "metric table is not valid Markdown (is the |---|---| line missing?); "
+                                "values read line by line")
+    body = table.rows
+    if body and _plain(body[0][1][0] if body[0][1] else "").lower() == "metric":
+        body = body[1:]
+    if not table.header:
+        body = [(n, cells) for n, cells in body if not all(re.fullmatch(r":?-+:?", c) for c in cells if c)]
+    seen: dict[str, int] = {}
+    for line, cells in body:
+        if len(cells) < 2:
+            _warn(path, line, f"metric row {cells!r} has no value cell; expected | <metric> | <value> |")
+            continue
+        if len(cells) > 2 and any(c.strip() for c in cells[2:]):
+            _warn(path, line, f"metric row has {len(cells)} cells; only the first two are read")
+        label, value = _plain(cells[0]), cells[1]
+        metric = _METRIC_BY_LABEL.get(label.lower())
+        column = metric.column if metric else snake_case(label)
+        if not column:
+            _warn(path, line, f"metric row with label {label!r} has no name; row ignored")
+            continue
+        if column in seen:
+            _warn(path, line, f"metric {label!r} repeated (first at line {seen[column]}); the first value is kept")
+            continue
+        if metric is None and column in COLUMNS:
+            _warn(path, line, f"metric {label!r} would overwrite the {column!r} column; row ignored")
+            continue
+        seen[column] = line
+        if metric is None:
+            row[column] = _plain(value)
+            extras.setdefault(column, "")
+        else:
+            row[column] = _read_known(metric, value, path, line)
+    missing = [m.label for m in _METRICS if m.column not in seen]
+    if missing:
+        _warn(path, table.line, f"metric table lacks the rows {', '.join(missing)}; those values are missing")
+
+
+def _read_known(metric: _Metric, cell: str, path: Path | str, line: int) -> Any:
+    text = _plain(cell)
+    if text.lower() == MISSING:
+        return pd.NA if metric.kind == "int" else float("nan")
+    if metric.kind == "str":
+        return text
+    if metric.kind == "hash":
+        value = text.strip("`").strip().lower()
+        if _HASH_RE.fullmatch(value):
+            return value
+        _warn(path, line, f"Quality Hash {text!r} is not 1-16 hex digits; kept as missing")
+        return float("nan")
+    if metric.kind == "int":
+        if re.fullmatch(r"[-+]?\d{1,18}", text):  # 18 digits always fit the Int64 column
+            return int(text)
+        _warn(path, line, f"{metric.label} {text!r} is not a whole number; kept as missing")
+        return pd.NA
+    parsed = _number_with_unit(text)
+    if parsed is not None:
+        number, unit = parsed
+        if metric.unit == "ms" and unit.lower() in _TIME_UNITS_MS:
+            return number * _TIME_UNITS_MS[unit.lower()]
+        if metric.unit == "ms" and unit == "":
+            return number
+        if metric.unit == "tok/s" and unit.lower() in _RATE_UNITS:
+            return number
+    _warn(path, line, f"{metric.label} {text!r} is not a number in {metric.unit}; kept as missing")
+    return float("nan")
+
+
+def _number_with_unit(text: str) -> tuple[float, str] | None:
+    """``"151.74 tok/s"`` -> ``(151.74, "tok/s")``; None when the text is not a number."""
+    match = _NUMBER_RE.fullmatch(text.strip())
+    if match is None:
+        return None
+    return float(match.group("num")), match.group("unit") or ""
+
+
+def _read_tokens(tokens: list[Token], path: Path | str, line: int) -> list[int]:
+    """The quality tokens: the first code block (or paragraph) of the run holding ``[t0, t1, ...]``."""
+    bad: Token | None = None
+    for tok in tokens:
+        if not (tok.type in ("fence", "code_block") or (tok.type == "inline" and tok.level == 1)):
+            continue
+        text = tok.content.strip()
+        if not text.startswith("["):
+            continue
+        if _TOKENS_RE.fullmatch(text):
+            values = [int(v) for v in re.findall(r"-?\d+", text)]
+            if len(values) > SHOWN_TOKENS:
+                _warn(path, _line_of(tok, line), f"{len(values)} quality tokens shown where the format shows "
+                                                 f"{SHOWN_TOKENS}; all kept")
+            return values
+        bad = bad or tok
+    if bad is not None:
+        _warn(path, _line_of(bad, line), f"quality tokens {bad.content.strip()[:60]!r} are not a list of "
+                                         "integers; kept as an empty list")
+    else:
+        _warn(path, line, "run has no quality tokens block ([t0, t1, ...]); kept as an empty list")
+    return []
+
+
+def _line_of(tok: Token, default: int) -> int:
+    return (tok.map[0] + 1) if tok.map else default
+
+
+def _parse_timestamp(text: str) -> pd.Timestamp:
+    """A heading or sidecar timestamp as UTC; a time without a zone is UTC (the format's rule)."""
+    cleaned = re.sub(r"\s*UTC$", "", str(text).strip())
+    try:
+        stamp = pd.Timestamp(cleaned)
+    except (ValueError, TypeError, OverflowError):
+        return pd.NaT
+    if pd.isna(stamp):
+        return pd.NaT
+    return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+
+
+def _warn_duplicates(path: Path | str, rows: list[dict[str, Any]]) -> None:
+    first: dict[tuple, int] = {}
+    for row in rows:
+        if pd.isna(row["timestamp"]):
+            continue
+        key = (row["timestamp"], row["change"])
+        if key in first:
+            _warn(path, row["line"], f"same timestamp and change as the run at line {first[key]}; both kept")
+        else:
+            first[key] = row["line"]
+
+
+def _to_frame(rows: list[dict[str, Any]], extras: dict[str, str]) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=COLUMNS + list(extras))
+    for col in _STR_COLUMNS:
+        df[col] = df[col].astype("str")
+    for col in _INT_COLUMNS:
+        df[col] = df[col].astype("Int64")
+    for col in _FLOAT_COLUMNS:
+        df[col] = df[col].astype("float64")
+    df["timestamp"] = pd.to_datetime(df["timestamp"], utc=True).astype("datetime64[us, UTC]")
+    df["line"] = df["line"].astype("int64")
+    df["quality_tokens"] = df["quality_tokens"].astype(object)
+    df["samples"] = [s if isinstance(s, dict) else {} for s in df["samples"]]
+    units = {m.column: m.unit for m in _METRICS if m.unit}
+    for col in extras:
+        df[col], unit = _extra_column(df[col])
+        if unit:
+            units[col] = unit
+    df.attrs["units"] = units
+    return df
+
+
+def _extra_column(values: pd.Series) -> tuple[pd.Series, str]:
+    """Numbers (with the first unit met) when every present value parses as one, else strings."""
+    present = [v for v in values if isinstance(v, str)]
+    parsed = [_number_with_unit(v) for v in present]
+    if present and all(p is not None for p in parsed):
+        unit = next((p[1] for p in parsed if p[1]), "")
+        numbers = [(_number_with_unit(v) or (float("nan"), ""))[0] if isinstance(v, str) else float("nan") for v in values]
+        return pd.Series(numbers, index=values.index, dtype="float64"), unit
+    return values.astype("str"), ""
+
+
+# --------------------------------------------------------------------------------------------
+# Sidecar
+# --------------------------------------------------------------------------------------------
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """The JSON-lines sidecar of a history file: ``runs.md`` -> ``runs.md.jsonl``."""
+    return Path(f"{os.fspath(path)}.jsonl")
+
+
+def _join_sidecar(path: Path, rows: list[dict[str, Any]]) -> None:
+    side = sidecar_path(path)
+    if not side.is_file():
+        return
+    try:
+        lines = side.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as exc:
+        _warn(side, None, f"cannot be read ({exc.strerror}); samples not joined")
+        return
+    index = {}
+    for row in rows:
+        if not pd.isna(row["timestamp"]):
+            index.setdefault((row["timestamp"].floor("s"), row["change"]), []).append(row)
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            _warn(side, number, f"not valid JSON ({exc.msg}); line skipped")
+            continue
+        if not isinstance(record, dict) or "timestamp" not in record or "change" not in record:
+            _warn(side, number, "record needs a 'timestamp' and a 'change'; line skipped")
+            continue
+        stamp = _parse_timestamp(str(record["timestamp"]))
+        key = (stamp.floor("s") if not pd.isna(stamp) else stamp, _one_line(str(record["change"])))
+        matches = index.get(key, [])
+        if not matches:
+            _warn(side, number, f"no run in {path.name} has timestamp {record['timestamp']} and change "
+                                f"{record['change']!r}; record not joined")
+            continue
+        samples = record.get("samples", {})
+        if not isinstance(samples, dict):
+            _warn(side, number, "'samples' is not a JSON object (metric -> values); not joined")
+            continue
+        for row in matches:
+            if row["samples"]:
+                _warn(side, number, f"a second record for the run at {path.name}:{row['line']}; the later one is used")
+            row["samples"] = samples
+
+
+def append_sidecar(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Append one JSON record to the sidecar of history file ``path`` (under the same lock).
+
+    ``record`` needs ``timestamp`` (datetime or ISO string) and ``change`` matching a run of the
+    history file; ``samples`` (metric -> list of numbers) is what :func:`read_history` joins.
+    """
+    if "timestamp" not in record or "change" not in record:
+        raise ValueError(f"sidecar record for {path} needs 'timestamp' and 'change' keys; got {sorted(record)}")
+    record = dict(record)
+    stamp = record["timestamp"]
+    if isinstance(stamp, datetime):
+        if stamp.tzinfo is None:
+            raise ValueError(f"sidecar timestamp {stamp} has no time zone; pass an aware (UTC) datetime")
+        record["timestamp"] = stamp.astimezone(timezone.utc).replace(microsecond=0).isoformat()
+    record["change"] = _one_line(str(record["change"]))
+    line = json.dumps(record, default=_json_default, ensure_ascii=False) + "\n"
+    path = Path(path).resolve()
+    side = sidecar_path(path)
+    _check_writable(side)
+    with FileLock(f"{path}.lock", timeout=LOCK_TIMEOUT_S):
+        old = side.read_bytes() if side.exists() else b""
+        if old and not old.endswith(b"\n"):
+            old += b"\n"  # a torn last line stays on its own line, so this record stays readable
+        _atomic_write(side, old + line.encode("utf-8"))
+
+
+def _json_default(value: Any) -> Any:
+    # NumPy scalars and arrays arrive from the bench runner; JSON needs plain numbers and lists.
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot store {type(value).__name__} in a sidecar record")
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+LOCK_TIMEOUT_S = 120.0
+
+
+def format_run(record: RunRecord) -> str:
+    """The Markdown of one run, exactly as the seed files lay it out (ends with a blank line)."""
+    rows = [
+        ("Model", record.model), ("Version", record.version),
+        ("Layers", _format_int(record.layers)), ("Embedding", _format_int(record.embedding)),
+        ("GPU", record.gpu),
+        ("**Load Time**", f"**{_format_float(record.load_ms, 'ms')}**"),
+        ("**Prefill**", f"**{_format_float(record.prefill_tps, 'tok/s')}**"),
+        ("**Generation**", f"**{_format_float(record.generation_tps, 'tok/s')}**"),
+    ]
+    rows += [(_one_line(str(k)), _format_extra(v)) for k, v in record.extra.items()]
+    rows.append(("Quality Hash", f"`{record.quality_hash or MISSING}`"))
+    table = "\n".join(f"| {_cell(k)} | {_cell(v)} |" for k, v in rows)
+    shown = "[" + ", ".join(str(t) for t in record.quality_tokens[:SHOWN_TOKENS]) + "]"
+    return (
+        f"### {_format_timestamp(record.timestamp)} - {record.change}\n\n"
+        "| Metric | Value |\n|--------|-------|\n"
+        f"{table}\n\n"
+        f"<details><summary>Quality tokens (first {SHOWN_TOKENS})</summary>\n\n"
+        f"```\n{shown}\n```\n\n</details>\n\n"
+    )
+
+
+def _format_timestamp(stamp: datetime) -> str:
+    # Spelled out rather than strftime("%Y..."), which does not zero-pad years below 1000.
+    return (f"{stamp.year:04d}-{stamp.month:02d}-{stamp.day:02d} "
+            f"{stamp.hour:02d}:{stamp.minute:02d}:{stamp.second:02d}")
+
+
+def _format_float(value: float | None, unit: str) -> str:
+    if value is None or not math.isfinite(float(value)):
+        return MISSING
+    return f"{float(value):.2f} {unit}"
+
+
+def _format_int(value: int | None) -> str:
+    return MISSING if value is None else str(int(value))
+
+
+def _format_extra(value: str | float | int) -> str:
+    if isinstance(value, float):
+        return repr(value)  # shortest text that reads back as the same float
+    return _one_line(str(value))
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def append_run(path: str | os.PathLike, record: RunRecord) -> int:
+    """Add ``record`` to history file ``path``; return the 1-based line of its ``###`` heading.
+
+    The run goes at the end of the last ``## <title>`` section whose title equals
+    ``record.title`` (a new section at the end of the file otherwise; a new or empty file gets
+    the standard header first). Existing bytes are never changed, the file is replaced
+    atomically under ``<path>.lock``, and the run is read back before the file is replaced:
+    if it would not read back (e.g. the file ends inside an unclosed code block),
+    :class:`HistoryWriteError` is raised and the file is left as it was.
+    """
+    path = Path(path).resolve()
+    _check_writable(path)
+    with FileLock(f"{path}.lock", timeout=LOCK_TIMEOUT_S):
+        old = path.read_bytes() if path.exists() else b""
+        # surrogateescape keeps undecodable bytes byte-exact through the text round trip
+        text = old.decode("utf-8", errors="surrogateescape")
+        offset, insert = _insertion(text, record)
+        new_text = text[:offset] + insert + text[offset:]
+        line = new_text.count("\n", 0, offset + insert.index("### ")) + 1
+        _check_readback(path, new_text, line, record)
+        _atomic_write(path, new_text.encode("utf-8", errors="surrogateescape"))
+    return line
+
+
+def _check_writable(path: Path) -> None:
+    # os.replace would happily swap out a read-only file (and root passes every access check),
+    # so honour the file's own mode: the seed histories are kept read-only on purpose.
+    if path.exists() and not path.stat().st_mode & 0o222:
+        raise HistoryWriteError(f"{path} is read-only; append to another history file instead "
+                                "(or make it writable if you mean to extend it)")
+
+
+def _insertion(text: str, record: RunRecord) -> tuple[int, str]:
+    """Where the run goes in ``text`` and the exact text to insert there."""
+    block = format_run(record)
+    if not text.strip():
+        return len(text), NEW_FILE_HEADER + f"## {record.title}\n\n" + block
+    starts = _line_starts(text)
+    sections = _sections(text)
+    matching = [s for s in sections if s[0] == record.title]
+    if not matching:
+        return len(text), _gap(text, len(text), 1) + f"## {record.title}\n\n" + block
+    _, _, end_line = matching[-1]
+    if end_line is None:
+        # The seeds append with two blank lines between the last run and the new one.
+        return len(text), _gap(text, len(text), 2) + block
+    offset = starts[end_line]
+    return offset, _gap(text, offset, 1) + block + "\n"
+
+
+def _gap(text: str, offset: int, blank_lines: int) -> str:
+    """Newlines that make ``blank_lines`` blank lines between ``text[:offset]`` and what follows."""
+    before = text[:offset]
+    trailing = len(before) - len(before.rstrip("\n"))
+    return "\n" * max(0, blank_lines + 1 - trailing)
+
+
+def _line_starts(text: str) -> list[int]:
+    # markdown-it numbers lines after turning \r\n and \r into \n; count lines the same way.
+    return [0] + [m.end() for m in re.finditer(r"\r\n|\r|\n", text)]
+
+
+def _sections(text: str) -> list[tuple[str, int, int | None]]:
+    """``(title, heading line, line where the section ends or None at end of file)`` per ``##``."""
+    tokens = _MD.parse(text)
+    heads = [
+        (tok.tag, tokens[i + 1].content.strip(), tok.map[0])
+        for i, tok in enumerate(tokens)
+        if tok.type == "heading_open" and tok.level == 0 and tok.tag in ("h1", "h2") and tok.map
+    ]
+    sections = []
+    for k, (tag, title, line) in enumerate(heads):
+        if tag == "h2":
+            end = heads[k + 1][2] if k + 1 < len(heads) else None
+            sections.append((title, line, end))
+    return sections
+
+
+def _check_readback(path: Path, new_text: str, line: int, record: RunRecord) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HistoryWarning)
+        rows = parse_history_text(new_text, path)
+    row = next((r for r in rows if r["line"] == line), None)
+    expected = pd.Timestamp(record.timestamp)
+    if row is None or row["title"] != record.title or row["change"] != record.change or row["timestamp"] != expected:
+        raise HistoryWriteError(
+            f"{path}: the new run (title {record.title!r}, change {record.change!r}) would not read "
+            f"back as written at line {line}; the file was not changed. Usual causes: the file ends "
+            "inside an unclosed ``` code block or HTML block (close it), or the title or change "
+            "ends with ' #', which Markdown drops from headings (reword it)."
+        )
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so readers see the old file or the new one, never a mix."""
+    mode = path.stat().st_mode & 0o777 if path.exists() else None
+    for attempt in range(100):
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{attempt}.tmp"
+        try:
+            # 0o666 filtered by the umask, like any new file; an existing file keeps its mode.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise HistoryWriteError(f"{path}: cannot create a temporary file next to it (100 names taken)")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
