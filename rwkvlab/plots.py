@@ -1,0 +1,292 @@
+"""Figures of the benchmark history: speed over time, before/after per title, load-time spread.
+
+Input is the DataFrame of `rwkvlab.history.read_history` and, where output correctness is shown,
+the frame of `rwkvlab.verdicts.verdicts` (same index). Nothing here parses Markdown or touches
+the GPU; every function returns a plain `plotly.graph_objects.Figure`.
+
+A run whose greedy output changed must never pass for a speed-up, so every speed figure draws
+those runs with one unmistakable mark (a large red X, legend entry "output changed") on top of
+whatever else it shows.
+"""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+CHANGED_NAME = "output changed"
+UNKNOWN_NAME = "output unknown"
+CHANGE_POINT_NAME = "speed change point"
+
+SPEED_METRICS = (("prefill", "prefill_tps", "Prefill"), ("generation", "generation_tps", "Generation"))
+SPEED_UNIT = "tok/s"
+LOAD_UNIT = "ms"
+
+# Speed verdict -> bar colour. Regression is orange, not red, so that red stays reserved for
+# "output changed": a wrong answer must not look like "merely slower".
+VERDICT_COLOURS = {
+    "improvement": "#2ca02c",
+    "within noise": "#9aa5b1",
+    "regression": "#ff7f0e",
+    "no reference": "#d9dee4",
+}
+CHANGED_MARKER = dict(symbol="x", size=15, color="#d62728", line=dict(width=1.5, color="#6b0000"))
+UNKNOWN_MARKER = dict(symbol="circle-open", size=13, color="#555555", line=dict(width=2))
+CHANGE_POINT_MARKER = dict(symbol="diamond-open", size=17, color="#111111", line=dict(width=2))
+FONT = dict(family="Helvetica, Arial, sans-serif", size=12)
+
+
+def run_id(df: pd.DataFrame) -> pd.Series:
+    """A short, stable name per run: ``<history file name>:<line>``.
+
+    Figures carry it as trace ``ids`` so tests and readers can tell exactly which runs a trace
+    draws, independent of the DataFrame's index.
+    """
+    return df["file"].map(lambda f: Path(str(f)).name) + ":" + df["line"].astype(int).astype(str)
+
+
+def timeline(df: pd.DataFrame, verdicts: pd.DataFrame) -> go.Figure:
+    """Prefill and generation tok/s over time, one line per history file.
+
+    Two stacked subplots share the time axis. Runs whose output changed get a red X, runs with
+    no usable quality hash a grey ring, and detected speed change points a black diamond.
+    """
+    runs = _with_verdicts(df, verdicts).sort_values("timestamp", kind="stable")
+    x = _naive_utc(runs["timestamp"])
+    hover = _hover_text(runs)
+    ids = run_id(runs)
+    colours = _file_colours(runs)
+
+    fig = make_subplots(
+        rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.09,
+        subplot_titles=[f"{label} speed ({SPEED_UNIT})" for _, _, label in SPEED_METRICS],
+    )
+    shown: set[str] = set()  # legend entries already added, so each appears once
+    for row, (metric, column, label) in enumerate(SPEED_METRICS, start=1):
+        for stem, colour in colours.items():
+            mine = (runs["file_stem"] == stem).to_numpy()
+            fig.add_trace(go.Scatter(
+                x=x[mine], y=runs[column][mine], ids=ids[mine], text=hover[mine],
+                mode="lines+markers", name=stem, legendgroup=stem, showlegend=_first(shown, stem),
+                line=dict(color=colour, width=1.5), marker=dict(color=colour, size=6),
+                hovertemplate="%{text}<extra></extra>",
+            ), row=row, col=1)
+        for mask, name, marker in _overlays(runs, metric):
+            fig.add_trace(go.Scatter(
+                x=x[mask], y=runs[column][mask], ids=ids[mask], text=hover[mask],
+                mode="markers", name=name, legendgroup=name, showlegend=_first(shown, name),
+                marker=marker, hovertemplate="%{text}<extra>" + name + "</extra>",
+            ), row=row, col=1)
+        fig.update_yaxes(title_text=f"{label.lower()} ({SPEED_UNIT})", rangemode="tozero", row=row, col=1)
+    fig.update_xaxes(title_text="run time (UTC)", row=2, col=1)
+    fig.update_layout(
+        title="Prefill and generation speed over time (red X: output changed, not comparable)",
+        height=720, font=FONT, hovermode="closest", template="plotly_white",
+        legend=dict(orientation="h", yanchor="bottom", y=1.04, x=0),
+        margin=dict(t=120, l=70, r=20, b=60),
+    )
+    return fig
+
+
+def before_after(df: pd.DataFrame, verdicts: pd.DataFrame, min_runs: int = 2) -> go.Figure:
+    """Per benchmark title, its runs side by side (prefill | generation), oldest first.
+
+    A title is a ``## Title`` section of one history file; only titles with at least
+    `min_runs` runs are drawn, because a lone run has nothing beside it to compare with.
+    Bars are coloured by the run's speed verdict against its title's reference; runs whose
+    output changed carry a red X at the end of their bar.
+    """
+    runs = _with_verdicts(df, verdicts)
+    runs = runs[runs.groupby(["file", "title"], sort=False)["line"].transform("size") >= min_runs]
+    first_seen = runs.groupby(["file", "title"], sort=False)["timestamp"].transform("min")
+    runs = runs.assign(_first=first_seen).sort_values(["_first", "file", "title", "timestamp"], kind="stable")
+    y = [_title_labels(runs), _run_labels(runs)]
+    hover = _hover_text(runs)
+    ids = run_id(runs)
+
+    fig = make_subplots(
+        rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.03,
+        subplot_titles=[f"{label} ({SPEED_UNIT})" for _, _, label in SPEED_METRICS],
+    )
+    shown: set[str] = set()
+    for col, (metric, column, label) in enumerate(SPEED_METRICS, start=1):
+        verdict = runs[f"{metric}_vs_title"].fillna("no reference")
+        # One bar trace per metric (colour per bar) keeps the category order exactly the
+        # order of `runs`; one trace per verdict would let plotly reorder the categories.
+        fig.add_trace(go.Bar(
+            x=runs[column], y=y, ids=ids, text=hover, orientation="h",
+            marker=dict(color=[VERDICT_COLOURS.get(v, "#d9dee4") for v in verdict],
+                        line=dict(width=0.5, color="#4a5568")),
+            texttemplate="%{x:.1f}", textposition="inside", insidetextanchor="end",
+            name=f"{label.lower()} ({SPEED_UNIT})", showlegend=False,
+            hovertemplate="%{text}<br>verdict vs title: %{customdata}<extra></extra>",
+            customdata=verdict,
+        ), row=1, col=col)
+        changed = (runs["output"] == "changed").to_numpy()
+        fig.add_trace(go.Scatter(
+            x=runs[column][changed], y=[y[0][changed], y[1][changed]], ids=ids[changed],
+            text=hover[changed], mode="markers", name=CHANGED_NAME, legendgroup=CHANGED_NAME,
+            showlegend=_first(shown, CHANGED_NAME), marker=CHANGED_MARKER,
+            hovertemplate="%{text}<extra>" + CHANGED_NAME + "</extra>",
+        ), row=1, col=col)
+        fig.update_xaxes(title_text=f"{label.lower()} ({SPEED_UNIT})", rangemode="tozero", row=1, col=col)
+    for verdict_name, colour in VERDICT_COLOURS.items():
+        # Legend-only swatches explaining the bar colours (no data points).
+        fig.add_trace(go.Scatter(
+            x=[None], y=[None], mode="markers", name=f"vs title: {verdict_name}",
+            marker=dict(symbol="square", size=12, color=colour), hoverinfo="skip",
+        ), row=1, col=1)
+    fig.update_yaxes(autorange="reversed", title_text="title / run", row=1, col=1)
+    n_titles = runs[["file", "title"]].drop_duplicates().shape[0]
+    fig.update_layout(
+        title=f"Before / after per title ({n_titles} titles with at least {min_runs} runs)",
+        height=max(360, 170 + 24 * len(runs)), font=FONT, template="plotly_white", bargap=0.25,
+        legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0),
+        margin=dict(t=110, l=20, r=20, b=60),
+    )
+    return fig
+
+
+def load_spread(df: pd.DataFrame, by: str = "model") -> go.Figure:
+    """Load time (ms) spread as a box with every run drawn beside it, per model or per file.
+
+    `by` is ``"model"`` (load time depends mostly on the file loaded) or ``"file"`` (to see
+    how one history file's loading experiments spread).
+    """
+    if by not in ("model", "file"):
+        raise ValueError(f"load_spread(by={by!r}): choose 'model' or 'file'")
+    runs = df.assign(file_stem=df["file"].map(lambda f: Path(str(f)).stem))
+    key = "model" if by == "model" else "file_stem"
+    hover = _hover_text(runs)
+    ids = run_id(runs)
+    palette = qualitative.Safe
+    fig = go.Figure()
+    for i, (group, part) in enumerate(runs.groupby(key, sort=True)):
+        mine = runs.index.isin(part.index)
+        n = int(part["load_ms"].notna().sum())
+        fig.add_trace(go.Box(
+            y=part["load_ms"], ids=ids[mine], text=hover[mine], name=f"{group} (n={n})",
+            boxpoints="all", jitter=0.45, pointpos=0, marker=dict(size=6, opacity=0.8),
+            line=dict(width=1.5), fillcolor="rgba(0,0,0,0)", marker_color=palette[i % len(palette)],
+            hovertemplate="%{text}<extra></extra>",
+        ))
+    fig.update_yaxes(title_text=f"load time ({LOAD_UNIT})", rangemode="tozero")
+    fig.update_xaxes(title_text=by)
+    fig.update_layout(
+        title=f"Load time spread per {by}", height=460, font=FONT, template="plotly_white",
+        showlegend=False, margin=dict(t=60, l=70, r=20, b=80),
+    )
+    return fig
+
+
+def describe(fig: go.Figure) -> str:
+    """A short, deterministic text summary of a figure: title, axis titles, points per trace.
+
+    Notebooks print it next to the figure so that nbval checks what the figure shows without
+    comparing plotly's JSON (which changes with every plotly release).
+    """
+    lines = [f"figure: {fig.layout.title.text}"]
+    axes = sorted(k for k in fig.layout.to_plotly_json() if k.startswith(("xaxis", "yaxis")))
+    for name in axes:
+        title = fig.layout[name].title.text
+        if title:
+            lines.append(f"  {name}: {title}")
+    for trace in fig.data:
+        values = trace.y if trace.type == "box" else trace.x
+        n = 0 if values is None else int(pd.notna(pd.Series(list(values), dtype=object)).sum())
+        if n == 0:
+            continue  # legend-only swatch
+        where = f" [{trace.xaxis}/{trace.yaxis}]" if trace.type != "box" else ""
+        lines.append(f"  {trace.type} '{trace.name}'{where}: {n} points")
+    return "\n".join(lines)
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+def _with_verdicts(df: pd.DataFrame, verdicts: pd.DataFrame) -> pd.DataFrame:
+    """The runs with their verdict columns and a short file label, rows aligned by index."""
+    missing = [c for c in ("output", "prefill_vs_title", "generation_vs_title") if c not in verdicts.columns]
+    if missing:
+        raise ValueError(
+            f"verdicts frame lacks column(s) {', '.join(missing)}; pass the result of "
+            "rwkvlab.verdicts.verdicts(df) for the same DataFrame"
+        )
+    if not verdicts.index.equals(df.index):
+        raise ValueError(
+            f"verdicts index does not match the runs ({len(verdicts)} vs {len(df)} rows); "
+            "compute verdicts(df) on the same DataFrame you plot"
+        )
+    extra = [c for c in verdicts.columns if c not in df.columns]
+    runs = df.join(verdicts[extra])
+    return runs.assign(file_stem=runs["file"].map(lambda f: Path(str(f)).stem))
+
+
+def _overlays(runs: pd.DataFrame, metric: str):
+    """(row mask, legend name, marker) for each mark drawn over the speed lines."""
+    marks = [
+        ((runs["output"] == "changed").to_numpy(), CHANGED_NAME, CHANGED_MARKER),
+        ((runs["output"] == "unknown").to_numpy(), UNKNOWN_NAME, UNKNOWN_MARKER),
+    ]
+    column = f"{metric}_change_point"
+    if column in runs.columns:
+        marks.append((runs[column].fillna(False).astype(bool).to_numpy(), CHANGE_POINT_NAME, CHANGE_POINT_MARKER))
+    # The changed-output trace is always present (possibly empty) so readers and tests can
+    # rely on it; the others only when there is something to mark.
+    return [m for m in marks if m[1] == CHANGED_NAME or m[0].any()]
+
+
+def _hover_text(runs: pd.DataFrame) -> pd.Series:
+    """One HTML hover label per run: change, title, time, model, hash, numbers."""
+    def label(r) -> str:
+        when = r["timestamp"].strftime("%Y-%m-%d %H:%M:%S UTC") if pd.notna(r["timestamp"]) else "no time"
+        output = f" (output: {r['output']})" if "output" in r and pd.notna(r.get("output")) else ""
+        return (
+            f"<b>{html.escape(str(r['change']))}</b><br>"
+            f"title: {html.escape(str(r['title']))} · {html.escape(Path(str(r['file'])).name)}:{r['line']}<br>"
+            f"{when} · {html.escape(str(r['model']))}<br>"
+            f"hash {html.escape(str(r['quality_hash']))}{output}<br>"
+            f"prefill {_num(r['prefill_tps'])} tok/s · generation {_num(r['generation_tps'])} tok/s"
+            f" · load {_num(r['load_ms'])} ms"
+        )
+    return pd.Series([label(r) for _, r in runs.iterrows()], index=runs.index, dtype=object)
+
+
+def _num(value) -> str:
+    return "n/a" if pd.isna(value) else f"{value:.2f}"
+
+
+def _naive_utc(ts: pd.Series) -> pd.Series:
+    """UTC wall-clock times without a zone: plotly.js ignores zone offsets in date strings."""
+    ts = pd.to_datetime(ts, utc=True)
+    return ts.dt.tz_localize(None)
+
+
+def _file_colours(runs: pd.DataFrame) -> dict[str, str]:
+    palette = qualitative.D3
+    stems = sorted(runs["file_stem"].unique())
+    return {s: palette[i % len(palette)] for i, s in enumerate(stems)}
+
+
+def _title_labels(runs: pd.DataFrame) -> pd.Series:
+    """The title, plus the file when the same title appears in several files ("Baseline")."""
+    files_per_title = runs.groupby("title")["file"].transform("nunique")
+    return runs["title"].where(files_per_title == 1, runs["title"] + " · " + runs["file_stem"]).astype(object)
+
+
+def _run_labels(runs: pd.DataFrame, width: int = 34) -> pd.Series:
+    """Short per-run label, unique within its title: position and the change, shortened."""
+    pos = runs.groupby(["file", "title"], sort=False).cumcount() + 1
+    change = runs["change"].astype(str).map(lambda c: c if len(c) <= width else c[: width - 1] + "…")
+    return (pos.astype(str) + ". " + change).astype(object)
+
+
+def _first(shown: set[str], name: str) -> bool:
+    """True the first time `name` is seen: show each legend entry once across subplots."""
+    if name in shown:
+        return False
+    shown.add(name)
+    return True
