@@ -132,6 +132,37 @@ class _HeaderReader(GGUFReader):
         self.tensor_infos = fields
         self.tensor_data_start = int(start_offs)
 
+    def _get_field_parts(self, orig_offs, raw_type):
+        # gguf-py makes NumPy views for every element of an array, which takes ~1.5 s for a
+        # 65536-token vocab on a slow core: most of a model's load time before any weight moves.
+        # Arrays of scalars and of strings are read here in one pass, in the same parts layout
+        # (array of strings: one uint8 part per string) so ReaderField.contents() still works.
+        if raw_type != GGUFValueType.ARRAY or self.byte_order != "I":
+            return super()._get_field_parts(orig_offs, raw_type)
+        raw_itype = self._get(orig_offs, np.uint32)
+        alen = self._get(orig_offs + 4, np.uint64)
+        item_type, count = GGUFValueType(int(raw_itype[0])), int(alen[0])
+        types, offs = [GGUFValueType.ARRAY, item_type], orig_offs + 12
+        scalar = self.gguf_scalar_to_np.get(item_type)
+        if scalar is not None:
+            values = self._get(offs, scalar, count)
+            return 12 + int(values.nbytes), [raw_itype, alen, values], [2], types
+        if item_type != GGUFValueType.STRING:
+            return super()._get_field_parts(orig_offs, raw_type)
+        buf = self.data.view(np.ndarray)  # slicing the memmap subclass itself is ~10x slower
+        size, header = len(buf), memoryview(buf)
+        parts, idxs = [raw_itype, alen], []
+        for _ in range(count):
+            if offs + 8 > size:
+                raise _Truncated(offs, offs + 8, size)
+            start = offs + 8
+            offs = start + int.from_bytes(header[offs:start], sys.byteorder)
+            if offs > size:
+                raise _Truncated(start, offs, size)
+            idxs.append(len(parts))
+            parts.append(buf[start:offs])
+        return offs - orig_offs, parts, idxs, types
+
 
 @dataclass(frozen=True)
 class _TensorInfo:
@@ -170,8 +201,9 @@ def _field_value(field) -> object:
     """A metadata field as a plain Python value; long arrays become a short summary string."""
     types = field.types
     if types and types[0] == GGUFValueType.ARRAY:
-        n = len(field.data)
         sub = types[-1].name if len(types) > 1 else "?"
+        # Scalar arrays are one part holding every value (see _HeaderReader); strings one each.
+        n = sum(int(field.parts[i].size) for i in field.data) if sub != "STRING" else len(field.data)
         if n > _METADATA_ARRAY_MAX:
             return f"[{n} x {sub}]"
     if types and types[0] == GGUFValueType.STRING:

@@ -17,6 +17,7 @@ from conftest import FORMATS
 from rwkvlab.cli import main as cli_main
 from rwkvlab.gguf import (
     SUPPORTED_TYPES,
+    _HeaderReader,
     GGUFError,
     ModelSpec,
     Tensor,
@@ -173,6 +174,27 @@ def test_unescape_token(escaped, raw):
 def test_unescape_token_rejects_broken_escapes(bad):
     with pytest.raises(ValueError):
         unescape_token(bad)
+
+
+def test_header_reader_reads_metadata_like_gguf_py(fixtures_dir, tmp_path):
+    # _HeaderReader reads arrays its own (faster) way; every value must come out as gguf-py's.
+    path = tmp_path / "arrays.gguf"
+    writer = GGUFWriter(path, "rwkv7")
+    writer.add_array("t.ints", list(range(-5, 300)))
+    writer.add_array("t.floats", [0.5, -2.25, 1e-5])
+    writer.add_array("t.bools", [True, False, True])
+    writer.add_array("t.strings", ["a", "", "\\x00", "中文", "b" * 300])
+    writer.add_string("t.string", "x")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    for p in (path, fixtures_dir / "tiny-q8_0.gguf"):
+        ours, theirs = _HeaderReader(p), GGUFReader(p)
+        assert list(ours.fields) == list(theirs.fields)
+        for key, field in theirs.fields.items():
+            assert ours.fields[key].contents() == field.contents(), key
+            assert ours.fields[key].types[0] == field.types[0], key
 
 
 def test_model_tensor_names_a_missing_tensor(tiny):
