@@ -1,0 +1,155 @@
+"""`rwkvlab history` and `rwkvlab report` end to end on the seed history (86 runs in 4 files).
+
+Every output format is read back and compared with read_history/verdicts row by row; the HTML
+report is checked for being standalone: plotly.js inlined exactly once, nothing fetched from
+the network.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import plotly.offline
+import pytest
+
+from rwkvlab import report
+from rwkvlab.cli import main
+from rwkvlab.history import read_history
+from rwkvlab.verdicts import verdicts
+
+REPO = Path(__file__).resolve().parents[1]
+HISTORY = REPO / "data" / "benchmarks"
+N_RUNS = 86
+EXTERNAL = re.compile(r"<(script|link|img|iframe)\b[^>]*\b(src|href)\s*=\s*[\"']?\s*(https?:)?//", re.I)
+
+
+@pytest.fixture(scope="module")
+def seed() -> tuple[pd.DataFrame, pd.DataFrame]:
+    df = read_history(HISTORY)
+    return df, verdicts(df)
+
+
+@pytest.fixture(scope="module")
+def report_page(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("report") / "tmp.html"
+    assert main(["report", str(HISTORY), "-o", str(out)]) == 0
+    return out.read_text(encoding="utf-8")
+
+
+def test_report_command_prints_the_path(tmp_path, capsys):
+    out = tmp_path / "sub" / "r.html"
+    assert main(["report", str(HISTORY), "-o", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert out.stat().st_size > 4_000_000  # the inlined plotly.js bundle alone is ~4.8 MB
+
+
+def test_report_inlines_plotly_js_exactly_once(report_page):
+    bundle = plotly.offline.get_plotlyjs()
+    # The bundle's first 2 kB (version banner and module prologue) identify it.
+    assert report_page.count(bundle[:2000]) == 1
+    assert report_page.count("Plotly.newPlot(") == 3  # timeline, before/after, load spread
+
+
+def test_report_loads_nothing_from_the_network(report_page):
+    assert EXTERNAL.search(report_page) is None
+    assert EXTERNAL.search('<script src="https://cdn.plot.ly/x.js">')  # the check itself works
+    assert EXTERNAL.search("<link rel=stylesheet href=//fonts.example/x.css>")
+
+
+def test_report_summary_and_table_match_the_history(report_page, seed):
+    df, v = seed
+    n_changed = int((v["output"] == "changed").sum())
+    assert f'<div class="n">{N_RUNS}</div><div class="k">runs</div>' in report_page
+    assert f'<div class="n">4</div><div class="k">files</div>' in report_page
+    assert f'<div class="n">{df["model"].nunique()}</div><div class="k">models</div>' in report_page
+    assert f'<div class="n">{n_changed}</div><div class="k">output changed</div>' in report_page
+    table = report_page[report_page.index("<table>"):]
+    assert table.count("<tr") == N_RUNS + 1  # header row + one per run
+    assert table.count("<tr class='changed'>") == n_changed
+
+
+def test_summary_counts(seed):
+    df, v = seed
+    s = report.summarize(df, v)
+    assert (s.runs, s.files, s.models) == (86, 4, 3)
+    assert s.titles == df[["file", "title"]].drop_duplicates().shape[0]
+    assert s.output_changed == int((v["output"] == "changed").sum())
+    assert f"{s.first:%Y-%m-%d %H:%M}" == "2025-12-31 02:16"
+    assert f"{s.last:%Y-%m-%d %H:%M}" == "2026-01-04 09:31"
+
+
+def test_report_escapes_text_from_the_history(seed):
+    df, v = seed
+    df = df.copy()
+    df["change"] = df["change"].astype(object)
+    df.loc[df.index[0], "change"] = "</td><script>alert(1)</script>"
+    page = report.report_html(df, v, sources=["x"])
+    assert "<script>alert(1)" not in page
+    assert "&lt;/td&gt;&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_history_csv_has_every_run_and_its_verdicts(seed, capsys):
+    df, v = seed
+    assert main(["history", str(HISTORY), "--format", "csv"]) == 0
+    back = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert len(back) == N_RUNS
+    assert list(back["line"]) == list(df["line"])
+    assert list(back["prefill_tps"]) == list(df["prefill_tps"])
+    assert list(back["output"]) == list(v["output"])
+    assert list(back["generation_vs_history"]) == list(v["generation_vs_history"])
+    assert json.loads(back["quality_tokens"][0]) == list(df["quality_tokens"][0])
+    assert list(pd.to_datetime(back["timestamp"])) == list(df["timestamp"])
+
+
+def test_history_json_has_every_run(seed, capsys):
+    df, v = seed
+    assert main(["history", str(HISTORY), "--format", "json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert len(records) == N_RUNS
+    assert [r["quality_hash"] for r in records] == list(df["quality_hash"])
+    assert [r["output"] for r in records] == list(v["output"])
+    assert [r["load_ms"] for r in records] == list(df["load_ms"])
+    assert records[0]["quality_tokens"] == list(df["quality_tokens"][0])
+
+
+def test_history_table_is_one_aligned_line_per_run(seed, capsys, monkeypatch):
+    df, v = seed
+    monkeypatch.chdir(REPO)  # the default path, data/benchmarks, is relative to the repo root
+    assert main(["history"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header, rule = out[0], out[1]
+    rows = out[2:2 + N_RUNS]
+    assert header.split()[:3] == ["file", "time", "(UTC)"] and set(rule) == {"-"}
+    assert out[2 + N_RUNS] == ""  # then a blank line and the summary
+    assert out[3 + N_RUNS].startswith(f"{N_RUNS} runs in 4 files")
+    stems = [Path(f).stem for f in df["file"]]
+    for row, stem, (_, run), output in zip(rows, stems, df.iterrows(), v["output"]):
+        assert row.startswith(stem)
+        assert f"{run['prefill_tps']:.1f}" in row and run["quality_hash"] in row and output in row
+    # Fixed width: the output column starts at the same place on every line.
+    starts = {row.index(run_out, header.index("output")) for row, run_out in zip(rows, v["output"])}
+    assert starts == {header.index("output")}
+
+
+@pytest.mark.parametrize("command", [["history"], ["history", "--format", "json"], ["report", "-o", "x.html"]])
+def test_missing_path_is_exit_2_naming_it(command, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main([command[0], "no/such/history.md", *command[1:]]) == 2
+    err = capsys.readouterr().err
+    assert "no/such/history.md: no such file or folder" in err
+    assert not (tmp_path / "x.html").exists()
+
+
+def test_default_path_outside_the_repo_is_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["history"]) == 2
+    assert "data/benchmarks: no such file or folder" in capsys.readouterr().err
+
+
+def test_folder_without_runs_is_exit_2(tmp_path, capsys):
+    (tmp_path / "notes.md").write_text("# Just notes\n\nNo runs here.\n")
+    assert main(["report", str(tmp_path), "-o", str(tmp_path / "r.html")]) == 2
+    assert "no benchmark runs" in capsys.readouterr().err
