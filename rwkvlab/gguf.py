@@ -112,14 +112,18 @@ class _Truncated(Exception):
 
 
 class _HeaderReader(GGUFReader):
-    """GGUFReader that parses only the header and reports reads past the end of the file.
+    """GGUFReader that parses only the header, fast, and reports reads past the end of the file.
 
     gguf-py silently returns short arrays when a header field runs past the end of a cut-off
     file (and then fails somewhere unrelated), and builds its tensor list in one go, raising on
-    the first odd tensor without saying which. We override its two internal helpers `_get` and
-    `_build_tensors` so truncation is detected where it happens and each tensor can be checked,
-    and reported, by name. tests/test_gguf.py exercises both, so a gguf-py upgrade that changes
-    them fails loudly there.
+    the first odd tensor without saying which. We override three of its internal helpers:
+    `_get` (detect truncation where it happens), `_build_tensors` (keep the raw tensor infos so
+    each tensor is checked, and reported, by name) and `_get_field_parts` (read metadata arrays
+    in one pass). tests/test_gguf.py checks the result against gguf-py's own reader, so an
+    upgrade that changes those helpers fails loudly there.
+
+    One difference in what it builds: an array of scalars is a single part holding all values,
+    so `contents()` of the whole field is right but `contents(i)` is not; nothing here uses it.
     """
 
     def _get(self, offset, dtype, count=1, override_order=None):

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from gguf.constants import GGMLQuantizationType
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import FORMATS
 from rwkvlab.cli import main as cli_main
@@ -431,9 +433,6 @@ def test_tensor_record_is_frozen(tiny):
 
 
 # --- garbage never escapes as anything but GGUFError ------------------------------------------
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
