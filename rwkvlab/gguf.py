@@ -50,7 +50,7 @@ class ModelSpec:
     name: str  # general.name, or the file stem when absent
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: compared by identity (NumPy arrays have no ==)
 class Tensor:
     """One tensor of the file: its bytes stay in the memory map until someone dequantizes them."""
 
