@@ -101,16 +101,17 @@ def dequantize(blocks: np.ndarray, ggml_type_name: str | GGMLQuantizationType, s
 
 
 def _sum_in_order(a: np.ndarray) -> np.ndarray:
-    """Row sums of a (m, k) float32 array, added left to right like ggml's C loops.
+    """Column sums of a (k, m) float32 array, added top to bottom like ggml's C loops.
 
     np.sum adds pairwise, which rounds differently; the candidate searches compare errors that
     are often within an ulp of each other, so matching the order is what makes these blocks
     byte-identical to llama-quantize's (checked against the fixtures in tests/test_quant.py).
     The products fed in must also be formed in ggml's order (e.g. (w*l)*x, not w*(l*x)).
+    Groups are columns so each of the k - 1 additions runs over contiguous memory.
     """
-    acc = a[:, 0].copy()
-    for i in range(1, a.shape[1]):
-        acc += a[:, i]
+    acc = a[0].copy()
+    for row in a[1:]:
+        acc += row
     return acc
 
 
@@ -126,14 +127,14 @@ def _f16_bytes(x: np.ndarray) -> np.ndarray:
 
 def _fit_affine(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fit x ~ scale * q + offset, q in [0, nmax] integers, offset <= 0, per row of x.
+    """Fit x ~ scale * q + offset, q in [0, nmax] integers, offset <= 0, per column of x (k, m).
 
     Tries the plain min/max grid and `nstep + 1` slightly stretched ones; for each it solves the
     weighted least-squares scale and offset for the rounded q, and keeps the candidate with the
     smallest weighted squared error. Returns (scale, -offset, q) with -offset >= 0.
     """
-    lo = np.minimum(x.min(axis=1), np.float32(0))  # an all-positive group still starts at 0
-    hi = x.max(axis=1)
+    lo = np.minimum(x.min(axis=0), np.float32(0))  # an all-positive group still starts at 0
+    hi = x.max(axis=0)
     flat = hi == lo  # all equal (or all zero): nothing to fit, q = 0, the offset carries it
     sum_w = _sum_in_order(w)
     sum_wx = _sum_in_order(w * x)
@@ -141,9 +142,9 @@ def _fit_affine(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: fl
 
     iscale = fnmax / np.where(flat, np.float32(1), hi - lo)
     scale = np.float32(1) / iscale
-    q = np.clip(np.rint(iscale[:, None] * (x - lo[:, None])), 0, nmax)
+    q = np.clip(np.rint(iscale * (x - lo)), 0, nmax)
     offset = lo
-    err = _sum_in_order(w * np.square(scale[:, None] * q + lo[:, None] - x))
+    err = _sum_in_order(w * np.square(scale * q + lo - x))
 
     for step in range(nstep + 1):
         # The grid starts at the best offset found so far (as ggml's search does), so each
@@ -151,7 +152,7 @@ def _fit_affine(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: fl
         span = np.where(flat, np.float32(1), hi - offset)
         stretch = np.float32(rmin) + np.float32(rdelta) * np.float32(step) + fnmax
         iscale = stretch / span
-        cand = np.clip(np.rint(iscale[:, None] * (x - offset[:, None])), 0, nmax)
+        cand = np.clip(np.rint(iscale * (x - offset)), 0, nmax)
         wq = w * cand
         sum_l = _sum_in_order(wq)
         sum_l2 = _sum_in_order(wq * cand)
@@ -165,16 +166,21 @@ def _fit_affine(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: fl
         pos = c_offset > 0
         c_scale = np.where(pos, sum_xl / np.where(sum_l2 > 0, sum_l2, np.float32(1)), c_scale)
         c_offset = np.where(pos, np.float32(0), c_offset)
-        c_err = _sum_in_order(w * np.square(c_scale[:, None] * cand + c_offset[:, None] - x))
+        c_err = _sum_in_order(w * np.square(c_scale * cand + c_offset - x))
         better = ok & ~flat & (c_err < err)
         err = np.where(better, c_err, err)
         scale = np.where(better, c_scale, scale)
         offset = np.where(better, c_offset, offset)
-        q = np.where(better[:, None], cand, q)
+        q = np.where(better, cand, q)
 
     scale = np.where(flat, np.float32(0), scale)
-    q = np.where(flat[:, None], np.float32(0), q)
+    q = np.where(flat, np.float32(0), q)
     return scale.astype(np.float32), (-offset).astype(np.float32), q
+
+
+def _columns(blocks: np.ndarray, group: int) -> np.ndarray:
+    """(n, 256) super-blocks -> (group, n * 256 / group): one column per sub-block of `group`."""
+    return np.ascontiguousarray(blocks.reshape(-1, group).T)
 
 
 def _quantize_6bit(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -209,23 +215,21 @@ def _affine_superblocks(blocks: np.ndarray, nmax: int, rmin: float, rdelta: floa
     Returns (header bytes (n, 16): d, dmin, 12 scale bytes; q (n, 256) integers in [0, nmax]).
     """
     n = blocks.shape[0]
-    sub = blocks.reshape(n * 8, 32)
-    rms = np.sqrt(_sum_in_order(np.square(sub)) / np.float32(32))
-    weights = rms[:, None] + np.abs(sub)
-    scale, mins, q_fit = _fit_affine(sub, weights, nmax, rmin, rdelta, nstep)
+    cols = _columns(blocks, 32)
+    rms = np.sqrt(_sum_in_order(np.square(cols)) / np.float32(32))
+    weights = rms + np.abs(cols)
+    scale, mins, q_fit = _fit_affine(cols, weights, nmax, rmin, rdelta, nstep)
 
     ls, d = _quantize_6bit(scale.reshape(n, 8))
     lm, dmin = _quantize_6bit(mins.reshape(n, 8))
-    d_r, dmin_r = _f16_round(d), _f16_round(dmin)
 
     # Requantize against the scales as they will be decoded.
-    step = (d_r[:, None] * ls).reshape(-1)
-    offset = (dmin_r[:, None] * lm).reshape(-1)
+    step = (_f16_round(d)[:, None] * ls).reshape(-1)
+    offset = (_f16_round(dmin)[:, None] * lm).reshape(-1)
     usable = step != 0
-    safe_step = np.where(usable, step, np.float32(1))
-    q = np.clip(np.rint((sub + offset[:, None]) / safe_step[:, None]), 0, nmax)
+    q = np.clip(np.rint((cols + offset) / np.where(usable, step, np.float32(1))), 0, nmax)
     # A sub-block whose scale rounded to zero decodes to -offset whatever q holds; keep the fit's q.
-    q = np.where(usable[:, None], q, q_fit).astype(np.uint8).reshape(n, QK_K)
+    q = np.where(usable, q, q_fit).astype(np.uint8).T.reshape(n, QK_K)
 
     header = np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_scales_mins(ls, lm)], axis=1)
     return header, q
@@ -258,22 +262,23 @@ def _quantize_q5_k_blocks(blocks: np.ndarray) -> np.ndarray:
 
 
 def _fit_symmetric(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fit x ~ scale * q, q in [-nmax, nmax - 1], weighted by x^2, per row of x.
+    """Fit x ~ scale * q, q in [-nmax, nmax - 1], weighted by x^2, per column of x (k, m).
 
     The grid is anchored on the largest-magnitude element (mapped to -nmax, so the extra negative
     level goes to it); 18 nearby grids are tried and the least-squares scale of the best kept.
     Returns (scale, q) with q already offset by +nmax into [0, 2*nmax - 1].
     """
-    idx = np.abs(x).argmax(axis=1)
-    peak = np.take_along_axis(x, idx[:, None], axis=1)[:, 0]
+    idx = np.abs(x).argmax(axis=0)
+    peak = np.take_along_axis(x, idx[None, :], axis=0)[0]
     zero = np.abs(peak) < GROUP_MAX_EPS
     safe_peak = np.where(zero, np.float32(1), peak)
     w = x * x
+    wx = w * x
     fnmax = np.float32(nmax)
 
     def grid(iscale):
-        cand = np.clip(np.rint(iscale[:, None] * x), -nmax, nmax - 1)
-        return cand, _sum_in_order((w * x) * cand), _sum_in_order((w * cand) * cand)
+        cand = np.clip(np.rint(iscale * x), -nmax, nmax - 1)
+        return cand, _sum_in_order(wx * cand), _sum_in_order((w * cand) * cand)
 
     q, sum_lx, sum_l2 = grid(-fnmax / safe_peak)
     scale = np.where(sum_l2 > 0, sum_lx / np.where(sum_l2 > 0, sum_l2, np.float32(1)), np.float32(0))
@@ -287,18 +292,18 @@ def _fit_symmetric(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
         c_scale = c_lx / np.where(c_l2 > 0, c_l2, np.float32(1))
         scale = np.where(better, c_scale, scale)
         best = np.where(better, c_scale * c_lx, best)
-        q = np.where(better[:, None], cand, q)
+        q = np.where(better, cand, q)
 
     scale = np.where(zero, np.float32(0), scale).astype(np.float32)
-    q = np.where(zero[:, None], np.float32(0), q + fnmax)
+    q = np.where(zero, np.float32(0), q + fnmax)
     return scale, q
 
 
 def _quantize_q6_k_blocks(blocks: np.ndarray) -> np.ndarray:
     """(n, 256) float32 -> (n, 210) Q6_K blocks: ql[128], qh[64], scales[16] int8, d."""
     n = blocks.shape[0]
-    sub = blocks.reshape(n * 16, 16)
-    scale, q_fit = _fit_symmetric(sub, 32)
+    cols = _columns(blocks, 16)
+    scale, q_fit = _fit_symmetric(cols, 32)
     scale = scale.reshape(n, 16)
 
     # The block scale is anchored on the largest-magnitude sub-block scale, mapped to -128.
@@ -312,8 +317,8 @@ def _quantize_q6_k_blocks(blocks: np.ndarray) -> np.ndarray:
 
     step = (_f16_round(d)[:, None] * sc).reshape(-1)
     usable = step != 0
-    q = np.clip(np.rint(sub / np.where(usable, step, np.float32(1))[:, None]), -32, 31) + np.float32(32)
-    q = np.where(usable[:, None], q, q_fit).astype(np.uint8).reshape(n, QK_K)
+    q = np.clip(np.rint(cols / np.where(usable, step, np.float32(1))), -32, 31) + np.float32(32)
+    q = np.where(usable, q, q_fit).astype(np.uint8).T.reshape(n, QK_K)
     q = np.where(empty[:, None], np.uint8(0), q)  # an all-zero super-block is stored as all zero bytes
 
     # Element 128*a + 32*k + l: low nibble in ql[64*a + 32*(k % 2) + l] (k < 2: low half of the

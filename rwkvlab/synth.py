@@ -24,7 +24,8 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -41,6 +42,8 @@ SYNTH_VERSION = 1
 HEAD_SIZE = 64
 ALIGNMENT = 32  # GGUF's default data alignment, which llama.cpp's tools keep
 CHUNK_ELEMENTS = 1 << 20  # elements generated per work item: ~4 MB of float32 in flight each
+# Files smaller than this are written in-process: starting worker processes would cost more.
+PARALLEL_MIN_BYTES = 64 << 20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,26 +344,18 @@ def _chunk_rows(t: PlannedTensor) -> int:
     return max(1, CHUNK_ELEMENTS // t.ne[0])
 
 
-def _encode_chunk(t: PlannedTensor, seed: int, chunk: int, rows: int) -> bytes:
-    return quant.quantize(_fill(t, seed, chunk, rows), t.ggml_type).tobytes()
+def _chunks(t: PlannedTensor) -> Iterator[tuple[int, int, int]]:
+    """(chunk number, first row, row count) of the work items tensor t is generated in."""
+    n_rows = t.n_elements // t.ne[0]
+    step = _chunk_rows(t)
+    for k, start in enumerate(range(0, n_rows, step)):
+        yield k, start, min(step, n_rows - start)
 
 
 def tensor_values(t: PlannedTensor, seed: int = 0) -> np.ndarray:
     """The float32 values (NumPy shape) a synthetic file's tensor t is quantized from."""
-    n_rows = t.n_elements // t.ne[0]
-    step = _chunk_rows(t)
-    parts = [_fill(t, seed, k, min(step, n_rows - start)) for k, start in enumerate(range(0, n_rows, step))]
+    parts = [_fill(t, seed, k, rows) for k, _, rows in _chunks(t)]
     return np.concatenate(parts).reshape(t.shape)
-
-
-def _jobs(plan: list[PlannedTensor], seed: int) -> Iterator[tuple[tuple, bool]]:
-    """(arguments of one _encode_chunk call, whether it ends its tensor), in file order."""
-    for t in plan:
-        n_rows = t.n_elements // t.ne[0]
-        step = _chunk_rows(t)
-        starts = range(0, n_rows, step)
-        for k, start in enumerate(starts):
-            yield (t, seed, k, min(step, n_rows - start)), k == len(starts) - 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,7 +366,8 @@ def _pad(n: int) -> int:
     return -n % ALIGNMENT
 
 
-def _write_header(path: Path, p: Preset, f: Format, plan: list[PlannedTensor]) -> None:
+def _write_header(path: Path, p: Preset, f: Format, plan: list[PlannedTensor]) -> int:
+    """Write the GGUF header, metadata and tensor infos; returns the header's size in bytes."""
     writer = GGUFWriter(path, "rwkv7")  # writes general.architecture first
     for key, value, vtype in _metadata(p, f, plan):
         if vtype == "ARRAY":
@@ -385,46 +381,97 @@ def _write_header(path: Path, p: Preset, f: Format, plan: list[PlannedTensor]) -
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     writer.close()
+    return path.stat().st_size
+
+
+def _worker_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# The output file of a worker process, opened once by _open_output (the pool's initializer).
+_output = None
+
+
+def _open_output(path: str) -> None:
+    global _output
+    _output = open(path, "r+b", buffering=0)  # unbuffered: nothing left to flush at pool exit
+
+
+def _write_chunk(offset: int, t: PlannedTensor, seed: int, chunk: int, rows: int) -> int:
+    """Generate, quantize and write one chunk at its file offset; returns the bytes written."""
+    data = quant.quantize(_fill(t, seed, chunk, rows), t.ggml_type)
+    view = memoryview(np.ascontiguousarray(data).reshape(-1))
+    _output.seek(offset)
+    while view:  # a raw write may take less than asked
+        view = view[_output.write(view):]
+    return data.nbytes
+
+
+def _chunk_jobs(plan: list[PlannedTensor], data_start: int, seed: int) -> Iterator[tuple]:
+    """_write_chunk arguments for every chunk of every tensor, with its absolute file offset."""
+    offset = data_start
+    for t in plan:
+        row_bytes = t.nbytes // (t.n_elements // t.ne[0])
+        for k, start, rows in _chunks(t):
+            yield offset + start * row_bytes, t, seed, k, rows
+        offset += t.nbytes + _pad(t.nbytes)
+
+
+def _run_jobs(jobs: Iterator[tuple], path: Path, workers: int) -> Iterator[int]:
+    """Run _write_chunk over the jobs (in-process, or on a pool of processes); yield bytes written.
+
+    Worker processes, not threads: the K-quant search is thousands of small NumPy calls per
+    chunk, which threads would serialise on the GIL. "spawn" workers start clean (no forked
+    locks). Chunks land at fixed offsets, so completion order does not change the file; at most
+    2 chunks per worker are queued, which bounds memory.
+    """
+    if workers <= 1:
+        _open_output(str(path))
+        try:
+            for job in jobs:
+                yield _write_chunk(*job)
+        finally:
+            _output.close()
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_open_output, initargs=(str(path),)) as pool:
+        pending: deque = deque()
+        for job in jobs:
+            pending.append(pool.submit(_write_chunk, *job))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def write_synthetic(path: str | os.PathLike, preset: str = "tiny", fmt: str = "f16", seed: int = 0,
                     progress: bool = True) -> Path:
     """Write a synthetic RWKV-7 GGUF file and return its path.
 
-    Tensors are generated, quantized and written in chunks of ~1M elements by a thread pool
-    (NumPy releases the GIL in the RNG and in the quantizer's array passes), so memory stays
-    at a few hundred MB even for 7.2b and a 2.9b file takes well under a minute on 16 cores.
-    The file appears atomically: it is written under a temporary name and renamed at the end.
+    Tensors are generated, quantized and written in chunks of ~1M elements, by a pool of worker
+    processes for files over 64 MiB, each chunk straight to its place in the file, so memory
+    stays bounded (tens of MB per worker) even for 7.2b. The file appears atomically: it is
+    written under a temporary name and renamed when complete.
     """
     p, f = get_preset(preset), get_format(fmt)
     path = Path(path)
     plan = tensor_plan(p, f)
+    total = sum(t.nbytes for t in plan)
+    workers = _worker_count() if total >= PARALLEL_MIN_BYTES else 1
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        _write_header(tmp, p, f, plan)
-        total = sum(t.nbytes for t in plan)
+        header_end = _write_header(tmp, p, f, plan)
+        data_start = header_end + _pad(header_end)
+        with open(tmp, "r+b") as out:  # size the file up front: padding is the zeros between chunks
+            out.truncate(data_start + sum(t.nbytes + _pad(t.nbytes) for t in plan))
         bar = _progress_bar(total, f"synth {p.name} {f.name}", progress)
-        workers = os.cpu_count() or 1
-        with open(tmp, "ab") as out, ThreadPoolExecutor(max_workers=workers) as pool:
-            out.write(b"\0" * _pad(out.tell()))
-            pending: deque = deque()
-
-            def drain_one() -> None:
-                future, ends_tensor = pending.popleft()
-                data = future.result()
-                out.write(data)
-                if ends_tensor:
-                    out.write(b"\0" * _pad(out.tell()))
-                if bar is not None:
-                    bar.update(len(data))
-
-            for args, ends_tensor in _jobs(plan, seed):
-                pending.append((pool.submit(_encode_chunk, *args), ends_tensor))
-                if len(pending) >= 2 * workers:
-                    drain_one()
-            while pending:
-                drain_one()
+        for written in _run_jobs(_chunk_jobs(plan, data_start, seed), tmp, workers):
+            if bar is not None:
+                bar.update(written)
         if bar is not None:
             bar.close()
         os.replace(tmp, path)
