@@ -1,0 +1,365 @@
+"""Verdicts on a benchmark history: did the output change, and did a speed change beyond noise?
+
+Input is :func:`rwkvlab.history.read_history`'s DataFrame; :func:`verdicts` returns a frame
+with the same index. Every verdict comes with a reason string that names what it compared.
+
+Output (``output``, ``output_reason``)
+    The quality hash covers the first 32 greedy tokens, so equal hashes mean equal output.
+    Each model file (the ``model`` column, across all files: the same model and prompt must
+    give the same tokens whichever history file a run was logged in) has one baseline run:
+    the earliest run filed under a ``##`` title containing "Baseline" when there is one, since
+    that is the author saying "this is the reference state", else the model's earliest run.
+    Other runs are "same" or "changed" against it; runs without a hash or model are "unknown".
+    A per-file baseline would let a file that starts with a broken run bless it.
+
+Speed (``{m}_vs_title``, ``{m}_vs_history`` for m in prefill, generation, load)
+    Each run's value is compared with the median of a reference set of earlier runs of the
+    same model and GPU; load time is better when lower, throughput when higher.
+    ``vs_title``: earlier runs under the same ``##`` title of the same file (the before/after
+    workflow). ``vs_history``: the earlier runs of the current regime of the model + GPU
+    series, i.e. those since the last change point before this run (at most
+    ``HISTORY_WINDOW``). Runs whose output changed are never part of a reference or of the
+    series: a speed reached with wrong output is not a state anyone can keep, and measuring a
+    correct run against it would call it a regression. Those runs still get verdicts (against
+    correct runs), with the reason flagging that their speed does not count.
+    Delta ``d = value / reference - 1``; with ``k`` reference runs the noise band is
+    ``Z * sigma * sqrt(1 + 1/k)`` (the spread of one run around the mean of ``k``): inside it
+    the verdict is "within noise", outside it "improvement" or "regression".
+
+Noise (``sigma``, relative standard deviation of one run)
+    Estimated from the history itself. Runs of one setup (same model, GPU, change text and
+    quality hash: e.g. the seeds' "Testing Metal V7" x9 or "No fusion" under "Baseline 1/2/3")
+    are taken in time order and the relative differences of consecutive ones collected.
+    ``sigma = median(|d|) / 0.6745 / sqrt(2)``: the median absolute deviation about zero
+    (repeats of one setup differ by zero on average, so centring on a sample median would only
+    add error), scaled to a normal standard deviation, divided by sqrt(2) because a difference
+    of two runs carries the noise of both. The median ignores the occasional wild repeat (the
+    seeds hold a 10% one). Per GPU when that GPU has ``MIN_PAIRS`` pairs, else pooled over all
+    GPUs, else ``DEFAULT_SIGMA``; never below ``SIGMA_FLOOR``.
+    On the seeds (M2 Max, 25 pairs): prefill 0.37%, generation 0.44%, load 2.0%.
+    Mann-Whitney U on per-repeat samples is not used: with 3 samples a side its smallest
+    possible p-value is 0.1, so it can never confirm anything at this sample size.
+
+Change points (``{m}_change_point``)
+    Found with ruptures' Pelt on the log of each model + GPU series (correct-output runs, time
+    order), L1 cost (a median fit, as asv's step detection, so one wild run does not become a
+    step), segments of at least 2 runs (a step must persist: the newest run becomes a change
+    point once the next run confirms it), penalty ``sigma * (4 + 2 ln n)`` (grows with n like
+    BIC). In simulation (Gaussian noise, sigma 0.4%) it flagged nothing in 520 pure-noise
+    series of 30 to 300 runs, found a 4-sigma step halfway through a series at the right run
+    in 94% of cases (within one run: over 99%), and a step seen by only the last two runs
+    once it is 8 sigma or more. A change point's history verdict judges the step between the
+    medians of the regimes before and after it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import ruptures as rpt
+
+__all__ = [
+    "DEFAULT_SIGMA", "HISTORY_WINDOW", "METRICS", "MIN_PAIRS", "SIGMA_FLOOR", "Z",
+    "Noise", "change_points", "estimate_noise", "judge", "output_verdicts", "verdicts",
+]
+
+# metric name -> (column, +1 when higher is better / -1 when lower is better, unit)
+METRICS = {
+    "prefill": ("prefill_tps", +1, "tok/s"),
+    "generation": ("generation_tps", +1, "tok/s"),
+    "load": ("load_ms", -1, "ms"),
+}
+Z = 3.0  # band half-width in standard deviations: ~0.3% false alarms per comparison
+MIN_PAIRS = 5  # repeat pairs needed before a noise estimate is trusted
+DEFAULT_SIGMA = 0.02  # a cautious 2% until the history holds repeats
+SIGMA_FLOOR = 0.0025  # timings quoted to 2 decimals and a few pairs cannot support finer claims
+HISTORY_WINDOW = 10  # most recent runs of the regime that form the history reference
+
+_BASELINE_WORD = "baseline"
+
+
+@dataclass(frozen=True)
+class Noise:
+    """Relative noise of one run of a metric, and where the estimate came from."""
+
+    sigma: float
+    pairs: int
+    source: str  # e.g. "12 repeat pairs on Apple M2 Max"
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+def verdicts(df: pd.DataFrame) -> pd.DataFrame:
+    """Output and speed verdicts for every run of ``df`` (same index), each with its reason.
+
+    Columns: ``output``, ``output_reason``, then for m in prefill, generation, load:
+    ``{m}_vs_title``, ``{m}_vs_title_reason``, ``{m}_vs_history``, ``{m}_vs_history_reason``
+    (verdicts: "improvement", "regression", "within noise", "no reference") and the boolean
+    ``{m}_change_point``. The method is described in this module's docstring.
+    """
+    runs = df.reset_index(drop=True)
+    order = _chronological(runs)
+    out = pd.DataFrame(index=runs.index)
+    out["output"], out["output_reason"] = output_verdicts(runs)
+    usable = (out["output"] != "changed").to_numpy()
+    for name, (column, sign, unit) in METRICS.items():
+        noise = estimate_noise(runs, column)
+        cp = np.zeros(len(runs), dtype=bool)
+        segment = np.full(len(runs), -1)
+        for idx in _series(runs, order, usable, column):
+            sigma = _noise_for(noise, runs.at[idx[0], "gpu"]).sigma
+            flags = change_points(runs.loc[idx, column].to_numpy(dtype=float), sigma)
+            cp[idx] = flags
+            segment[idx] = np.cumsum(flags)
+        title = _compare_vs_title(runs, order, usable, column, sign, unit, noise)
+        history = _compare_vs_history(runs, order, usable, column, sign, unit, noise, cp, segment)
+        out[f"{name}_vs_title"], out[f"{name}_vs_title_reason"] = title
+        out[f"{name}_vs_history"], out[f"{name}_vs_history_reason"] = history
+        out[f"{name}_change_point"] = cp
+    out.index = df.index
+    return out
+
+
+def _chronological(runs: pd.DataFrame) -> list[int]:
+    """Row positions in time order; equal or missing timestamps keep their file order."""
+    keyed = pd.DataFrame({"t": runs["timestamp"], "pos": np.arange(len(runs))})
+    return keyed.sort_values(["t", "pos"], na_position="last", kind="stable")["pos"].tolist()
+
+
+def _label(runs: pd.DataFrame, i: int) -> str:
+    """How a reason names a run: file, title, timestamp."""
+    row = runs.iloc[i]
+    stamp = "no timestamp" if pd.isna(row["timestamp"]) else row["timestamp"].strftime("%Y-%m-%d %H:%M:%S")
+    return f"{row['file']} '{row['title']}' {stamp} (line {row['line']})"
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------
+
+def output_verdicts(df: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """``output`` ("baseline" | "same" | "changed" | "unknown") and its reason for every row."""
+    runs = df.reset_index(drop=True)
+    baselines = _baselines(runs, _chronological(runs))
+    verdict, reason = [], []
+    for i in range(len(runs)):
+        h, model = runs.at[i, "quality_hash"], runs.at[i, "model"]
+        if pd.isna(h) or pd.isna(model):
+            verdict.append("unknown")
+            reason.append("no quality hash recorded" if pd.isna(h) else "no model recorded, so no baseline")
+            continue
+        b, why = baselines[model]
+        h0 = runs.at[b, "quality_hash"]
+        if i == b:
+            verdict.append("baseline")
+            reason.append(f"baseline of {model}: {why}; hash {h}")
+        elif h == h0:
+            verdict.append("same")
+            reason.append(f"hash {h} equals hash {h0} of baseline {_label(runs, b)}")
+        else:
+            verdict.append("changed")
+            reason.append(f"hash {h} differs from hash {h0} of baseline {_label(runs, b)}")
+    return verdict, reason
+
+
+def _baselines(runs: pd.DataFrame, order: list[int]) -> dict[str, tuple[int, str]]:
+    """Per model: the baseline row position and why it was chosen."""
+    chosen: dict[str, tuple[int, str]] = {}
+    fallback: dict[str, int] = {}
+    for i in order:
+        model, h = runs.at[i, "model"], runs.at[i, "quality_hash"]
+        if pd.isna(model) or pd.isna(h):
+            continue
+        fallback.setdefault(model, i)
+        if model not in chosen and _BASELINE_WORD in str(runs.at[i, "title"]).lower():
+            chosen[model] = (i, f"its earliest run under a title containing 'Baseline', {_label(runs, i)}")
+    for model, i in fallback.items():
+        chosen.setdefault(model, (i, f"its earliest run (no title names a baseline), {_label(runs, i)}"))
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------
+# Noise
+# --------------------------------------------------------------------------------------------
+
+def estimate_noise(df: pd.DataFrame, column: str) -> dict[str | None, Noise]:
+    """Relative noise of ``column`` per GPU (key: GPU name) and pooled (key: None).
+
+    See the module docstring for the estimator; GPUs with too few repeat pairs are absent
+    (callers fall back to the pooled entry, which itself falls back to ``DEFAULT_SIGMA``).
+    """
+    runs = df.reset_index(drop=True)
+    order = _chronological(runs)
+    ranked = runs.iloc[order]
+    diffs: dict[str, list[float]] = {}
+    setup = ["model", "gpu", "change", "quality_hash"]
+    for _, group in ranked.groupby(setup, sort=False, dropna=False):
+        values = group[column].to_numpy(dtype=float)
+        values = values[np.isfinite(values) & (values > 0)]
+        if len(values) > 1:
+            gpu = str(group["gpu"].iloc[0])
+            diffs.setdefault(gpu, []).extend(values[1:] / values[:-1] - 1.0)
+    noise: dict[str | None, Noise] = {}
+    for gpu, d in diffs.items():
+        if len(d) >= MIN_PAIRS:
+            noise[gpu] = Noise(_sigma(d), len(d), f"{len(d)} repeat pairs on {gpu}")
+    pooled = [x for d in diffs.values() for x in d]
+    if len(pooled) >= MIN_PAIRS:
+        noise[None] = Noise(_sigma(pooled), len(pooled), f"{len(pooled)} repeat pairs, all GPUs")
+    else:
+        noise[None] = Noise(DEFAULT_SIGMA, len(pooled),
+                            f"default {DEFAULT_SIGMA:.1%}: only {len(pooled)} repeat pairs")
+    return noise
+
+
+def _sigma(relative_diffs: list[float]) -> float:
+    """Standard deviation of one run from differences of consecutive repeats (MAD about zero)."""
+    mad = float(np.median(np.abs(relative_diffs)))
+    return max(mad / 0.6745 / math.sqrt(2.0), SIGMA_FLOOR)
+
+
+def _noise_for(noise: dict[str | None, Noise], gpu: object) -> Noise:
+    return noise.get(str(gpu), noise[None])
+
+
+# --------------------------------------------------------------------------------------------
+# Change points
+# --------------------------------------------------------------------------------------------
+
+def change_points(values: np.ndarray, sigma: float) -> np.ndarray:
+    """Boolean per value: True where a new level starts (see the module docstring).
+
+    ``values`` is one time-ordered series of positive measurements; ``sigma`` its relative noise.
+    """
+    n = len(values)
+    flags = np.zeros(n, dtype=bool)
+    if n < 4:  # two segments of two runs is the smallest series with a step
+        return flags
+    signal = np.log(values).reshape(-1, 1)
+    penalty = max(sigma, SIGMA_FLOOR) * (4.0 + 2.0 * math.log(n))
+    ends = rpt.Pelt(model="l1", min_size=2, jump=1).fit(signal).predict(pen=penalty)
+    flags[[e for e in ends if e < n]] = True
+    return flags
+
+
+def _series(runs: pd.DataFrame, order: list[int], usable: np.ndarray, column: str) -> list[list[int]]:
+    """Row positions of each model + GPU series in time order: correct output, timed, positive."""
+    groups: dict[tuple, list[int]] = {}
+    for i in order:
+        value = runs.at[i, column]
+        if usable[i] and not pd.isna(runs.at[i, "timestamp"]) and pd.notna(value) and value > 0:
+            groups.setdefault((str(runs.at[i, "model"]), str(runs.at[i, "gpu"])), []).append(i)
+    return list(groups.values())
+
+
+# --------------------------------------------------------------------------------------------
+# Comparisons
+# --------------------------------------------------------------------------------------------
+
+def judge(value: float, reference: list[float], sign: int, sigma: float, k_new: int = 1) -> tuple[str, float, float]:
+    """Verdict of ``value`` against the median of ``reference``: (verdict, delta, band).
+
+    ``delta`` is relative (``value / median - 1``); ``band`` is ``Z * sigma * sqrt(1/k_new + 1/k)``
+    where ``value`` stands for ``k_new`` runs (1 for a single run, more for a regime median).
+    ``sign`` is +1 when higher is better, -1 when lower is better.
+    """
+    ref = float(np.median(reference))
+    delta = value / ref - 1.0
+    band = Z * sigma * math.sqrt(1.0 / k_new + 1.0 / len(reference))
+    if abs(delta) <= band:
+        return "within noise", delta, band
+    return ("improvement" if sign * delta > 0 else "regression"), delta, band
+
+
+def _describe(delta: float, band: float, ref: float, unit: str, noise: Noise) -> str:
+    return (f"{delta:+.1%} vs {ref:.2f} {unit}; noise band ±{band:.1%} "
+            f"(sigma {noise.sigma:.2%} from {noise.source}, z={Z:g})")
+
+
+def _unusable_note(usable: bool) -> str:
+    return "" if usable else "; output changed, so this speed does not count"
+
+
+def _missing(runs: pd.DataFrame, i: int, column: str) -> str | None:
+    """Why run ``i`` cannot be compared at all, or None."""
+    value = runs.at[i, column]
+    if pd.isna(value) or value <= 0:
+        return f"no {column} value in this run"
+    if pd.isna(runs.at[i, "timestamp"]):
+        return "no timestamp, so which runs came before is unknown"
+    return None
+
+
+def _compare_vs_title(runs, order, usable, column, sign, unit, noise) -> tuple[list[str], list[str]]:
+    verdict = ["no reference"] * len(runs)
+    reason = [""] * len(runs)
+    earlier: dict[tuple, list[int]] = {}
+    for i in order:
+        key = tuple(str(runs.at[i, c]) for c in ("file", "title", "model", "gpu"))
+        seen = earlier.setdefault(key, [])
+        why = _missing(runs, i, column)
+        if why:
+            reason[i] = why
+            continue
+        ref_rows = [j for j in seen if usable[j] and pd.notna(runs.at[j, column]) and runs.at[j, column] > 0]
+        excluded = len([j for j in seen if not usable[j]])
+        if not ref_rows:
+            reason[i] = (f"no earlier run of this model and GPU under '{runs.at[i, 'title']}' in "
+                         f"{runs.at[i, 'file']}" + (f" with unchanged output ({excluded} changed excluded)" if excluded else ""))
+        else:
+            nz = _noise_for(noise, runs.at[i, "gpu"])
+            values = [float(runs.at[j, column]) for j in ref_rows]
+            verdict[i], delta, band = judge(float(runs.at[i, column]), values, sign, nz.sigma)
+            reason[i] = (_describe(delta, band, float(np.median(values)), unit, nz)
+                         + f"; reference: median of {len(values)} earlier run(s) under '{runs.at[i, 'title']}', "
+                         f"first {_label(runs, ref_rows[0])}"
+                         + (f"; {excluded} run(s) with changed output excluded" if excluded else ""))
+        reason[i] += _unusable_note(usable[i])
+        seen.append(i)
+    return verdict, reason
+
+
+def _compare_vs_history(runs, order, usable, column, sign, unit, noise, cp, segment) -> tuple[list[str], list[str]]:
+    verdict = ["no reference"] * len(runs)
+    reason = [""] * len(runs)
+    series: dict[tuple, list[int]] = {}  # usable runs of each model + GPU seen so far, in time order
+    members: dict[tuple, dict[int, list[int]]] = {}  # all series members per segment, for steps
+    for i in order:
+        key = (str(runs.at[i, "model"]), str(runs.at[i, "gpu"]))
+        if segment[i] >= 0:
+            members.setdefault(key, {}).setdefault(int(segment[i]), []).append(i)
+    for i in order:
+        key = (str(runs.at[i, "model"]), str(runs.at[i, "gpu"]))
+        seen = series.setdefault(key, [])
+        why = _missing(runs, i, column)
+        if why:
+            reason[i] = why
+            continue
+        nz = _noise_for(noise, runs.at[i, "gpu"])
+        if not seen:
+            reason[i] = f"no earlier run of {key[0]} on {key[1]} with unchanged output"
+        elif cp[i]:
+            before = members[key][int(segment[i]) - 1][-HISTORY_WINDOW:]
+            after = members[key][int(segment[i])]
+            new = [float(runs.at[j, column]) for j in after]
+            old = [float(runs.at[j, column]) for j in before]
+            verdict[i], delta, band = judge(float(np.median(new)), old, sign, nz.sigma, k_new=len(new))
+            reason[i] = (f"change point: the level moves from the median of {len(old)} run(s) to the median "
+                         f"of the {len(new)} run(s) from here on; " + _describe(delta, band, float(np.median(old)), unit, nz)
+                         + f"; previous regime ends at {_label(runs, before[-1])}")
+        else:
+            regime = int(segment[seen[-1]])
+            ref_rows = [j for j in seen if int(segment[j]) == regime][-HISTORY_WINDOW:]
+            values = [float(runs.at[j, column]) for j in ref_rows]
+            verdict[i], delta, band = judge(float(runs.at[i, column]), values, sign, nz.sigma)
+            reason[i] = (_describe(delta, band, float(np.median(values)), unit, nz)
+                         + f"; reference: median of the last {len(values)} run(s) of {key[0]} on {key[1]} "
+                         f"since the last change point, from {_label(runs, ref_rows[0])}")
+        reason[i] += _unusable_note(usable[i])
+        if segment[i] >= 0:
+            seen.append(i)
+    return verdict, reason
