@@ -447,7 +447,7 @@ def _run_jobs(jobs: Iterator[tuple], path: Path, workers: int) -> Iterator[int]:
             yield pending.popleft().result()
 
 
-def write_synthetic(path: str | os.PathLike, preset: str = "tiny", fmt: str = "f16", seed: int = 0,
+def write_synthetic(path: str | os.PathLike, preset: str | Preset = "tiny", fmt: str | Format = "f16", seed: int = 0,
                     progress: bool = True) -> Path:
     """Write a synthetic RWKV-7 GGUF file and return its path.
 
