@@ -5,11 +5,14 @@ so any row of the history can be reproduced from what it wrote down.
 """
 from __future__ import annotations
 
+import platform
 from dataclasses import asdict, dataclass, field, replace
 
 BACKENDS = ("auto", "vulkan", "metal", "dx12", "gl")
 PATHS = ("webgpu", "native")
 WEIGHT_POLICIES = ("native", "f16")
+# Words accepted where fusion names go: "all" = every fusion the kernels define, "none" = no fusion.
+FUSION_WORDS = ("all", "none")
 
 
 class OptionsError(ValueError):
@@ -47,7 +50,11 @@ class Options:
             raise OptionsError(
                 f"gemm_min_tokens must be a positive integer, got {self.gemm_min_tokens!r}"
             )
+        if isinstance(self.fusions, str):
+            raise OptionsError(f"fusions must be a set of names, got the string {self.fusions!r}; "
+                               "use parse_fusions() to read a comma-separated list")
         object.__setattr__(self, "fusions", frozenset(self.fusions))
+        _check_fusion_names(self.fusions)
 
     def with_(self, **changes) -> "Options":
         """A copy with some fields changed (validated like a new object)."""
@@ -63,3 +70,72 @@ class Options:
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise OptionsError(f"unknown {name} {value!r}; available: {', '.join(allowed)}")
+
+
+def known_fusions() -> tuple[str, ...] | None:
+    """Fusion names the kernels define (``rwkvlab.kernels.FUSIONS``), or None if that is not there.
+
+    Imported lazily: the history tools build Options without ever touching the engine, and
+    until the kernels define their fusions, names are left for the engine to check at load.
+    """
+    try:
+        from rwkvlab.kernels import FUSIONS
+    except ImportError:
+        return None
+    return tuple(sorted(FUSIONS))
+
+
+def _check_fusion_names(names: frozenset[str]) -> None:
+    if not names:
+        return
+    known = known_fusions()
+    if known is None:
+        return
+    unknown = sorted(n for n in names if n not in known and n not in FUSION_WORDS)
+    if unknown:
+        have = ", ".join(known) or "(the kernels define none yet)"
+        raise OptionsError(f"unknown fusion {', '.join(map(repr, unknown))}; available: {have} "
+                           f"(or {' / '.join(FUSION_WORDS)})")
+
+
+def parse_fusions(text: str) -> frozenset[str]:
+    """Fusion names from the command line: ``"none"``, ``"all"`` or names joined by ``,`` or ``+``.
+
+    ``all`` expands to every name the kernels define (kept as the word ``all`` while they
+    define none yet, for the engine to resolve); unknown names raise :class:`OptionsError`.
+    """
+    words = {w.strip() for w in text.replace("+", ",").split(",") if w.strip()}
+    if not words or words == {"none"}:
+        return frozenset()
+    if "none" in words:
+        raise OptionsError(f"fusions {text!r} mixes 'none' with fusion names; give one or the other")
+    known = known_fusions()
+    if "all" in words:
+        return frozenset(known) if known is not None else frozenset({"all"})
+    _check_fusion_names(frozenset(words))
+    return frozenset(words)
+
+
+def check_available(options: Options) -> None:
+    """Raise :class:`OptionsError` if this machine cannot run ``options`` (backend or path).
+
+    Unlike the checks in ``Options`` itself this asks wgpu which adapters exist, so it is
+    called where a run is about to start (the bench runner), not whenever Options are built.
+    A backend the machine lacks (Metal on Linux) or the ``native`` path on an adapter with none
+    of the native features both fail with what is available instead.
+    """
+    from rwkvlab.gpu import NATIVE_FEATURES, available_backends, get_gpu
+
+    have = available_backends()
+    if not have:
+        raise OptionsError("no WebGPU adapter on this machine; install a Vulkan driver "
+                           "(on Debian/Ubuntu: apt-get install mesa-vulkan-drivers)")
+    if options.backend not in have:
+        hint = " (Metal is Apple's GPU API: wgpu uses it on macOS only)" if options.backend == "metal" else ""
+        raise OptionsError(f"backend {options.backend!r} is not available on this machine "
+                           f"({platform.system()}){hint}; available: {', '.join(have)}")
+    if options.path == "native":
+        gpu = get_gpu(options.backend, native=True)
+        if not gpu.features & set(NATIVE_FEATURES):
+            raise OptionsError(f"path 'native' needs one of {', '.join(NATIVE_FEATURES)}; adapter "
+                               f"{gpu.info.label} has none of them; available paths: webgpu")
