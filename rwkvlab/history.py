@@ -457,12 +457,14 @@ def _read_metric_table(table: _Table, row: dict[str, Any], path: Path | str, ext
 
 def _read_known(metric: _Metric, cell: str, path: Path | str, line: int) -> Any:
     text = _plain(cell)
+    if metric.kind == "hash":
+        text = text.strip("`").strip()
     if text.lower() == MISSING:
         return pd.NA if metric.kind == "int" else float("nan")
     if metric.kind == "str":
         return text
     if metric.kind == "hash":
-        value = text.strip("`").strip().lower()
+        value = text.lower()
         if _HASH_RE.fullmatch(value):
             return value
         _warn(path, line, f"Quality Hash {text!r} is not 1-16 hex digits; kept as missing")
