@@ -17,7 +17,9 @@ ggml's reference quantizer (the path llama-quantize takes without an importance 
 
 Every step is vectorised over all sub-blocks at once: the candidate search is a Python loop over
 ~20 candidates, each one NumPy pass over the whole chunk, so a 10240 x 2560 matrix takes
-seconds. Blocks are laid out exactly as `gguf.quants`' decoders (and ggml's) read them.
+seconds. The searches add and multiply in the order ggml's C code does, so the blocks are not
+just equivalent but byte-identical to llama-quantize's (tests/test_quant.py checks every
+tensor of the fixtures). Blocks are laid out exactly as `gguf.quants`' decoders read them.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ _CHUNK_ELEMENTS = 1 << 18
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
 
 
-def ggml_type(name: str | GGMLQuantizationType) -> GGMLQuantizationType:
+def to_qtype(name: str | GGMLQuantizationType) -> GGMLQuantizationType:
     """The gguf enum for a type name such as "Q4_K" (case-insensitive), checked to be supported."""
     if isinstance(name, GGMLQuantizationType):
         qtype = name
@@ -49,21 +51,21 @@ def ggml_type(name: str | GGMLQuantizationType) -> GGMLQuantizationType:
     return qtype
 
 
-def row_nbytes(n: int, ggml_type_name: str | GGMLQuantizationType) -> int:
+def row_nbytes(n: int, ggml_type: str | GGMLQuantizationType) -> int:
     """Bytes one row of `n` elements takes in the given type (n must be a multiple of the block)."""
-    qtype = ggml_type(ggml_type_name)
+    qtype = to_qtype(ggml_type)
     block, size = GGML_QUANT_SIZES[qtype]
     if n % block:
         raise ValueError(f"a row of {n} elements cannot be stored as {qtype.name}: rows must be a multiple of {block}")
     return n // block * size
 
 
-def quantize(data: np.ndarray, ggml_type_name: str | GGMLQuantizationType) -> np.ndarray:
+def quantize(data: np.ndarray, ggml_type: str | GGMLQuantizationType) -> np.ndarray:
     """Quantize `data` (rows along the last axis) into uint8 blocks in GGUF file layout.
 
     Returns an array of shape `(*data.shape[:-1], row_nbytes(data.shape[-1], type))`.
     """
-    qtype = ggml_type(ggml_type_name)
+    qtype = to_qtype(ggml_type)
     data = np.asarray(data)
     if data.ndim == 0:
         raise ValueError("quantize needs at least a 1-D array")
@@ -85,9 +87,9 @@ def quantize(data: np.ndarray, ggml_type_name: str | GGMLQuantizationType) -> np
     return out.reshape(out_shape)
 
 
-def dequantize(blocks: np.ndarray, ggml_type_name: str | GGMLQuantizationType, shape: tuple[int, ...]) -> np.ndarray:
+def dequantize(blocks: np.ndarray, ggml_type: str | GGMLQuantizationType, shape: tuple[int, ...]) -> np.ndarray:
     """Decode uint8 blocks of the given type back to a float32 array of `shape` (ggml-exact)."""
-    qtype = ggml_type(ggml_type_name)
+    qtype = to_qtype(ggml_type)
     raw = np.ascontiguousarray(blocks).view(np.uint8)
     expected = int(np.prod(shape[:-1], dtype=np.int64)) * row_nbytes(shape[-1], qtype)
     if raw.size != expected:

@@ -7,24 +7,25 @@ shape, type mix, metadata key and the tokenizer are what llama.cpp's converter
 drawn per tensor kind in the ranges of the fixture's weights so a forward pass stays finite
 and its logits stay O(1).
 
-    write_synthetic("m.gguf", "2.9b", "q4_k_m", seed=0)   # streamed, tensor by tensor
+    write_synthetic("m.gguf", "2.9b", "q4_k_m", seed=0)   # streamed, chunk by chunk
     default_model_path()                                  # the lab's embedded tiny model
 
 Files are deterministic in (preset, format, seed): every chunk of every tensor has its own
-random stream keyed by (seed, tensor name, chunk), so the bytes do not depend on thread count
-or chunk scheduling, and the same seed gives the same underlying weights in every format (a
+random stream keyed by (seed, tensor name, chunk), so the bytes do not depend on the number of
+worker processes or the order chunks finish in, and the same seed gives the same underlying weights in every format (a
 q4_k_m file is the quantization of the f32 file, as the fixtures are).
 """
 from __future__ import annotations
 
+import codecs
 import math
+import multiprocessing
 import os
 import sys
 import time
 import zlib
 from collections import deque
 from collections.abc import Iterator
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -150,8 +151,8 @@ class PlannedTensor:
     name: str
     ne: tuple[int, ...]
     ggml_type: str
-    init: str  # key of _INITS: the distribution its values are drawn from
-    scale: float = 1.0  # std for normal inits
+    init: str  # "normal" (mean 0, std `scale`) or "uniform:lo:hi"
+    scale: float = 1.0
     source: str = ""  # the name whose random stream fills it (layer 0's v-LoRA copies a's)
 
     @property
@@ -174,6 +175,10 @@ def _layer_tensors(p: Preset, i: int, fmt: Format) -> list[PlannedTensor]:
     That order comes from the sorted Hugging Face names (attn.a_lora... < attn.g_lora... <
     ... < attn.x_w < attn_norm < ffn < ffn_norm < pre_norm), and layer 0's dummy v-LoRA copies
     are emitted next to the a-LoRA tensors they copy.
+
+    The value ranges copy the fixture model's: matrices N(0, 1/fan_in) so each product keeps
+    unit variance, LoRA up-projections std 0.1 (gate: 1/sqrt(Dg)) so the decay / iclr / value
+    mix arguments stay O(1), norms' weights near 1, mixes in [0, 1].
     """
     c, f = p.n_embd, p.n_ffn
     pre = f"blk.{i}."
@@ -239,10 +244,10 @@ def _quantizer_order(name: str) -> tuple[int, str]:
 def tensor_plan(preset: str | Preset, fmt: str | Format = "f16") -> list[PlannedTensor]:
     """Every tensor of a synthetic file, in file order, with its ne, ggml type and fill rule."""
     p, f = get_preset(preset), get_format(fmt)
-    c, vocab = p.n_embd, p.n_vocab
+    c, n_vocab = p.n_embd, p.n_vocab
     head = [
-        PlannedTensor("output.weight", (c, vocab), f.head, "normal", 1 / math.sqrt(c)),
-        PlannedTensor("token_embd.weight", (c, vocab), f.matrix, "normal", 1.0),
+        PlannedTensor("output.weight", (c, n_vocab), f.head, "normal", 1 / math.sqrt(c)),
+        PlannedTensor("token_embd.weight", (c, n_vocab), f.matrix, "normal", 1.0),
     ]
     # The converter walks HF names sorted as strings, so layer 10 comes before layer 2.
     layers = [t for i in sorted(range(p.n_layer), key=str) for t in _layer_tensors(p, i, f)]
@@ -272,8 +277,7 @@ def vocab(n_vocab: int) -> list[str]:
     base = _data_text("world_vocab_1024.txt").split("\n")[:1024]
     if n_vocab <= len(base):
         return base[:n_vocab]
-    import codecs  # escape_decode undoes exactly the repr() escaping the vocabulary uses
-
+    # escape_decode undoes exactly the repr(bytes) escaping the vocabulary is stored in
     pieces = [codecs.escape_decode(t.encode("ascii"))[0] for t in base[257:]]
     assert all(len(b) == 2 for b in pieces)  # so every concatenation below is a distinct string
     extra = (repr(a + b)[2:-1] for a in pieces for b in pieces)
