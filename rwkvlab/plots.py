@@ -84,10 +84,9 @@ def timeline(df: pd.DataFrame, verdicts: pd.DataFrame) -> go.Figure:
         fig.update_yaxes(title_text=f"{label.lower()} ({SPEED_UNIT})", rangemode="tozero", row=row, col=1)
     fig.update_xaxes(title_text="run time (UTC)", row=2, col=1)
     fig.update_layout(
-        title="Prefill and generation speed over time (red X: output changed, not comparable)",
-        height=720, font=FONT, hovermode="closest", template="plotly_white",
-        legend=dict(orientation="h", yanchor="bottom", y=1.04, x=0),
-        margin=dict(t=120, l=70, r=20, b=60),
+        font=FONT, hovermode="closest", template="plotly_white",
+        **_header("Prefill and generation speed over time (red X: output changed, not comparable)",
+                  height=740, left=70),
     )
     return fig
 
@@ -143,10 +142,9 @@ def before_after(df: pd.DataFrame, verdicts: pd.DataFrame, min_runs: int = 2) ->
     fig.update_yaxes(autorange="reversed", title_text="title / run", row=1, col=1)
     n_titles = runs[["file", "title"]].drop_duplicates().shape[0]
     fig.update_layout(
-        title=f"Before / after per title ({n_titles} titles with at least {min_runs} runs)",
-        height=max(360, 170 + 24 * len(runs)), font=FONT, template="plotly_white", bargap=0.25,
-        legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0),
-        margin=dict(t=110, l=20, r=20, b=60),
+        font=FONT, template="plotly_white", bargap=0.25,
+        **_header(f"Before / after per title ({n_titles} titles with at least {min_runs} runs)",
+                  height=max(380, 190 + 24 * len(runs)), left=20),
     )
     return fig
 
@@ -207,6 +205,26 @@ def describe(fig: go.Figure) -> str:
 
 # -- helpers -------------------------------------------------------------------------------
 
+# Line colours per history file. Red is left out on purpose: it means "output changed".
+FILE_COLOURS = ("#1f77b4", "#9467bd", "#17becf", "#8c564b", "#bcbd22", "#e377c2", "#7f7f7f", "#2ca02c")
+
+
+def _header(title: str, height: int, left: int, top: int = 140, bottom: int = 60) -> dict:
+    """Layout for a title pinned to the top and a horizontal legend under it.
+
+    The legend sits a fixed 34 px above the plot area (clear of the subplot titles) and may
+    wrap to two or three rows in a narrow notebook column; the top margin leaves room for that
+    without the legend running into the figure title.
+    """
+    plot_height = height - top - bottom
+    return dict(
+        height=height,
+        title=dict(text=title, x=0.01, xanchor="left", y=1 - 12 / height, yanchor="top"),
+        legend=dict(orientation="h", yanchor="bottom", y=1 + 34 / plot_height, x=0),
+        margin=dict(t=top, l=left, r=20, b=bottom),
+    )
+
+
 def _with_verdicts(df: pd.DataFrame, verdicts: pd.DataFrame) -> pd.DataFrame:
     """The runs with their verdict columns and a short file label, rows aligned by index."""
     missing = [c for c in ("output", "prefill_vs_title", "generation_vs_title") if c not in verdicts.columns]
@@ -266,9 +284,8 @@ def _naive_utc(ts: pd.Series) -> pd.Series:
 
 
 def _file_colours(runs: pd.DataFrame) -> dict[str, str]:
-    palette = qualitative.D3
     stems = sorted(runs["file_stem"].unique())
-    return {s: palette[i % len(palette)] for i, s in enumerate(stems)}
+    return {s: FILE_COLOURS[i % len(FILE_COLOURS)] for i, s in enumerate(stems)}
 
 
 def _title_labels(runs: pd.DataFrame) -> pd.Series:

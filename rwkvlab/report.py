@@ -38,14 +38,22 @@ class Summary:
     titles: int
     output_changed: int
     output_unknown: int
-    regressions: int  # runs with a prefill or generation regression against their title
+    # Runs with unchanged output whose prefill or generation is slower beyond noise than
+    # their title's reference run, or than their recent history.
+    slower_than_title: int
+    slower_than_history: int
     first: pd.Timestamp | None
     last: pd.Timestamp | None
 
 
 def summarize(df: pd.DataFrame, verdicts: pd.DataFrame) -> Summary:
     """Count runs, files, models, titles, changed/unknown outputs and speed regressions."""
-    regressed = (verdicts["prefill_vs_title"] == "regression") | (verdicts["generation_vs_title"] == "regression")
+    comparable = verdicts["output"] != "changed"
+
+    def slower(ref: str) -> int:
+        hit = (verdicts[f"prefill_vs_{ref}"] == "regression") | (verdicts[f"generation_vs_{ref}"] == "regression")
+        return int((hit & comparable).sum())
+
     times = df["timestamp"].dropna()
     return Summary(
         runs=len(df),
@@ -54,7 +62,8 @@ def summarize(df: pd.DataFrame, verdicts: pd.DataFrame) -> Summary:
         titles=df[["file", "title"]].drop_duplicates().shape[0],
         output_changed=int((verdicts["output"] == "changed").sum()),
         output_unknown=int((verdicts["output"] == "unknown").sum()),
-        regressions=int(regressed.sum()),
+        slower_than_title=slower("title"),
+        slower_than_history=slower("history"),
         first=times.min() if len(times) else None,
         last=times.max() if len(times) else None,
     )
@@ -68,8 +77,9 @@ def summary_text(summary: Summary) -> str:
     return (
         f"{summary.runs} runs in {summary.files} files ({summary.titles} titles, "
         f"{summary.models} models{span}); output changed in {summary.output_changed}, "
-        f"unknown in {summary.output_unknown}; {summary.regressions} runs slower than their "
-        "title's reference (prefill or generation)"
+        f"unknown in {summary.output_unknown}; with unchanged output, {summary.slower_than_title} "
+        f"slower than their title's reference and {summary.slower_than_history} slower than "
+        "their history (prefill or generation, beyond noise)"
     )
 
 
@@ -226,7 +236,8 @@ def _summary_html(s: Summary) -> str:
         ("runs", s.runs, ""), ("files", s.files, ""), ("models", s.models, ""), ("titles", s.titles, ""),
         ("output changed", s.output_changed, "bad" if s.output_changed else "good"),
         ("output unknown", s.output_unknown, "warn" if s.output_unknown else ""),
-        ("slower than title reference", s.regressions, "warn" if s.regressions else ""),
+        ("slower than title reference", s.slower_than_title, "warn" if s.slower_than_title else ""),
+        ("slower than history", s.slower_than_history, "warn" if s.slower_than_history else ""),
     ]
     items = "".join(
         f'<div class="card {cls}"><div class="n">{n}</div><div class="k">{html.escape(k)}</div></div>'
@@ -307,6 +318,9 @@ tr.changed td:first-child { border-left: 4px solid #d62728; } tr.changed { backg
 .v-changed { color: #b01c1c; font-weight: bold; } .v-unknown { color: #8a5a00; }
 .v-improvement { color: #22863a; } .v-regression { color: #c05600; font-weight: bold; }
 .v-within-noise, .v-no-reference, .v-same, .v-baseline { color: #5a6473; }
+/* A speed verdict of a run whose output changed does not count: struck through. */
+tr.changed .v-improvement, tr.changed .v-regression { color: #9aa5b1; font-weight: normal;
+  text-decoration: line-through; }
 """
 
 

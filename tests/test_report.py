@@ -77,6 +77,10 @@ def test_summary_counts(seed):
     assert (s.runs, s.files, s.models) == (86, 4, 3)
     assert s.titles == df[["file", "title"]].drop_duplicates().shape[0]
     assert s.output_changed == int((v["output"] == "changed").sum())
+    ok = v["output"] != "changed"
+    for ref, count in (("title", s.slower_than_title), ("history", s.slower_than_history)):
+        slow = (v[f"prefill_vs_{ref}"] == "regression") | (v[f"generation_vs_{ref}"] == "regression")
+        assert count == int((slow & ok).sum())
     assert f"{s.first:%Y-%m-%d %H:%M}" == "2025-12-31 02:16"
     assert f"{s.last:%Y-%m-%d %H:%M}" == "2026-01-04 09:31"
 
