@@ -190,3 +190,20 @@ def test_describe_is_deterministic_text(runs):
     n_changed = int(changed_by_hash(runs).sum())
     assert f"scatter 'output changed' [x/y]: {n_changed} points" in text
     assert "yaxis: prefill (tok/s)" in text
+
+
+def test_runs_with_missing_numbers_and_time_are_drawn_without_them(runs):
+    # Hand-edited history can lack a speed, a load time or a parseable timestamp; the figures
+    # must still build, simply leaving those points out.
+    df = runs.copy()
+    df.loc[df.index[0], "prefill_tps"] = float("nan")
+    df.loc[df.index[1], "load_ms"] = float("nan")
+    df.loc[df.index[2], "timestamp"] = pd.NaT
+    v = hand_verdicts(df, changed_by_hash(df))
+    fig = plots.timeline(df, v)
+    prefill_lines = [t for t in fig.data if t.yaxis == "y" and t.mode == "lines+markers"]
+    assert sum(pd.notna(pd.Series(list(t.y), dtype=float)).sum() for t in prefill_lines) == N_RUNS - 1
+    assert "n/a tok/s" in " ".join(s for t in prefill_lines for s in t.text)
+    assert sum(len(t.y) for t in plots.load_spread(df).data) == N_RUNS
+    assert "box '2.9b-Q4_K_M.gguf (n=30)'" in plots.describe(plots.load_spread(df))
+    plots.before_after(df, v)
