@@ -1,0 +1,726 @@
+"""The RWKV-7 engine on wgpu: weights on the GPU in their file format, a kernel plan, an Engine.
+
+Read top to bottom: `load` opens a GGUF file (or a synthetic preset), uploads the weights
+(chunked, with a progress bar), allocates activations and the recurrent state on the GPU and
+builds every bind group once. The forward pass is a list of ops (one per kernel dispatch of
+the unfused plan, see `_layer_ops`); a plan for T tokens is that list turned into dispatches
+(mat-vec kernels below Options.gemm_min_tokens tokens, GEMM above). A token is one compute
+pass and one submit; `generate` encodes several steps per submit and keeps the sampled ids on
+the GPU (argmax writes the id the next step's embedding gather reads).
+
+State (per layer: att_prev and ffn_prev, the previous token's normed input; the H x 64 x 64
+wkv state) lives on the GPU in fp32 and carries over between calls until `reset()`.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rwkvlab import kernels as kn
+from rwkvlab.kernels import Dispatch
+from rwkvlab.options import Options, OptionsError
+
+UPLOAD_SLICE = 64 << 20  # bytes per write_buffer during load (then submit([]) frees staging)
+STEPS_PER_SUBMIT = 8  # generation steps encoded into one command buffer
+GEN_CAPACITY = 1024  # generated ids the GPU list holds before it is grown
+_ALIGN = 256  # storage binding offsets are multiples of this on every device (WebGPU maximum)
+_MAX_WORKGROUPS = 65535
+
+
+class EngineError(RuntimeError):
+    """The engine cannot run this model with these options; the message says why and what to do."""
+
+
+@dataclass
+class Piece:
+    """Rows [row0, row0 + rows) of a matrix, in one GPU buffer (one binding)."""
+
+    buffer: object
+    row0: int
+    rows: int
+
+
+@dataclass
+class Matrix:
+    """A weight matrix [M, K] on the GPU: its format there, its row pitch, its row pieces."""
+
+    name: str
+    fmt: str  # GPU format: F32, F16, BF16 or Q8_0 (kernels.GPU_FORMATS)
+    M: int
+    K: int
+    row_words: int
+    pieces: list[Piece]
+
+
+@dataclass
+class GenerateStats:
+    """Timing of the last `generate` call (the prefill is waited for, so the split is honest)."""
+
+    n_prompt: int
+    n_generated: int
+    prefill_seconds: float
+    generate_seconds: float
+
+
+@dataclass
+class _Op:
+    """One step of the forward pass: a label and how to dispatch it for T tokens."""
+
+    label: str
+    dispatches: Callable[[int], list[Dispatch]]
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _align(n: int) -> int:
+    return _ceil_div(n, _ALIGN) * _ALIGN
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load(path_or_preset: str | Path, options: Options | None = None, progress: bool = True,
+         *, split_bytes: int | None = None) -> "Engine":
+    """Load a GGUF file, or a synthetic preset by name ("tiny", "0.1b", ...), onto the GPU.
+
+    `split_bytes` (internal, for tests) lowers the size above which a matrix is split across
+    several buffers by rows; the default is the device's max storage binding size.
+    """
+    from rwkvlab.gguf import read_model
+
+    start = time.perf_counter()
+    options = options or Options()
+    path = _resolve(path_or_preset)
+    model = read_model(path)
+    from rwkvlab.gpu import get_gpu
+
+    gpu = get_gpu(options.backend, native=options.path == "native")
+    engine = Engine(model, gpu, options, progress=progress, split_bytes=split_bytes)
+    engine.load_seconds = time.perf_counter() - start
+    return engine
+
+
+def _resolve(path_or_preset: str | Path) -> Path:
+    from rwkvlab.cli import PRESETS
+
+    if isinstance(path_or_preset, str) and path_or_preset in PRESETS and not Path(path_or_preset).exists():
+        from rwkvlab.synth import default_model_path
+
+        return default_model_path(path_or_preset)
+    return Path(path_or_preset)
+
+
+def _gpu_format(ggml_type: str, policy: str, is_matrix: bool) -> str:
+    """The format a tensor takes on the GPU under Options.weights."""
+    if not is_matrix:
+        return "F32"
+    if policy == "f16":
+        return "F16"
+    # Types the kernels cannot read yet (Q4_0 and the K-quants) are dequantized to F16 at load;
+    # Engine.weight_formats records it, so a benchmark says what it really ran.
+    return ggml_type if ggml_type in kn.GPU_FORMATS else "F16"
+
+
+def _row_bytes_on_gpu(t, fmt: str, r0: int, r1: int) -> np.ndarray:
+    """Rows [r0, r1) of tensor `t` as the bytes the kernels read in GPU format `fmt`."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    M, K = t.shape
+    qtype = GGMLQuantizationType[t.ggml_type]
+    block, block_bytes = GGML_QUANT_SIZES[qtype]
+    file_row = K // block * block_bytes
+    raw = t.raw[r0 * file_row: r1 * file_row].reshape(r1 - r0, file_row)
+    if fmt == t.ggml_type:
+        return kn.q8_0_rows_padded(raw, K) if fmt == "Q8_0" else raw
+    assert fmt == "F16", fmt
+    if t.ggml_type == "F32":
+        values = raw.view(np.float32)
+    else:
+        values = dequantize(raw, qtype)
+    return values.astype(np.float16).view(np.uint8)
+
+
+class Engine:
+    """RWKV-7 on one wgpu device: prefill, logits, step, greedy generate, reset.
+
+    Attributes: spec (ModelSpec), tokenizer, gpu, options, tuning, load_seconds,
+    dispatches_per_token (dispatches of one generation step), weight_formats (tensor -> GPU
+    format), last_generate (GenerateStats of the last generate call).
+    """
+
+    def __init__(self, model, gpu, options: Options, *, progress: bool = True,
+                 split_bytes: int | None = None) -> None:
+        import wgpu
+
+        from rwkvlab.tokenizer import Tokenizer
+
+        self.model = model
+        self.spec = model.spec
+        self.gpu = gpu
+        self.options = options
+        self.tokenizer = Tokenizer.from_model(model)
+        self.load_seconds = 0.0
+        self.last_generate: GenerateStats | None = None
+        self.path = Path(model.path)
+        self._device = gpu.device
+        self._queue = gpu.device.queue
+        self._wgpu = wgpu
+        self.fusions = self._resolve_fusions(options.fusions)
+        self._check_model()
+
+        limit = int(gpu.limits.get("max-storage-buffer-binding-size", 128 << 20))
+        limit = min(limit, int(gpu.limits.get("max-buffer-size", limit)))
+        self.split_bytes = min(limit, split_bytes) if split_bytes else limit
+        self.Tm = options.chunk  # tokens the activation buffers hold (one prefill chunk)
+        if self.Tm * self.spec.n_vocab * 4 > limit:
+            raise EngineError(
+                f"chunk={self.Tm} needs a {self.Tm * self.spec.n_vocab * 4 >> 20} MiB logits buffer "
+                f"({self.spec.n_vocab} vocab), over this device's {limit >> 20} MiB binding limit; "
+                f"use a chunk of at most {limit // (self.spec.n_vocab * 4)}")
+
+        self.tuning = kn.choose_tuning(gpu, options.path)
+        self.kernels = kn.kernels_for(gpu, self.tuning)
+        self.weight_formats: dict[str, str] = {}
+        self._upload_weights(progress)
+        self._allocate()
+        self._ops = self._layer_ops()
+        self._head = self._head_ops()
+        self._plans: dict[tuple, list[Dispatch]] = {}
+        self.dispatches_per_token = len(self.plan(1, head="last", argmax=True))
+        self._queue.submit([])
+
+    # --- checks --------------------------------------------------------------------------------
+
+    def _resolve_fusions(self, names: frozenset[str]) -> frozenset[str]:
+        names = set(names)
+        if "all" in names:
+            names = (names - {"all"}) | set(kn.FUSIONS)
+        names.discard("none")
+        unknown = sorted(names - set(kn.FUSIONS))
+        if unknown:
+            raise OptionsError(f"unknown fusion(s) {unknown}; the engine has "
+                               f"{sorted(kn.FUSIONS) or 'none yet'}")
+        return frozenset(names)
+
+    def _check_model(self) -> None:
+        s = self.spec
+        if s.head_size != kn.HEAD_SIZE:
+            raise EngineError(f"{self.model.path}: head size {s.head_size}; the wkv kernel keeps "
+                              f"rows of {kn.HEAD_SIZE} (every RWKV-7 release uses 64)")
+        for name in self._matrix_names():
+            K = self.model.tensor(name).shape[1]
+            if K % 32:
+                raise EngineError(f"{self.model.path}: tensor {name!r} has rows of {K} elements; "
+                                  "the kernels need a multiple of 32")
+
+    # --- weights -------------------------------------------------------------------------------
+
+    def _matrix_names(self) -> list[str]:
+        s = self.spec
+        names = ["token_embd.weight", "output.weight"]
+        for i in range(s.n_layer):
+            b = f"blk.{i}."
+            lora = ["w1", "w2", "a1", "a2", "g1", "g2"] + (["v1", "v2"] if i > 0 else [])
+            names += [b + f"time_mix_{x}.weight" for x in lora]
+            names += [b + f"time_mix_{x}.weight" for x in ("receptance", "key", "value", "output")]
+            names += [b + "channel_mix_key.weight", b + "channel_mix_value.weight"]
+        return names
+
+    def _vector_names(self) -> list[str]:
+        s = self.spec
+        names = ["token_embd_norm.weight", "token_embd_norm.bias", "output_norm.weight", "output_norm.bias"]
+        for i in range(s.n_layer):
+            b = f"blk.{i}."
+            names += [b + n for n in (
+                "attn_norm.weight", "attn_norm.bias", "attn_norm_2.weight", "attn_norm_2.bias",
+                "time_mix_lerp_fused.weight", "time_mix_w0.weight", "time_mix_a0.weight",
+                "time_mix_k_k.weight", "time_mix_k_a.weight", "time_mix_r_k.weight",
+                "time_mix_ln.weight", "time_mix_ln.bias", "channel_mix_lerp_k.weight")]
+            if i > 0:
+                names.append(b + "time_mix_v0.weight")
+        return names
+
+    def _upload_weights(self, progress: bool) -> None:
+        from tqdm import tqdm
+
+        names = self._matrix_names()
+        plans = []
+        total = 0
+        for name in names:
+            t = self.model.tensor(name)
+            fmt = _gpu_format(t.ggml_type, self.options.weights, True)
+            M, K = t.shape
+            rw = kn.row_words(fmt, K)
+            rows_per_piece = self.split_bytes // (rw * 4)
+            if rows_per_piece < 1:
+                raise EngineError(f"{self.model.path}: one row of {name!r} ({rw * 4} bytes) exceeds "
+                                  f"the device's binding limit of {self.split_bytes} bytes")
+            plans.append((t, fmt, rw, rows_per_piece))
+            total += M * rw * 4
+        vec_names = self._vector_names()
+        total += sum(self.model.tensor(n).n_elements * 4 for n in vec_names)
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                   desc=f"loading {self.path.name}", disable=not progress, leave=False)
+        self._pending = 0
+        self.matrices: dict[str, Matrix] = {}
+        try:
+            for t, fmt, rw, rows_per_piece in plans:
+                self.matrices[t.name] = self._upload_matrix(t, fmt, rw, rows_per_piece, bar)
+                self.weight_formats[t.name] = fmt
+            self._upload_vectors(vec_names, bar)
+        finally:
+            bar.close()
+
+    def _write(self, buffer, offset: int, data: np.ndarray, bar) -> None:
+        """write_buffer, with a submit([]) every UPLOAD_SLICE bytes: wgpu keeps each write's
+        staging copy until the next submit, so without it host memory grows by the model."""
+        self._queue.write_buffer(buffer, offset, data)
+        self._pending += data.nbytes
+        bar.update(data.nbytes)
+        if self._pending >= UPLOAD_SLICE:
+            self._queue.submit([])
+            self._pending = 0
+
+    def _upload_matrix(self, t, fmt: str, rw: int, rows_per_piece: int, bar) -> Matrix:
+        wgpu = self._wgpu
+        M, K = t.shape
+        row_bytes = rw * 4
+        rows_per_slice = max(1, UPLOAD_SLICE // row_bytes)
+        pieces = []
+        for r0 in range(0, M, rows_per_piece):
+            r1 = min(M, r0 + rows_per_piece)
+            size = _ceil_div((r1 - r0) * row_bytes, 16) * 16
+            buf = self._device.create_buffer(label=f"{t.name}[{r0}:{r1}]", size=size,
+                                             usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST)
+            for s0 in range(r0, r1, rows_per_slice):
+                s1 = min(r1, s0 + rows_per_slice)
+                data = np.ascontiguousarray(_row_bytes_on_gpu(t, fmt, s0, s1)).reshape(-1)
+                self._write(buf, (s0 - r0) * row_bytes, data, bar)
+            if size > (r1 - r0) * row_bytes:  # the 16-byte tail pad is never read; keep it defined
+                pad = np.zeros(size - (r1 - r0) * row_bytes, np.uint8)
+                self._queue.write_buffer(buf, (r1 - r0) * row_bytes, pad)
+            pieces.append(Piece(buf, r0, r1 - r0))
+        return Matrix(t.name, fmt, M, K, rw, pieces)
+
+    def _upload_vectors(self, names: list[str], bar) -> None:
+        """All 1-D tensors (and the six lerp mixes) in one f32 buffer, each 256-byte aligned."""
+        wgpu = self._wgpu
+        self._vec_at: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for n in names:
+            size = self.model.tensor(n).n_elements * 4
+            self._vec_at[n] = (offset, size)
+            offset = _align(offset + size)
+        host = np.zeros(offset // 4, np.float32)
+        for n in names:
+            off, size = self._vec_at[n]
+            host[off // 4: (off + size) // 4] = self.model.tensor(n).dequantize().reshape(-1)
+            self.weight_formats[n] = "F32"
+        self.vecs = self._device.create_buffer(label="vectors", size=max(16, host.nbytes),
+                                               usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST)
+        self._write(self.vecs, 0, host, bar)
+
+    def _vec(self, name: str) -> tuple:
+        off, size = self._vec_at[name]
+        return (self.vecs, off, size)
+
+    # --- activations and state -----------------------------------------------------------------
+
+    def _allocate(self) -> None:
+        """Activation buffers for Tm tokens, the recurrent state, token ids, generated ids."""
+        wgpu = self._wgpu
+        s, Tm = self.spec, self.Tm
+        C = s.n_embd
+        usage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsage.COPY_DST
+        widths = {
+            "x": C, "xn": C, "mix": 6 * C, "r": C, "k": C, "v": C, "w": C, "a": C, "vmix": C,
+            "g": C, "kk": C, "vfirst": C, "y": C, "wh": s.rank_decay, "ah": s.rank_iclr,
+            "vh": s.rank_value, "gh": s.rank_gate, "ffn": s.n_ffn, "logits": s.n_vocab,
+        }
+        self.buffers: dict[str, object] = {}
+        self._new = []
+
+        def new(name: str, nbytes: int):
+            buf = self._device.create_buffer(label=name, size=_ceil_div(max(nbytes, 16), 16) * 16, usage=usage)
+            self.buffers[name] = buf
+            self._new.append(buf)
+            return buf
+
+        for name, width in widths.items():
+            new(name, Tm * width * 4)
+        new("tokens", Tm * 4)
+        new("att_prev", s.n_layer * C * 4)
+        new("ffn_prev", s.n_layer * C * 4)
+        new("wkv", s.n_layer * s.n_head * kn.HEAD_SIZE * kn.HEAD_SIZE * 4)
+        self.gen_capacity = GEN_CAPACITY
+        new("gen", (1 + self.gen_capacity) * 4)
+        self.run = self._device.create_buffer(label="run", size=16,
+                                              usage=wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST)
+        self._readback_size = 0
+        self._ensure_readback(max(Tm * s.n_vocab * 4, (1 + self.gen_capacity) * 4))
+        # Never-written buffers read as garbage (and some writes to them can be lost): clear all.
+        enc = self._device.create_command_encoder()
+        for buf in self._new:
+            enc.clear_buffer(buf)
+        self._queue.submit([enc.finish()])
+        self._run_T = None
+
+    def _ensure_readback(self, nbytes: int) -> None:
+        if nbytes > self._readback_size:
+            wgpu = self._wgpu
+            self._readback_size = _ceil_div(nbytes, 16) * 16
+            self._readback = self._device.create_buffer(
+                label="readback", size=self._readback_size,
+                usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+
+    def _slot(self, name: str, j: int, width: int) -> tuple:
+        nbytes = self.Tm * width * 4
+        return (self.buffers[name], j * nbytes, nbytes)
+
+    def _layer_range(self, name: str, i: int, width: int) -> tuple:
+        return (self.buffers[name], i * width * 4, width * 4)
+
+    # --- the kernel plan -----------------------------------------------------------------------
+
+    def _matmul(self, label: str, mat: Matrix, x, y, y_width: int, *, act: str = "none",
+                bias: str | None = None, accum: bool = False) -> _Op:
+        """Y[t] (+)= act(W X[t] + bias): one bind group per row piece, matvec or gemm by T."""
+        k = self.kernels
+        consts = dict(FMT=kn.GPU_FORMATS[mat.fmt], ACT=kn.ACTIVATIONS[act], BIAS=bias is not None,
+                      ACCUM=accum)
+        matvec = k.kernel(kn.MATVEC, **consts)
+        gemm = k.kernel(kn.GEMM, **consts)
+        rows_per_wg = dict(matvec.constants)["WG"] // dict(matvec.constants)["RED"]
+        groups = []
+        for piece in mat.pieces:
+            params = dict(M=piece.rows, K=mat.K, row_words=mat.row_words, row0=piece.row0, y_stride=y_width)
+            res = dict(W=piece.buffer, X=x, B=self._vec(bias) if bias else self.vecs, Y=y)
+            groups.append((piece, k.bind(kn.MATVEC, self.run, params, res, label=f"{label}")))
+        gemm_min = self.options.gemm_min_tokens
+
+        def dispatches(T: int) -> list[Dispatch]:
+            out = []
+            for piece, bg in groups:
+                if T < gemm_min:
+                    wg = (_ceil_div(piece.rows, rows_per_wg), T, 1)
+                    out.append(Dispatch(matvec, bg, wg, label))
+                else:
+                    wg = (_ceil_div(piece.rows, 64), _ceil_div(T, 64), 1)
+                    out.append(Dispatch(gemm, bg, wg, label))
+                if max(wg) > _MAX_WORKGROUPS:
+                    raise EngineError(f"{label}: {wg} workgroups exceed the per-dimension limit")
+            return out
+
+        return _Op(label, dispatches)
+
+    def _simple(self, label: str, spec: kn.KernelSpec, params: dict, res: dict,
+                grid: Callable[[int], tuple[int, int, int]], **constants) -> _Op:
+        kernel = self.kernels.kernel(spec, **constants)
+        bg = self.kernels.bind(spec, self.run, params, res, label=label)
+        return _Op(label, lambda T: [Dispatch(kernel, bg, grid(T), label)])
+
+    def _layernorm(self, label: str, x, y, norm: str, last_only: bool = False) -> _Op:
+        s = self.spec
+        params = dict(C=s.n_embd, last_only=int(last_only), eps=s.eps)
+        res = dict(X=x, NW=self._vec(norm + ".weight"), NB=self._vec(norm + ".bias"), Y=y)
+        grid = (lambda T: (1, 1, 1)) if last_only else (lambda T: (T, 1, 1))
+        return self._simple(label, kn.LAYERNORM, params, res, grid)
+
+    def _layer_ops(self) -> list[_Op]:
+        """The unfused forward pass of every block, one op per dispatch (matrices may add one
+        dispatch per extra row piece)."""
+        s, B, m = self.spec, self.buffers, self.matrices
+        C, H, Tm = s.n_embd, s.n_head, self.Tm
+        shift_wg = dict(self.kernels.kernel(kn.SHIFT_MIX).constants)["WG"]
+        ops = [self._embed_op()]
+        for i in range(s.n_layer):
+            b, L = f"blk.{i}.", f"L{i}."
+
+            def mix(j: int) -> tuple:
+                return self._slot("mix", j, C)
+
+            def w(name: str) -> Matrix:
+                return m[b + f"time_mix_{name}.weight"]
+
+            ops.append(self._layernorm(L + "att.norm", B["x"], B["xn"], b + "attn_norm"))
+            ops.append(self._simple(
+                L + "att.shift", kn.SHIFT_MIX, dict(C=C, slot=Tm * C),
+                dict(XN=B["xn"], PREV=self._layer_range("att_prev", i, C),
+                     LERP=self._vec(b + "time_mix_lerp_fused.weight"), OUT=B["mix"]),
+                lambda T: (_ceil_div(C // 4, shift_wg), 1, 1), NMIX=6))
+            ops.append(self._matmul(L + "att.r", w("receptance"), mix(0), B["r"], C))
+            ops.append(self._matmul(L + "att.k", w("key"), mix(2), B["k"], C))
+            ops.append(self._matmul(L + "att.v", w("value"), mix(3), B["v"], C))
+            ops.append(self._matmul(L + "att.w1", w("w1"), mix(1), B["wh"], s.rank_decay, act="tanh"))
+            ops.append(self._matmul(L + "att.a1", w("a1"), mix(4), B["ah"], s.rank_iclr))
+            if i > 0:
+                ops.append(self._matmul(L + "att.v1", w("v1"), mix(3), B["vh"], s.rank_value))
+            ops.append(self._matmul(L + "att.g1", w("g1"), mix(5), B["gh"], s.rank_gate, act="sigmoid"))
+            ops.append(self._matmul(L + "att.w2", w("w2"), B["wh"], B["w"], C, act="decay",
+                                    bias=b + "time_mix_w0.weight"))
+            ops.append(self._matmul(L + "att.a2", w("a2"), B["ah"], B["a"], C, act="sigmoid",
+                                    bias=b + "time_mix_a0.weight"))
+            if i > 0:
+                ops.append(self._matmul(L + "att.v2", w("v2"), B["vh"], B["vmix"], C, act="sigmoid",
+                                        bias=b + "time_mix_v0.weight"))
+            ops.append(self._matmul(L + "att.g2", w("g2"), B["gh"], B["g"], C))
+            ops.append(self._simple(
+                L + "att.kv_prep", kn.KV_PREP, dict(C=C),
+                dict(K=B["k"], V=B["v"], KK=B["kk"], A=B["a"], VMIX=B["vmix"], VF=B["vfirst"],
+                     KKW=self._vec(b + "time_mix_k_k.weight"), KAW=self._vec(b + "time_mix_k_a.weight")),
+                lambda T: (H, T, 1), FIRST=i == 0))
+            ops.append(self._simple(
+                L + "att.wkv", kn.WKV, dict(C=C),
+                dict(R=B["r"], DECAY=B["w"], K=B["k"], V=B["v"], KK=B["kk"], A=B["a"],
+                     S=self._layer_range("wkv", i, H * kn.HEAD_SIZE * kn.HEAD_SIZE), Y=B["y"]),
+                lambda T: (H, 1, 1)))
+            ops.append(self._simple(
+                L + "att.groupnorm", kn.GROUPNORM_OUT, dict(C=C),
+                dict(GY=B["y"], R=B["r"], K=B["k"], V=B["v"], G=B["g"],
+                     LNW=self._vec(b + "time_mix_ln.weight"), LNB=self._vec(b + "time_mix_ln.bias"),
+                     RK=self._vec(b + "time_mix_r_k.weight")),
+                lambda T: (H, T, 1)))
+            ops.append(self._matmul(L + "att.out", w("output"), B["y"], B["x"], C, accum=True))
+            ops.append(self._layernorm(L + "ffn.norm", B["x"], B["xn"], b + "attn_norm_2"))
+            ops.append(self._simple(
+                L + "ffn.shift", kn.SHIFT_MIX, dict(C=C, slot=Tm * C),
+                dict(XN=B["xn"], PREV=self._layer_range("ffn_prev", i, C),
+                     LERP=self._vec(b + "channel_mix_lerp_k.weight"), OUT=B["mix"]),
+                lambda T: (_ceil_div(C // 4, shift_wg), 1, 1), NMIX=1))
+            ops.append(self._matmul(L + "ffn.key", m[b + "channel_mix_key.weight"], mix(0), B["ffn"],
+                                    s.n_ffn, act="relu_sq"))
+            ops.append(self._matmul(L + "ffn.value", m[b + "channel_mix_value.weight"], B["ffn"], B["x"],
+                                    C, accum=True))
+        return ops
+
+    def _embed_op(self) -> _Op:
+        s = self.spec
+        mat = self.matrices["token_embd.weight"]
+        kernel = self.kernels.kernel(kn.EMBED, FMT=kn.GPU_FORMATS[mat.fmt])
+        groups = []
+        for piece in mat.pieces:
+            params = dict(C=s.n_embd, row0=piece.row0, rows=piece.rows, row_words=mat.row_words, eps=s.eps)
+            res = dict(W=piece.buffer, TOK=self.buffers["tokens"], NW=self._vec("token_embd_norm.weight"),
+                       NB=self._vec("token_embd_norm.bias"), Y=self.buffers["x"])
+            groups.append(self.kernels.bind(kn.EMBED, self.run, params, res, label="embed"))
+        return _Op("embed", lambda T: [Dispatch(kernel, bg, (T, 1, 1), "embed") for bg in groups])
+
+    def _head_ops(self) -> dict[str, _Op]:
+        s, B = self.spec, self.buffers
+        head = self.matrices["output.weight"]
+        return {
+            "norm_all": self._layernorm("head.norm", B["x"], B["xn"], "output_norm"),
+            "norm_last": self._layernorm("head.norm", B["x"], B["xn"], "output_norm", last_only=True),
+            "head": self._matmul("head", head, B["xn"], B["logits"], s.n_vocab),
+            "argmax": self._argmax_op(),
+        }
+
+    def _argmax_op(self) -> _Op:
+        params = dict(V=self.spec.n_vocab, cap=self.gen_capacity)
+        res = dict(L=self.buffers["logits"], TOK=self.buffers["tokens"], GEN=self.buffers["gen"])
+        return self._simple("argmax", kn.ARGMAX, params, res, lambda T: (1, 1, 1))
+
+    def plan(self, T: int, head: str = "last", argmax: bool = False) -> list[Dispatch]:
+        """The dispatches for a chunk of T tokens (built once per shape, then cached).
+
+        head: "none" (state only), "last" (logits of the last token, in row 0) or "all"
+        (logits of every token). argmax appends greedy sampling (needs head="last").
+        """
+        key = (T, head, argmax)
+        if key not in self._plans:
+            if not 1 <= T <= self.Tm:
+                raise EngineError(f"a chunk of {T} tokens; this engine holds 1..{self.Tm} (Options.chunk)")
+            plan = [d for op in self._ops for d in op.dispatches(T)]
+            if head == "all":
+                plan += self._head["norm_all"].dispatches(T) + self._head["head"].dispatches(T)
+            elif head == "last":
+                plan += self._head["norm_last"].dispatches(T) + self._head["head"].dispatches(1)
+            elif head != "none":
+                raise ValueError(f"head must be 'none', 'last' or 'all', not {head!r}")
+            if argmax:
+                if head != "last":
+                    raise ValueError("argmax samples the last token's logits: use head='last'")
+                plan += self._head["argmax"].dispatches(1)
+            self._plans[key] = plan
+        return self._plans[key]
+
+    # --- running -------------------------------------------------------------------------------
+
+    def _set_T(self, T: int) -> None:
+        if T != self._run_T:
+            self._queue.write_buffer(self.run, 0, np.array([T, 0, 0, 0], np.uint32))
+            self._run_T = T
+
+    def _check_tokens(self, tokens: Iterable[int]) -> np.ndarray:
+        ids = np.asarray(list(tokens), dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.spec.n_vocab):
+            bad = int(ids[(ids < 0) | (ids >= self.spec.n_vocab)][0])
+            raise ValueError(f"token id {bad} is outside the vocab (0..{self.spec.n_vocab - 1})")
+        return ids.astype(np.uint32)
+
+    def _chunks(self, ids: np.ndarray) -> list[np.ndarray]:
+        return [ids[i: i + self.Tm] for i in range(0, len(ids), self.Tm)]
+
+    def _submit(self, chunk: np.ndarray, head: str, argmax: bool = False, copy: tuple | None = None) -> None:
+        """Run one chunk: its token ids, T, one compute pass, an optional copy, one submit."""
+        self._queue.write_buffer(self.buffers["tokens"], 0, chunk)
+        self._set_T(len(chunk))
+        enc = self._device.create_command_encoder()
+        cp = enc.begin_compute_pass()
+        kn.encode(cp, self.plan(len(chunk), head, argmax))
+        cp.end()
+        if copy is not None:
+            src, offset, nbytes = copy
+            enc.copy_buffer_to_buffer(src, offset, self._readback, 0, nbytes)
+        self._queue.submit([enc.finish()])
+
+    def _read(self, nbytes: int, dtype) -> np.ndarray:
+        """Map the readback buffer (after a submit that copied into it) and copy out."""
+        wgpu = self._wgpu
+        self._readback.map_sync(wgpu.MapMode.READ, 0, _ceil_div(nbytes, 4) * 4)
+        try:
+            data = np.frombuffer(self._readback.read_mapped(0, nbytes), dtype=dtype).copy()
+        finally:
+            self._readback.unmap()
+        return data
+
+    def _copy_and_read(self, src, offset: int, nbytes: int, dtype) -> np.ndarray:
+        enc = self._device.create_command_encoder()
+        enc.copy_buffer_to_buffer(src, offset, self._readback, 0, nbytes)
+        self._queue.submit([enc.finish()])
+        return self._read(nbytes, dtype)
+
+    def reset(self) -> None:
+        """Zero the recurrent state: the next token starts a new sequence."""
+        enc = self._device.create_command_encoder()
+        for name in ("att_prev", "ffn_prev", "wkv"):
+            enc.clear_buffer(self.buffers[name])
+        self._queue.submit([enc.finish()])
+
+    def prefill(self, tokens: Iterable[int]) -> np.ndarray:
+        """Feed tokens (continuing from the state) in chunks; the last token's logits [V] float32."""
+        ids = self._check_tokens(tokens)
+        if not ids.size:
+            raise ValueError("prefill needs at least one token")
+        chunks = self._chunks(ids)
+        V = self.spec.n_vocab
+        for chunk in chunks[:-1]:
+            self._submit(chunk, "none")
+        self._submit(chunks[-1], "last", copy=(self.buffers["logits"], 0, V * 4))
+        return self._read(V * 4, np.float32)
+
+    def step(self, token: int) -> np.ndarray:
+        """Feed one token; the logits [V] float32 for the next one."""
+        return self.prefill([token])
+
+    def logits(self, tokens: Iterable[int]) -> np.ndarray:
+        """Feed tokens (continuing from the state); the logits after every one of them, [T, V]."""
+        ids = self._check_tokens(tokens)
+        V = self.spec.n_vocab
+        rows = []
+        for chunk in self._chunks(ids):
+            self._submit(chunk, "all", copy=(self.buffers["logits"], 0, len(chunk) * V * 4))
+            rows.append(self._read(len(chunk) * V * 4, np.float32).reshape(len(chunk), V))
+        return np.concatenate(rows) if rows else np.zeros((0, V), np.float32)
+
+    def _ensure_gen_capacity(self, n: int) -> None:
+        if n <= self.gen_capacity:
+            return
+        wgpu = self._wgpu
+        self.gen_capacity = max(n, 2 * self.gen_capacity)
+        buf = self._device.create_buffer(
+            label="gen", size=(1 + self.gen_capacity) * 4,
+            usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsage.COPY_DST)
+        self.buffers["gen"] = buf
+        self._head["argmax"] = self._argmax_op()
+        self._plans = {k: v for k, v in self._plans.items() if not k[2]}
+        self._ensure_readback((1 + self.gen_capacity) * 4)
+
+    def generate(self, prompt_tokens: Iterable[int], n: int) -> list[int]:
+        """Greedy: prefill the prompt (continuing from the state), then n tokens.
+
+        Sampling stays on the GPU: argmax writes each id where the next step's embedding
+        gather reads it and appends it to a GPU list; steps are encoded STEPS_PER_SUBMIT to a
+        submit, and the ids are read back once at the end. As in Reference.generate, the last
+        id is not fed back (the state has seen the prompt and the first n - 1 ids).
+        """
+        ids = self._check_tokens(prompt_tokens)
+        if not ids.size:
+            raise ValueError("generate needs a non-empty prompt (start with token 0, <s>, if nothing else)")
+        if n <= 0:
+            self.prefill(ids)
+            return []
+        self._ensure_gen_capacity(n)
+        t0 = time.perf_counter()
+        self._queue.write_buffer(self.buffers["gen"], 0, np.zeros(4, np.uint32))
+        chunks = self._chunks(ids)
+        for chunk in chunks[:-1]:
+            self._submit(chunk, "none")
+        # Waiting for the prompt (a 4-byte read) costs one round trip and makes the split honest.
+        self._submit(chunks[-1], "last", argmax=True, copy=(self.buffers["gen"], 0, 4))
+        self._read(4, np.uint32)
+        t1 = time.perf_counter()
+        self._set_T(1)
+        step = self.plan(1, "last", argmax=True)
+        left = n - 1
+        while left > 0:
+            k = min(left, STEPS_PER_SUBMIT)
+            enc = self._device.create_command_encoder()
+            for _ in range(k):
+                cp = enc.begin_compute_pass()
+                kn.encode(cp, step)
+                cp.end()
+            self._queue.submit([enc.finish()])
+            left -= k
+        out = self._copy_and_read(self.buffers["gen"], 4, n * 4, np.uint32)
+        t2 = time.perf_counter()
+        self.last_generate = GenerateStats(len(ids), n, t1 - t0, t2 - t1)
+        return [int(t) for t in out]
+
+
+# ----------------------------------------------------------------------------------------------
+# `rwkvlab generate`
+
+
+def cli_generate(args) -> int:
+    """`rwkvlab generate`: load, prefill the prompt, generate greedily; text to stdout, speeds
+    to stderr. Bad options, no adapter or a bad file: one line on stderr, exit code 2."""
+    from rwkvlab.gguf import GGUFError
+    from rwkvlab.gpu import NoAdapterError
+
+    try:
+        options = Options(backend=args.backend, path=args.path, weights=args.weights)
+        if args.model:
+            source: str | Path = Path(args.model)
+        else:
+            from rwkvlab.synth import default_model_path
+
+            source = default_model_path(args.preset or "tiny", fmt=args.synth_format)
+        if args.n < 0:
+            raise OptionsError(f"-n must be >= 0, got {args.n}")
+        engine = load(source, options, progress=True)
+        prompt = engine.tokenizer.encode(args.prompt)
+        if not prompt:
+            prompt = [0]  # an empty prompt starts from <s>
+        ids = engine.generate(prompt, args.n)
+    except (OptionsError, NoAdapterError, GGUFError, EngineError, kn.KernelError, ValueError) as e:
+        print(f"rwkvlab generate: {e}", file=sys.stderr)
+        return 2
+    print(args.prompt + engine.tokenizer.decode(ids))
+    st = engine.last_generate
+    gen_rate = (st.n_generated - 1) / st.generate_seconds if st.n_generated > 1 and st.generate_seconds > 0 else 0.0
+    print(f"load {engine.load_seconds:.2f} s | prefill {st.n_prompt} tok at "
+          f"{st.n_prompt / st.prefill_seconds:.1f} tok/s | generate {st.n_generated} tok at "
+          f"{gen_rate:.1f} tok/s | {engine.gpu.info.label}, {engine.dispatches_per_token} dispatches/token",
+          file=sys.stderr)
+    return 0

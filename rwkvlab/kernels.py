@@ -1,0 +1,469 @@
+"""Kernel specs, pipelines and dispatches: the one place Python and WGSL agree.
+
+Each kernel is a `KernelSpec`: the shader file of its family (shaders/*.wgsl, shipped as the
+package `rwkvlab.shaders`), its entry point, the libraries prepended to it, its bindings in
+binding order and the fields of its Params uniform in struct order. tests/test_kernels.py
+parses the WGSL and checks every spec against it, and runs every kernel against NumPy.
+
+`Kernels` compiles shader modules and pipelines once per device (override constants pick the
+variant: weight format, activation, workgroup size, threads per row...), builds the explicit
+bind group layouts (kernels with equal binding lists share one, so matvec and gemm take the
+same bind group), and makes bind groups with their Params uniform. The engine turns a model
+into a list of `Dispatch`es (its kernel plan) once at load and replays it every token.
+
+`Tuning` holds the per-device-class choices (CPU adapters like lavapipe want one row per
+thread and no barriers; real GPUs want many threads per row and a reduction).
+
+`run_kernel` is a small harness that runs one kernel on NumPy arrays (used by the tests).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from types import MappingProxyType
+
+import numpy as np
+
+SHADER_PACKAGE = "rwkvlab.shaders"
+
+# Names of kernel-plan rewrites (Options.fusions). Each replaces a run of dispatches by one;
+# the unfused plan stays the reference it is tested against.
+FUSIONS: dict[str, str] = {}
+
+# Weight formats the kernels read directly (FMT override constant, see shaders/weights.wgsl).
+GPU_FORMATS: dict[str, int] = {"F32": 0, "F16": 1, "BF16": 2, "Q8_0": 3}
+
+# Epilogues of matvec / gemm (ACT override constant, see shaders/common.wgsl).
+ACTIVATIONS: dict[str, int] = {"none": 0, "tanh": 1, "sigmoid": 2, "relu_sq": 3, "decay": 4}
+
+HEAD_SIZE = 64  # wkv.wgsl keeps one 64-float state row per thread in registers
+
+
+class KernelError(RuntimeError):
+    """A kernel could not be built or run; the message names the kernel and the cause."""
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One binding of group 0: `kind` is "uniform", "read" (read-only storage) or "rw"."""
+
+    name: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class Param:
+    """One field of a kernel's Params uniform struct (all 4 bytes: "u32" or "f32")."""
+
+    name: str
+    type: str = "u32"
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """What Python must know about a kernel to build it, bind it and dispatch it."""
+
+    name: str
+    file: str  # family file in shaders/
+    entry: str
+    bindings: tuple[Binding, ...]  # binding i of group 0 is bindings[i]; 0 is always "run"
+    params: tuple[Param, ...]  # fields of the uniform at binding 1, in struct order
+    libs: tuple[str, ...] = ("common.wgsl",)  # prepended, in this order
+    constants: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+
+    def binding_index(self, name: str) -> int:
+        for i, b in enumerate(self.bindings):
+            if b.name == name:
+                return i
+        raise KernelError(f"kernel {self.name} has no binding {name!r}; it has "
+                          f"{', '.join(b.name for b in self.bindings)}")
+
+
+def _spec(name, file, entry, bindings, params, libs=("common.wgsl",), **constants) -> KernelSpec:
+    binds = (Binding("run", "uniform"), Binding("p", "uniform")) + tuple(
+        Binding(*b.split(":")) for b in bindings.split())
+    pars = tuple(Param(*p.split(":")) for p in params.split())
+    return KernelSpec(name, file, entry, binds, pars, tuple(libs), MappingProxyType(constants))
+
+
+_MAT_BINDINGS = "W:read X:read B:read Y:rw"
+_MAT_PARAMS = "M K row_words row0 y_stride"
+_HEAD_PARAMS = "C"
+
+MATVEC = _spec("matvec", "matvec.wgsl", "matvec", _MAT_BINDINGS, _MAT_PARAMS,
+               ("common.wgsl", "weights.wgsl", "reduce.wgsl"),
+               WG=64, RED=1, FMT=0, ACT=0, BIAS=False, ACCUM=False)
+GEMM = _spec("gemm", "gemm.wgsl", "gemm", _MAT_BINDINGS, _MAT_PARAMS,
+             ("common.wgsl", "weights.wgsl"), FMT=0, ACT=0, BIAS=False, ACCUM=False)
+EMBED = _spec("embed", "embed.wgsl", "embed", "W:read TOK:read NW:read NB:read Y:rw",
+              "C row0 rows row_words eps:f32", ("common.wgsl", "weights.wgsl", "reduce.wgsl"),
+              WG=64, RED=64, FMT=0)
+LAYERNORM = _spec("layernorm", "norm.wgsl", "layernorm", "X:read NW:read NB:read Y:rw",
+                  "C last_only eps:f32", ("common.wgsl", "reduce.wgsl"), WG=64, RED=64)
+GROUPNORM_OUT = _spec("groupnorm_out", "norm.wgsl", "groupnorm_out",
+                      "GY:rw R:read K:read V:read G:read LNW:read LNB:read RK:read", _HEAD_PARAMS,
+                      ("common.wgsl", "reduce.wgsl"), WG=64, RED=64)
+SHIFT_MIX = _spec("shift_mix", "timemix.wgsl", "shift_mix", "XN:read PREV:rw LERP:read OUT:rw",
+                  "C slot", ("common.wgsl", "reduce.wgsl"), WG=64, NMIX=6)
+KV_PREP = _spec("kv_prep", "timemix.wgsl", "kv_prep",
+                "K:rw V:rw KK:rw A:read VMIX:read VF:rw KKW:read KAW:read", _HEAD_PARAMS,
+                ("common.wgsl", "reduce.wgsl"), WG=64, RED=64, FIRST=False)
+WKV = _spec("wkv", "wkv.wgsl", "wkv", "R:read DECAY:read K:read V:read KK:read A:read S:rw Y:rw",
+            _HEAD_PARAMS)
+ARGMAX = _spec("argmax", "argmax.wgsl", "argmax", "L:read TOK:rw GEN:rw", "V cap", WG=256)
+
+SPECS: dict[str, KernelSpec] = {s.name: s for s in (
+    MATVEC, GEMM, EMBED, LAYERNORM, GROUPNORM_OUT, SHIFT_MIX, KV_PREP, WKV, ARGMAX)}
+
+# Constants a kernel's workgroup shape is fixed to, whatever the tuning says (the head kernels
+# run one thread per channel of a 64-wide head).
+_FIXED = {"groupnorm_out": {"WG": 64, "RED": 64}, "kv_prep": {"WG": 64, "RED": 64}}
+
+
+def shader_source(name: str) -> str:
+    """The text of one file of shaders/ (works from a checkout and from an installed wheel)."""
+    try:
+        return resources.files(SHADER_PACKAGE).joinpath(name).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise KernelError(f"shader file {name!r} is missing from the package {SHADER_PACKAGE} "
+                          "(reinstall rwkvlab: pip install -e .)") from None
+
+
+def compose_source(spec: KernelSpec, subgroups: bool = False) -> str:
+    """The WGSL a kernel is compiled from: its libraries, then its family file.
+
+    On the native path with subgroups, reduce.wgsl is swapped for its subgroup twin.
+    """
+    parts = []
+    for name in spec.libs + (spec.file,):
+        if subgroups and name == "reduce.wgsl":
+            name = "reduce_subgroup.wgsl"
+        parts.append(f"// ---- {name} ----\n{shader_source(name)}")
+    return "\n".join(parts)
+
+
+def pack_params(spec: KernelSpec, values: dict) -> bytes:
+    """The bytes of a kernel's Params uniform (fields in struct order, padded to 16 bytes)."""
+    names = [p.name for p in spec.params]
+    if set(values) != set(names):
+        raise KernelError(f"kernel {spec.name}: params {sorted(values)} given, expected {names}")
+    words = np.zeros(max(4, -(-len(names) // 4) * 4), dtype=np.uint32)
+    for i, p in enumerate(spec.params):
+        v = values[p.name]
+        if p.type == "f32":
+            words[i] = np.float32(v).view(np.uint32)
+        else:
+            if not 0 <= int(v) < 2**32:
+                raise KernelError(f"kernel {spec.name}: param {p.name}={v} does not fit a u32")
+            words[i] = int(v)
+    return words.tobytes()
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Per-device-class kernel shapes (recorded with benchmarks; chosen by `choose_tuning`)."""
+
+    matvec_wg: int  # threads per mat-vec workgroup
+    matvec_red: int  # threads sharing one output row (1 = a row per thread, no reduction)
+    norm_wg: int  # threads per token in layernorm / embed
+    shift_wg: int
+    argmax_wg: int
+    subgroups: bool  # reductions with subgroup operations (native path)
+    subgroup_size: int  # probed; 0 when subgroups are off
+
+    def as_record(self) -> dict:
+        return dict(self.__dict__)
+
+
+def choose_tuning(gpu, path: str) -> Tuning:
+    """Kernel shapes for this adapter: CPU adapters (lavapipe, llvmpipe, SwiftShader) run
+    register-blocked mat-vec (a row per thread: barriers are expensive there); GPUs give each
+    row 32 threads (one subgroup on NVIDIA) with a reduction, four rows per workgroup."""
+    subgroups = path == "native" and gpu.has("subgroup")
+    sg = probe_subgroup_size(gpu) if subgroups else 0
+    if gpu.info.adapter_type == "CPU":
+        return Tuning(matvec_wg=64, matvec_red=1, norm_wg=64, shift_wg=64, argmax_wg=64,
+                      subgroups=subgroups, subgroup_size=sg)
+    return Tuning(matvec_wg=128, matvec_red=32, norm_wg=256, shift_wg=64, argmax_wg=256,
+                  subgroups=subgroups, subgroup_size=sg)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A compiled pipeline: a spec plus the override constants it was built with."""
+
+    spec: KernelSpec
+    constants: tuple[tuple[str, object], ...]
+    pipeline: object
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """One step of a kernel plan: run `kernel` with `bind_group` over `workgroups`."""
+
+    kernel: Kernel
+    bind_group: object
+    workgroups: tuple[int, int, int]
+    label: str
+
+
+_PROBE = """
+@group(0) @binding(0) var<storage, read_write> out: array<u32>;
+@compute @workgroup_size(64)
+fn main(@builtin(local_invocation_index) lid: u32, @builtin(subgroup_size) sg: u32) {
+    if (lid == 0u) { out[0] = sg; }
+}
+"""
+
+
+_SUBGROUP_SIZES: dict[int, int] = {}
+
+
+def probe_subgroup_size(gpu) -> int:
+    """The device's subgroup size, measured once per device (adapter.info does not report it)."""
+    import wgpu
+
+    d = gpu.device
+    if id(d) in _SUBGROUP_SIZES:
+        return _SUBGROUP_SIZES[id(d)]
+    module = d.create_shader_module(code=_PROBE)
+    pipe = d.create_compute_pipeline(layout="auto", compute={"module": module, "entry_point": "main"})
+    buf = d.create_buffer(size=16, usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC)
+    bg = d.create_bind_group(layout=pipe.get_bind_group_layout(0),
+                             entries=[{"binding": 0, "resource": {"buffer": buf}}])
+    enc = d.create_command_encoder()
+    cp = enc.begin_compute_pass()
+    cp.set_pipeline(pipe)
+    cp.set_bind_group(0, bg)
+    cp.dispatch_workgroups(1)
+    cp.end()
+    d.queue.submit([enc.finish()])
+    size = int(np.frombuffer(d.queue.read_buffer(buf), dtype=np.uint32)[0])
+    _SUBGROUP_SIZES[id(d)] = size
+    return size
+
+
+class Kernels:
+    """Modules, layouts and pipelines of one device, each built once and cached."""
+
+    def __init__(self, gpu, tuning: Tuning) -> None:
+        self.gpu = gpu
+        self.device = gpu.device
+        self.tuning = tuning
+        self._modules: dict[str, object] = {}
+        self._layouts: dict[tuple, tuple[object, object]] = {}
+        self._pipelines: dict[tuple, Kernel] = {}
+
+    def _module(self, spec: KernelSpec):
+        key = f"{spec.file}:{'+'.join(spec.libs)}"
+        if key not in self._modules:
+            code = compose_source(spec, self.tuning.subgroups)
+            try:
+                self._modules[key] = self.device.create_shader_module(label=spec.file, code=code)
+            except Exception as e:  # wgpu raises GPUValidationError with Naga's report
+                raise KernelError(f"shaders/{spec.file} (kernel {spec.name}) does not compile: {e}") from None
+        return self._modules[key]
+
+    def layouts(self, spec: KernelSpec) -> tuple[object, object]:
+        """(bind group layout, pipeline layout) for the spec's binding list (shared by equals)."""
+        import wgpu
+
+        key = tuple(b.kind for b in spec.bindings)
+        if key not in self._layouts:
+            kinds = {
+                "uniform": {"buffer": {"type": wgpu.BufferBindingType.uniform}},
+                "read": {"buffer": {"type": wgpu.BufferBindingType.read_only_storage}},
+                "rw": {"buffer": {"type": wgpu.BufferBindingType.storage}},
+            }
+            entries = [{"binding": i, "visibility": wgpu.ShaderStage.COMPUTE, **kinds[k]}
+                       for i, k in enumerate(key)]
+            bgl = self.device.create_bind_group_layout(entries=entries)
+            self._layouts[key] = (bgl, self.device.create_pipeline_layout(bind_group_layouts=[bgl]))
+        return self._layouts[key]
+
+    def constants_for(self, spec: KernelSpec, **overrides) -> dict:
+        """The spec's default constants, then the tuning's, then `overrides`, then fixed ones."""
+        t = self.tuning
+        consts = dict(spec.constants)
+        tuned = {
+            "matvec": {"WG": t.matvec_wg, "RED": t.matvec_red},
+            "embed": {"WG": t.norm_wg, "RED": t.norm_wg},
+            "layernorm": {"WG": t.norm_wg, "RED": t.norm_wg},
+            "shift_mix": {"WG": t.shift_wg},
+            "argmax": {"WG": t.argmax_wg},
+        }.get(spec.name, {})
+        consts.update(tuned)
+        consts.update(overrides)
+        consts.update(_FIXED.get(spec.name, {}))
+        unknown = set(consts) - set(spec.constants)
+        if unknown:
+            raise KernelError(f"kernel {spec.name} has no override constant(s) {sorted(unknown)}; "
+                              f"it has {sorted(spec.constants)}")
+        if "RED" in consts and consts["RED"] > consts.get("WG", consts["RED"]):
+            consts["RED"] = consts["WG"]
+        if t.subgroups and "RED" in spec.constants:
+            consts["SG"] = t.subgroup_size
+        return consts
+
+    def kernel(self, spec: KernelSpec, **overrides) -> Kernel:
+        """The pipeline of `spec` with its constants (built on first use, then cached)."""
+        consts = self.constants_for(spec, **overrides)
+        key = (spec.name, tuple(sorted(consts.items())))
+        if key not in self._pipelines:
+            _, pipeline_layout = self.layouts(spec)
+            # wgpu takes override constants as numbers (bools as 0/1).
+            wgpu_consts = {k: (int(v) if isinstance(v, bool) else v) for k, v in consts.items()}
+            try:
+                pipe = self.device.create_compute_pipeline(
+                    label=f"{spec.name}{dict(consts)}", layout=pipeline_layout,
+                    compute={"module": self._module(spec), "entry_point": spec.entry,
+                             "constants": wgpu_consts})
+            except KernelError:
+                raise
+            except Exception as e:
+                raise KernelError(f"kernel {spec.name} ({spec.file}) with constants {consts} "
+                                  f"failed to build: {e}") from None
+            self._pipelines[key] = Kernel(spec, key[1], pipe)
+        return self._pipelines[key]
+
+    def bind(self, spec: KernelSpec, run, params: dict, resources_: dict, label: str = ""):
+        """A bind group for `spec`: `run` is the per-submit uniform buffer, `params` the values
+        of its Params uniform (stored in a new small uniform buffer), and `resources_` maps every
+        other binding name to a buffer or a (buffer, offset, size) range."""
+        import wgpu
+
+        bgl, _ = self.layouts(spec)
+        params_buf = self.device.create_buffer_with_data(
+            label=f"{label}.params", data=pack_params(spec, params), usage=wgpu.BufferUsage.UNIFORM)
+        names = [b.name for b in spec.bindings[2:]]
+        if set(resources_) != set(names):
+            raise KernelError(f"kernel {spec.name} ({label}): buffers {sorted(resources_)} "
+                              f"given, expected {names}")
+        entries = [{"binding": 0, "resource": {"buffer": run}},
+                   {"binding": 1, "resource": {"buffer": params_buf}}]
+        for i, name in enumerate(names, start=2):
+            r = resources_[name]
+            if isinstance(r, tuple):
+                buf, offset, size = r
+                entries.append({"binding": i, "resource": {"buffer": buf, "offset": offset, "size": size}})
+            else:
+                entries.append({"binding": i, "resource": {"buffer": r}})
+        return self.device.create_bind_group(label=label, layout=bgl, entries=entries)
+
+
+def encode(compute_pass, plan: list[Dispatch]) -> None:
+    """Record a plan into an open compute pass (pipeline switches only when it changes)."""
+    current = None
+    for d in plan:
+        if d.kernel.pipeline is not current:
+            current = d.kernel.pipeline
+            compute_pass.set_pipeline(current)
+        compute_pass.set_bind_group(0, d.bind_group)
+        compute_pass.dispatch_workgroups(*d.workgroups)
+
+
+_KERNELS: dict[tuple[int, Tuning], Kernels] = {}
+
+
+def kernels_for(gpu, tuning: Tuning) -> Kernels:
+    """The process's Kernels for this device and tuning (pipelines are shared by engines)."""
+    key = (id(gpu.device), tuning)
+    if key not in _KERNELS:
+        _KERNELS[key] = Kernels(gpu, tuning)
+    return _KERNELS[key]
+
+
+# ----------------------------------------------------------------------------------------------
+# Harness: one kernel on NumPy arrays
+
+
+def run_kernel(kernels: Kernels, spec: KernelSpec, params: dict, arrays: dict[str, np.ndarray],
+               workgroups: tuple[int, int, int], T: int = 1, constants: dict | None = None,
+               read: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Run one dispatch of `spec` and return the named buffers afterwards.
+
+    `arrays` gives the initial contents of every storage binding (any dtype; bytes are
+    uploaded as they are, padded to 16). The result arrays have the dtype and shape of the
+    inputs they came from. Meant for tests; builds everything fresh each call.
+    """
+    import wgpu
+
+    d = kernels.device
+    usage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsage.COPY_DST
+    bufs = {}
+    for name, arr in arrays.items():
+        data = np.ascontiguousarray(arr).tobytes()
+        data += b"\0" * ((-len(data)) % 16 if data else 16)
+        bufs[name] = d.create_buffer_with_data(label=name, data=data, usage=usage)
+    run = d.create_buffer_with_data(data=np.array([T, 0, 0, 0], np.uint32).tobytes(),
+                                    usage=wgpu.BufferUsage.UNIFORM)
+    kernel = kernels.kernel(spec, **(constants or {}))
+    bg = kernels.bind(spec, run, params, bufs, label=f"test.{spec.name}")
+    enc = d.create_command_encoder()
+    cp = enc.begin_compute_pass()
+    encode(cp, [Dispatch(kernel, bg, tuple(workgroups), spec.name)])
+    cp.end()
+    d.queue.submit([enc.finish()])
+    out = {}
+    for name in read:
+        arr = np.asarray(arrays[name])
+        raw = d.queue.read_buffer(bufs[name])[: arr.nbytes]
+        out[name] = np.frombuffer(raw, dtype=arr.dtype).reshape(arr.shape).copy()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight layout on the GPU (what shaders/weights.wgsl reads)
+
+
+def row_words(fmt: str, K: int) -> int:
+    """u32 words per weight row of K elements in GPU format `fmt` (Q8_0: pairs of blocks)."""
+    if fmt == "F32":
+        return K
+    if fmt in ("F16", "BF16"):
+        return K // 2
+    if fmt == "Q8_0":
+        return 17 * (-(-K // 64))
+    raise KernelError(f"no GPU layout for weight format {fmt}; the kernels read "
+                      f"{', '.join(GPU_FORMATS)}")
+
+
+def q8_0_rows_padded(raw_rows: np.ndarray, K: int) -> np.ndarray:
+    """Q8_0 rows (uint8 [n, K/32*34]) laid out as the kernels read them: blocks in pairs, a
+    row with an odd block count gets one all-zero block (scale 0) appended."""
+    n = raw_rows.shape[0]
+    width = row_words("Q8_0", K) * 4
+    if raw_rows.shape[1] == width:
+        return raw_rows
+    out = np.zeros((n, width), dtype=np.uint8)
+    out[:, : raw_rows.shape[1]] = raw_rows
+    return out
+
+
+_STRUCT_RE = re.compile(r"struct\s+(\w+)\s*\{([^}]*)\}", re.S)
+_BINDING_RE = re.compile(
+    r"@group\(0\)\s*@binding\((\d+)\)\s*var<(uniform|storage)(?:,\s*(read|read_write))?>\s*(\w+)\s*:\s*([^;]+);")
+
+
+def wgsl_interface(spec: KernelSpec) -> tuple[dict[int, tuple[str, str]], dict[str, list[tuple[str, str]]]]:
+    """Parse a kernel's composed WGSL: {binding: (kind, variable)} and {struct: [(field, type)]}.
+
+    Only declarations the entry point's family file and libraries make; used by tests to check
+    that specs and shaders agree. Where a family file has several kernels with their own
+    variables at the same binding, all variables are returned as a list per binding.
+    """
+    src = re.sub(r"//[^\n]*", "", compose_source(spec))
+    bindings: dict[int, list[tuple[str, str]]] = {}
+    for num, space, access, name, _type in _BINDING_RE.findall(src):
+        kind = "uniform" if space == "uniform" else ("rw" if access == "read_write" else "read")
+        bindings.setdefault(int(num), []).append((kind, name))
+    structs = {}
+    for name, body in _STRUCT_RE.findall(src):
+        fields = [tuple(s.strip() for s in f.split(":")) for f in body.split(",") if f.strip()]
+        structs[name] = fields
+    return bindings, structs

@@ -1,0 +1,88 @@
+// timemix.wgsl: the element-wise pieces of the time mix (the channel mix shares shift_mix).
+//
+// shift_mix: token shift and lerp. For each channel c, over the T tokens in order:
+//   OUT[j][t] = XN[t] + (XN[t-1] - XN[t]) * LERP[j],   XN[-1] = PREV, then PREV = XN[T-1].
+// One thread owns 4 channels for all T tokens, so the read of PREV (t = 0) and its update
+// (t = T-1) happen in the same thread: no race, no second dispatch.
+//   0 run  uniform Run          1 p  uniform ShiftParams {C, slot}
+//   2 XN   read array<vec4<f32>> [T, C]     normed input of this block
+//   3 PREV read_write array<vec4<f32>> [C]  normed input of the previous token (layer state)
+//   4 LERP read array<vec4<f32>> [NMIX, C]  mix weights (r, w, k, v, a, g; or the ffn's k)
+//   5 OUT  read_write array<vec4<f32>> [NMIX][slot]  mixed inputs, mix j at j * slot floats
+//   Dispatch: (ceil(C / 4 / WG), 1, 1). Constants: WG, NMIX (6 for the time mix, 1 for ffn).
+//
+// kv_prep: per head and token, after the projections and LoRAs:
+//   kk = normalize_head(K * KKW);  K = K * (1 + (A - 1) * KAW)
+//   FIRST (layer 0): VF = V;  otherwise V = V + (VF - V) * VMIX
+//   0 run  uniform Run          1 hp uniform HeadParams {C}
+//   2 K    read_write array<f32> [T, C]   3 V read_write [T, C]   4 KK read_write [T, C] (out)
+//   5 A    read [T, C] in-context rate    6 VMIX read [T, C] (unused when FIRST)
+//   7 VF   read_write [T, C] v_first      8 KKW read [C] k_k    9 KAW read [C] k_a
+//   Dispatch: (H, T, 1), 64 threads (WG = RED = 64). Constants: FIRST.
+
+override WG: u32 = 64u;
+override NMIX: u32 = 6u;
+override FIRST: bool = false;
+
+struct ShiftParams {
+    C: u32,
+    slot: u32,
+}
+
+struct HeadParams {
+    C: u32,
+}
+
+@group(0) @binding(1) var<uniform> p: ShiftParams;
+@group(0) @binding(2) var<storage, read> XN: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> PREV: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> LERP: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> OUT: array<vec4<f32>>;
+
+@compute @workgroup_size(WG)
+fn shift_mix(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c4 = p.C >> 2u;
+    let i = gid.x;
+    if (i >= c4) {
+        return;
+    }
+    let slot4 = p.slot >> 2u;
+    var prev = PREV[i];
+    for (var t = 0u; t < run.T; t++) {
+        let cur = XN[t * c4 + i];
+        let d = prev - cur;
+        for (var j = 0u; j < NMIX; j++) {
+            OUT[j * slot4 + t * c4 + i] = cur + d * LERP[j * c4 + i];
+        }
+        prev = cur;
+    }
+    PREV[i] = prev;
+}
+
+@group(0) @binding(1) var<uniform> hp: HeadParams;
+@group(0) @binding(2) var<storage, read_write> K: array<f32>;
+@group(0) @binding(3) var<storage, read_write> V: array<f32>;
+@group(0) @binding(4) var<storage, read_write> KK: array<f32>;
+@group(0) @binding(5) var<storage, read> A: array<f32>;
+@group(0) @binding(6) var<storage, read> VMIX: array<f32>;
+@group(0) @binding(7) var<storage, read_write> VF: array<f32>;
+@group(0) @binding(8) var<storage, read> KKW: array<f32>;
+@group(0) @binding(9) var<storage, read> KAW: array<f32>;
+
+@compute @workgroup_size(64)
+fn kv_prep(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let c = wg.x * 64u + lid;
+    let i = wg.y * hp.C + c;
+    let k = K[i];
+    let kk = k * KKW[c];
+    // L2 normalisation per head, floored like torch's F.normalize (eps 1e-12).
+    let norm = sqrt(group_sum(kk * kk, lid));
+    KK[i] = kk / max(norm, 1e-12);
+    K[i] = k * (1.0 + (A[i] - 1.0) * KAW[c]);
+    if (FIRST) {
+        VF[i] = V[i];
+    } else {
+        let v = V[i];
+        V[i] = v + (VF[i] - v) * VMIX[i];
+    }
+}
