@@ -141,8 +141,13 @@ class RunRecord:
         self.quality_hash = self.quality_hash.strip().lower()
         if self.quality_hash and not _HASH_RE.fullmatch(self.quality_hash):
             raise ValueError(f"RunRecord.quality_hash {self.quality_hash!r} is not 1-16 hex digits")
+        columns: dict[str, str] = {}
         for key in self.extra:
             _check_extra_name(key)
+            column = snake_case(str(key))
+            if column in columns:
+                raise ValueError(f"extra metrics {columns[column]!r} and {key!r} would share the column {column!r}")
+            columns[column] = key
 
 
 @dataclass(frozen=True)
@@ -799,18 +804,54 @@ def _sections(text: str) -> list[tuple[str, int, int | None]]:
 
 
 def _check_readback(path: Path, new_text: str, line: int, record: RunRecord) -> None:
+    """Parse the would-be file and insist the new run reads back with every value written."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", HistoryWarning)
         rows = parse_history_text(new_text, path)
     row = next((r for r in rows if r["line"] == line), None)
-    expected = pd.Timestamp(record.timestamp)
-    if row is None or row["title"] != record.title or row["change"] != record.change or row["timestamp"] != expected:
+    if row is None:
+        problems = [f"no run is read at line {line}"]
+    else:
+        problems = [
+            f"{name} {want!r} reads back as {row.get(name)!r}"
+            for name, want in _written_values(record).items()
+            if not _same(row.get(name), want)
+        ]
+    if problems:
         raise HistoryWriteError(
             f"{path}: the new run (title {record.title!r}, change {record.change!r}) would not read "
-            f"back as written at line {line}; the file was not changed. Usual causes: the file ends "
-            "inside an unclosed ``` code block or HTML block (close it), or the title or change "
-            "ends with ' #', which Markdown drops from headings (reword it)."
+            f"back as written: {'; '.join(problems)}. The file was not changed. Usual causes: the "
+            "file ends inside an unclosed ``` code block or HTML block (close it), or a text ends "
+            "in ' #', a backslash or Markdown emphasis, which Markdown reads differently (reword it)."
         )
+
+
+def _written_values(record: RunRecord) -> dict[str, Any]:
+    """The values the reader must return for ``record``, column by column (before typing)."""
+    def shown(value: float | None) -> float:
+        return float("nan") if value is None or not math.isfinite(float(value)) else float(f"{float(value):.2f}")
+
+    values: dict[str, Any] = {
+        "title": record.title, "change": record.change, "timestamp": pd.Timestamp(record.timestamp),
+        "model": record.model, "version": record.version, "gpu": record.gpu,
+        "layers": pd.NA if record.layers is None else int(record.layers),
+        "embedding": pd.NA if record.embedding is None else int(record.embedding),
+        "load_ms": shown(record.load_ms), "prefill_tps": shown(record.prefill_tps),
+        "generation_tps": shown(record.generation_tps),
+        "quality_hash": record.quality_hash or float("nan"),
+        "quality_tokens": record.quality_tokens[:SHOWN_TOKENS],
+    }
+    for key, value in record.extra.items():
+        values[snake_case(str(key))] = _format_extra(value)
+    return values
+
+
+def _same(got: Any, want: Any) -> bool:
+    if isinstance(want, float) and math.isnan(want):
+        return isinstance(got, float) and math.isnan(got)
+    if want is pd.NA:
+        return got is pd.NA
+    return type(got) is type(want) and got == want
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
