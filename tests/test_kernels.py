@@ -1,0 +1,404 @@
+"""Every kernel alone against NumPy, on the portable and the subgroup path (lavapipe has both).
+
+Weights are made with gguf-py's quantizer, so the bytes are exactly what a GGUF file holds, and
+the expected values use gguf-py's dequantizer (bit-exact with ggml) in float64. Tolerances are
+fp32 rounding bounds: a sum of K products carries at most ~K * 2^-24 * sum|w x| of error
+(recursive summation), so the tests allow 4x that per element, plus 1e-6 for values near zero.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+from rwkvlab import kernels as kn
+from rwkvlab.gpu import get_gpu
+
+U32 = 2.0 ** -24  # unit roundoff of float32
+PATHS = ["webgpu", "native"]
+
+
+@pytest.fixture(scope="module", params=PATHS)
+def kernels(request) -> kn.Kernels:
+    """Kernels of the portable path, or of the native path with subgroup reductions."""
+    native = request.param == "native"
+    gpu = get_gpu("auto", native=native)
+    tuning = kn.choose_tuning(gpu, request.param)
+    if native:
+        assert tuning.subgroups and tuning.subgroup_size >= 4, "lavapipe offers subgroups"
+    return kn.kernels_for(gpu, tuning)
+
+
+def fp32_tol(abs_products: np.ndarray, K: int) -> np.ndarray:
+    """Error bound of an fp32 sum of K products whose absolute values sum to abs_products."""
+    return 4 * K * U32 * abs_products + 1e-6
+
+
+def encode_rows(w: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray]:
+    """(GPU bytes [M, row_words*4], float64 values the kernel should see) for weights w [M, K]."""
+    K = w.shape[1]
+    if fmt == "F32":
+        raw = w.astype(np.float32).view(np.uint8)
+    else:
+        raw = quantize(w.astype(np.float32), GGMLQuantizationType[fmt]).view(np.uint8)
+        raw = raw.reshape(w.shape[0], -1)
+    values = w.astype(np.float32) if fmt == "F32" else dequantize(raw, GGMLQuantizationType[fmt])
+    if fmt == "Q8_0":
+        raw = kn.q8_0_rows_padded(raw, K)
+    assert raw.shape[1] == kn.row_words(fmt, K) * 4
+    return np.ascontiguousarray(raw), values.astype(np.float64)
+
+
+# --- specs and WGSL agree ---------------------------------------------------------------------
+
+
+def _function_body(src: str, name: str) -> str:
+    """The text between the braces of `fn name` (comments removed)."""
+    src = re.sub(r"//[^\n]*", "", src)
+    m = re.search(rf"fn {name}\s*\(", src)
+    assert m, f"no fn {name}"
+    start = src.index("{", m.end())
+    depth = 0
+    for i in range(start, len(src)):
+        depth += {"{": 1, "}": -1}.get(src[i], 0)
+        if depth == 0:
+            return src[start:i + 1]
+    raise AssertionError(f"fn {name}: unbalanced braces")
+
+
+def _used_names(spec: kn.KernelSpec) -> set[str]:
+    """Identifiers the entry point reaches: its body, the functions it calls (transitively)."""
+    src = kn.compose_source(spec)
+    functions = set(re.findall(r"\bfn (\w+)", re.sub(r"//[^\n]*", "", src)))
+    seen, todo, names = set(), [spec.entry], set()
+    while todo:
+        f = todo.pop()
+        if f in seen:
+            continue
+        seen.add(f)
+        words = set(re.findall(r"\b\w+\b", _function_body(src, f)))
+        names |= words
+        todo += sorted((words & functions) - seen)
+    return names
+
+
+@pytest.mark.parametrize("name", sorted(kn.SPECS))
+def test_spec_matches_wgsl(name):
+    """Binding numbers, kinds, variable names and Params fields of each spec match its WGSL."""
+    spec = kn.SPECS[name]
+    bindings, structs = kn.wgsl_interface(spec)
+    assert bindings[0] == [("uniform", "run")]
+    used = _used_names(spec)
+    for i, b in enumerate(spec.bindings[1:], start=1):
+        candidates = [(kind, var) for kind, var in bindings.get(i, []) if var in used]
+        if i == 1:  # the Params uniform (called p or hp in the WGSL)
+            assert len(candidates) == 1 and candidates[0][0] == "uniform", (name, candidates)
+            var = candidates[0][1]
+            struct = re.search(rf"var<uniform>\s*{var}\s*:\s*(\w+)", kn.shader_source(spec.file)).group(1)
+            fields = structs[struct]
+            assert fields == [(p.name, p.type) for p in spec.params], (name, struct, fields)
+        else:
+            assert (b.kind, b.name) in candidates, f"{name}: binding {i} {b} not in {candidates}"
+    # Override constants the spec sets must be declared by the composed source.
+    src = kn.compose_source(spec)
+    for const in spec.constants:
+        assert re.search(rf"override\s+{const}\b", src), f"{name}: no override {const}"
+
+
+def test_family_files_share_libraries():
+    """A family file compiles as one module, so all its kernels must prepend the same libraries."""
+    libs: dict[str, tuple] = {}
+    for spec in kn.SPECS.values():
+        assert libs.setdefault(spec.file, spec.libs) == spec.libs, spec.file
+
+
+def test_shaders_load_from_package():
+    for name in ("common.wgsl", "weights.wgsl", "reduce.wgsl", "reduce_subgroup.wgsl"):
+        assert "fn " in kn.shader_source(name)
+    with pytest.raises(kn.KernelError, match="missing"):
+        kn.shader_source("nope.wgsl")
+
+
+def test_every_kernel_compiles(kernels):
+    for spec in kn.SPECS.values():
+        assert kernels.kernel(spec).pipeline is not None
+
+
+def test_pack_params_checks_names():
+    data = kn.pack_params(kn.LAYERNORM, dict(C=256, last_only=1, eps=1e-5))
+    words = np.frombuffer(data, np.uint32)
+    assert len(data) == 16 and words[0] == 256 and words[1] == 1
+    assert np.frombuffer(data, np.float32)[2] == np.float32(1e-5)
+    with pytest.raises(kn.KernelError, match="expected"):
+        kn.pack_params(kn.LAYERNORM, dict(C=256))
+
+
+# --- matrix products --------------------------------------------------------------------------
+
+FORMATS = ["F32", "F16", "BF16", "Q8_0"]
+
+
+def _matmul_case(fmt: str, M: int, K: int, T: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((M, K)).astype(np.float32)
+    raw, wv = encode_rows(w, fmt)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    bias = rng.standard_normal(M).astype(np.float32)
+    y0 = rng.standard_normal((T, M)).astype(np.float32)
+    return raw, wv, x, bias, y0
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("red", [1, 8, 32])
+def test_matvec(kernels, fmt, red):
+    """K = 96 is no multiple of the 64-thread workgroup nor of a Q8_0 pair (3 blocks: padded)."""
+    M, K, T = 37, 96, 2
+    raw, wv, x, bias, y0 = _matmul_case(fmt, M, K, T)
+    params = dict(M=M, K=K, row_words=kn.row_words(fmt, K), row0=0, y_stride=M)
+    rows_per_wg = 64 // red
+    out = kn.run_kernel(kernels, kn.MATVEC, params, dict(W=raw, X=x, B=bias, Y=y0.copy()),
+                        (-(-M // rows_per_wg), T, 1), T=T, read=("Y",),
+                        constants=dict(WG=64, RED=red, FMT=kn.GPU_FORMATS[fmt]))["Y"]
+    want = x.astype(np.float64) @ wv.T
+    np.testing.assert_array_less(np.abs(out - want), fp32_tol(np.abs(x) @ np.abs(wv).T, K))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_matvec_epilogue_and_piece(kernels, fmt):
+    """Bias + activation + residual add, writing rows [row0, row0 + M) of a wider output."""
+    M, K, T, width, row0 = 40, 64, 1, 100, 50
+    raw, wv, x, _, _ = _matmul_case(fmt, M, K, T, seed=1)
+    bias = np.random.default_rng(2).standard_normal(width).astype(np.float32)
+    y0 = np.random.default_rng(3).standard_normal((T, width)).astype(np.float32)
+    for act in ("tanh", "sigmoid", "relu_sq", "decay"):
+        params = dict(M=M, K=K, row_words=kn.row_words(fmt, K), row0=row0, y_stride=width)
+        out = kn.run_kernel(kernels, kn.MATVEC, params, dict(W=raw, X=x, B=bias, Y=y0.copy()),
+                            (-(-M // 8), T, 1), T=T, read=("Y",),
+                            constants=dict(WG=64, RED=8, FMT=kn.GPU_FORMATS[fmt],
+                                           ACT=kn.ACTIVATIONS[act], BIAS=True, ACCUM=True))["Y"]
+        z = x.astype(np.float64) @ wv.T + bias[row0:row0 + M]
+        f = {"tanh": np.tanh, "sigmoid": lambda v: 1 / (1 + np.exp(-v)),
+             "relu_sq": lambda v: np.maximum(v, 0) ** 2,
+             "decay": lambda v: np.exp(-0.606531 / (1 + np.exp(-v)))}[act]
+        want = y0.astype(np.float64).copy()
+        want[:, row0:row0 + M] += f(z)
+        # activations are smooth (|f'| <= 2|z| for relu_sq); exp/tanh add a few ulps on top
+        tol = fp32_tol(np.abs(x) @ np.abs(wv).T, K) * (1 + 2 * np.abs(z)) + 1e-6 * (1 + np.abs(want[:, row0:row0 + M]))
+        np.testing.assert_array_less(np.abs(out[:, row0:row0 + M] - want[:, row0:row0 + M]), tol, err_msg=act)
+        np.testing.assert_array_equal(out[:, :row0], y0[:, :row0])  # outside the piece: untouched
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_gemm(kernels, fmt):
+    """M = 70 and T = 67 cross tile edges (64 x 64 tiles); K = 96 is 6 steps of 16."""
+    M, K, T = 70, 96, 67
+    raw, wv, x, bias, y0 = _matmul_case(fmt, M, K, T, seed=4)
+    params = dict(M=M, K=K, row_words=kn.row_words(fmt, K), row0=0, y_stride=M)
+    out = kn.run_kernel(kernels, kn.GEMM, params, dict(W=raw, X=x, B=bias, Y=y0.copy()),
+                        (2, 2, 1), T=T, read=("Y",),
+                        constants=dict(FMT=kn.GPU_FORMATS[fmt], BIAS=True, ACCUM=True))["Y"]
+    want = y0 + x.astype(np.float64) @ wv.T + bias
+    np.testing.assert_array_less(np.abs(out - want), fp32_tol(np.abs(x) @ np.abs(wv).T + np.abs(y0), K))
+
+
+def test_gemm_ignores_tokens_beyond_T(kernels):
+    """Rows of X past run.T (stale data from a longer chunk) must not reach the output."""
+    M, K, T = 16, 32, 3
+    raw, wv, x, bias, y0 = _matmul_case("F32", M, K, 8, seed=5)
+    params = dict(M=M, K=K, row_words=K, row0=0, y_stride=M)
+    out = kn.run_kernel(kernels, kn.GEMM, params, dict(W=raw, X=x, B=bias, Y=y0.copy()),
+                        (1, 1, 1), T=T, read=("Y",))["Y"]
+    np.testing.assert_array_equal(out[T:], y0[T:])
+    np.testing.assert_allclose(out[:T], x[:T].astype(np.float64) @ wv.T, rtol=1e-5, atol=1e-5)
+
+
+# --- norms, token shift, per-head pieces, wkv ---------------------------------------------------
+
+
+def _layernorm(x, w, b, eps):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * w + b
+
+
+def test_layernorm(kernels):
+    rng = np.random.default_rng(6)
+    T, C, eps = 3, 256, 1e-5
+    x = (rng.standard_normal((T, C)) * 3 + 5).astype(np.float32)  # |mean| >> std: no cancellation
+    w, b = rng.standard_normal(C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    want = _layernorm(x.astype(np.float64), w, b, eps)
+    arrays = dict(X=x, NW=w, NB=b, Y=np.zeros((T, C), np.float32))
+    out = kn.run_kernel(kernels, kn.LAYERNORM, dict(C=C, last_only=0, eps=eps), arrays, (T, 1, 1),
+                        T=T, read=("Y",))["Y"]
+    # normalised values are O(1): a few ulps each through mean, variance and rsqrt
+    np.testing.assert_allclose(out, want, rtol=0, atol=2e-5 * (1 + np.abs(want)).max())
+    last = kn.run_kernel(kernels, kn.LAYERNORM, dict(C=C, last_only=1, eps=eps), arrays, (1, 1, 1),
+                         T=T, read=("Y",))["Y"]
+    np.testing.assert_allclose(last[0], want[-1], rtol=0, atol=2e-5 * (1 + np.abs(want)).max())
+
+
+def test_groupnorm_out(kernels):
+    rng = np.random.default_rng(7)
+    T, H, N = 2, 3, 64
+    C = H * N
+    y, r, k, v, g = (rng.standard_normal((T, C)).astype(np.float32) for _ in range(5))
+    lnw, lnb, rk = (rng.standard_normal(C).astype(np.float32) for _ in range(3))
+    yh = y.reshape(T, H, N).astype(np.float64)
+    mean = yh.mean(-1, keepdims=True)
+    var = ((yh - mean) ** 2).mean(-1, keepdims=True)
+    norm = ((yh - mean) / np.sqrt(var + 64e-5)).reshape(T, C) * lnw + lnb
+    bonus = (r * k * rk).reshape(T, H, N).astype(np.float64).sum(-1, keepdims=True) * v.reshape(T, H, N)
+    want = (norm + bonus.reshape(T, C)) * g
+    out = kn.run_kernel(kernels, kn.GROUPNORM_OUT, dict(C=C),
+                        dict(GY=y, R=r, K=k, V=v, G=g, LNW=lnw, LNB=lnb, RK=rk), (H, T, 1), T=T,
+                        read=("GY",))["GY"]
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("nmix", [6, 1])
+def test_shift_mix(kernels, nmix):
+    """Token shift inside a chunk uses the previous token's normed x; PREV carries across."""
+    rng = np.random.default_rng(8)
+    T, C, slot_tokens = 4, 128, 6
+    xn = rng.standard_normal((T, C)).astype(np.float32)
+    prev = rng.standard_normal(C).astype(np.float32)
+    lerp = rng.random((nmix, C)).astype(np.float32)
+    out0 = np.zeros((nmix, slot_tokens, C), np.float32)
+    res = kn.run_kernel(kernels, kn.SHIFT_MIX, dict(C=C, slot=slot_tokens * C),
+                        dict(XN=xn, PREV=prev, LERP=lerp, OUT=out0), (-(-C // 4 // 64), 1, 1), T=T,
+                        constants=dict(NMIX=nmix), read=("OUT", "PREV"))
+    before = np.vstack([prev[None], xn[:-1]]).astype(np.float64)
+    want = xn[None] + (before - xn)[None] * lerp[:, None, :]
+    np.testing.assert_allclose(res["OUT"][:, :T], want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(res["OUT"][:, T:], 0)
+    np.testing.assert_array_equal(res["PREV"], xn[-1])
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_kv_prep(kernels, first):
+    rng = np.random.default_rng(9)
+    T, H, N = 3, 2, 64
+    C = H * N
+    k, v, a, vmix, vf = (rng.standard_normal((T, C)).astype(np.float32) for _ in range(5))
+    a, vmix = 1 / (1 + np.exp(-a)), 1 / (1 + np.exp(-vmix))
+    kkw, kaw = rng.standard_normal(C).astype(np.float32), rng.random(C).astype(np.float32)
+    res = kn.run_kernel(kernels, kn.KV_PREP, dict(C=C),
+                        dict(K=k, V=v, KK=np.zeros_like(k), A=a, VMIX=vmix, VF=vf, KKW=kkw, KAW=kaw),
+                        (H, T, 1), T=T, constants=dict(FIRST=first), read=("K", "V", "KK", "VF"))
+    kk = (k * kkw).reshape(T, H, N).astype(np.float64)
+    kk = (kk / np.maximum(np.linalg.norm(kk, axis=-1, keepdims=True), 1e-12)).reshape(T, C)
+    np.testing.assert_allclose(res["KK"], kk, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(res["K"], k * (1 + (a.astype(np.float64) - 1) * kaw), rtol=1e-5, atol=1e-6)
+    if first:
+        np.testing.assert_array_equal(res["VF"], v)
+        np.testing.assert_array_equal(res["V"], v)
+    else:
+        np.testing.assert_allclose(res["V"], v + (vf.astype(np.float64) - v) * vmix, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(res["VF"], vf)
+
+
+def test_wkv_over_several_tokens(kernels):
+    """Five tokens through two heads from a non-zero state: outputs and the final state."""
+    rng = np.random.default_rng(10)
+    T, H, N = 5, 2, 64
+    C = H * N
+    r, k, v = (rng.standard_normal((T, C)).astype(np.float32) for _ in range(3))
+    w = np.exp(-0.606531 / (1 + np.exp(-rng.standard_normal((T, C))))).astype(np.float32)
+    kk = rng.standard_normal((T, H, N))
+    kk = (kk / np.linalg.norm(kk, axis=-1, keepdims=True)).reshape(T, C).astype(np.float32)
+    a = rng.random((T, C)).astype(np.float32)
+    s0 = (rng.standard_normal((H, N, N)) * 0.1).astype(np.float32)
+    res = kn.run_kernel(kernels, kn.WKV, dict(C=C),
+                        dict(R=r, DECAY=w, K=k, V=v, KK=kk, A=a, S=s0.copy(), Y=np.zeros((T, C), np.float32)),
+                        (H, 1, 1), T=T, read=("S", "Y"))
+    S = s0.astype(np.float64)
+    want = np.zeros((T, C))
+    for t in range(T):
+        for h in range(H):
+            sl = slice(h * N, (h + 1) * N)
+            sa = S[h] @ (-kk[t, sl])
+            S[h] = S[h] * w[t, sl][None] + np.outer(v[t, sl], k[t, sl]) + np.outer(sa, kk[t, sl] * a[t, sl])
+            want[t, sl] = S[h] @ r[t, sl]
+    # |S| grows to ~10 over five tokens; each entry passes through ~3 fp32 ops per token
+    np.testing.assert_allclose(res["S"], S, rtol=0, atol=1e-5 * np.abs(S).max())
+    np.testing.assert_allclose(res["Y"], want, rtol=0, atol=1e-5 * N * np.abs(S).max())
+
+
+# --- embedding gather and argmax ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_embed(kernels, fmt):
+    """Gather + LayerNorm; with a piece of rows [row0, row0+rows) only its own tokens are written."""
+    rng = np.random.default_rng(11)
+    V, C, eps = 50, 128, 1e-5
+    raw, table = encode_rows(rng.standard_normal((V, C)).astype(np.float32), fmt)
+    w, b = rng.standard_normal(C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    tokens = np.array([3, 49, 20, 0, 25], np.uint32)
+    T = len(tokens)
+    want = _layernorm(table[tokens], w, b, eps)
+    y0 = np.full((T, C), 7.0, np.float32)
+    rw = kn.row_words(fmt, C)
+    out = kn.run_kernel(kernels, kn.EMBED, dict(C=C, row0=0, rows=V, row_words=rw, eps=eps),
+                        dict(W=raw, TOK=tokens, NW=w, NB=b, Y=y0.copy()), (T, 1, 1), T=T,
+                        constants=dict(FMT=kn.GPU_FORMATS[fmt]), read=("Y",))["Y"]
+    np.testing.assert_allclose(out, want, rtol=0, atol=2e-5 * (1 + np.abs(want)).max())
+    row0, rows = 20, 10  # a piece holding rows 20..29: only token 20 and 25 are its own
+    piece = np.ascontiguousarray(raw[row0:row0 + rows])
+    out = kn.run_kernel(kernels, kn.EMBED, dict(C=C, row0=row0, rows=rows, row_words=rw, eps=eps),
+                        dict(W=piece, TOK=tokens, NW=w, NB=b, Y=y0.copy()), (T, 1, 1), T=T,
+                        constants=dict(FMT=kn.GPU_FORMATS[fmt]), read=("Y",))["Y"]
+    mine = np.isin(tokens, [20, 25])
+    np.testing.assert_allclose(out[mine], want[mine], rtol=0, atol=2e-5 * (1 + np.abs(want)).max())
+    np.testing.assert_array_equal(out[~mine], 7.0)
+
+
+def _argmax(kernels, logits: np.ndarray, gen: np.ndarray, cap: int):
+    return kn.run_kernel(kernels, kn.ARGMAX, dict(V=len(logits), cap=cap),
+                         dict(L=logits.astype(np.float32), TOK=np.zeros(4, np.uint32), GEN=gen),
+                         (1, 1, 1), read=("TOK", "GEN"))
+
+
+def test_argmax_ties_and_negatives(kernels):
+    rng = np.random.default_rng(12)
+    V = 1000
+    logits = -100 - rng.random(V)  # all negative
+    logits[[700, 123, 999]] = -1.5  # a three-way tie: the lowest id wins
+    logits[5] = np.nan  # NaN never wins
+    gen = np.zeros(8, np.uint32)
+    gen[0] = 2  # two ids already generated
+    res = _argmax(kernels, logits, gen, cap=7)
+    assert res["TOK"][0] == 123 == np.nanargmax(logits)
+    np.testing.assert_array_equal(res["GEN"][:4], [3, 0, 0, 123])
+
+
+def test_argmax_respects_capacity(kernels):
+    logits = np.arange(300, dtype=np.float32)
+    gen = np.zeros(4, np.uint32)
+    gen[0] = 3  # list full (cap 3): count still advances, nothing written past the end
+    res = _argmax(kernels, logits, gen, cap=3)
+    assert res["TOK"][0] == 299
+    np.testing.assert_array_equal(res["GEN"], [4, 0, 0, 0])
+
+
+def test_argmax_everything_minus_inf(kernels):
+    res = _argmax(kernels, np.full(70, -np.inf), np.zeros(4, np.uint32), cap=3)
+    assert res["TOK"][0] == 0
+
+
+# --- host-side layout helpers -------------------------------------------------------------------
+
+
+def test_row_words_and_q8_0_padding():
+    assert kn.row_words("F32", 96) == 96 and kn.row_words("F16", 96) == 48
+    assert kn.row_words("Q8_0", 64) == 17 and kn.row_words("Q8_0", 32) == 17
+    rows = np.arange(2 * 34, dtype=np.uint8).reshape(2, 34)  # one block per row: odd count
+    padded = kn.q8_0_rows_padded(rows, 32)
+    assert padded.shape == (2, 68)
+    np.testing.assert_array_equal(padded[:, :34], rows)
+    np.testing.assert_array_equal(padded[:, 34:], 0)
+    with pytest.raises(kn.KernelError, match="Q4_K"):
+        kn.row_words("Q4_K", 256)
