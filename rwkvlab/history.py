@@ -35,6 +35,7 @@ import json
 import math
 import os
 import re
+import sys
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -231,7 +232,7 @@ def read_history(paths_or_dir: str | os.PathLike | Iterable[str | os.PathLike]) 
     Malformed input gives :class:`HistoryWarning` messages naming file:line, never an exception.
     """
     rows: list[dict[str, Any]] = []
-    extras: dict[str, str] = {}  # column -> unit of its first numeric value; keeps first-seen order
+    extras: list[str] = []  # extra metric columns in order of first appearance
     for path in _history_files(paths_or_dir):
         file_rows = _read_file(path, extras)
         _join_sidecar(path, file_rows)
@@ -255,29 +256,36 @@ def _history_files(paths_or_dir: str | os.PathLike | Iterable[str | os.PathLike]
 
 def _warn(path: Path | str, line: int | None, message: str) -> None:
     where = f"{path}:{line}" if line else f"{path}"
-    warnings.warn(HistoryWarning(f"{where}: {message}"), stacklevel=4)
+    # Attribute the warning to the caller's line (a notebook cell), not to this module.
+    frame, level = sys._getframe(0), 1
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(HistoryWarning(f"{where}: {message}"), stacklevel=level)
 
 
-def _read_file(path: Path, extras: dict[str, str]) -> list[dict[str, Any]]:
+def _read_file(path: Path, extras: list[str]) -> list[dict[str, Any]]:
     try:
         data = path.read_bytes()
     except OSError as exc:
         _warn(path, None, f"cannot be read ({exc.strerror}); no runs taken from it")
         return []
-    text = data.decode("utf-8", errors="replace")
-    if "\ufffd" in text and b"\xef\xbf\xbd" not in data:
-        _warn(path, None, "is not valid UTF-8; undecodable bytes were read as U+FFFD")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        text = data.decode("utf-8", errors="replace")
+        _warn(path, data.count(b"\n", 0, exc.start) + 1,
+              "is not valid UTF-8 from here on; undecodable bytes were read as U+FFFD (save the file as UTF-8)")
     return parse_history_text(text, path, extras)
 
 
-def parse_history_text(text: str, path: Path | str = "<text>", extras: dict[str, str] | None = None
+def parse_history_text(text: str, path: Path | str = "<text>", extras: list[str] | None = None
                        ) -> list[dict[str, Any]]:
     """Parse the text of one history file into run dicts (see :func:`read_history`).
 
     ``path`` only names the source in the ``file`` column and in warnings. ``extras``, when
-    given, collects the extra metric columns met (column -> unit) in order of first appearance.
+    given, collects the extra metric columns met, in order of first appearance.
     """
-    extras = {} if extras is None else extras
+    extras = [] if extras is None else extras
     try:
         tokens = _MD.parse(text)
     except Exception as exc:  # markdown-it is robust, but a reader of hand-edited files must not stop
@@ -336,7 +344,7 @@ def _empty_row(path: Path | str, title: str, line: int, heading: str) -> dict[st
     }
 
 
-def _parse_run(block: _Block, path: Path | str, extras: dict[str, str]) -> dict[str, Any] | None:
+def _parse_run(block: _Block, path: Path | str, extras: list[str]) -> dict[str, Any] | None:
     tables = _tables(block.tokens)
     metric_tables = [t for t in tables if _is_metric_table(t)]
     heading = _RUN_HEADING_RE.fullmatch(block.heading)
@@ -421,13 +429,13 @@ def _plain(cell: str) -> str:
     return text
 
 
-def _read_metric_table(table: _Table, row: dict[str, Any], path: Path | str, extras: dict[str, str]) -> None:
+def _read_metric_table(table: _Table, row: dict[str, Any], path: Path | str, extras: list[str]) -> None:
     if not table.header:
         _warn(path, table.line, "metric table is not valid Markdown (is the |---|---| line missing?); "
                                 "values read line by line")
     body = table.rows
-    if body and _plain(body[0][1][0] if body[0][1] else "").lower() == "metric":
-        body = body[1:]
+    if body and body[0][1] and _plain(body[0][1][0]).lower() == "metric":
+        body = body[1:]  # the header row
     if not table.header:
         body = [(n, cells) for n, cells in body if not all(re.fullmatch(r":?-+:?", c) for c in cells if c)]
     seen: dict[str, int] = {}
@@ -452,7 +460,8 @@ def _read_metric_table(table: _Table, row: dict[str, Any], path: Path | str, ext
         seen[column] = line
         if metric is None:
             row[column] = _plain(value)
-            extras.setdefault(column, "")
+            if column not in extras:
+                extras.append(column)
         else:
             row[column] = _read_known(metric, value, path, line)
     missing = [m.label for m in _METRICS if m.column not in seen]
@@ -552,8 +561,8 @@ def _warn_duplicates(path: Path | str, rows: list[dict[str, Any]]) -> None:
             first[key] = row["line"]
 
 
-def _to_frame(rows: list[dict[str, Any]], extras: dict[str, str]) -> pd.DataFrame:
-    df = pd.DataFrame(rows, columns=COLUMNS + list(extras))
+def _to_frame(rows: list[dict[str, Any]], extras: list[str]) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=COLUMNS + extras)
     for col in _STR_COLUMNS:
         df[col] = df[col].astype("str")
     for col in _INT_COLUMNS:
@@ -678,16 +687,10 @@ LOCK_TIMEOUT_S = 120.0
 
 def format_run(record: RunRecord) -> str:
     """The Markdown of one run, exactly as the seed files lay it out (ends with a blank line)."""
-    rows = [
-        ("Model", record.model), ("Version", record.version),
-        ("Layers", _format_int(record.layers)), ("Embedding", _format_int(record.embedding)),
-        ("GPU", record.gpu),
-        ("**Load Time**", f"**{_format_float(record.load_ms, 'ms')}**"),
-        ("**Prefill**", f"**{_format_float(record.prefill_tps, 'tok/s')}**"),
-        ("**Generation**", f"**{_format_float(record.generation_tps, 'tok/s')}**"),
-    ]
+    *measured, hash_metric = _METRICS  # extra rows go between Generation and Quality Hash
+    rows = [_metric_row(m, getattr(record, m.column)) for m in measured]
     rows += [(_one_line(str(k)), _format_extra(v)) for k, v in record.extra.items()]
-    rows.append(("Quality Hash", f"`{record.quality_hash or MISSING}`"))
+    rows.append(_metric_row(hash_metric, record.quality_hash))
     table = "\n".join(f"| {_cell(k)} | {_cell(v)} |" for k, v in rows)
     shown = "[" + ", ".join(str(t) for t in record.quality_tokens[:SHOWN_TOKENS]) + "]"
     return (
@@ -697,6 +700,19 @@ def format_run(record: RunRecord) -> str:
         f"<details><summary>Quality tokens (first {SHOWN_TOKENS})</summary>\n\n"
         f"```\n{shown}\n```\n\n</details>\n\n"
     )
+
+
+def _metric_row(metric: _Metric, value: Any) -> tuple[str, str]:
+    """``(label, value)`` cells of a known metric in the seeds' style (bold, units, 2 decimals)."""
+    if metric.kind == "float":
+        text = _format_float(value, metric.unit)
+    elif metric.kind == "int":
+        text = _format_int(value)
+    elif metric.kind == "hash":
+        text = f"`{value or MISSING}`"
+    else:
+        text = value
+    return (f"**{metric.label}**", f"**{text}**") if metric.bold else (metric.label, text)
 
 
 def _format_timestamp(stamp: datetime) -> str:

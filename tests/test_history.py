@@ -334,7 +334,7 @@ def test_missing_path_invalid_utf8_and_empty_input(tmp_path):
     path.write_bytes(("## T\n\n" + RUN.format(change="caf\xe9", load="1 ms")).encode("latin-1"))
     df, messages = read_quietly(path)
     assert len(df) == 1 and df.iloc[0]["change"] == "caf\ufffd"
-    assert messages == [f"{path}: is not valid UTF-8; undecodable bytes were read as U+FFFD"]
+    assert messages == [f"{path}:3: is not valid UTF-8 from here on; undecodable bytes were read as U+FFFD (save the file as UTF-8)"]
     df, messages = read_quietly(write(tmp_path, "", "empty.md"))
     assert df.empty and messages == []
 
