@@ -88,13 +88,97 @@ def _synth(sub) -> None:
     p.set_defaults(handler="rwkvlab.synth:cli_synth")
 
 
+BENCH_PROTOCOL = """\
+protocol:
+  prompt      a fixed English paragraph (rwkvlab.bench.PROMPT_TEXT) in the model's own tokens,
+              repeated or cut to exactly --prefill tokens
+  load        file open to first token ready: engine load + one step whose logits are read back
+  prefill     after reset(), the whole prompt; timed until its last logits are on the host
+  generation  after reset() and an untimed prefill of all but the last prompt token,
+              generate(last token, --generate): that many one-token steps, each greedy token
+              picked by a GPU argmax and fed back on the GPU; timed until the ids are back
+  rates       --warmup untimed rounds, then --repeat timed ones; MEDIAN tok/s [min .. max]
+  output      quality hash of the 32 greedy tokens after the prompt (first 16 shown), compared
+              with the previous run of the same model file in the history file; max |logit
+              error| after the prompt vs the float64 NumPy reference (cached on disk), within
+              1e-3 for F32 weights kept F32, else 0.2; --no-reference writes "not checked"
+  history     appended to <history-dir>/<file>.md (seed format + Backend, Path, Weights,
+              Fusions, Chunk, Dispatches/token, Commit, Logit error rows), every raw sample
+              to <file>.md.jsonl beside it
+"""
+
+
+def _bench_run_args(p) -> None:
+    """Engine options and bench settings shared by `bench` and `sweep`."""
+    from rwkvlab.options import Options
+
+    default = Options()
+    p.add_argument("--fusions", default="none",
+                   help="kernel-plan fusions: none, all, or names joined by , or + (default: none)")
+    p.add_argument("--chunk", type=int, help=f"tokens per prefill chunk (default: {default.chunk})")
+    p.add_argument("--gemm-min-tokens", type=int,
+                   help=f"fewest tokens a chunk needs for GEMM instead of mat-vec (default: {default.gemm_min_tokens})")
+    p.add_argument("--title", help="## section of the history the run goes under (default: the model file's stem)")
+    p.add_argument("--change", help="what changed, the run's ### heading (default: the options)")
+    p.add_argument("--file", help="history file name without .md (default: the GPU name, slugified)")
+    p.add_argument("--history-dir", default="data/benchmarks", help="folder of history files (default: data/benchmarks)")
+    p.add_argument("--prefill", type=int, default=128, help="prompt tokens (default: 128)")
+    p.add_argument("--generate", type=int, default=64, help="generated tokens per timed round (default: 64)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default: 2)")
+    p.add_argument("--repeat", type=int, default=3, help="timed rounds; the median is reported (default: 3)")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the NumPy reference check (for models too big for the host): 'not checked'")
+    p.add_argument("--no-save", action="store_true", help="print only; append nothing to the history")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+
+
+def _bench(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="time one engine configuration and check its output; append the run to the history",
+        description="Load a model (a GGUF file, or a synthetic preset; default: tiny), time load, "
+        "prefill and greedy generation, check the output (quality hash and logits against the NumPy "
+        "reference) and append the run to the benchmark history. Exit status: 0 done, 1 the logit "
+        "check failed (the run is still saved), 2 it could not run (nothing saved).",
+        epilog=BENCH_PROTOCOL,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _model_args(p)
+    _bench_run_args(p)
+    p.add_argument("--json", action="store_true", help="print the record as JSON on stdout (the summary goes to stderr)")
+    p.set_defaults(handler="rwkvlab.bench:cli_bench")
+
+
+def _sweep(sub) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="bench the cross product of option values, each in a fresh process; name the best correct one",
+        description="Run `rwkvlab bench` for every combination of the --vary values, each in a fresh "
+        "subprocess (a driver crash costs one row), append every run to the history, print a table "
+        "and the fastest generation among correct configurations: logit error within tolerance and "
+        "the same quality hash as the unfused / webgpu / native-weights configuration (added to the "
+        "sweep when the product lacks it). Options not varied keep the values given as for bench.",
+        epilog="example: rwkvlab sweep --preset 0.1b --format q8_0 --vary path=webgpu,native "
+        "--vary weights=native,f16 --vary fusions=none,all\n\n" + BENCH_PROTOCOL,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _model_args(p)
+    _bench_run_args(p)
+    p.add_argument("--vary", action="append", default=[], metavar="OPTION=V1,V2",
+                   help="an option and its values (backend, path, weights, fusions, chunk, gemm_min_tokens); "
+                   "repeatable; fusions values: none, all, a name, or names joined by +")
+    p.add_argument("--timeout", type=float, default=1800.0,
+                   help="seconds one configuration may take before it is stopped (default: 1800)")
+    p.set_defaults(handler="rwkvlab.sweep:cli_sweep")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rwkvlab",
         description="rwkvlab: did my change make the RWKV-7 engine faster, and is its output still right?",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_history, _report, _info, _generate, _synth):
+    for add in (_history, _report, _info, _generate, _synth, _bench, _sweep):
         add(sub)
     return parser
 

@@ -1,0 +1,683 @@
+"""`rwkvlab bench`: time one engine configuration and prove its output right, in one record.
+
+The protocol (the README quotes it; ``rwkvlab bench --help`` states it too):
+
+1. **Prompt.** :data:`PROMPT_TEXT`, a fixed English paragraph, is tokenized with the model's own
+   tokenizer and its tokens are repeated (or cut) to exactly ``--prefill`` tokens. Any vocab
+   can encode it (the world vocab falls back to single bytes), so every model gets a prompt
+   of the same length from the same text.
+2. **Load time** runs from opening the file to the first token being ready: ``engine.load`` plus
+   one ``step`` on the first prompt token whose logits are read back. The wgpu device is
+   created before the clock starts (it is per process, not per model).
+3. **Prefill**: after ``reset()``, the whole prompt through ``prefill``; the clock stops when its
+   last logits are back on the host (that readback is the only honest sync point the engine
+   offers). Rate = prompt tokens / seconds.
+4. **Generation**: after ``reset()`` and an untimed prefill of all but the last prompt token,
+   ``generate([last prompt token], --generate)`` is timed. That is exactly ``--generate``
+   single-token forward passes, each producing one token by a GPU argmax that the next step
+   reads from GPU memory (real autoregression, no host round trip); the clock stops when the
+   token ids are back. Rate = generated tokens / seconds.
+5. ``--warmup`` untimed rounds of 3 and 4, then ``--repeat`` timed rounds; each reported rate
+   is the MEDIAN over the repeats, with min and max as its spread. Every per-repeat time is
+   kept in the sidecar file.
+6. **Output**: after ``reset()``, ``generate(prompt, 32)``; the quality hash is taken over
+   those 32 greedy tokens (the seeds' formula) and the first 16 are shown. The timed runs
+   must produce the same tokens (recorded as ``consistent``).
+7. **Numeric check**: max |logit difference| at the first generated position (the logits after
+   the prompt, from the last timed prefill) against the float64 NumPy reference
+   (:mod:`rwkvlab.reference`) on the same file. Tolerance: 1e-3 when every tensor is F32 and
+   kept F32 on the GPU, else 0.2 (the engine tests' tolerances). The reference logits are
+   cached on disk (``$RWKVLAB_CACHE`` or ``~/.cache/rwkvlab``, key: file size, mtime, SHA-256
+   of the first MiB and of the first bytes of every tensor, prompt tokens); ``--no-reference``
+   skips the check for shapes too big for the host, and the record then says "not checked".
+
+:func:`run_bench` runs the protocol and returns a :class:`BenchRecord`; :func:`save_bench`
+appends it to a history file (the seed format with extra rows Backend, Path, Weights, Fusions,
+Chunk, Dispatches/token, Commit, Logit error) and every raw sample to its JSON-lines sidecar.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rwkvlab.history import HistoryWarning, RunRecord, append_run, append_sidecar, read_history
+from rwkvlab.options import Options, OptionsError, check_available, parse_fusions
+from rwkvlab.quality import HASH_TOKENS, SHOWN_TOKENS, quality_hash
+
+# Written for this lab: plain English with digits, punctuation and a line break, so that
+# byte-level and word-level vocabs both see ordinary text.
+PROMPT_TEXT = (
+    "The lighthouse keeper climbed the spiral stairs at dusk, counting all 112 steps as his "
+    "father had taught him. Below, the harbour filled with small boats coming home from the "
+    "day's fishing, their lanterns swaying over the dark water. He trimmed the wick, polished "
+    "the great lens until it shone, and wrote the time, the wind and the state of the sea into "
+    "the log book, as every keeper before him had done.\n"
+)
+
+F32_TOLERANCE = 1e-3  # max |logit error| when every tensor is F32 and stays F32 on the GPU
+OTHER_TOLERANCE = 0.2  # f16 / bf16 / quantized weights, or anything turned into f16 at load
+NOT_CHECKED = "not checked"
+# Bump when the reference forward or the key changes, so stale cached logits are never used.
+REFERENCE_CACHE_VERSION = 1
+_KEY_HEAD_BYTES = 1 << 20  # the first MiB of the file: header, metadata, vocab
+_KEY_TENSOR_BYTES = 4096  # and the first bytes of every tensor's data
+# Host memory the float64 reference needs per weight: 8 for its copy, 4 for the float32
+# dequantized weights it is built from.
+_REFERENCE_BYTES_PER_WEIGHT = 12
+
+
+class BenchError(RuntimeError):
+    """A benchmark could not run; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """How much to measure: prompt and generation lengths, warmups, repeats, the reference check."""
+
+    prefill: int = 128
+    generate: int = 64
+    warmup: int = 2
+    repeat: int = 3
+    reference: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name, low in (("prefill", 1), ("generate", 1), ("warmup", 0), ("repeat", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                raise BenchError(f"--{name} must be a whole number >= {low}, got {value!r}")
+
+
+def prompt_tokens(tokenizer, n: int, text: str = PROMPT_TEXT) -> list[int]:
+    """The benchmark prompt: ``text``'s tokens repeated (or cut) to exactly ``n`` tokens."""
+    base = tokenizer.encode(text)
+    if not base:
+        raise BenchError("the benchmark prompt encodes to no tokens with this model's vocab")
+    return [base[i % len(base)] for i in range(n)]
+
+
+# --------------------------------------------------------------------------------------------
+# The record
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class BenchRecord:
+    """One benchmark run: what ran, every timing sample, and the proof its output is right."""
+
+    title: str
+    change: str
+    timestamp: datetime
+    model: str  # file name, as the history's Model row shows it
+    model_path: str
+    layers: int
+    embedding: int
+    gpu: str  # adapter name
+    adapter: dict[str, str]  # name, backend, adapter_type, description
+    options: Options
+    settings: BenchSettings
+    prompt: list[int]
+    load_ms: float
+    engine_load_ms: float | None  # the engine's own load_seconds, without the first step
+    prefill_seconds: list[float]  # per timed repeat
+    generation_seconds: list[float]
+    warmup_prefill_seconds: list[float]
+    warmup_generation_seconds: list[float]
+    quality_tokens: list[int]  # the 32 greedy tokens after the prompt
+    consistent: bool  # every timed generation gave the same tokens as the quality run
+    logit_error: float | None  # None: not checked
+    logit_tolerance: float
+    reference: str  # "computed", "cached" or "not checked"
+    dispatches_per_token: int | None
+    commit: str
+
+    @property
+    def quality_hash(self) -> str:
+        return quality_hash(self.quality_tokens)
+
+    @property
+    def prefill_tps_samples(self) -> list[float]:
+        return [len(self.prompt) / s for s in self.prefill_seconds]
+
+    @property
+    def generation_tps_samples(self) -> list[float]:
+        return [self.settings.generate / s for s in self.generation_seconds]
+
+    @property
+    def prefill_tps(self) -> float:
+        """Median prefill rate over the timed repeats (tok/s)."""
+        return statistics.median(self.prefill_tps_samples)
+
+    @property
+    def generation_tps(self) -> float:
+        """Median generation rate over the timed repeats (tok/s)."""
+        return statistics.median(self.generation_tps_samples)
+
+    @property
+    def logit_ok(self) -> bool | None:
+        """Whether the logit error is within tolerance; None when it was not checked."""
+        if self.logit_error is None:
+            return None
+        return bool(self.logit_error <= self.logit_tolerance)
+
+    def extra_rows(self) -> dict[str, str | int | float]:
+        """The history rows beyond the seed format, in the order they are written."""
+        return {
+            "Backend": self.adapter.get("backend", self.options.backend),
+            "Path": self.options.path,
+            "Weights": self.options.weights,
+            "Fusions": fusions_text(self.options.fusions),
+            "Chunk": self.options.chunk,
+            "Dispatches/token": "n/a" if self.dispatches_per_token is None else int(self.dispatches_per_token),
+            "Commit": self.commit,
+            "Logit error": NOT_CHECKED if self.logit_error is None else float(f"{self.logit_error:.3g}"),
+        }
+
+    def to_run_record(self) -> RunRecord:
+        """The run as the history writes it (medians, hash, first 16 tokens, extra rows)."""
+        return RunRecord(
+            title=self.title, change=self.change, timestamp=self.timestamp, model=self.model,
+            version="V7", layers=self.layers, embedding=self.embedding, gpu=self.gpu,
+            load_ms=self.load_ms, prefill_tps=self.prefill_tps, generation_tps=self.generation_tps,
+            quality_hash=self.quality_hash, quality_tokens=self.quality_tokens, extra=self.extra_rows(),
+        )
+
+    def sidecar_record(self) -> dict[str, Any]:
+        """Every raw sample and the full configuration, for the history's JSON-lines sidecar."""
+        return {
+            "timestamp": self.timestamp, "change": self.change, "title": self.title,
+            "model": self.model,
+            "samples": {
+                "load_ms": [self.load_ms],
+                "prefill_tps": self.prefill_tps_samples,
+                "generation_tps": self.generation_tps_samples,
+                "prefill_s": self.prefill_seconds,
+                "generation_s": self.generation_seconds,
+                "warmup_prefill_s": self.warmup_prefill_seconds,
+                "warmup_generation_s": self.warmup_generation_seconds,
+            },
+            "engine_load_ms": self.engine_load_ms,
+            "options": self.options.as_record(),
+            "settings": asdict(self.settings),
+            "adapter": self.adapter,
+            "prompt_tokens": len(self.prompt),
+            "quality_tokens": self.quality_tokens,
+            "consistent": self.consistent,
+            "logit_error": self.logit_error,
+            "logit_tolerance": self.logit_tolerance,
+            "reference": self.reference,
+            "dispatches_per_token": self.dispatches_per_token,
+            "commit": self.commit,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (``bench --json``); :meth:`from_dict` reads it back."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["timestamp"] = self.timestamp.isoformat()
+        d["options"] = self.options.as_record()
+        d["settings"] = asdict(self.settings)
+        d.update(quality_hash=self.quality_hash, prefill_tps=self.prefill_tps,
+                 generation_tps=self.generation_tps, logit_ok=self.logit_ok)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BenchRecord":
+        """The record from :meth:`to_dict`'s output (derived keys are ignored)."""
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in d.items() if k in names}
+        values["timestamp"] = datetime.fromisoformat(d["timestamp"])
+        opts = dict(d["options"])
+        opts["fusions"] = frozenset(opts.get("fusions", ()))
+        values["options"] = Options(**opts)
+        values["settings"] = BenchSettings(**d["settings"])
+        return cls(**values)
+
+
+def fusions_text(fusions: frozenset[str]) -> str:
+    """How a fusion set is written in a history row: ``none`` or the sorted names."""
+    return ", ".join(sorted(fusions)) or "none"
+
+
+def logit_tolerance(tensor_types: set[str], options: Options) -> float:
+    """The tolerance of the numeric check: F32 files kept F32 on the GPU get 1e-3, others 0.2."""
+    if tensor_types == {"F32"} and options.weights == "native":
+        return F32_TOLERANCE
+    return OTHER_TOLERANCE
+
+
+# --------------------------------------------------------------------------------------------
+# Running the protocol
+# --------------------------------------------------------------------------------------------
+
+def resolve_model(model: str | os.PathLike, fmt: str = "f32") -> Path:
+    """A GGUF path for ``model``: an existing file, or a synthetic preset name (written on first use)."""
+    from rwkvlab.cli import PRESETS
+
+    path = Path(model)
+    if path.is_file():
+        return path
+    if str(model) in PRESETS:
+        from rwkvlab.synth import default_model_path
+
+        return default_model_path(str(model), fmt)
+    if path.exists():
+        raise BenchError(f"{path} is not a file; give a GGUF file or a preset ({', '.join(PRESETS)})")
+    raise BenchError(f"model file {path} does not exist; give a GGUF file or a preset ({', '.join(PRESETS)})")
+
+
+def run_bench(model: str | os.PathLike, options: Options | None = None,
+              settings: BenchSettings | None = None, *, title: str = "", change: str = "") -> BenchRecord:
+    """Run the benchmark protocol (module docstring) on ``model`` and return its record.
+
+    ``model`` is a GGUF path or a preset name (f32). Nothing is written to any history; see
+    :func:`save_bench`. Raises :class:`BenchError` / ``OptionsError`` / ``GGUFError`` with a
+    message a user can act on before any GPU work when the setup cannot run.
+    """
+    from rwkvlab.gguf import read_model
+    from rwkvlab.tokenizer import Tokenizer
+
+    options = options or Options()
+    settings = settings or BenchSettings()
+    path = resolve_model(model)
+    check_available(options)
+    host_model = read_model(path)
+    prompt = prompt_tokens(Tokenizer.from_model(host_model), settings.prefill)
+    cached = reference_cache_file(path, host_model, prompt) if settings.reference else None
+    if settings.reference and not cached.exists():
+        check_reference_fits(host_model)
+    tolerance = logit_tolerance({t.ggml_type for t in host_model.tensors.values()}, options)
+    title = title or f"{path.stem}"
+    change = change or describe(options)
+    timestamp = datetime.now(timezone.utc)
+
+    bar = _progress(settings)
+    try:
+        timings = _measure(path, options, settings, prompt, bar)
+        bar.set_description("reference")
+        error, source = None, NOT_CHECKED
+        if settings.reference:
+            ref_logits, source = reference_logits(host_model, prompt, cached, settings.progress)
+            error = float(np.max(np.abs(timings.logits.astype(np.float64) - ref_logits.astype(np.float64))))
+        bar.update(1)
+    finally:
+        bar.close()
+
+    info = timings.adapter
+    return BenchRecord(
+        title=title, change=change, timestamp=timestamp, model=path.name, model_path=str(path),
+        layers=host_model.spec.n_layer, embedding=host_model.spec.n_embd, gpu=info["name"],
+        adapter=info, options=options, settings=settings, prompt=prompt,
+        load_ms=timings.load_s * 1000.0,
+        engine_load_ms=None if timings.engine_load_s is None else timings.engine_load_s * 1000.0,
+        prefill_seconds=timings.prefill_s, generation_seconds=timings.generation_s,
+        warmup_prefill_seconds=timings.warmup_prefill_s, warmup_generation_seconds=timings.warmup_generation_s,
+        quality_tokens=timings.quality_tokens, consistent=timings.consistent,
+        logit_error=error, logit_tolerance=tolerance, reference=source,
+        dispatches_per_token=timings.dispatches_per_token, commit=git_commit(),
+    )
+
+
+def describe(options: Options) -> str:
+    """A short text naming an Options' switches (the default ``change`` of a run)."""
+    return (f"path={options.path} weights={options.weights} fusions={'+'.join(sorted(options.fusions)) or 'none'} "
+            f"chunk={options.chunk} gemm_min_tokens={options.gemm_min_tokens} backend={options.backend}")
+
+
+def _progress(settings: BenchSettings):
+    from tqdm import tqdm
+
+    # load, warmup and timed rounds (prefill + generation each), the quality run, the reference
+    total = 1 + 2 * (settings.warmup + settings.repeat) + 1 + 1
+    return tqdm(total=total, desc="bench", unit="step", file=sys.stderr, disable=not settings.progress,
+                leave=False)
+
+
+@dataclass
+class _Timings:
+    load_s: float
+    engine_load_s: float | None
+    prefill_s: list[float] = field(default_factory=list)
+    generation_s: list[float] = field(default_factory=list)
+    warmup_prefill_s: list[float] = field(default_factory=list)
+    warmup_generation_s: list[float] = field(default_factory=list)
+    quality_tokens: list[int] = field(default_factory=list)
+    consistent: bool = True
+    logits: np.ndarray | None = None  # after the prompt, from the last timed prefill
+    adapter: dict[str, str] = field(default_factory=dict)
+    dispatches_per_token: int | None = None
+
+
+def _measure(path: Path, options: Options, settings: BenchSettings, prompt: list[int], bar) -> _Timings:
+    """Load, warm up and time the engine; the engine is released before this returns."""
+    from rwkvlab.engine import load
+    from rwkvlab.gpu import get_gpu
+
+    # The device is per process and cached; make it outside the clock so load time is the model's.
+    get_gpu(options.backend, native=options.path == "native")
+
+    bar.set_description("load")
+    start = time.perf_counter()
+    engine = load(path, options, progress=settings.progress)
+    np.asarray(engine.step(prompt[0]))  # first token ready: its logits are on the host
+    load_s = time.perf_counter() - start
+    engine_load_s = getattr(engine, "load_seconds", None)
+    t = _Timings(load_s=load_s, engine_load_s=None if engine_load_s is None else float(engine_load_s))
+    bar.update(1)
+
+    generated: list[list[int]] = []
+    for i in range(settings.warmup + settings.repeat):
+        warm = i < settings.warmup
+        label = f"warmup {i + 1}/{settings.warmup}" if warm else f"repeat {i - settings.warmup + 1}/{settings.repeat}"
+        bar.set_description(f"prefill {label}")
+        seconds, logits = _time_prefill(engine, prompt)
+        (t.warmup_prefill_s if warm else t.prefill_s).append(seconds)
+        t.logits = logits
+        bar.update(1)
+        bar.set_description(f"generate {label}")
+        seconds, tokens = _time_generation(engine, prompt, settings.generate)
+        (t.warmup_generation_s if warm else t.generation_s).append(seconds)
+        generated.append(tokens)
+        bar.update(1)
+
+    bar.set_description("quality tokens")
+    engine.reset()
+    t.quality_tokens = [int(x) for x in engine.generate(prompt, HASH_TOKENS)]
+    shared = min(settings.generate, HASH_TOKENS)
+    t.consistent = all(g[:shared] == t.quality_tokens[:shared] and g == generated[0] for g in generated)
+    bar.update(1)
+
+    info = engine.gpu.info
+    t.adapter = {"name": info.name, "backend": info.backend, "adapter_type": info.adapter_type,
+                 "description": info.description}
+    dpt = getattr(engine, "dispatches_per_token", None)
+    t.dispatches_per_token = None if dpt is None else int(dpt)
+    del engine  # GPU buffers go before the host builds the (possibly large) reference
+    return t
+
+
+def _time_prefill(engine, prompt: list[int]) -> tuple[float, np.ndarray]:
+    engine.reset()
+    start = time.perf_counter()
+    logits = np.asarray(engine.prefill(prompt))  # returns host logits: the readback syncs
+    return time.perf_counter() - start, logits
+
+
+def _time_generation(engine, prompt: list[int], n: int) -> tuple[float, list[int]]:
+    engine.reset()
+    if len(prompt) > 1:
+        np.asarray(engine.prefill(prompt[:-1]))  # untimed; its readback also drains the queue
+    start = time.perf_counter()
+    tokens = engine.generate(prompt[-1:], n)  # n forward passes, each yielding one token
+    seconds = time.perf_counter() - start
+    return seconds, [int(x) for x in tokens]
+
+
+# --------------------------------------------------------------------------------------------
+# The NumPy reference, cached on disk
+# --------------------------------------------------------------------------------------------
+
+def reference_cache_file(path: Path, model, prompt: list[int]) -> Path:
+    """Where the reference logits for (this file's content, this prompt) are cached.
+
+    The key covers size and mtime (a rewritten file), the SHA-256 of the first MiB (header,
+    metadata, vocab) and of the first 4 KiB of every tensor (different weights in an equal-
+    sized file), and the prompt tokens. Hashing the whole file would cost as much as a load.
+    """
+    from rwkvlab.synth import cache_dir
+
+    stat = path.stat()
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        digest.update(handle.read(_KEY_HEAD_BYTES))
+    for name in sorted(model.tensors):
+        digest.update(name.encode())
+        digest.update(bytes(model.tensors[name].raw[:_KEY_TENSOR_BYTES]))
+    key = json.dumps([REFERENCE_CACHE_VERSION, stat.st_size, stat.st_mtime_ns, digest.hexdigest(), prompt])
+    name = hashlib.sha256(key.encode()).hexdigest()[:32]
+    return cache_dir() / "reference" / f"{path.stem}-{name}.npy"
+
+
+def check_reference_fits(model) -> None:
+    """Raise BenchError when the float64 reference would not fit in this host's free memory."""
+    need = sum(t.n_elements for t in model.tensors.values()) * _REFERENCE_BYTES_PER_WEIGHT
+    free = _available_memory()
+    if free is not None and need > free:
+        raise BenchError(
+            f"the NumPy reference check of {model.path.name} needs about {need / 2**30:.1f} GiB of host "
+            f"memory and {free / 2**30:.1f} GiB is available; pass --no-reference (the run will say "
+            f"'{NOT_CHECKED}'), or run the check once on a bigger host (the logits are cached)")
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None  # not Linux: no check, the reference simply runs
+
+
+def reference_logits(model, prompt: list[int], cache_file: Path, progress: bool = False) -> tuple[np.ndarray, str]:
+    """The reference logits after ``prompt`` and where they came from ("cached" or "computed")."""
+    if cache_file.exists():
+        try:
+            return np.load(cache_file), "cached"
+        except (OSError, ValueError):
+            pass  # a damaged cache file is recomputed and replaced
+    from tqdm import tqdm
+
+    from rwkvlab.reference import Reference
+
+    ref = Reference(model)
+    logits = None
+    for token in tqdm(prompt, desc="NumPy reference", unit="tok", file=sys.stderr, disable=not progress, leave=False):
+        logits = ref.step(token)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as handle:
+        np.save(handle, logits)
+    os.replace(tmp, cache_file)  # parallel benches may race here; either complete file wins
+    return logits, "computed"
+
+
+# --------------------------------------------------------------------------------------------
+# Provenance and history
+# --------------------------------------------------------------------------------------------
+
+def git_commit(repo: str | os.PathLike | None = None) -> str:
+    """Short hash of the checkout the code runs from, ``-dirty`` with uncommitted changes to
+    tracked files (as ``git describe --dirty``), ``unknown`` outside git."""
+    where = Path(repo) if repo is not None else Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a GPU name: ``"Apple M2 Max"`` -> ``"apple-m2-max"``."""
+    return re.sub(r"[^0-9a-z]+", "-", text.lower()).strip("-") or "gpu"
+
+
+def history_file(record: BenchRecord, history_dir: str | os.PathLike = "data/benchmarks",
+                 file: str | None = None) -> Path:
+    """``<history_dir>/<file>.md``; ``file`` defaults to the slugified GPU name."""
+    name = file or slug(record.gpu)
+    if name.endswith(".md"):
+        name = name[:-3]
+    return Path(history_dir) / f"{name}.md"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Is the output still right? Against the previous run of the same model file, and the reference."""
+
+    output: str  # "first run", "same", "changed"
+    output_reason: str
+    logits: str  # "ok", "too large", "not checked"
+    logits_reason: str
+
+    @property
+    def ok(self) -> bool:
+        return self.output != "changed" and self.logits != "too large"
+
+
+def judge(record: BenchRecord, history: str | os.PathLike) -> Verdict:
+    """Compare ``record`` with the latest run of the same model file already in ``history``."""
+    previous = None
+    if Path(history).is_file():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", HistoryWarning)
+            df = read_history(history)
+        same = df[(df["model"] == record.model) & (df["quality_hash"] != "nan")]
+        if len(same):
+            previous = same.sort_values("line").iloc[-1]
+    if previous is None:
+        output, why = "first run", f"first run of {record.model} in {Path(history).name}: this hash is its baseline"
+    else:
+        when = f"{previous['timestamp']:%Y-%m-%d %H:%M:%S} - {previous['change']}"
+        if previous["quality_hash"] == record.quality_hash:
+            output, why = "same", f"same as the previous run of {record.model} ({when})"
+        else:
+            output, why = "changed", (f"OUTPUT CHANGED: hash {record.quality_hash}, the previous run of "
+                                      f"{record.model} ({when}) had {previous['quality_hash']}")
+    if record.logit_error is None:
+        logits, lwhy = "not checked", "logits not checked against the NumPy reference (--no-reference)"
+    elif record.logit_ok:
+        logits, lwhy = "ok", (f"max |logit error| {record.logit_error:.3g} vs the NumPy reference "
+                              f"({record.reference}): within tolerance {record.logit_tolerance:g}")
+    else:
+        logits, lwhy = "too large", (f"LOGIT ERROR {record.logit_error:.3g} vs the NumPy reference exceeds "
+                                     f"tolerance {record.logit_tolerance:g}: the output is wrong")
+    return Verdict(output, why, logits, lwhy)
+
+
+def save_bench(record: BenchRecord, history: str | os.PathLike) -> int:
+    """Append the run to ``history`` (a .md file) and its samples to the sidecar; return its line."""
+    path = Path(history)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = append_run(path, record.to_run_record())
+    append_sidecar(path, record.sidecar_record())
+    return line
+
+
+def format_summary(record: BenchRecord, verdict: Verdict) -> str:
+    """What `rwkvlab bench` prints: the numbers, then whether the output is still right."""
+    def spread(samples: list[float]) -> str:
+        return f"[{min(samples):.2f} .. {max(samples):.2f}]"
+
+    s, o = record.settings, record.options
+    lines = [
+        f"rwkvlab bench  {record.model}  on {record.gpu} ({record.adapter.get('backend', '?')}, "
+        f"{record.adapter.get('adapter_type', '?')})",
+        f"  options      path={o.path} weights={o.weights} fusions={fusions_text(o.fusions)} chunk={o.chunk} "
+        f"gemm_min_tokens={o.gemm_min_tokens} backend={o.backend}",
+        f"  protocol     prompt {len(record.prompt)} tok, generate {s.generate} tok, {s.warmup} warmup + "
+        f"{s.repeat} timed rounds (median [min .. max])",
+        f"  load         {record.load_ms:10.2f} ms",
+        f"  prefill      {record.prefill_tps:10.2f} tok/s  {spread(record.prefill_tps_samples)}",
+        f"  generation   {record.generation_tps:10.2f} tok/s  {spread(record.generation_tps_samples)}",
+        f"  dispatches   {record.dispatches_per_token if record.dispatches_per_token is not None else 'n/a'} per token",
+        f"  commit       {record.commit}",
+        f"  tokens       {record.quality_tokens[:SHOWN_TOKENS]}",
+        f"  hash         {record.quality_hash}",
+        "output",
+        f"  {'OK  ' if verdict.output != 'changed' else 'FAIL'} tokens  {verdict.output_reason}",
+        f"  {'OK  ' if verdict.logits == 'ok' else 'FAIL' if verdict.logits == 'too large' else '--  '} logits  "
+        f"{verdict.logits_reason}",
+    ]
+    if not record.consistent:
+        lines.append("  FAIL repeat   the timed generations did not all give the quality run's tokens: "
+                     "the engine is not deterministic")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+def options_from_args(args: argparse.Namespace) -> Options:
+    """The Options of a `bench`/`sweep` command line (unset numbers keep Options' defaults)."""
+    values: dict[str, Any] = {"backend": args.backend, "path": args.path, "weights": args.weights,
+                              "fusions": parse_fusions(args.fusions)}
+    if args.chunk is not None:
+        values["chunk"] = args.chunk
+    if args.gemm_min_tokens is not None:
+        values["gemm_min_tokens"] = args.gemm_min_tokens
+    return Options(**values)
+
+
+def settings_from_args(args: argparse.Namespace) -> BenchSettings:
+    """The BenchSettings of a `bench`/`sweep` command line."""
+    return BenchSettings(prefill=args.prefill, generate=args.generate, warmup=args.warmup,
+                         repeat=args.repeat, reference=not args.no_reference, progress=not args.no_progress)
+
+
+def model_from_args(args: argparse.Namespace) -> Path:
+    """The GGUF file a `bench`/`sweep` command line names (--model, or --preset/--format)."""
+    if args.model:
+        return resolve_model(args.model)
+    return resolve_model(args.preset or "tiny", args.synth_format)
+
+
+def cli_bench(args: argparse.Namespace) -> int:
+    """`rwkvlab bench`: run, print, append to the history; exit 1 when the logit check fails."""
+    from rwkvlab.engine import EngineError
+    from rwkvlab.gguf import GGUFError
+    from rwkvlab.gpu import NoAdapterError
+    from rwkvlab.kernels import KernelError
+
+    human = sys.stderr if args.json else sys.stdout
+    try:
+        options = options_from_args(args)
+        settings = settings_from_args(args)
+        record = run_bench(model_from_args(args), options, settings, title=args.title or "",
+                           change=args.change or "")
+    except (BenchError, OptionsError, GGUFError, NoAdapterError, EngineError, KernelError) as err:
+        print(f"rwkvlab bench: {err}", file=sys.stderr)
+        return 2
+    history = history_file(record, args.history_dir, args.file)
+    verdict = judge(record, history)
+    print(format_summary(record, verdict), file=human)
+    saved: dict[str, Any] = {}
+    if not args.no_save:
+        line = save_bench(record, history)
+        saved = {"file": str(history), "line": line}
+        print(f"saved        {history}:{line} (samples in {history.name}.jsonl)", file=human)
+    if args.json:
+        out = record.to_dict()
+        out.update(verdict=asdict(verdict), saved=saved)
+        print(json.dumps(out, default=_json_default))
+    return 1 if record.logit_ok is False else 0
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")

@@ -1,0 +1,366 @@
+"""`rwkvlab bench` on lavapipe with the tiny llama.cpp fixture: options, protocol, history, proof.
+
+One benchmark of tiny-f32.gguf (a 32-token prompt, 16 generated tokens, 1 warmup, 3 repeats:
+about two seconds on lavapipe) is run once for the module and saved to a temporary history;
+most tests read what it produced. Reference logits are cached under a temporary
+$RWKVLAB_CACHE so the tests never touch the user's cache.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import warnings
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rwkvlab.bench import (F32_TOLERANCE, NOT_CHECKED, OTHER_TOLERANCE, PROMPT_TEXT, BenchError, BenchRecord,
+                           BenchSettings, git_commit, history_file, judge, logit_tolerance, prompt_tokens,
+                           reference_cache_file, reference_logits, run_bench, save_bench, slug)
+from rwkvlab.cli import main
+from rwkvlab.gguf import read_model
+from rwkvlab.history import HistoryWarning, read_history, sidecar_path
+from rwkvlab.options import (BACKENDS, PATHS, WEIGHT_POLICIES, Options, OptionsError, check_available,
+                             known_fusions, parse_fusions)
+from rwkvlab.quality import quality_hash
+from rwkvlab.reference import Reference
+from rwkvlab.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SETTINGS = BenchSettings(prefill=32, generate=16, warmup=1, repeat=3, progress=False)
+SMALL = ["--prefill", "8", "--generate", "4", "--warmup", "0", "--repeat", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A private $RWKVLAB_CACHE for this module (and the subprocesses it starts)."""
+    path = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RWKVLAB_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def tiny(fixtures_dir) -> Path:
+    return fixtures_dir / "tiny-f32.gguf"
+
+
+@pytest.fixture(scope="module")
+def bench(tiny, cache, tmp_path_factory):
+    """(record, history file, line) of one benchmark of tiny-f32, saved to a fresh history."""
+    record = run_bench(tiny, Options(), SETTINGS, title="Bench test", change="module fixture run")
+    history = tmp_path_factory.mktemp("history") / "runs.md"
+    line = save_bench(record, history)
+    return record, history, line
+
+
+def read(history: Path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HistoryWarning)  # what bench writes must read back cleanly
+        return read_history(history)
+
+
+# --------------------------------------------------------------------------------------------
+# Options validation
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field, value, available", [
+    ("backend", "vulcan", BACKENDS), ("path", "fast", PATHS), ("weights", "q4", WEIGHT_POLICIES),
+])
+def test_unknown_option_value_lists_what_is_available(field, value, available):
+    with pytest.raises(OptionsError) as err:
+        Options(**{field: value})
+    message = str(err.value)
+    assert repr(value) in message
+    assert all(name in message for name in available)
+
+
+def test_unknown_fusion_lists_the_kernels_fusions():
+    known = known_fusions()
+    assert known is not None, "rwkvlab.kernels.FUSIONS should exist now that the engine is in"
+    with pytest.raises(OptionsError) as err:
+        Options(fusions={"no_such_fusion"})
+    message = str(err.value)
+    assert "'no_such_fusion'" in message and "all" in message and "none" in message
+    assert all(name in message for name in known)
+    with pytest.raises(OptionsError, match="unknown fusion 'typo'"):
+        parse_fusions("typo")
+
+
+def test_parse_fusions_words():
+    assert parse_fusions("none") == frozenset()
+    assert parse_fusions("") == frozenset()
+    assert parse_fusions("all") == frozenset(known_fusions())
+    with pytest.raises(OptionsError, match="mixes 'none'"):
+        parse_fusions("none,all")
+    with pytest.raises(OptionsError, match="set of names"):
+        Options(fusions="all")  # a bare string would become a set of letters
+
+
+def test_backend_this_machine_lacks_fails_with_what_it_has():
+    from rwkvlab.gpu import available_backends
+
+    have = available_backends()
+    assert "vulkan" in have  # lavapipe
+    check_available(Options())  # auto works
+    missing = [b for b in BACKENDS if b not in have]
+    if sys.platform == "linux":
+        assert "metal" in missing  # wgpu has Metal on macOS only
+    for backend in missing:
+        with pytest.raises(OptionsError) as err:
+            check_available(Options(backend=backend))
+        message = str(err.value)
+        assert f"backend {backend!r} is not available" in message
+        assert "available: " + ", ".join(have) in message
+
+
+def test_cli_metal_on_linux_fails_clearly_and_saves_nothing(tiny, tmp_path, capsys):
+    assert sys.platform == "linux", "this test states the Linux behaviour"
+    rc = main(["bench", "--model", str(tiny), "--backend", "metal", "--history-dir", str(tmp_path), *SMALL])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "backend 'metal' is not available on this machine (Linux)" in err
+    assert "macOS" in err and "available: auto" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_native_path_on_an_adapter_without_native_features_fails(tiny, tmp_path):
+    # lavapipe's OpenGL adapter has no f16 and no subgroups. Run in a subprocess: it makes a
+    # second (GL) device, which this test process should not keep.
+    proc = subprocess.run(
+        [sys.executable, "-m", "rwkvlab.cli", "bench", "--model", str(tiny), "--backend", "gl", "--path", "native",
+         "--history-dir", str(tmp_path), *SMALL],
+        capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2
+    assert "path 'native' needs one of shader-f16, subgroup, cooperative-matrix" in proc.stderr
+    assert "available paths: webgpu" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# The protocol's pieces
+# --------------------------------------------------------------------------------------------
+
+def test_prompt_is_the_fixed_text_cycled_to_length(tiny):
+    tok = Tokenizer.from_model(read_model(tiny))
+    base = tok.encode(PROMPT_TEXT)
+    for n in (1, len(base) - 1, len(base), 3 * len(base) + 5):
+        ids = prompt_tokens(tok, n)
+        assert len(ids) == n
+        assert ids == (base * 4)[:n]
+    assert tok.decode(prompt_tokens(tok, len(base))) == PROMPT_TEXT  # every byte encodable, even in 1024 tokens
+
+
+def test_tolerance_follows_the_weights_on_the_gpu():
+    assert logit_tolerance({"F32"}, Options()) == F32_TOLERANCE == 1e-3
+    assert logit_tolerance({"F32"}, Options(weights="f16")) == OTHER_TOLERANCE == 0.2
+    assert logit_tolerance({"F32", "Q8_0"}, Options()) == OTHER_TOLERANCE
+
+
+def test_settings_are_checked():
+    with pytest.raises(BenchError, match="--repeat must be a whole number >= 1"):
+        BenchSettings(repeat=0)
+    with pytest.raises(BenchError, match="--prefill"):
+        BenchSettings(prefill=0)
+
+
+def test_git_commit(tmp_path):
+    assert re.fullmatch(r"[0-9a-f]{7,40}(-dirty)?", git_commit(REPO))
+    assert git_commit(tmp_path) == "unknown"  # not a git checkout
+
+
+def test_reference_cache_is_keyed_by_file_and_prompt(fixtures_dir, cache, tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes((fixtures_dir / "tiny-f32.gguf").read_bytes())
+    model = read_model(path)
+    prompt = [1, 2, 3]
+    where = reference_cache_file(path, model, prompt)
+    assert where.parent == cache / "reference"
+    logits, source = reference_logits(model, prompt, where)
+    assert source == "computed" and where.is_file()
+    again, source = reference_logits(model, prompt, where)
+    assert source == "cached" and np.array_equal(again, logits)
+    np.testing.assert_array_equal(logits, Reference(model).prefill(prompt))
+    assert reference_cache_file(path, model, [1, 2, 4]) != where
+    os.utime(path, ns=(0, 0))  # a rewritten file gets a new mtime: the old logits must not be used
+    assert reference_cache_file(path, model, prompt) != where
+
+
+# --------------------------------------------------------------------------------------------
+# One real run: numbers, proof, history
+# --------------------------------------------------------------------------------------------
+
+def test_record_holds_the_protocol(bench):
+    record, _, _ = bench
+    assert len(record.prompt) == 32
+    assert len(record.prefill_seconds) == len(record.generation_seconds) == 3
+    assert len(record.warmup_prefill_seconds) == len(record.warmup_generation_seconds) == 1
+    assert all(s > 0 for s in record.prefill_seconds + record.generation_seconds)
+    assert record.prefill_tps == pytest.approx(float(np.median([32 / s for s in record.prefill_seconds])))
+    assert record.generation_tps == pytest.approx(float(np.median([16 / s for s in record.generation_seconds])))
+    assert record.load_ms > 0 and 0 < record.engine_load_ms <= record.load_ms
+    assert record.consistent
+    assert record.dispatches_per_token > 0
+    assert (record.model, record.layers, record.embedding) == ("tiny-f32.gguf", 2, 256)
+    assert record.adapter["backend"] == "vulkan" and record.gpu == record.adapter["name"]
+
+
+def test_quality_tokens_match_engine_generate_and_the_reference(bench, tiny):
+    from rwkvlab.engine import load
+
+    record, _, _ = bench
+    assert len(record.quality_tokens) == 32
+    assert record.quality_hash == quality_hash(record.quality_tokens)
+    engine = load(tiny, Options(), progress=False)
+    engine.reset()
+    assert engine.generate(record.prompt, 32) == record.quality_tokens
+    # The split the bench times (prefill all but the last token, then generate from it) gives
+    # the same tokens as one generate call: it measures the real greedy continuation.
+    engine.reset()
+    engine.prefill(record.prompt[:-1])
+    assert engine.generate(record.prompt[-1:], 16) == record.quality_tokens[:16]
+    # float64 NumPy greedy tokens: on this prompt no top-2 margin is within the f32 engine's
+    # ~1e-5 error, so the 32 tokens must agree exactly.
+    assert Reference(read_model(tiny)).generate(record.prompt, 32) == record.quality_tokens
+
+
+def test_logit_error_is_real_and_small(bench, tiny):
+    record, _, _ = bench
+    # f32 weights kept f32: fp32 accumulation over K <= 1024 keeps the engine within ~1e-5 of
+    # the float64 reference (2e-6 measured on lavapipe); 1e-4 leaves 10x room, 10x under the bar.
+    assert record.reference == "computed"
+    assert record.logit_tolerance == F32_TOLERANCE and record.logit_ok
+    assert 0 < record.logit_error < 1e-4
+    from rwkvlab.engine import load
+
+    engine = load(tiny, Options(), progress=False)
+    engine.reset()
+    ours = engine.prefill(record.prompt).astype(np.float64)
+    ref = Reference(read_model(tiny)).prefill(record.prompt).astype(np.float64)
+    assert record.logit_error == pytest.approx(np.max(np.abs(ours - ref)), abs=1e-7)
+
+
+def test_history_reads_back_every_field(bench):
+    record, history, line = bench
+    df = read(history)
+    assert len(df) == 1
+    row = df.iloc[0]
+    assert row["line"] == line
+    assert (row["title"], row["change"]) == ("Bench test", "module fixture run")
+    assert row["timestamp"] == record.timestamp.replace(microsecond=0)
+    assert (row["model"], row["version"], row["layers"], row["embedding"]) == ("tiny-f32.gguf", "V7", 2, 256)
+    assert row["gpu"] == record.gpu
+    assert row["load_ms"] == pytest.approx(record.load_ms, abs=0.005)  # written with 2 decimals
+    assert row["prefill_tps"] == pytest.approx(record.prefill_tps, abs=0.005)
+    assert row["generation_tps"] == pytest.approx(record.generation_tps, abs=0.005)
+    assert row["quality_hash"] == record.quality_hash
+    assert row["quality_tokens"] == record.quality_tokens[:16]
+    assert (row["backend"], row["path"], row["weights"], row["fusions"]) == ("vulkan", "webgpu", "native", "none")
+    assert row["chunk"] == 64 and row["dispatches_token"] == record.dispatches_per_token
+    assert row["commit"] == record.commit
+    assert row["logit_error"] == pytest.approx(record.logit_error, rel=5e-3)  # 3 significant digits
+    samples = row["samples"]
+    assert samples["prefill_s"] == record.prefill_seconds
+    assert samples["generation_s"] == record.generation_seconds
+    assert samples["warmup_prefill_s"] == record.warmup_prefill_seconds
+    assert samples["warmup_generation_s"] == record.warmup_generation_seconds
+    assert samples["load_ms"] == [record.load_ms]
+    assert samples["prefill_tps"] == pytest.approx(record.prefill_tps_samples)
+    side = json.loads(sidecar_path(history).read_text().splitlines()[-1])
+    assert side["options"] == Options().as_record()
+    assert side["adapter"] == record.adapter and side["quality_tokens"] == record.quality_tokens
+
+
+def test_record_round_trips_through_json(bench):
+    record, _, _ = bench
+    back = BenchRecord.from_dict(json.loads(json.dumps(record.to_dict())))
+    assert back == record
+
+
+def test_output_verdict_against_the_previous_run_of_the_model(bench, tmp_path):
+    record, history, _ = bench
+    assert judge(record, tmp_path / "none.md").output == "first run"
+    same = judge(record, history)
+    assert same.output == "same" and "module fixture run" in same.output_reason
+    changed = replace(record, quality_tokens=list(reversed(record.quality_tokens)))
+    verdict = judge(changed, history)
+    assert verdict.output == "changed" and not verdict.ok
+    assert record.quality_hash in verdict.output_reason and changed.quality_hash in verdict.output_reason
+    # The previous run counts, not the first: save the changed run, and it becomes the baseline.
+    copy = tmp_path / "copy.md"
+    copy.write_bytes(history.read_bytes())
+    save_bench(replace(changed, timestamp=record.timestamp + timedelta(seconds=5)), copy)
+    assert judge(record, copy).output == "changed"
+    assert judge(replace(record, model="other.gguf"), copy).output == "first run"
+    wrong = replace(record, logit_error=0.5)
+    assert judge(wrong, history).logits == "too large" and not judge(wrong, history).ok
+
+
+def test_history_file_defaults_to_the_gpu_name(bench):
+    record, _, _ = bench
+    assert slug("Apple M2 Max") == "apple-m2-max"
+    assert history_file(record, "h").name == slug(record.gpu) + ".md"
+    assert history_file(record, "h", "mine") == Path("h/mine.md")
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------
+
+def test_cli_bench_json_and_saved_run(tiny, cache, tmp_path, capsys):
+    args = ["bench", "--model", str(tiny), "--history-dir", str(tmp_path), "--file", "cli", "--title", "CLI",
+            "--change", "json run", "--json", *SMALL]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)  # stdout is the JSON record alone; the summary went to stderr
+    assert "tokens  first run of tiny-f32.gguf" in err and "logits  max |logit error|" in err
+    assert result["saved"] == {"file": str(tmp_path / "cli.md"), "line": result["saved"]["line"]}
+    assert result["verdict"]["output"] == "first run" and result["logit_ok"] is True
+    df = read(tmp_path / "cli.md")
+    assert list(df["change"]) == ["json run"]
+    assert df.iloc[0]["quality_hash"] == result["quality_hash"]
+    # A second run of the same file and options: same output as the previous run.
+    # (another change text: two runs in one second with one change would share a heading)
+    assert main(args[:-len(SMALL) - 3] + ["--change", "second run", *SMALL]) == 0
+    out, _ = capsys.readouterr()
+    assert "OK   tokens  same as the previous run of tiny-f32.gguf" in out
+    assert len(read(tmp_path / "cli.md")) == 2
+
+
+def test_cli_no_reference_says_not_checked(tiny, cache, tmp_path, capsys):
+    args = ["bench", "--model", str(tiny), "--history-dir", str(tmp_path), "--file", "nr", "--no-reference", *SMALL]
+    args.remove("--no-progress")
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert "logits not checked" in out
+    assert "generate repeat 1/1" in err  # the progress bar, on stderr
+    row = read(tmp_path / "nr.md").iloc[0]
+    assert row["logit_error"] == NOT_CHECKED  # never a made-up number
+    assert json.loads(sidecar_path(tmp_path / "nr.md").read_text())["logit_error"] is None
+
+
+@pytest.mark.parametrize("case, extra, message", [
+    ("missing model", ["--model", "{tmp}/missing.gguf"], "does not exist"),
+    ("not a model", ["--model", "{tmp}/not-gguf.gguf"], "not a gguf file"),
+    ("bad option", ["--model", "{tiny}", "--weights", "q4"], "unknown weights 'q4'; available: native, f16"),
+    ("engine refuses", ["--model", "{tiny}", "--chunk", "100000"], "binding limit"),
+])
+def test_failed_bench_leaves_the_history_unchanged(case, extra, message, tiny, cache, tmp_path, capsys):
+    history = tmp_path / "runs.md"
+    seed = REPO / "data" / "benchmarks" / "m2max-loading.md"
+    history.write_bytes(seed.read_bytes())
+    sidecar_path(history).write_text('{"timestamp": "2026-01-01T00:00:00", "change": "x"}\n')
+    (tmp_path / "not-gguf.gguf").write_text("hello, I am not a model\n")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    extra = [a.format(tmp=tmp_path, tiny=tiny) for a in extra]
+    rc = main(["bench", *extra, "--history-dir", str(tmp_path), "--file", "runs", *SMALL])
+    err = capsys.readouterr().err
+    assert rc == 2, case
+    assert err.startswith("rwkvlab bench: ") and message in err.lower()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing changed, nothing added
