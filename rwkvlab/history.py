@@ -179,11 +179,17 @@ _TIME_UNITS_MS = {"ms": 1.0, "s": 1000.0, "sec": 1000.0, "us": 1e-3, "µs": 1e-3
 _RATE_UNITS = {"tok/s", "tokens/s", "t/s", ""}
 
 _HASH_RE = re.compile(r"[0-9a-f]{1,16}")
+# A unit follows its number after a space ("512 MiB"), or directly when it is a common one
+# ("12ms", "3x"): "1234abc" (a commit hash) must not read as 1234 of unit "abc".
 _NUMBER_RE = re.compile(
     r"(?P<num>[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf|infinity))"
-    r"\s*(?P<unit>[A-Za-z%µμ][A-Za-z%µμ]*(?:/[A-Za-z]+)?)?",
+    r"(?:(?P<space>\s+)(?P<unit>[A-Za-z%µμ][A-Za-z%µμ]*(?:/[A-Za-z]+)?)|(?P<attached>[A-Za-z%µμ/]+))?",
     re.IGNORECASE,
 )
+_ATTACHED_UNITS = {"%", "x", "ns", "us", "µs", "μs", "ms", "s", "b", "kb", "mb", "gb", "kib", "mib", "gib",
+                   "tok/s", "t/s", "gb/s", "mb/s", "gflops", "tflops", "w", "mhz", "ghz"}
+# Extra metric values that say "no value": missing in a numeric column, not a reason to make it text.
+_ABSENT = {"", MISSING, "-", "\u2014", "none", "not checked", "not measured"}
 _TOKENS_RE = re.compile(r"\[\s*(?:-?\d+\s*(?:,\s*-?\d+\s*)*,?\s*)?\]")
 _DATE_START_RE = re.compile(r"\d{4}-\d{1,2}-\d{1,2}")
 _RUN_HEADING_RE = re.compile(
@@ -506,7 +512,10 @@ def _number_with_unit(text: str) -> tuple[float, str] | None:
     match = _NUMBER_RE.fullmatch(text.strip())
     if match is None:
         return None
-    return float(match.group("num")), match.group("unit") or ""
+    attached = match.group("attached")
+    if attached and attached.lower() not in _ATTACHED_UNITS:
+        return None
+    return float(match.group("num")), match.group("unit") or attached or ""
 
 
 def _read_tokens(tokens: list[Token], path: Path | str, line: int) -> list[int]:
@@ -583,14 +592,22 @@ def _to_frame(rows: list[dict[str, Any]], extras: list[str]) -> pd.DataFrame:
 
 
 def _extra_column(values: pd.Series) -> tuple[pd.Series, str]:
-    """Numbers (with the first unit met) when every present value parses as one, else strings."""
-    present = [v for v in values if isinstance(v, str)]
-    parsed = [_number_with_unit(v) for v in present]
-    if present and all(p is not None for p in parsed):
+    """Numbers (and the first unit met) when every value is a number or absent, else strings.
+
+    Absent values (``n/a``, ``not checked``, ...) become NaN in a numeric column. A value in
+    backticks is literal text: it keeps its column textual (the way to keep e.g. an all-digit
+    commit hash a string) and loses the backticks.
+    """
+    cells = [v if isinstance(v, str) else None for v in values]
+    given = [v for v in cells if v is not None and v.strip().lower() not in _ABSENT]
+    parsed = [_number_with_unit(v) for v in given]
+    if given and all(p is not None for p in parsed):
         unit = next((p[1] for p in parsed if p[1]), "")
-        numbers = [(_number_with_unit(v) or (float("nan"), ""))[0] if isinstance(v, str) else float("nan") for v in values]
+        numbers = [float("nan") if v is None or v.strip().lower() in _ABSENT else _number_with_unit(v)[0]
+                   for v in cells]
         return pd.Series(numbers, index=values.index, dtype="float64"), unit
-    return values.astype("str"), ""
+    texts = [v[1:-1] if v is not None and len(v) >= 2 and v[0] == v[-1] == "`" else v for v in cells]
+    return pd.Series(texts, index=values.index, dtype="str"), ""
 
 
 # --------------------------------------------------------------------------------------------

@@ -319,6 +319,24 @@ def test_extra_metric_rows_become_columns_in_order_of_appearance(tmp_path):
     assert messages == []
 
 
+def test_extra_values_absent_markers_units_and_literal_text(tmp_path):
+    """A bench run writes rows such as Logit error (``not checked`` when skipped) and Commit."""
+    def run(change, logit, commit, dispatches):
+        return RUN.format(change=change, load="1 ms").replace(
+            "| Quality Hash |", f"| Logit error | {logit} |\n| Commit | {commit} |\n"
+                               f"| Dispatches/token | {dispatches} |\n| Quality Hash |")
+    text = "## T\n\n" + run("a", "1.2e-05", "1234abc", "96") + run("b", "not checked", "`1234567`", "n/a")
+    df, messages = read_quietly(write(tmp_path, text))
+    assert messages == []
+    assert df["logit_error"].tolist()[0] == 1.2e-05 and math.isnan(df["logit_error"].iloc[1])
+    assert df["dispatches_token"].iloc[0] == 96.0 and math.isnan(df["dispatches_token"].iloc[1])
+    # "1234abc" is no number with unit "abc"; a value in backticks is literal text
+    assert df["commit"].tolist() == ["1234abc", "1234567"] and pd.api.types.is_string_dtype(df["commit"])
+    df, _ = read_quietly(write(tmp_path, "## T\n\n" + run("c", "2e-3", "7654321", "12ms"), "one.md"))
+    assert df["commit"].tolist() == [7654321.0]  # an unquoted all-digit value is a number
+    assert df["dispatches_token"].tolist() == [12.0] and df.attrs["units"]["dispatches_token"] == "ms"
+
+
 def test_duplicate_runs_are_both_kept_with_a_warning(tmp_path):
     path = write(tmp_path, "## T\n\n" + RUN.format(change="same", load="1 ms") * 2)
     df, messages = read_quietly(path)
