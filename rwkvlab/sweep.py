@@ -1,0 +1,316 @@
+"""`rwkvlab sweep`: bench every combination of some options, each in a fresh process.
+
+Each configuration runs as ``python -m rwkvlab.cli bench ... --json`` in its own subprocess:
+a GPU driver that crashes or hangs takes down one configuration, not the sweep, and every
+configuration gets a fresh device and a cold engine, as a user running bench would. Each
+subprocess appends its own run to the history as it finishes, so runs done before a crash
+are kept.
+
+"Best" means the fastest generation among *correct* configurations. A configuration is
+correct when its logit error is within tolerance (or was not checked) and its quality hash
+equals the baseline's: the unfused, portable (``webgpu``) configuration with the file's own
+weights (``native``), i.e. the plan every fusion and fast path must reproduce. The baseline is
+added to the sweep when the cross product does not contain it.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rwkvlab.bench import (BenchError, BenchSettings, fusions_text, model_from_args, options_from_args,
+                           settings_from_args)
+from rwkvlab.options import Options, OptionsError, parse_fusions
+
+# Options fields a sweep can vary, with the type of their values.
+VARIABLE = {"backend": str, "path": str, "weights": str, "fusions": str, "chunk": int, "gemm_min_tokens": int}
+_STDERR_TAIL = 4000  # characters of a failed configuration's stderr kept for its error text
+
+
+def parse_vary(items: list[str]) -> dict[str, list[str]]:
+    """``["path=webgpu,native", "fusions=none,all"]`` -> ``{"path": [...], "fusions": [...]}``.
+
+    Keys are Options fields (``gemm-min-tokens`` is accepted for ``gemm_min_tokens``); each
+    value is checked by building an Options from it, so a typo fails before anything runs.
+    """
+    vary: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not values.strip():
+            raise OptionsError(f"--vary {item!r}: expected OPTION=V1,V2 (e.g. path=webgpu,native)")
+        if key not in VARIABLE:
+            raise OptionsError(f"--vary {item!r}: unknown option {key!r}; available: {', '.join(VARIABLE)}")
+        if key in vary:
+            raise OptionsError(f"--vary {key} given twice; list all its values in one --vary")
+        vary[key] = [v.strip() for v in values.split(",") if v.strip()]
+        for v in vary[key]:
+            _with(Options(), key, v)
+    return vary
+
+
+def _with(options: Options, key: str, text: str) -> Options:
+    """``options`` with one field set from its command-line text."""
+    if key == "fusions":
+        return options.with_(fusions=parse_fusions(text))
+    if VARIABLE[key] is int:
+        try:
+            return options.with_(**{key: int(text)})
+        except ValueError:
+            raise OptionsError(f"--vary {key}={text!r}: expected a whole number") from None
+    return options.with_(**{key: text})
+
+
+@dataclass(frozen=True)
+class Config:
+    """One configuration of a sweep: its Options and the varied values that name it."""
+
+    options: Options
+    label: str  # e.g. "path=native fusions=all"; "baseline" settings are named the same way
+
+
+def configurations(base: Options, vary: dict[str, list[str]]) -> list[Config]:
+    """The cross product of the ``vary`` values applied to ``base``, in the order given."""
+    keys = list(vary)
+    configs = []
+    for combo in itertools.product(*(vary[k] for k in keys)):
+        options = base
+        for key, text in zip(keys, combo):
+            options = _with(options, key, text)
+        configs.append(Config(options, " ".join(f"{k}={v}" for k, v in zip(keys, combo)) or "as given"))
+    return configs
+
+
+def baseline_options(base: Options) -> Options:
+    """The configuration every other must reproduce: no fusion, portable path, file weights."""
+    return base.with_(path="webgpu", weights="native", fusions=frozenset())
+
+
+def with_baseline(base: Options, configs: list[Config]) -> tuple[list[Config], bool]:
+    """``configs`` with the baseline in front when it is missing; and whether it was added."""
+    wanted = baseline_options(base)
+    if any(c.options == wanted for c in configs):
+        return configs, False
+    return [Config(wanted, "baseline (path=webgpu weights=native fusions=none)")] + configs, True
+
+
+@dataclass
+class SweepRow:
+    """One configuration's outcome: the bench JSON record, or why there is none."""
+
+    config: Config
+    result: dict[str, Any] | None
+    error: str | None
+    returncode: int | None
+    seconds: float
+
+    @property
+    def ran(self) -> bool:
+        return self.result is not None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return (self.result or {}).get(key, default)
+
+
+@dataclass
+class SweepResult:
+    """All rows of a sweep, which one is the baseline and which is best."""
+
+    rows: list[SweepRow]
+    baseline: SweepRow | None
+    baseline_added: bool = False
+    best: SweepRow | None = field(default=None)
+
+    def correct(self, row: SweepRow) -> bool:
+        """Ran, logit error within tolerance (or not checked), same hash as the baseline."""
+        if not row.ran or self.baseline is None or not self.baseline.ran:
+            return False
+        if row.get("logit_ok") is False:
+            return False
+        return row.get("quality_hash") == self.baseline.get("quality_hash")
+
+    def status(self, row: SweepRow) -> str:
+        """One word or phrase for the table's output column."""
+        if not row.ran:
+            return "FAILED"
+        if row.get("logit_ok") is False:
+            return "WRONG (logits)"
+        if self.baseline is None or not self.baseline.ran:
+            return "unknown (baseline failed)"
+        if row is self.baseline:
+            return "baseline" + ("" if row.get("logit_ok") else " (logits not checked)")
+        if row.get("quality_hash") != self.baseline.get("quality_hash"):
+            return "WRONG (tokens)"
+        return "same"
+
+    def table(self) -> str:
+        """The sweep as a plain-text table, the best configuration marked with ``*``."""
+        head = ("", "configuration", "load ms", "prefill tok/s", "gen tok/s", "logit err", "hash", "output")
+        lines = []
+        for row in self.rows:
+            mark = "*" if row is self.best else ""
+            if row.ran:
+                err = row.get("logit_error")
+                cells = (mark, row.config.label, f"{row.get('load_ms'):.1f}", f"{row.get('prefill_tps'):.2f}",
+                         f"{row.get('generation_tps'):.2f}", "not checked" if err is None else f"{err:.3g}",
+                         row.get("quality_hash"), self.status(row))
+            else:
+                cells = (mark, row.config.label, "-", "-", "-", "-", "-", f"FAILED: {row.error}")
+            lines.append(cells)
+        widths = [max(len(str(r[i])) for r in [head] + lines) for i in range(len(head) - 1)]
+        fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)) + "  " + str(r[-1])  # noqa: E731
+        return "\n".join([fmt(head), fmt(tuple("-" * w for w in widths) + ("-" * 6,))] + [fmt(r) for r in lines])
+
+    def summary(self) -> str:
+        """The verdict line(s): the best correct configuration, or why there is none."""
+        out = []
+        if self.baseline_added:
+            out.append("(the baseline configuration was added to the sweep to judge correctness)")
+        failed = [r for r in self.rows if not r.ran]
+        if failed:
+            out.append(f"{len(failed)} configuration(s) failed to run: " + "; ".join(r.config.label for r in failed))
+        if self.best is None:
+            if self.baseline is None or not self.baseline.ran:
+                out.append("no best configuration: the baseline did not run, so correctness cannot be judged")
+            else:
+                out.append("no best configuration: no configuration ran with correct output")
+        else:
+            b = self.best
+            out.append(f"best correct configuration: {b.config.label}  ({b.get('generation_tps'):.2f} tok/s "
+                       f"generation, {b.get('prefill_tps'):.2f} tok/s prefill; baseline "
+                       f"{self.baseline.get('generation_tps'):.2f} tok/s generation)")
+        return "\n".join(out)
+
+
+def pick_best(result: SweepResult) -> SweepRow | None:
+    """The correct row with the fastest (median) generation."""
+    correct = [r for r in result.rows if result.correct(r)]
+    return max(correct, key=lambda r: r.get("generation_tps"), default=None)
+
+
+def bench_command(model: Path, options: Options, settings: BenchSettings, *, title: str, change: str,
+                  file: str | None, history_dir: str, save: bool, python: str = sys.executable) -> list[str]:
+    """The `rwkvlab bench --json` command line that runs one configuration."""
+    cmd = [python, "-m", "rwkvlab.cli", "bench", "--model", str(model),
+           "--backend", options.backend, "--path", options.path, "--weights", options.weights,
+           "--fusions", ",".join(sorted(options.fusions)) or "none",
+           "--chunk", str(options.chunk), "--gemm-min-tokens", str(options.gemm_min_tokens),
+           "--prefill", str(settings.prefill), "--generate", str(settings.generate),
+           "--warmup", str(settings.warmup), "--repeat", str(settings.repeat),
+           "--title", title, "--change", change, "--history-dir", str(history_dir), "--json"]
+    if file:
+        cmd += ["--file", file]
+    if not settings.reference:
+        cmd.append("--no-reference")
+    if not settings.progress:
+        cmd.append("--no-progress")
+    if not save:
+        cmd.append("--no-save")
+    return cmd
+
+
+def run_config(config: Config, cmd: list[str], timeout: float) -> SweepRow:
+    """Run one bench subprocess; its stderr streams through live (progress, summary)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out: list[bytes] = []
+    tail = bytearray()
+
+    def relay() -> None:
+        while chunk := os.read(proc.stderr.fileno(), 4096):
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.buffer.flush()
+            tail.extend(chunk)
+            del tail[:-_STDERR_TAIL]
+
+    threads = [threading.Thread(target=relay, daemon=True),
+               threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        proc.wait(timeout=timeout)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        proc.kill()  # our own child, by its id
+        proc.wait()
+        timed_out = True
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    if timed_out:
+        return SweepRow(config, None, f"stopped after {timeout:g} s (--timeout)", None, seconds)
+    stdout = b"".join(out).decode("utf-8", errors="replace").strip()
+    # Exit 1 means the logit check failed: the run completed and its record is still valid.
+    if proc.returncode in (0, 1) and stdout:
+        try:
+            return SweepRow(config, json.loads(stdout.splitlines()[-1]), None, proc.returncode, seconds)
+        except json.JSONDecodeError:
+            pass
+    return SweepRow(config, None, _failure_text(proc.returncode, bytes(tail)), proc.returncode, seconds)
+
+
+def _failure_text(returncode: int, stderr: bytes) -> str:
+    lines = [ln.strip() for ln in stderr.decode("utf-8", errors="replace").replace("\r", "\n").splitlines()
+             if ln.strip()]
+    last = lines[-1] if lines else "no message"
+    how = f"killed by signal {-returncode}" if returncode < 0 else f"exit {returncode}"
+    return f"{how}: {last[:300]}"
+
+
+def run_sweep(model: str | os.PathLike, base: Options, vary: dict[str, list[str]],
+              settings: BenchSettings | None = None, *, title: str = "", change: str = "",
+              file: str | None = None, history_dir: str | os.PathLike = "data/benchmarks", save: bool = True,
+              timeout: float = 1800.0, log=print) -> SweepResult:
+    """Bench every configuration of ``vary`` over ``base`` in fresh subprocesses (module docstring).
+
+    ``model`` is a GGUF path (resolve presets first with ``rwkvlab.bench.resolve_model``).
+    ``log`` receives one line as each configuration starts.
+    """
+    settings = settings or BenchSettings()
+    model = Path(model)
+    configs, added = with_baseline(base, configurations(base, vary))
+    title = title or f"Sweep {model.stem}: " + (", ".join(vary) or "as given")
+    rows = []
+    for i, config in enumerate(configs, 1):
+        log(f"[{i}/{len(configs)}] {config.label}")
+        row_change = f"{change}: {config.label}" if change else config.label
+        cmd = bench_command(model, config.options, settings, title=title, change=row_change, file=file,
+                            history_dir=str(history_dir), save=save)
+        rows.append(run_config(config, cmd, timeout))
+    wanted = baseline_options(base)
+    baseline = next(r for r in rows if r.config.options == wanted)
+    result = SweepResult(rows, baseline, added)
+    result.best = pick_best(result)
+    return result
+
+
+def cli_sweep(args: argparse.Namespace) -> int:
+    """`rwkvlab sweep`: exit 0 when every configuration ran and one is correct, else 1 (2: bad arguments)."""
+    try:
+        vary = parse_vary(args.vary)
+        base = options_from_args(args)
+        settings = settings_from_args(args)
+        model = model_from_args(args)
+    except (BenchError, OptionsError) as err:
+        print(f"rwkvlab sweep: {err}", file=sys.stderr)
+        return 2
+    result = run_sweep(model, base, vary, settings, title=args.title or "", change=args.change or "",
+                       file=args.file, history_dir=args.history_dir, save=not args.no_save,
+                       timeout=args.timeout, log=lambda line: print(f"sweep {line}", file=sys.stderr))
+    print(result.table())
+    print()
+    print(result.summary())
+    saved = sorted({r.get("saved", {}).get("file") for r in result.rows if r.get("saved")})
+    if saved:
+        print(f"runs appended to {', '.join(saved)}")
+    ok = result.best is not None and all(r.ran for r in result.rows)
+    return 0 if ok else 1
+
