@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -484,3 +486,10 @@ def test_sidecar_records_join_onto_their_runs(tmp_path):
     ]
     with pytest.raises(ValueError, match="needs 'timestamp' and 'change'"):
         append_sidecar(path, {"samples": {}})
+
+
+def test_history_and_verdicts_never_import_wgpu():
+    """The history tools must run on machines without a GPU stack (a fresh interpreter checks)."""
+    code = "import sys, rwkvlab.history, rwkvlab.verdicts; print(sorted(m for m in sys.modules if m.startswith('wgpu')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"
