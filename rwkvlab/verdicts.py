@@ -10,7 +10,9 @@ Output (``output``, ``output_reason``)
     the earliest run filed under a ``##`` title containing "Baseline" when there is one, since
     that is the author saying "this is the reference state", else the model's earliest run.
     Other runs are "same" or "changed" against it; runs without a hash or model are "unknown".
-    A per-file baseline would let a file that starts with a broken run bless it.
+    A per-file baseline would let a file that starts with a broken run bless it. GPUs share
+    the baseline too: greedy tokens should not depend on the GPU, and when they do (float
+    rounding flipping an argmax) that is worth seeing; the reason names the baseline's file.
 
 Speed (``{m}_vs_title``, ``{m}_vs_history`` for m in prefill, generation, load)
     Each run's value is compared with the median of a reference set of earlier runs of the
@@ -295,6 +297,7 @@ def _missing(runs: pd.DataFrame, i: int, column: str) -> str | None:
 
 
 def _compare_vs_title(runs, order, usable, column, sign, unit, noise) -> tuple[list[str], list[str]]:
+    """Each run against the earlier correct runs under its title (same file, model and GPU)."""
     verdict = ["no reference"] * len(runs)
     reason = [""] * len(runs)
     earlier: dict[tuple, list[int]] = {}
@@ -324,6 +327,8 @@ def _compare_vs_title(runs, order, usable, column, sign, unit, noise) -> tuple[l
 
 
 def _compare_vs_history(runs, order, usable, column, sign, unit, noise, cp, segment) -> tuple[list[str], list[str]]:
+    """Each run against the current regime of its model + GPU series, or, at a change point,
+    the step between the regimes on either side (``segment``: regime number per series run)."""
     verdict = ["no reference"] * len(runs)
     reason = [""] * len(runs)
     series: dict[tuple, list[int]] = {}  # usable runs of each model + GPU seen so far, in time order
