@@ -54,12 +54,11 @@ def test_concurrent_appends_from_processes_lose_nothing(tmp_path):
     # every run has its sidecar samples joined: no sidecar line lost either
     assert all(s == {"prefill_tps": [row.prefill_tps] * 3} for s, row in zip(new["samples"], new.itertuples()))
     # each worker's runs under one title keep the order it wrote them in
-    for (_, worker_id), group in new.groupby(["title", new["change"].str.split().str[1]]):
+    for _, group in new.groupby(["title", new["change"].str.split().str[1]]):
         runs = [int(c.split()[-1]) for c in group.sort_values("line")["change"]]
         assert runs == sorted(runs)
-    # the seed's own bytes are all still there, in order (runs were only inserted)
-    text, seed = path.read_bytes(), original
-    pos = 0
-    for line in seed.splitlines(keepends=True):
+    # the seed's own lines are all still there, in order (runs were only inserted)
+    text, pos = path.read_bytes(), 0
+    for line in original.splitlines(keepends=True):
         pos = text.index(line, pos) + len(line)
     assert len(df[df["title"] == "Baseline"]) == 1 + len(new[new["title"] == "Baseline"])
