@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import re
 import statistics
@@ -183,7 +182,8 @@ class BenchRecord:
             "Fusions": fusions_text(self.options.fusions),
             "Chunk": self.options.chunk,
             "Dispatches/token": "n/a" if self.dispatches_per_token is None else int(self.dispatches_per_token),
-            "Commit": self.commit,
+            # In backticks: the history reader keeps it text (a hash like 1234e56 is not a number).
+            "Commit": f"`{self.commit}`",
             "Logit error": NOT_CHECKED if self.logit_error is None else float(f"{self.logit_error:.3g}"),
         }
 
@@ -551,7 +551,7 @@ def judge(record: BenchRecord, history: str | os.PathLike) -> Verdict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", HistoryWarning)
             df = read_history(history)
-        same = df[(df["model"] == record.model) & (df["quality_hash"] != "nan")]
+        same = df[(df["model"] == record.model) & df["quality_hash"].notna() & (df["quality_hash"] != "nan")]
         if len(same):
             previous = same.sort_values("line").iloc[-1]
     if previous is None:
@@ -674,10 +674,6 @@ def cli_bench(args: argparse.Namespace) -> int:
 
 
 def _json_default(value: Any) -> Any:
-    if hasattr(value, "tolist"):
+    if hasattr(value, "tolist"):  # NumPy scalars
         return value.tolist()
-    if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
     raise TypeError(f"cannot write {type(value).__name__} as JSON")

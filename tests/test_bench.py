@@ -18,11 +18,12 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from rwkvlab.bench import (F32_TOLERANCE, NOT_CHECKED, OTHER_TOLERANCE, PROMPT_TEXT, BenchError, BenchRecord,
                            BenchSettings, git_commit, history_file, judge, logit_tolerance, prompt_tokens,
-                           reference_cache_file, reference_logits, run_bench, save_bench, slug)
+                           reference_cache_file, reference_logits, resolve_model, run_bench, save_bench, slug)
 from rwkvlab.cli import main
 from rwkvlab.gguf import read_model
 from rwkvlab.history import HistoryWarning, read_history, sidecar_path
@@ -170,6 +171,31 @@ def test_settings_are_checked():
         BenchSettings(prefill=0)
 
 
+def test_models_resolve_to_files(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("RWKVLAB_CACHE", str(tmp_path))
+    assert resolve_model(tiny) == tiny
+    preset = resolve_model("tiny", "q8_0")  # a synthetic preset is written on first use
+    assert preset.parent == tmp_path and preset.is_file() and "tiny-q8_0" in preset.name
+    with pytest.raises(BenchError, match=r"missing.gguf does not exist; give a GGUF file or a preset \(tiny, 0.1b"):
+        resolve_model(tmp_path / "missing.gguf")
+    with pytest.raises(BenchError, match="is not a file"):
+        resolve_model(tmp_path)
+
+
+def test_reference_too_big_for_the_host_fails_before_the_gpu(tiny, tmp_path, monkeypatch, capsys):
+    import rwkvlab.bench as bench_module
+
+    monkeypatch.setenv("RWKVLAB_CACHE", str(tmp_path / "cache"))  # nothing cached: the check applies
+    monkeypatch.setattr(bench_module, "_available_memory", lambda: 1 << 20)
+    with pytest.raises(BenchError, match="needs about 0.0 GiB of host memory and 0.0 GiB is available; pass --no-reference"):
+        bench_module.check_reference_fits(read_model(tiny))
+    assert main(["bench", "--model", str(tiny), "--history-dir", str(tmp_path), *SMALL]) == 2
+    assert "pass --no-reference" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # not even the cache folder
+    monkeypatch.setattr(bench_module, "_available_memory", lambda: None)  # unknown: no check
+    bench_module.check_reference_fits(read_model(tiny))
+
+
 def test_git_commit(tmp_path):
     assert re.fullmatch(r"[0-9a-f]{7,40}(-dirty)?", git_commit(REPO))
     assert git_commit(tmp_path) == "unknown"  # not a git checkout
@@ -264,6 +290,10 @@ def test_history_reads_back_every_field(bench):
     assert (row["backend"], row["path"], row["weights"], row["fusions"]) == ("vulkan", "webgpu", "native", "none")
     assert row["chunk"] == 64 and row["dispatches_token"] == record.dispatches_per_token
     assert row["commit"] == record.commit
+    # A commit hash that looks like a number (digits, or 1234e56) must stay text.
+    digits = history.with_name("digits.md")
+    save_bench(replace(record, commit="1234e56"), digits)
+    assert read(digits).iloc[0]["commit"] == "1234e56"
     assert row["logit_error"] == pytest.approx(record.logit_error, rel=5e-3)  # 3 significant digits
     samples = row["samples"]
     assert samples["prefill_s"] == record.prefill_seconds
@@ -340,8 +370,9 @@ def test_cli_no_reference_says_not_checked(tiny, cache, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "logits not checked" in out
     assert "generate repeat 1/1" in err  # the progress bar, on stderr
+    assert "| Logit error | not checked |" in (tmp_path / "nr.md").read_text()  # never a made-up number
     row = read(tmp_path / "nr.md").iloc[0]
-    assert row["logit_error"] == NOT_CHECKED  # never a made-up number
+    assert row["logit_error"] == NOT_CHECKED or pd.isna(row["logit_error"])  # the reader's "absent" marker
     assert json.loads(sidecar_path(tmp_path / "nr.md").read_text())["logit_error"] is None
 
 
