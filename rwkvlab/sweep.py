@@ -15,6 +15,7 @@ added to the sweep when the cross product does not contain it.
 from __future__ import annotations
 
 import argparse
+import codecs
 import itertools
 import json
 import os
@@ -165,9 +166,14 @@ class SweepResult:
             else:
                 cells = (mark, row.config.label, "-", "-", "-", "-", "-", f"FAILED: {row.error}")
             lines.append(cells)
+        # Pad every column but the last, which holds free text (a failure's message).
         widths = [max(len(str(r[i])) for r in [head] + lines) for i in range(len(head) - 1)]
-        fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)) + "  " + str(r[-1])  # noqa: E731
-        return "\n".join([fmt(head), fmt(tuple("-" * w for w in widths) + ("-" * 6,))] + [fmt(r) for r in lines])
+
+        def fmt(cells: tuple) -> str:
+            return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + "  " + str(cells[-1])
+
+        rule = tuple("-" * w for w in widths) + ("-" * len(head[-1]),)
+        return "\n".join([fmt(head), fmt(rule)] + [fmt(r) for r in lines])
 
     def summary(self) -> str:
         """The verdict line(s): the best correct configuration, or why there is none."""
@@ -225,9 +231,12 @@ def run_config(config: Config, cmd: list[str], timeout: float) -> SweepRow:
     tail = bytearray()
 
     def relay() -> None:
+        # Text, not sys.stderr.buffer: a notebook's stderr has no byte buffer. The incremental
+        # decoder keeps a UTF-8 character split across two reads intact.
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         while chunk := os.read(proc.stderr.fileno(), 4096):
-            sys.stderr.buffer.write(chunk)
-            sys.stderr.buffer.flush()
+            sys.stderr.write(decoder.decode(chunk))
+            sys.stderr.flush()
             tail.extend(chunk)
             del tail[:-_STDERR_TAIL]
 
