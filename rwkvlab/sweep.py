@@ -269,7 +269,10 @@ def run_config(config: Config, cmd: list[str], timeout: float) -> SweepRow:
 def _failure_text(returncode: int, stderr: bytes) -> str:
     lines = [ln.strip() for ln in stderr.decode("utf-8", errors="replace").replace("\r", "\n").splitlines()
              if ln.strip()]
-    last = lines[-1] if lines else "no message"
+    # bench's own error line says what to change; a multi-line cause (a shader diagnostic)
+    # follows it. Otherwise the last line: a traceback's exception, or a driver's last words.
+    own = [ln for ln in lines if ln.startswith("rwkvlab bench:")]
+    last = own[-1] if own else lines[-1] if lines else "no message"
     how = f"killed by signal {-returncode}" if returncode < 0 else f"exit {returncode}"
     return f"{how}: {last[:300]}"
 

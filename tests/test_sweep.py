@@ -155,6 +155,10 @@ def test_a_crash_costs_one_row():
     row = run_config(Config(Options(), "error"),
                      _py("import sys; print('rwkvlab bench: no adapter', file=sys.stderr); sys.exit(2)"), timeout=60)
     assert not row.ran and row.error == "exit 2: rwkvlab bench: no adapter"
+    row = run_config(Config(Options(), "multi-line"), _py(
+        "import sys; print('rwkvlab bench: shader x does not compile:\\n  detail\\n  more', file=sys.stderr); "
+        "sys.exit(2)"), timeout=60)
+    assert row.error == "exit 2: rwkvlab bench: shader x does not compile:"
     row = run_config(Config(Options(), "garbage"), _py("print('not json')"), timeout=60)
     assert not row.ran and row.error.startswith("exit 0")
 
