@@ -37,24 +37,67 @@ class EngineError(RuntimeError):
 
 
 @dataclass
-class Piece:
-    """Rows [row0, row0 + rows) of a matrix, in one GPU buffer (one binding)."""
+class Segment:
+    """Rows [row0, row0 + rows) of a matrix, stored from word `w_base` of one GPU buffer."""
 
     buffer: object
+    w_base: int
     row0: int
     rows: int
 
 
 @dataclass
 class Matrix:
-    """A weight matrix [M, K] on the GPU: its format there, its row pitch, its row pieces."""
+    """A weight matrix [M, K] on the GPU: its format there, its row pitch, where its rows are.
+
+    Small matrices of a block share buffers (stacked at load, so the "proj" fusion can run
+    several in one dispatch); a matrix bigger than one binding is split by rows over buffers.
+    """
 
     name: str
     fmt: str  # GPU format: F32, F16, BF16 or Q8_0 (kernels.GPU_FORMATS)
     M: int
     K: int
     row_words: int
-    pieces: list[Piece]
+    segments: list[Segment]
+
+
+@dataclass
+class _Product:
+    """One matrix product of the forward pass: Y[y_off + t*y_stride + m] (+)= act(W X[x_off + t*K] + bias)."""
+
+    mat: Matrix
+    x: object
+    x_off: int  # floats
+    y: object
+    y_off: int  # floats
+    y_stride: int
+    act: str = "none"
+    bias: str | None = None  # name of a 1-D tensor in the vectors buffer
+    accum: bool = False
+
+
+class _Slots:
+    """One GPU buffer holding several [Tm, width] activations ("slots") at 256-byte aligned
+    offsets: stacked products write all their outputs into one binding."""
+
+    def __init__(self, device, name: str, Tm: int, widths: dict[str, int], usage) -> None:
+        self.offsets: dict[str, int] = {}
+        self.widths = dict(widths)
+        self.Tm = Tm
+        offset = 0
+        for slot, width in widths.items():
+            self.offsets[slot] = offset
+            offset = _align(offset + Tm * width * 4)
+        self.buffer = device.create_buffer(label=name, size=max(offset, 16), usage=usage)
+
+    def floats(self, slot: str) -> int:
+        """Offset of the slot in floats."""
+        return self.offsets[slot] // 4
+
+    def range(self, slot: str) -> tuple:
+        """(buffer, byte offset, size) of the slot, for a binding."""
+        return (self.buffer, self.offsets[slot], self.Tm * self.widths[slot] * 4)
 
 
 @dataclass
@@ -224,16 +267,23 @@ class Engine:
 
     # --- weights -------------------------------------------------------------------------------
 
+    def _weight_groups(self) -> list[list[str]]:
+        """Matrices that share buffers: per block the products that read the same input buffer
+        and write the same output buffer (r, k, v and the LoRA downs; the LoRA ups); every
+        other matrix alone. Layer 0 has no value LoRA (its v becomes v_first)."""
+        groups = [["token_embd.weight"], ["output.weight"]]
+        for i in range(self.spec.n_layer):
+            b = f"blk.{i}.time_mix_"
+            v = ["v1"] if i > 0 else []
+            down = ["receptance", "key", "value", "w1", "a1", *v, "g1"]
+            up = ["w2", "a2", *(["v2"] if i > 0 else []), "g2"]
+            groups += [[b + n + ".weight" for n in down], [b + n + ".weight" for n in up],
+                       [b + "output.weight"], [f"blk.{i}.channel_mix_key.weight"],
+                       [f"blk.{i}.channel_mix_value.weight"]]
+        return groups
+
     def _matrix_names(self) -> list[str]:
-        s = self.spec
-        names = ["token_embd.weight", "output.weight"]
-        for i in range(s.n_layer):
-            b = f"blk.{i}."
-            lora = ["w1", "w2", "a1", "a2", "g1", "g2"] + (["v1", "v2"] if i > 0 else [])
-            names += [b + f"time_mix_{x}.weight" for x in lora]
-            names += [b + f"time_mix_{x}.weight" for x in ("receptance", "key", "value", "output")]
-            names += [b + "channel_mix_key.weight", b + "channel_mix_value.weight"]
-        return names
+        return [n for g in self._weight_groups() for n in g]
 
     def _vector_names(self) -> list[str]:
         s = self.spec
@@ -249,24 +299,50 @@ class Engine:
                 names.append(b + "time_mix_v0.weight")
         return names
 
+    def _layout(self) -> list[tuple[int, list[tuple[str, int, int, int]]]]:
+        """Where every matrix row goes: a list of buffers, each (size in words, [(matrix, row0,
+        rows, w_base)]). A group is split by GPU format (one stack per format), stacks fill
+        buffers up to the split size, and a matrix that does not fit is continued, by rows, in
+        the next buffer. Segments start on 16-byte boundaries (the kernels' vec4 loads)."""
+        limit = self.split_bytes // 4
+        buffers = []
+        for group in self._weight_groups():
+            by_fmt: dict[str, list[str]] = {}
+            for name in group:
+                by_fmt.setdefault(self.weight_formats[name], []).append(name)
+            for names in by_fmt.values():
+                used, segs = 0, []
+                for name in names:
+                    M, K = self.model.tensor(name).shape
+                    rw = kn.row_words(self.weight_formats[name], K)
+                    if rw > limit:
+                        raise EngineError(f"{self.model.path}: one row of {name!r} ({rw * 4} bytes) "
+                                          f"exceeds the device's binding limit of {self.split_bytes} bytes")
+                    r = 0
+                    while r < M:
+                        fit = (limit - used) // rw
+                        if fit == 0:
+                            buffers.append((used, segs))
+                            used, segs = 0, []
+                            continue
+                        n = min(M - r, fit)
+                        segs.append((name, r, n, used))
+                        used = _ceil_div(used + n * rw, 4) * 4
+                        r += n
+                if segs:
+                    buffers.append((used, segs))
+        return buffers
+
     def _upload_weights(self, progress: bool) -> None:
         from tqdm import tqdm
 
-        names = self._matrix_names()
-        plans = []
-        total = 0
-        for name in names:
+        wgpu = self._wgpu
+        for name in self._matrix_names():
             t = self.model.tensor(name)
-            fmt = _gpu_format(t.ggml_type, self.options.weights, True)
-            M, K = t.shape
-            rw = kn.row_words(fmt, K)
-            rows_per_piece = self.split_bytes // (rw * 4)
-            if rows_per_piece < 1:
-                raise EngineError(f"{self.model.path}: one row of {name!r} ({rw * 4} bytes) exceeds "
-                                  f"the device's binding limit of {self.split_bytes} bytes")
-            plans.append((t, fmt, rw, rows_per_piece))
-            total += M * rw * 4
+            self.weight_formats[name] = _gpu_format(t.ggml_type, self.options.weights, True)
+        layout = self._layout()
         vec_names = self._vector_names()
+        total = sum(words * 4 for words, _ in layout)
         total += sum(self.model.tensor(n).n_elements * 4 for n in vec_names)
 
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
@@ -274,12 +350,23 @@ class Engine:
         self._pending = 0
         self.matrices: dict[str, Matrix] = {}
         try:
-            for t, fmt, rw, rows_per_piece in plans:
-                self.matrices[t.name] = self._upload_matrix(t, fmt, rw, rows_per_piece, bar)
-                self.weight_formats[t.name] = fmt
+            for words, segs in layout:
+                buf = self._device.create_buffer(label=f"weights:{segs[0][0]}", size=max(16, words * 4),
+                                                 usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST)
+                for name, row0, rows, w_base in segs:
+                    mat = self._matrix(name)
+                    self._upload_rows(buf, w_base, mat, row0, rows, bar)
+                    mat.segments.append(Segment(buf, w_base, row0, rows))
             self._upload_vectors(vec_names, bar)
         finally:
             bar.close()
+
+    def _matrix(self, name: str) -> Matrix:
+        if name not in self.matrices:
+            M, K = self.model.tensor(name).shape
+            fmt = self.weight_formats[name]
+            self.matrices[name] = Matrix(name, fmt, M, K, kn.row_words(fmt, K), [])
+        return self.matrices[name]
 
     def _write(self, buffer, offset: int, data: np.ndarray, bar) -> None:
         """write_buffer, with a submit([]) every UPLOAD_SLICE bytes: wgpu keeps each write's
@@ -291,31 +378,22 @@ class Engine:
             self._queue.submit([])
             self._pending = 0
 
-    def _upload_matrix(self, t, fmt: str, rw: int, rows_per_piece: int, bar) -> Matrix:
-        wgpu = self._wgpu
-        M, K = t.shape
-        row_bytes = rw * 4
-        rows_per_slice = max(1, UPLOAD_SLICE // row_bytes)
-        pieces = []
-        for r0 in range(0, M, rows_per_piece):
-            r1 = min(M, r0 + rows_per_piece)
-            size = _ceil_div((r1 - r0) * row_bytes, 16) * 16
-            buf = self._device.create_buffer(label=f"{t.name}[{r0}:{r1}]", size=size,
-                                             usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST)
-            for s0 in range(r0, r1, rows_per_slice):
-                s1 = min(r1, s0 + rows_per_slice)
-                data = np.ascontiguousarray(_row_bytes_on_gpu(t, fmt, s0, s1)).reshape(-1)
-                self._write(buf, (s0 - r0) * row_bytes, data, bar)
-            if size > (r1 - r0) * row_bytes:  # the 16-byte tail pad is never read; keep it defined
-                pad = np.zeros(size - (r1 - r0) * row_bytes, np.uint8)
-                self._queue.write_buffer(buf, (r1 - r0) * row_bytes, pad)
-            pieces.append(Piece(buf, r0, r1 - r0))
-        return Matrix(t.name, fmt, M, K, rw, pieces)
+    def _upload_rows(self, buf, w_base: int, mat: Matrix, row0: int, rows: int, bar) -> None:
+        """Rows [row0, row0 + rows) of a matrix into `buf` from word w_base, in slices of at
+        most UPLOAD_SLICE bytes read from the memory-mapped file (dequantized when the GPU
+        format differs from the file's)."""
+        t = self.model.tensor(mat.name)
+        row_bytes = mat.row_words * 4
+        per_slice = max(1, UPLOAD_SLICE // row_bytes)
+        for s0 in range(row0, row0 + rows, per_slice):
+            s1 = min(row0 + rows, s0 + per_slice)
+            data = np.ascontiguousarray(_row_bytes_on_gpu(t, mat.fmt, s0, s1)).reshape(-1)
+            self._write(buf, w_base * 4 + (s0 - row0) * row_bytes, data, bar)
 
     def _upload_vectors(self, names: list[str], bar) -> None:
         """All 1-D tensors (and the six lerp mixes) in one f32 buffer, each 256-byte aligned."""
         wgpu = self._wgpu
-        self._vec_at: dict[str, tuple[int, int]] = {}
+        self._vec_at = {}
         offset = 0
         for n in names:
             size = self.model.tensor(n).n_elements * 4
@@ -331,24 +409,35 @@ class Engine:
         self._write(self.vecs, 0, host, bar)
 
     def _vec(self, name: str) -> tuple:
+        """(buffer, byte offset, size) of a 1-D tensor, for a binding."""
         off, size = self._vec_at[name]
         return (self.vecs, off, size)
+
+    def _vec_floats(self, name: str) -> int:
+        return self._vec_at[name][0] // 4
 
     # --- activations and state -----------------------------------------------------------------
 
     def _allocate(self) -> None:
-        """Activation buffers for Tm tokens, the recurrent state, token ids, generated ids."""
+        """Activation buffers for Tm tokens, the recurrent state, token ids, generated ids.
+
+        The time mix's projections live in two slot buffers: `down` (r, k, v and the LoRA
+        hidden vectors, written by the first stack of products) and `up` (decay, in-context
+        rate, value mix, gate: written by the second), so a stacked product has one output
+        binding and the next stack one input binding.
+        """
         wgpu = self._wgpu
         s, Tm = self.spec, self.Tm
         C = s.n_embd
         usage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsage.COPY_DST
-        widths = {
-            "x": C, "xn": C, "mix": 6 * C, "r": C, "k": C, "v": C, "w": C, "a": C, "vmix": C,
-            "g": C, "kk": C, "vfirst": C, "y": C, "wh": s.rank_decay, "ah": s.rank_iclr,
-            "vh": s.rank_value, "gh": s.rank_gate, "ffn": s.n_ffn, "logits": s.n_vocab,
-        }
-        self.buffers: dict[str, object] = {}
         self._new = []
+        self.mix = _Slots(self._device, "mix", Tm, {f"m{j}": C for j in range(6)}, usage)
+        self.down = _Slots(self._device, "down", Tm, {
+            "r": C, "k": C, "v": C, "wh": s.rank_decay, "ah": s.rank_iclr, "vh": s.rank_value,
+            "gh": s.rank_gate}, usage)
+        self.up = _Slots(self._device, "up", Tm, {"w": C, "a": C, "vmix": C, "g": C}, usage)
+        self._new += [self.mix.buffer, self.down.buffer, self.up.buffer]
+        self.buffers: dict[str, object] = {}
 
         def new(name: str, nbytes: int):
             buf = self._device.create_buffer(label=name, size=_ceil_div(max(nbytes, 16), 16) * 16, usage=usage)
@@ -356,7 +445,8 @@ class Engine:
             self._new.append(buf)
             return buf
 
-        for name, width in widths.items():
+        for name, width in {"x": C, "xn": C, "kk": C, "vfirst": C, "y": C, "ffn": s.n_ffn,
+                            "logits": s.n_vocab}.items():
             new(name, Tm * width * 4)
         new("tokens", Tm * 4)
         new("att_prev", s.n_layer * C * 4)
@@ -383,45 +473,72 @@ class Engine:
                 label="readback", size=self._readback_size,
                 usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
 
-    def _slot(self, name: str, j: int, width: int) -> tuple:
-        nbytes = self.Tm * width * 4
-        return (self.buffers[name], j * nbytes, nbytes)
-
     def _layer_range(self, name: str, i: int, width: int) -> tuple:
         return (self.buffers[name], i * width * 4, width * 4)
 
     # --- the kernel plan -----------------------------------------------------------------------
 
-    def _matmul(self, label: str, mat: Matrix, x, y, y_width: int, *, act: str = "none",
-                bias: str | None = None, accum: bool = False) -> _Op:
-        """Y[t] (+)= act(W X[t] + bias): one bind group per row piece, matvec or gemm by T."""
+    def _matmul(self, label: str, products: list[_Product], fused: bool = False) -> _Op:
+        """Matrix products as dispatches: unfused, one per (product, weight buffer); fused, one
+        per weight buffer for all products (they must share X and Y). matvec below
+        Options.gemm_min_tokens tokens, gemm from there; both take the same bind group."""
         k = self.kernels
-        consts = dict(FMT=kn.GPU_FORMATS[mat.fmt], ACT=kn.ACTIVATIONS[act], BIAS=bias is not None,
-                      ACCUM=accum)
-        matvec = k.kernel(kn.MATVEC, **consts)
-        gemm = k.kernel(kn.GEMM, **consts)
-        rows_per_wg = dict(matvec.constants)["WG"] // dict(matvec.constants)["RED"]
+        fmts = {p.mat.fmt for p in products}
+        assert len(fmts) == 1, f"{label}: one pipeline reads one weight format, got {fmts}"
+        fmt = kn.GPU_FORMATS[fmts.pop()]
+        matvec, gemm = k.kernel(kn.MATVEC, FMT=fmt), k.kernel(kn.GEMM, FMT=fmt)
+        consts = dict(matvec.constants)
+        rows_per_wg = consts["WG"] // consts["RED"]
+
+        runs: list[list[tuple[_Product, Segment]]] = []  # each run becomes one dispatch
+        by_buffer: dict[int, list] = {}
+        for p in products:
+            for seg in p.mat.segments:
+                if fused:
+                    by_buffer.setdefault(id(seg.buffer), []).append((p, seg))
+                else:
+                    runs.append([(p, seg)])
+        for items in by_buffer.values():
+            runs += [items[i: i + kn.MAX_SEGMENTS] for i in range(0, len(items), kn.MAX_SEGMENTS)]
+
         groups = []
-        for piece in mat.pieces:
-            params = dict(M=piece.rows, K=mat.K, row_words=mat.row_words, row0=piece.row0, y_stride=y_width)
-            res = dict(W=piece.buffer, X=x, B=self._vec(bias) if bias else self.vecs, Y=y)
-            groups.append((piece, k.bind(kn.MATVEC, self.run, params, res, label=f"{label}")))
+        for items in runs:
+            p0, seg0 = items[0]
+            assert all(p.x is p0.x and p.y is p0.y and s.buffer is seg0.buffer for p, s in items)
+            table = [kn.MatSegment(
+                rows=seg.rows, K=p.mat.K, row_words=p.mat.row_words, w_base=seg.w_base,
+                x_off=p.x_off, y_off=p.y_off + seg.row0, y_stride=p.y_stride, act=p.act,
+                bias=None if p.bias is None else self._vec_floats(p.bias) + seg.row0,
+                accum=p.accum) for p, seg in items]
+            params, wgs, tiles = kn.matmul_params(table, rows_per_wg)
+            res = dict(W=seg0.buffer, X=p0.x, B=self.vecs, Y=p0.y)
+            groups.append((k.bind(kn.MATVEC, self.run, params, res, label=label), wgs, tiles))
         gemm_min = self.options.gemm_min_tokens
 
         def dispatches(T: int) -> list[Dispatch]:
             out = []
-            for piece, bg in groups:
+            for bg, wgs, tiles in groups:
                 if T < gemm_min:
-                    wg = (_ceil_div(piece.rows, rows_per_wg), T, 1)
-                    out.append(Dispatch(matvec, bg, wg, label))
+                    out.append(Dispatch(matvec, bg, (wgs, T, 1), label))
                 else:
-                    wg = (_ceil_div(piece.rows, 64), _ceil_div(T, 64), 1)
-                    out.append(Dispatch(gemm, bg, wg, label))
-                if max(wg) > _MAX_WORKGROUPS:
-                    raise EngineError(f"{label}: {wg} workgroups exceed the per-dimension limit")
+                    out.append(Dispatch(gemm, bg, (tiles, _ceil_div(T, 64), 1), label))
+                if max(out[-1].workgroups) > _MAX_WORKGROUPS:
+                    raise EngineError(f"{label}: {out[-1].workgroups} workgroups exceed the "
+                                      f"per-dimension limit of {_MAX_WORKGROUPS}")
             return out
 
         return _Op(label, dispatches)
+
+    def _products(self, label: str, products: list[_Product]) -> list[_Op]:
+        """Ops for products that read one buffer and write another: fused into one op per
+        weight format with the "proj" fusion, else one op per product."""
+        if "proj" in self.fusions:
+            by_fmt: dict[str, list[_Product]] = {}
+            for p in products:
+                by_fmt.setdefault(p.mat.fmt, []).append(p)
+            return [self._matmul(f"{label}[{fmt}]", ps, fused=True) for fmt, ps in by_fmt.items()]
+        return [self._matmul(f"{label}.{p.mat.name.split('.')[-2].removeprefix('time_mix_')}", [p])
+                for p in products]
 
     def _simple(self, label: str, spec: kn.KernelSpec, params: dict, res: dict,
                 grid: Callable[[int], tuple[int, int, int]], **constants) -> _Op:
@@ -436,71 +553,118 @@ class Engine:
         grid = (lambda T: (1, 1, 1)) if last_only else (lambda T: (T, 1, 1))
         return self._simple(label, kn.LAYERNORM, params, res, grid)
 
-    def _layer_ops(self) -> list[_Op]:
-        """The unfused forward pass of every block, one op per dispatch (matrices may add one
-        dispatch per extra row piece)."""
-        s, B, m = self.spec, self.buffers, self.matrices
-        C, H, Tm = s.n_embd, s.n_head, self.Tm
+    def _norm_shift(self, label: str, norm: str, prev: tuple, lerp: str, nmix: int) -> list[_Op]:
+        """LayerNorm of x into xn, then the token shift into the mix slots: two ops, or with
+        the "norm_shift" fusion one op that is a single dispatch for one-token steps."""
+        s, C = self.spec, self.spec.n_embd
         shift_wg = dict(self.kernels.kernel(kn.SHIFT_MIX).constants)["WG"]
+        norm_op = self._layernorm(label + ".norm", self.buffers["x"], self.buffers["xn"], norm)
+        shift_op = self._simple(
+            label + ".shift", kn.SHIFT_MIX, dict(C=C, slot=self.Tm * C),
+            dict(XN=self.buffers["xn"], PREV=prev, LERP=self._vec(lerp), OUT=self.mix.buffer),
+            lambda T: (_ceil_div(C // 4, shift_wg), 1, 1), NMIX=nmix)
+        if "norm_shift" not in self.fusions:
+            return [norm_op, shift_op]
+        fused = self._simple(
+            label + ".norm_shift", kn.NORM_SHIFT, dict(C=C, slot=self.Tm * C, eps=s.eps),
+            dict(NX=self.buffers["x"], NW=self._vec(norm + ".weight"), NB=self._vec(norm + ".bias"),
+                 NPREV=prev, NLERP=self._vec(lerp), NOUT=self.mix.buffer),
+            lambda T: (1, 1, 1), NMIX=nmix)
+
+        def dispatches(T: int) -> list[Dispatch]:
+            if T == 1:
+                return fused.dispatches(T)
+            return norm_op.dispatches(T) + shift_op.dispatches(T)
+
+        return [_Op(label + ".norm_shift", dispatches)]
+
+    def _wkv(self, L: str, i: int) -> list[_Op]:
+        """kv_prep, wkv, groupnorm_out; or with the "wkv" fusion wkv_fused alone."""
+        s, B, b = self.spec, self.buffers, f"blk.{i}."
+        C, H = s.n_embd, s.n_head
+        dn, up = self.down, self.up
+        state = self._layer_range("wkv", i, H * kn.HEAD_SIZE * kn.HEAD_SIZE)
+        if "wkv" in self.fusions:
+            params = dict(C=C, r=dn.floats("r"), k=dn.floats("k"), v=dn.floats("v"), w=up.floats("w"),
+                          a=up.floats("a"), vmix=up.floats("vmix"), g=up.floats("g"),
+                          kkw=self._vec_floats(b + "time_mix_k_k.weight"),
+                          kaw=self._vec_floats(b + "time_mix_k_a.weight"),
+                          rk=self._vec_floats(b + "time_mix_r_k.weight"),
+                          lnw=self._vec_floats(b + "time_mix_ln.weight"),
+                          lnb=self._vec_floats(b + "time_mix_ln.bias"))
+            res = dict(DOWN=dn.buffer, UP=up.buffer, VEC=self.vecs, FVF=B["vfirst"], FS=state, FY=B["y"])
+            return [self._simple(L + "att.wkv_fused", kn.WKV_FUSED, params, res,
+                                 lambda T: (H, 1, 1), FIRST=i == 0)]
+        return [
+            self._simple(
+                L + "att.kv_prep", kn.KV_PREP, dict(C=C),
+                dict(K=dn.range("k"), V=dn.range("v"), KK=B["kk"], A=up.range("a"),
+                     VMIX=up.range("vmix"), VF=B["vfirst"], KKW=self._vec(b + "time_mix_k_k.weight"),
+                     KAW=self._vec(b + "time_mix_k_a.weight")),
+                lambda T: (H, T, 1), FIRST=i == 0),
+            self._simple(
+                L + "att.wkv", kn.WKV, dict(C=C),
+                dict(R=dn.range("r"), DECAY=up.range("w"), K=dn.range("k"), V=dn.range("v"),
+                     KK=B["kk"], A=up.range("a"), S=state, Y=B["y"]),
+                lambda T: (H, 1, 1)),
+            self._simple(
+                L + "att.groupnorm", kn.GROUPNORM_OUT, dict(C=C),
+                dict(GY=B["y"], R=dn.range("r"), K=dn.range("k"), V=dn.range("v"), G=up.range("g"),
+                     LNW=self._vec(b + "time_mix_ln.weight"), LNB=self._vec(b + "time_mix_ln.bias"),
+                     RK=self._vec(b + "time_mix_r_k.weight")),
+                lambda T: (H, T, 1)),
+        ]
+
+    def _layer_ops(self) -> list[_Op]:
+        """The forward pass of every block as ops; with no fusion, one op per dispatch (a
+        matrix split over several buffers adds one dispatch per extra buffer)."""
+        s, B, m = self.spec, self.buffers, self.matrices
+        C = s.n_embd
+        mix, dn, up = self.mix, self.down, self.up
         ops = [self._embed_op()]
         for i in range(s.n_layer):
             b, L = f"blk.{i}.", f"L{i}."
 
-            def mix(j: int) -> tuple:
-                return self._slot("mix", j, C)
-
-            def w(name: str) -> Matrix:
+            def tm(name: str) -> Matrix:
                 return m[b + f"time_mix_{name}.weight"]
 
-            ops.append(self._layernorm(L + "att.norm", B["x"], B["xn"], b + "attn_norm"))
-            ops.append(self._simple(
-                L + "att.shift", kn.SHIFT_MIX, dict(C=C, slot=Tm * C),
-                dict(XN=B["xn"], PREV=self._layer_range("att_prev", i, C),
-                     LERP=self._vec(b + "time_mix_lerp_fused.weight"), OUT=B["mix"]),
-                lambda T: (_ceil_div(C // 4, shift_wg), 1, 1), NMIX=6))
-            ops.append(self._matmul(L + "att.r", w("receptance"), mix(0), B["r"], C))
-            ops.append(self._matmul(L + "att.k", w("key"), mix(2), B["k"], C))
-            ops.append(self._matmul(L + "att.v", w("value"), mix(3), B["v"], C))
-            ops.append(self._matmul(L + "att.w1", w("w1"), mix(1), B["wh"], s.rank_decay, act="tanh"))
-            ops.append(self._matmul(L + "att.a1", w("a1"), mix(4), B["ah"], s.rank_iclr))
-            if i > 0:
-                ops.append(self._matmul(L + "att.v1", w("v1"), mix(3), B["vh"], s.rank_value))
-            ops.append(self._matmul(L + "att.g1", w("g1"), mix(5), B["gh"], s.rank_gate, act="sigmoid"))
-            ops.append(self._matmul(L + "att.w2", w("w2"), B["wh"], B["w"], C, act="decay",
-                                    bias=b + "time_mix_w0.weight"))
-            ops.append(self._matmul(L + "att.a2", w("a2"), B["ah"], B["a"], C, act="sigmoid",
-                                    bias=b + "time_mix_a0.weight"))
-            if i > 0:
-                ops.append(self._matmul(L + "att.v2", w("v2"), B["vh"], B["vmix"], C, act="sigmoid",
-                                        bias=b + "time_mix_v0.weight"))
-            ops.append(self._matmul(L + "att.g2", w("g2"), B["gh"], B["g"], C))
-            ops.append(self._simple(
-                L + "att.kv_prep", kn.KV_PREP, dict(C=C),
-                dict(K=B["k"], V=B["v"], KK=B["kk"], A=B["a"], VMIX=B["vmix"], VF=B["vfirst"],
-                     KKW=self._vec(b + "time_mix_k_k.weight"), KAW=self._vec(b + "time_mix_k_a.weight")),
-                lambda T: (H, T, 1), FIRST=i == 0))
-            ops.append(self._simple(
-                L + "att.wkv", kn.WKV, dict(C=C),
-                dict(R=B["r"], DECAY=B["w"], K=B["k"], V=B["v"], KK=B["kk"], A=B["a"],
-                     S=self._layer_range("wkv", i, H * kn.HEAD_SIZE * kn.HEAD_SIZE), Y=B["y"]),
-                lambda T: (H, 1, 1)))
-            ops.append(self._simple(
-                L + "att.groupnorm", kn.GROUPNORM_OUT, dict(C=C),
-                dict(GY=B["y"], R=B["r"], K=B["k"], V=B["v"], G=B["g"],
-                     LNW=self._vec(b + "time_mix_ln.weight"), LNB=self._vec(b + "time_mix_ln.bias"),
-                     RK=self._vec(b + "time_mix_r_k.weight")),
-                lambda T: (H, T, 1)))
-            ops.append(self._matmul(L + "att.out", w("output"), B["y"], B["x"], C, accum=True))
-            ops.append(self._layernorm(L + "ffn.norm", B["x"], B["xn"], b + "attn_norm_2"))
-            ops.append(self._simple(
-                L + "ffn.shift", kn.SHIFT_MIX, dict(C=C, slot=Tm * C),
-                dict(XN=B["xn"], PREV=self._layer_range("ffn_prev", i, C),
-                     LERP=self._vec(b + "channel_mix_lerp_k.weight"), OUT=B["mix"]),
-                lambda T: (_ceil_div(C // 4, shift_wg), 1, 1), NMIX=1))
-            ops.append(self._matmul(L + "ffn.key", m[b + "channel_mix_key.weight"], mix(0), B["ffn"],
-                                    s.n_ffn, act="relu_sq"))
-            ops.append(self._matmul(L + "ffn.value", m[b + "channel_mix_value.weight"], B["ffn"], B["x"],
-                                    C, accum=True))
+            def into(slots: _Slots, slot: str) -> dict:
+                return dict(y=slots.buffer, y_off=slots.floats(slot), y_stride=slots.widths[slot])
+
+            def frm(slots: _Slots, slot: str) -> dict:
+                return dict(x=slots.buffer, x_off=slots.floats(slot))
+
+            ops += self._norm_shift(L + "att", b + "attn_norm", self._layer_range("att_prev", i, C),
+                                    b + "time_mix_lerp_fused.weight", 6)
+            # mix slots: 0 r, 1 w, 2 k, 3 v, 4 a, 5 g (the order of lerp_fused)
+            down = [
+                _Product(tm("receptance"), **frm(mix, "m0"), **into(dn, "r")),
+                _Product(tm("key"), **frm(mix, "m2"), **into(dn, "k")),
+                _Product(tm("value"), **frm(mix, "m3"), **into(dn, "v")),
+                _Product(tm("w1"), **frm(mix, "m1"), **into(dn, "wh"), act="tanh"),
+                _Product(tm("a1"), **frm(mix, "m4"), **into(dn, "ah")),
+                *([_Product(tm("v1"), **frm(mix, "m3"), **into(dn, "vh"))] if i > 0 else []),
+                _Product(tm("g1"), **frm(mix, "m5"), **into(dn, "gh"), act="sigmoid"),
+            ]
+            ups = [
+                _Product(tm("w2"), **frm(dn, "wh"), **into(up, "w"), act="decay", bias=b + "time_mix_w0.weight"),
+                _Product(tm("a2"), **frm(dn, "ah"), **into(up, "a"), act="sigmoid", bias=b + "time_mix_a0.weight"),
+                *([_Product(tm("v2"), **frm(dn, "vh"), **into(up, "vmix"), act="sigmoid",
+                            bias=b + "time_mix_v0.weight")] if i > 0 else []),
+                _Product(tm("g2"), **frm(dn, "gh"), **into(up, "g")),
+            ]
+            ops += self._products(L + "att.down", down)
+            ops += self._products(L + "att.up", ups)
+            ops += self._wkv(L, i)
+            ops.append(self._matmul(L + "att.out", [_Product(
+                tm("output"), B["y"], 0, B["x"], 0, C, accum=True)]))
+            ops += self._norm_shift(L + "ffn", b + "attn_norm_2", self._layer_range("ffn_prev", i, C),
+                                    b + "channel_mix_lerp_k.weight", 1)
+            ops.append(self._matmul(L + "ffn.key", [_Product(
+                m[b + "channel_mix_key.weight"], mix.buffer, mix.floats("m0"), B["ffn"], 0, s.n_ffn,
+                act="relu_sq")]))
+            ops.append(self._matmul(L + "ffn.value", [_Product(
+                m[b + "channel_mix_value.weight"], B["ffn"], 0, B["x"], 0, C, accum=True)]))
         return ops
 
     def _embed_op(self) -> _Op:
@@ -508,20 +672,21 @@ class Engine:
         mat = self.matrices["token_embd.weight"]
         kernel = self.kernels.kernel(kn.EMBED, FMT=kn.GPU_FORMATS[mat.fmt])
         groups = []
-        for piece in mat.pieces:
-            params = dict(C=s.n_embd, row0=piece.row0, rows=piece.rows, row_words=mat.row_words, eps=s.eps)
-            res = dict(W=piece.buffer, TOK=self.buffers["tokens"], NW=self._vec("token_embd_norm.weight"),
+        for seg in mat.segments:
+            params = dict(C=s.n_embd, row0=seg.row0, rows=seg.rows, row_words=mat.row_words,
+                          w_base=seg.w_base, eps=s.eps)
+            res = dict(W=seg.buffer, TOK=self.buffers["tokens"], NW=self._vec("token_embd_norm.weight"),
                        NB=self._vec("token_embd_norm.bias"), Y=self.buffers["x"])
             groups.append(self.kernels.bind(kn.EMBED, self.run, params, res, label="embed"))
         return _Op("embed", lambda T: [Dispatch(kernel, bg, (T, 1, 1), "embed") for bg in groups])
 
     def _head_ops(self) -> dict[str, _Op]:
         s, B = self.spec, self.buffers
-        head = self.matrices["output.weight"]
+        head = _Product(self.matrices["output.weight"], B["xn"], 0, B["logits"], 0, s.n_vocab)
         return {
             "norm_all": self._layernorm("head.norm", B["x"], B["xn"], "output_norm"),
             "norm_last": self._layernorm("head.norm", B["x"], B["xn"], "output_norm", last_only=True),
-            "head": self._matmul("head", head, B["xn"], B["logits"], s.n_vocab),
+            "head": self._matmul("head", [head]),
             "argmax": self._argmax_op(),
         }
 
@@ -530,7 +695,7 @@ class Engine:
         res = dict(L=self.buffers["logits"], TOK=self.buffers["tokens"], GEN=self.buffers["gen"])
         return self._simple("argmax", kn.ARGMAX, params, res, lambda T: (1, 1, 1))
 
-    def plan(self, T: int, head: str = "last", argmax: bool = False) -> list[Dispatch]:
+    def plan(self, T: int, head: str = "last", argmax: bool = False) -> kn.Plan:
         """The dispatches for a chunk of T tokens (built once per shape, then cached).
 
         head: "none" (state only), "last" (logits of the last token, in row 0) or "all"
@@ -551,7 +716,7 @@ class Engine:
                 if head != "last":
                     raise ValueError("argmax samples the last token's logits: use head='last'")
                 plan += self._head["argmax"].dispatches(1)
-            self._plans[key] = plan
+            self._plans[key] = kn.Plan(plan)
         return self._plans[key]
 
     # --- running -------------------------------------------------------------------------------

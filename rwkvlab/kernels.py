@@ -19,6 +19,7 @@ thread and no barriers; real GPUs want many threads per row and a reduction).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from types import MappingProxyType
@@ -27,9 +28,18 @@ import numpy as np
 
 SHADER_PACKAGE = "rwkvlab.shaders"
 
-# Names of kernel-plan rewrites (Options.fusions). Each replaces a run of dispatches by one;
-# the unfused plan stays the reference it is tested against.
-FUSIONS: dict[str, str] = {}
+# Names of kernel-plan rewrites (Options.fusions) -> what each replaces. Every fused plan is
+# tested against the unfused one, which stays the reference.
+FUSIONS: dict[str, str] = {
+    "proj": "per block, the r, k, v and LoRA-down products (7 dispatches) become one dispatch per "
+            "weight format, and the LoRA-up products (4) likewise: the matrices are stacked in "
+            "one buffer at load either way, the fusion only changes the plan",
+    "wkv": "kv_prep + wkv + groupnorm_out (3 dispatches per block) become wkv_fused: one "
+           "workgroup per head does the key/value updates, the state update and the GroupNorm, "
+           "bonus and gate for every token of the chunk",
+    "norm_shift": "layernorm + shift_mix (2 dispatches, twice per block) become norm_shift for "
+                  "one-token steps: one workgroup normalises the token and writes the mixes",
+}
 
 # Weight formats the kernels read directly (FMT override constant, see shaders/weights.wgsl).
 GPU_FORMATS: dict[str, int] = {"F32": 0, "F16": 1, "BF16": 2, "Q8_0": 3}
@@ -54,7 +64,8 @@ class Binding:
 
 @dataclass(frozen=True)
 class Param:
-    """One field of a kernel's Params uniform struct (all 4 bytes: "u32" or "f32")."""
+    """One field of a kernel's Params uniform struct: "u32", "f32" (4 bytes each) or
+    "array<Name, n>" of a struct listed in STRUCTS (entries 16-byte aligned)."""
 
     name: str
     type: str = "u32"
@@ -80,24 +91,33 @@ class KernelSpec:
                           f"{', '.join(b.name for b in self.bindings)}")
 
 
+def _params(text: str) -> tuple[Param, ...]:
+    return tuple(Param(*p.split(":", 1)) for p in text.split())
+
+
 def _spec(name, file, entry, bindings, params, libs=("common.wgsl",), **constants) -> KernelSpec:
     binds = (Binding("run", "uniform"), Binding("p", "uniform")) + tuple(
         Binding(*b.split(":")) for b in bindings.split())
-    pars = tuple(Param(*p.split(":")) for p in params.split())
-    return KernelSpec(name, file, entry, binds, pars, tuple(libs), MappingProxyType(constants))
+    return KernelSpec(name, file, entry, binds, _params(params), tuple(libs), MappingProxyType(constants))
 
+
+# Structs used inside Params uniforms (shaders/matseg.wgsl).
+STRUCTS: dict[str, tuple[Param, ...]] = {
+    "Seg": _params("rows K row_words w_base x_off y_off y_stride act bias accum wg_start tile_start"),
+}
+MAX_SEGMENTS = 8
+NO_BIAS = 0xFFFFFFFF
 
 _MAT_BINDINGS = "W:read X:read B:read Y:rw"
-_MAT_PARAMS = "M K row_words row0 y_stride"
+_MAT_PARAMS = "n_seg pad0 pad1 pad2 seg:array<Seg,8>"  # no spaces: _params splits on them
+_MAT_LIBS = ("common.wgsl", "weights.wgsl", "matseg.wgsl")
 _HEAD_PARAMS = "C"
 
 MATVEC = _spec("matvec", "matvec.wgsl", "matvec", _MAT_BINDINGS, _MAT_PARAMS,
-               ("common.wgsl", "weights.wgsl", "reduce.wgsl"),
-               WG=64, RED=1, FMT=0, ACT=0, BIAS=False, ACCUM=False)
-GEMM = _spec("gemm", "gemm.wgsl", "gemm", _MAT_BINDINGS, _MAT_PARAMS,
-             ("common.wgsl", "weights.wgsl"), FMT=0, ACT=0, BIAS=False, ACCUM=False)
+               _MAT_LIBS + ("reduce.wgsl",), WG=64, RED=1, FMT=0)
+GEMM = _spec("gemm", "gemm.wgsl", "gemm", _MAT_BINDINGS, _MAT_PARAMS, _MAT_LIBS, FMT=0)
 EMBED = _spec("embed", "embed.wgsl", "embed", "W:read TOK:read NW:read NB:read Y:rw",
-              "C row0 rows row_words eps:f32", ("common.wgsl", "weights.wgsl", "reduce.wgsl"),
+              "C row0 rows row_words w_base eps:f32", ("common.wgsl", "weights.wgsl", "reduce.wgsl"),
               WG=64, RED=64, FMT=0)
 LAYERNORM = _spec("layernorm", "norm.wgsl", "layernorm", "X:read NW:read NB:read Y:rw",
                   "C last_only eps:f32", ("common.wgsl", "reduce.wgsl"), WG=64, RED=64)
@@ -109,16 +129,24 @@ SHIFT_MIX = _spec("shift_mix", "timemix.wgsl", "shift_mix", "XN:read PREV:rw LER
 KV_PREP = _spec("kv_prep", "timemix.wgsl", "kv_prep",
                 "K:rw V:rw KK:rw A:read VMIX:read VF:rw KKW:read KAW:read", _HEAD_PARAMS,
                 ("common.wgsl", "reduce.wgsl"), WG=64, RED=64, FIRST=False)
+NORM_SHIFT = _spec("norm_shift", "timemix.wgsl", "norm_shift",
+                   "NX:read NW:read NB:read NPREV:rw NLERP:read NOUT:rw", "C slot eps:f32",
+                   ("common.wgsl", "reduce.wgsl"), WG=64, RED=64, NMIX=6)
 WKV = _spec("wkv", "wkv.wgsl", "wkv", "R:read DECAY:read K:read V:read KK:read A:read S:rw Y:rw",
-            _HEAD_PARAMS)
+            _HEAD_PARAMS, ("common.wgsl", "reduce.wgsl"), WG=64, RED=64)
+WKV_FUSED = _spec("wkv_fused", "wkv.wgsl", "wkv_fused", "DOWN:read UP:read VEC:read FVF:rw FS:rw FY:rw",
+                  "C r k v w a vmix g kkw kaw rk lnw lnb", ("common.wgsl", "reduce.wgsl"),
+                  WG=64, RED=64, FIRST=False)
 ARGMAX = _spec("argmax", "argmax.wgsl", "argmax", "L:read TOK:rw GEN:rw", "V cap", WG=256)
 
 SPECS: dict[str, KernelSpec] = {s.name: s for s in (
-    MATVEC, GEMM, EMBED, LAYERNORM, GROUPNORM_OUT, SHIFT_MIX, KV_PREP, WKV, ARGMAX)}
+    MATVEC, GEMM, EMBED, LAYERNORM, GROUPNORM_OUT, SHIFT_MIX, NORM_SHIFT, KV_PREP, WKV, WKV_FUSED,
+    ARGMAX)}
 
 # Constants a kernel's workgroup shape is fixed to, whatever the tuning says (the head kernels
 # run one thread per channel of a 64-wide head).
-_FIXED = {"groupnorm_out": {"WG": 64, "RED": 64}, "kv_prep": {"WG": 64, "RED": 64}}
+_HEAD_WG = {"WG": 64, "RED": 64}
+_FIXED = {"groupnorm_out": _HEAD_WG, "kv_prep": _HEAD_WG, "wkv": _HEAD_WG, "wkv_fused": _HEAD_WG}
 
 
 def shader_source(name: str) -> str:
@@ -143,21 +171,79 @@ def compose_source(spec: KernelSpec, subgroups: bool = False) -> str:
     return "\n".join(parts)
 
 
+def _pack_value(spec_name: str, p: Param, v) -> int:
+    if p.type == "f32":
+        return int(np.float32(v).view(np.uint32))
+    if not 0 <= int(v) < 2**32:
+        raise KernelError(f"kernel {spec_name}: param {p.name}={v} does not fit a u32")
+    return int(v)
+
+
 def pack_params(spec: KernelSpec, values: dict) -> bytes:
-    """The bytes of a kernel's Params uniform (fields in struct order, padded to 16 bytes)."""
+    """The bytes of a kernel's Params uniform (fields in struct order, padded to 16 bytes).
+
+    A field of type array<S, n> takes a list of at most n dicts with the fields of STRUCTS[S];
+    missing entries are zero.
+    """
     names = [p.name for p in spec.params]
     if set(values) != set(names):
         raise KernelError(f"kernel {spec.name}: params {sorted(values)} given, expected {names}")
-    words = np.zeros(max(4, -(-len(names) // 4) * 4), dtype=np.uint32)
-    for i, p in enumerate(spec.params):
-        v = values[p.name]
-        if p.type == "f32":
-            words[i] = np.float32(v).view(np.uint32)
-        else:
-            if not 0 <= int(v) < 2**32:
-                raise KernelError(f"kernel {spec.name}: param {p.name}={v} does not fit a u32")
-            words[i] = int(v)
-    return words.tobytes()
+    words: list[int] = []
+    for p in spec.params:
+        m = re.fullmatch(r"array<(\w+),\s*(\d+)>", p.type)
+        if m is None:
+            words.append(_pack_value(spec.name, p, values[p.name]))
+            continue
+        fields, n = STRUCTS[m.group(1)], int(m.group(2))
+        entries = list(values[p.name])
+        if len(entries) > n:
+            raise KernelError(f"kernel {spec.name}: {len(entries)} entries for {p.name}, at most {n}")
+        words += [0] * (-len(words) % 4)  # arrays of structs start 16-byte aligned
+        stride = -(-len(fields) // 4) * 4
+        for i in range(n):
+            entry = entries[i] if i < len(entries) else {f.name: 0 for f in fields}
+            if set(entry) != {f.name for f in fields}:
+                raise KernelError(f"kernel {spec.name}: {p.name}[{i}] has fields {sorted(entry)}, "
+                                  f"expected {[f.name for f in fields]}")
+            row = [_pack_value(spec.name, f, entry[f.name]) for f in fields]
+            words += row + [0] * (stride - len(row))
+    words += [0] * (-len(words) % 4 or (4 if not words else 0))
+    return np.array(words, dtype=np.uint32).tobytes()
+
+
+@dataclass(frozen=True)
+class MatSegment:
+    """One segment of a matrix-product dispatch (shaders/matseg.wgsl): `rows` rows of a
+    matrix stored at word `w_base` of the weight binding, reading X from float `x_off`
+    ([T, K]), writing Y from float `y_off` with `y_stride` floats per token."""
+
+    rows: int
+    K: int
+    row_words: int
+    w_base: int
+    x_off: int
+    y_off: int
+    y_stride: int
+    act: str = "none"
+    bias: int | None = None  # first float of the bias in the B binding
+    accum: bool = False
+
+
+def matmul_params(segments: list[MatSegment], rows_per_wg: int) -> tuple[dict, int, int]:
+    """(Params values, matvec workgroups, gemm tiles) for up to MAX_SEGMENTS segments."""
+    if not 1 <= len(segments) <= MAX_SEGMENTS:
+        raise KernelError(f"a matrix-product dispatch takes 1..{MAX_SEGMENTS} segments, not {len(segments)}")
+    table, wgs, tiles = [], 0, 0
+    for s in segments:
+        if s.K % 32 or s.x_off % 4 or s.w_base % 4:
+            raise KernelError(f"segment {s}: K must be a multiple of 32 and x_off, w_base of 4")
+        table.append(dict(rows=s.rows, K=s.K, row_words=s.row_words, w_base=s.w_base, x_off=s.x_off,
+                          y_off=s.y_off, y_stride=s.y_stride, act=ACTIVATIONS[s.act],
+                          bias=NO_BIAS if s.bias is None else s.bias, accum=int(s.accum),
+                          wg_start=wgs, tile_start=tiles))
+        wgs += -(-s.rows // rows_per_wg)
+        tiles += -(-s.rows // 64)
+    return dict(n_seg=len(segments), pad0=0, pad1=0, pad2=0, seg=table), wgs, tiles
 
 
 @dataclass(frozen=True)
@@ -294,6 +380,7 @@ class Kernels:
             "matvec": {"WG": t.matvec_wg, "RED": t.matvec_red},
             "embed": {"WG": t.norm_wg, "RED": t.norm_wg},
             "layernorm": {"WG": t.norm_wg, "RED": t.norm_wg},
+            "norm_shift": {"WG": t.norm_wg, "RED": t.norm_wg},
             "shift_mix": {"WG": t.shift_wg},
             "argmax": {"WG": t.argmax_wg},
         }.get(spec.name, {})
@@ -356,8 +443,60 @@ class Kernels:
         return self.device.create_bind_group(label=label, layout=bgl, entries=entries)
 
 
-def encode(compute_pass, plan: list[Dispatch]) -> None:
+class Plan:
+    """An immutable list of dispatches (what one chunk or one step runs), with the raw wgpu-native
+    handles of each dispatch prepared once so that encoding skips wgpu-py's per-call wrapping."""
+
+    def __init__(self, dispatches: Iterable[Dispatch]) -> None:
+        self.dispatches = tuple(dispatches)
+        self._raw: list[tuple] | None = None
+
+    def __len__(self) -> int:
+        return len(self.dispatches)
+
+    def __iter__(self):
+        return iter(self.dispatches)
+
+    def __getitem__(self, i):
+        return self.dispatches[i]
+
+    def raw(self) -> list[tuple]:
+        if self._raw is None:
+            self._raw = [(d.kernel.pipeline._internal, d.bind_group._internal, *d.workgroups)
+                         for d in self.dispatches]
+        return self._raw
+
+
+def _native_lib():
+    try:
+        from wgpu.backends.wgpu_native._ffi import ffi, lib
+    except ImportError:  # another backend: the API path works everywhere
+        return None
+    return ffi, lib
+
+
+_LIB = _native_lib()
+# Encode through wgpu-native's C functions directly (~2 us per dispatch instead of ~4 us through
+# the wgpu-py methods, which allocate a cffi array for dynamic offsets on every set_bind_group).
+# The calls and their arguments are exactly what those methods pass on; tests compare both paths.
+FAST_ENCODE = _LIB is not None
+
+
+def encode(compute_pass, plan: Plan | list[Dispatch]) -> None:
     """Record a plan into an open compute pass (pipeline switches only when it changes)."""
+    if FAST_ENCODE and isinstance(plan, Plan) and hasattr(compute_pass, "_internal"):
+        ffi, lib = _LIB
+        set_pipeline = lib.wgpuComputePassEncoderSetPipeline
+        set_bind_group = lib.wgpuComputePassEncoderSetBindGroup
+        dispatch = lib.wgpuComputePassEncoderDispatchWorkgroups
+        handle, null, current = compute_pass._internal, ffi.NULL, None
+        for pipeline, bind_group, x, y, z in plan.raw():
+            if pipeline != current:
+                set_pipeline(handle, pipeline)
+                current = pipeline
+            set_bind_group(handle, 0, bind_group, 0, null)
+            dispatch(handle, x, y, z)
+        return
     current = None
     for d in plan:
         if d.kernel.pipeline is not current:
@@ -450,12 +589,12 @@ _BINDING_RE = re.compile(
     r"@group\(0\)\s*@binding\((\d+)\)\s*var<(uniform|storage)(?:,\s*(read|read_write))?>\s*(\w+)\s*:\s*([^;]+);")
 
 
-def wgsl_interface(spec: KernelSpec) -> tuple[dict[int, tuple[str, str]], dict[str, list[tuple[str, str]]]]:
-    """Parse a kernel's composed WGSL: {binding: (kind, variable)} and {struct: [(field, type)]}.
+def wgsl_interface(spec: KernelSpec) -> tuple[dict[int, list[tuple[str, str]]], dict[str, list[tuple[str, str]]]]:
+    """Parse a kernel's composed WGSL: {binding: [(kind, variable), ...]} and
+    {struct: [(field, type without spaces), ...]}, for tests that check specs against shaders.
 
-    Only declarations the entry point's family file and libraries make; used by tests to check
-    that specs and shaders agree. Where a family file has several kernels with their own
-    variables at the same binding, all variables are returned as a list per binding.
+    A family file with several kernels may declare several variables at one binding (each
+    kernel uses its own), hence a list per binding.
     """
     src = re.sub(r"//[^\n]*", "", compose_source(spec))
     bindings: dict[int, list[tuple[str, str]]] = {}
@@ -464,6 +603,6 @@ def wgsl_interface(spec: KernelSpec) -> tuple[dict[int, tuple[str, str]], dict[s
         bindings.setdefault(int(num), []).append((kind, name))
     structs = {}
     for name, body in _STRUCT_RE.findall(src):
-        fields = [tuple(s.strip() for s in f.split(":")) for f in body.split(",") if f.strip()]
-        structs[name] = fields
+        fields = [f.split(":", 1) for f in re.split(r",(?![^<]*>)", body) if f.strip()]
+        structs[name] = [(n.strip(), re.sub(r"\s+", "", t)) for n, t in fields]
     return bindings, structs

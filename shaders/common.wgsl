@@ -13,7 +13,7 @@ struct Run {
 
 @group(0) @binding(0) var<uniform> run: Run;
 
-// Matrix-product epilogues (override constant ACT of matvec/gemm).
+// Matrix-product epilogues (Seg.act of matseg.wgsl).
 const ACT_NONE: u32 = 0u;
 const ACT_TANH: u32 = 1u;
 const ACT_SIGMOID: u32 = 2u;

@@ -6,8 +6,8 @@
 // dispatch runs per piece and only the piece that holds the row writes Y[t].
 //
 // Bindings (group 0):
-//   0 run  uniform Run            1 p  uniform EmbedParams {C, row0, rows, row_words, eps}
-//   2 W    read array<vec4<u32>>  embedding rows [row0, row0 + rows) in format FMT
+//   0 run  uniform Run            1 p  uniform EmbedParams {C, row0, rows, row_words, w_base, eps}
+//   2 W    read array<vec4<u32>>  embedding rows [row0, row0 + rows) from word w_base, format FMT
 //   3 TOK  read array<u32> [T]    token ids
 //   4 NW   read array<vec4<f32>> [C]   5 NB read array<vec4<f32>> [C]   LayerNorm weight, bias
 //   6 Y    read_write array<vec4<f32>> [T, C]
@@ -21,6 +21,7 @@ struct EmbedParams {
     row0: u32,
     rows: u32,
     row_words: u32,
+    w_base: u32,
     eps: f32,
 }
 
@@ -37,7 +38,7 @@ fn embed(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) 
     let tok = TOK[t];
     // Not an early return: group_sum's barriers need every thread of the workgroup.
     let own = tok >= p.row0 && tok - p.row0 < p.rows;
-    let row = (tok - p.row0) * p.row_words;
+    let row = p.w_base + (tok - p.row0) * p.row_words;
     let c4 = p.C >> 2u;
     let base = t * c4;
     var s = 0.0;

@@ -1,31 +1,19 @@
-// gemm.wgsl: Y[t, row0 + m] = act(sum_k X[t, k] W[m, k] + B) for a chunk of T tokens
-// (prefill), W in its file format, dequantized as each tile is loaded.
+// gemm.wgsl: Y[t] = act(W X[t] + B) for a chunk of T tokens (prefill), W in its file format,
+// dequantized as each tile is loaded.
 //
-// Bindings: exactly those of matvec.wgsl (same MatParams, same buffers), so the engine builds
-// one bind group per matrix and picks matvec or gemm per chunk size.
-//   0 run  uniform Run (T bounds the token tiles)   1 p uniform MatParams
-//   2 W    read  array<vec4<u32>>  [M, K], FMT       3 X read array<vec4<f32>> [T, K]
-//   4 B    read  array<f32> bias (when BIAS)         5 Y read_write array<f32> [T, y_stride]
-// Dispatch: (ceil(M / 64), ceil(T / 64), 1); 256 threads = 16 x 16, each owning a 4 x 4 block
-// of a 64-row x 64-token output tile. K advances 16 columns per step through workgroup memory:
-// every weight element is loaded (and decoded) once per 64 tokens instead of once per token.
-// Needs K % 16 == 0 (the engine checks K % 32 == 0 for every matrix).
-// Constants: FMT (weights.wgsl), ACT (common.wgsl), BIAS, ACCUM.
-
-override ACT: u32 = 0u;
-override BIAS: bool = false;
-override ACCUM: bool = false;
+// Bindings: exactly those of matvec.wgsl (same segment table, same buffers), so the engine
+// builds one bind group per matrix product and picks matvec or gemm per chunk size.
+//   0 run  uniform Run (T bounds the token tiles)   1 p uniform MatParams (matseg.wgsl)
+//   2 W    read  array<vec4<u32>>  weights, FMT     3 X read array<vec4<f32>> inputs
+//   4 B    read  array<f32> biases                  5 Y read_write array<f32> outputs
+// Dispatch: (sum over segments of ceil(rows / 64), ceil(T / 64), 1); 256 threads = 16 x 16,
+// each owning a 4 x 4 block of a 64-row x 64-token output tile (tiles never straddle segments).
+// K advances 16 columns per step through workgroup memory: each weight is loaded and decoded
+// once per 64 tokens instead of once per token. Needs K % 16 == 0 (the engine checks K % 32).
+// Constants: FMT (weights.wgsl).
 
 const TILE: u32 = 64u;   // rows of W and tokens per output tile
 const TK: u32 = 16u;     // columns per step
-
-struct MatParams {
-    M: u32,
-    K: u32,
-    row_words: u32,
-    row0: u32,
-    y_stride: u32,
-}
 
 @group(0) @binding(1) var<uniform> p: MatParams;
 @group(0) @binding(2) var<storage, read> W: array<vec4<u32>>;
@@ -39,7 +27,8 @@ var<workgroup> x_tile: array<f32, 1024>;
 
 @compute @workgroup_size(256)
 fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let m0 = wg.x * TILE;
+    let sg = p.seg[find_seg(wg.x, true)];
+    let m0 = (wg.x - sg.tile_start) * TILE;
     let t0 = wg.y * TILE;
     let tx = lid & 15u;   // owns tokens t0 + 4 tx + j
     let ty = lid >> 4u;   // owns rows m0 + 4 ty + i
@@ -48,17 +37,17 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let lk = (lid & 3u) * 4u;
     let m_load = m0 + lr;
     let t_load = t0 + lr;
-    let k4 = p.K >> 2u;
+    let x_row = (sg.x_off + t_load * sg.K) >> 2u;
 
     var acc: array<vec4<f32>, 4>;
-    for (var k0 = 0u; k0 < p.K; k0 += TK) {
+    for (var k0 = 0u; k0 < sg.K; k0 += TK) {
         var wv = vec4<f32>(0.0);
-        if (m_load < p.M) {
-            wv = load4(m_load * p.row_words, k0 + lk);
+        if (m_load < sg.rows) {
+            wv = load4(sg.w_base + m_load * sg.row_words, k0 + lk);
         }
         var xv = vec4<f32>(0.0);
         if (t_load < run.T) {
-            xv = X[t_load * k4 + ((k0 + lk) >> 2u)];
+            xv = X[x_row + ((k0 + lk) >> 2u)];
         }
         for (var c = 0u; c < 4u; c++) {
             w_tile[(lk + c) * TILE + lr] = wv[c];
@@ -79,23 +68,10 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
 
     for (var i = 0u; i < 4u; i++) {
         let m = m0 + 4u * ty + i;
-        if (m >= p.M) {
-            continue;
-        }
-        var bias = 0.0;
-        if (BIAS) {
-            bias = B[p.row0 + m];
-        }
         for (var j = 0u; j < 4u; j++) {
             let t = t0 + 4u * tx + j;
-            if (t < run.T) {
-                let y = activate(acc[i][j] + bias, ACT);
-                let o = t * p.y_stride + p.row0 + m;
-                if (ACCUM) {
-                    Y[o] += y;
-                } else {
-                    Y[o] = y;
-                }
+            if (m < sg.rows && t < run.T) {
+                epilogue(sg, t, m, acc[i][j]);
             }
         }
     }

@@ -2,32 +2,19 @@
 // Used for generation steps and short chunks (T < Options.gemm_min_tokens).
 //
 // Bindings (group 0; the same layout as gemm.wgsl, so one bind group serves both):
-//   0 run  uniform Run          (common.wgsl)
-//   1 p    uniform MatParams    M: rows in this binding of W (a row-range piece when the matrix
-//                               is split), K: columns, row_words: u32 words per row (weights.wgsl),
-//                               row0: first output row of this piece, y_stride: full output width
-//   2 W    storage, read        array<vec4<u32>>  weight rows [M, K] in format FMT
-//   3 X    storage, read        array<vec4<f32>>  inputs [T, K]
-//   4 B    storage, read        array<f32>        bias [y_stride], read only when BIAS
-//   5 Y    storage, read_write  array<f32>        outputs [T, y_stride]; ACCUM adds (residual)
-// Dispatch: (ceil(M / (WG / RED)), T, 1). RED consecutive threads share a row: each takes every
-// RED-th piece of it (consecutive threads read consecutive pieces, so loads coalesce), then
-// group_sum. RED = 1 is the register-blocked variant (one row per thread, no barrier) that CPU
-// adapters prefer; real GPUs want RED = 32..256.
-// Constants: WG, RED (reduce*.wgsl), FMT (weights.wgsl), ACT (common.wgsl), BIAS, ACCUM.
+//   0 run  uniform Run                          (common.wgsl)
+//   1 p    uniform MatParams                    segment table (matseg.wgsl)
+//   2 W    storage, read        array<vec4<u32>>  weight rows of every segment, format FMT
+//   3 X    storage, read        array<vec4<f32>>  inputs (segment s: [T, K] at x_off)
+//   4 B    storage, read        array<f32>        biases (the model's 1-D vectors)
+//   5 Y    storage, read_write  array<f32>        outputs (segment s: at y_off, y_stride)
+// Dispatch: (sum over segments of ceil(rows / (WG / RED)), T, 1). RED consecutive threads share
+// a row: each takes every RED-th piece of it (neighbouring threads read neighbouring pieces, so
+// loads coalesce), then group_sum. RED = 1 is the register-blocked variant (a row per thread,
+// no barrier) that CPU adapters prefer; real GPUs want RED = 32 (a subgroup per row) or more.
+// Constants: WG, RED (reduce*.wgsl), FMT (weights.wgsl).
 
 override WG: u32 = 64u;
-override ACT: u32 = 0u;
-override BIAS: bool = false;
-override ACCUM: bool = false;
-
-struct MatParams {
-    M: u32,
-    K: u32,
-    row_words: u32,
-    row0: u32,
-    y_stride: u32,
-}
 
 @group(0) @binding(1) var<uniform> p: MatParams;
 @group(0) @binding(2) var<storage, read> W: array<vec4<u32>>;
@@ -74,32 +61,23 @@ fn dot_piece(wi: u32, xi: u32, k0: u32, K: u32) -> f32 {
 
 @compute @workgroup_size(WG)
 fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-    let m = wg.x * (WG / RED) + lid / RED;
+    let sg = p.seg[find_seg(wg.x, false)];
+    let m = (wg.x - sg.wg_start) * (WG / RED) + lid / RED;
     let lane = lid & (RED - 1u);
     let t = wg.y;
     var acc = 0.0;
-    if (m < p.M) {
+    if (m < sg.rows) {
         let pe = piece_elems();
         let pw = piece_words();
-        let n = (p.K + pe - 1u) / pe;
-        let row = m * p.row_words;
-        let x0 = t * (p.K >> 2u);
+        let n = (sg.K + pe - 1u) / pe;
+        let row = sg.w_base + m * sg.row_words;
+        let x0 = (sg.x_off + t * sg.K) >> 2u;
         for (var i = lane; i < n; i += RED) {
-            acc += dot_piece(row + i * pw, x0 + i * (pe >> 2u), i * pe, p.K);
+            acc += dot_piece(row + i * pw, x0 + i * (pe >> 2u), i * pe, sg.K);
         }
     }
     let s = group_sum(acc, lid);
-    if (lane == 0u && m < p.M) {
-        var y = s;
-        if (BIAS) {
-            y += B[p.row0 + m];
-        }
-        y = activate(y, ACT);
-        let o = t * p.y_stride + p.row0 + m;
-        if (ACCUM) {
-            Y[o] += y;
-        } else {
-            Y[o] = y;
-        }
+    if (lane == 0u && m < sg.rows) {
+        epilogue(sg, t, m, s);
     }
 }

@@ -86,3 +86,52 @@ fn kv_prep(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
         V[i] = v + (VF[i] - v) * VMIX[i];
     }
 }
+
+// norm_shift (the "norm_shift" fusion, one-token steps only): layernorm + shift_mix.
+//   XN = LayerNorm(NX[0]; NW, NB);  NOUT[j] = XN + (NPREV - XN) * NLERP[j];  NPREV = XN
+// With one token a single workgroup holds everything, so the read of NPREV and its update need
+// no second dispatch (with T > 1 the plan keeps layernorm + shift_mix).
+//   0 run  uniform Run          1 np uniform NormShiftParams {C, slot, eps}
+//   2 NX   read array<vec4<f32>> [1, C]   block input x
+//   3 NW, 4 NB read array<vec4<f32>> [C]  LayerNorm weight, bias
+//   5 NPREV read_write [C]  6 NLERP read [NMIX, C]  7 NOUT read_write [NMIX][slot]
+//   Dispatch: (1, 1, 1), WG threads, RED = WG. Constants: WG, RED, NMIX.
+
+struct NormShiftParams {
+    C: u32,
+    slot: u32,
+    eps: f32,
+}
+
+@group(0) @binding(1) var<uniform> np: NormShiftParams;
+@group(0) @binding(2) var<storage, read> NX: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> NW: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> NB: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> NPREV: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read> NLERP: array<vec4<f32>>;
+@group(0) @binding(7) var<storage, read_write> NOUT: array<vec4<f32>>;
+
+@compute @workgroup_size(WG)
+fn norm_shift(@builtin(local_invocation_index) lid: u32) {
+    let c4 = np.C >> 2u;
+    var s = 0.0;
+    for (var i = lid; i < c4; i += WG) {
+        s += dot(NX[i], vec4<f32>(1.0));
+    }
+    let mean = group_sum(s, lid) / f32(np.C);
+    var ss = 0.0;
+    for (var i = lid; i < c4; i += WG) {
+        let d = NX[i] - mean;
+        ss += dot(d, d);
+    }
+    let rstd = inverseSqrt(group_sum(ss, lid) / f32(np.C) + np.eps);
+    let slot4 = np.slot >> 2u;
+    for (var i = lid; i < c4; i += WG) {
+        let xn = (NX[i] - mean) * rstd * NW[i] + NB[i];
+        let d = NPREV[i] - xn;
+        for (var j = 0u; j < NMIX; j++) {
+            NOUT[j * slot4 + i] = xn + d * NLERP[j * c4 + i];
+        }
+        NPREV[i] = xn;
+    }
+}

@@ -15,8 +15,23 @@
 //   6 KK   read [T, C] normalised kk                  7 A read [T, C] in-context rate
 //   8 S    read_write array<f32> [H, 64, 64] state    9 Y read_write [T, C] output
 // Dispatch: (H, 1, 1).
+//
+// wkv_fused (the "wkv" fusion): kv_prep + wkv + groupnorm_out in one dispatch. Per head and
+// token: the key/value updates of kv_prep (timemix.wgsl), the state update above, then the
+// GroupNorm, bonus and gate of groupnorm_out (norm.wgsl); kk and the updated k and v never
+// leave the workgroup. Inputs are read at offsets into the stacked projection buffers.
+//   0 run  uniform Run
+//   1 fp   uniform FusedParams {C; r, k, v: token-0 offsets (floats) in DOWN; w, a, vmix, g:
+//          in UP; kkw, kaw, rk, lnw, lnb: offsets of k_k, k_a, r_k, ln_x weight, bias in VEC}
+//   2 DOWN read array<f32>  r, k, v slots [T, C]      3 UP read  w, a, vmix, g slots [T, C]
+//   4 VEC  read array<f32>  the model's 1-D vectors   5 FVF read_write [T, C] v_first
+//   6 FS   read_write [H, 64, 64] state               7 FY read_write [T, C] gated output
+// Dispatch: (H, 1, 1), 64 threads (WG = RED = 64). Constants: FIRST (layer 0 sets v_first).
 
 const N: u32 = 64u;
+
+override WG: u32 = 64u;
+override FIRST: bool = false;
 
 struct HeadParams {
     C: u32,
@@ -37,6 +52,8 @@ var<workgroup> w_s: array<f32, 64>;
 var<workgroup> k_s: array<f32, 64>;
 var<workgroup> nkk_s: array<f32, 64>;
 var<workgroup> kka_s: array<f32, 64>;
+
+const GROUP_NORM_EPS: f32 = 64e-5;  // 1e-5 * head_size_divisor^2 (8^2), as in norm.wgsl
 
 @compute @workgroup_size(64)
 fn wkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -72,5 +89,83 @@ fn wkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li
     }
     for (var j = 0u; j < N; j++) {
         S[row + j] = s[j];
+    }
+}
+
+struct FusedParams {
+    C: u32,
+    r: u32,
+    k: u32,
+    v: u32,
+    w: u32,
+    a: u32,
+    vmix: u32,
+    g: u32,
+    kkw: u32,
+    kaw: u32,
+    rk: u32,
+    lnw: u32,
+    lnb: u32,
+}
+
+@group(0) @binding(1) var<uniform> fp: FusedParams;
+@group(0) @binding(2) var<storage, read> DOWN: array<f32>;
+@group(0) @binding(3) var<storage, read> UP: array<f32>;
+@group(0) @binding(4) var<storage, read> VEC: array<f32>;
+@group(0) @binding(5) var<storage, read_write> FVF: array<f32>;
+@group(0) @binding(6) var<storage, read_write> FS: array<f32>;
+@group(0) @binding(7) var<storage, read_write> FY: array<f32>;
+
+@compute @workgroup_size(64)
+fn wkv_fused(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let h = wg.x;
+    let c = h * N + lid;
+    let row = c * N;
+    var s: array<f32, 64>;
+    for (var j = 0u; j < N; j++) {
+        s[j] = FS[row + j];
+    }
+    for (var t = 0u; t < run.T; t++) {
+        let e = t * fp.C + c;
+        let r = DOWN[fp.r + e];
+        let k = DOWN[fp.k + e];
+        var v = DOWN[fp.v + e];
+        let a = UP[fp.a + e];
+        // kv_prep
+        let kk0 = k * VEC[fp.kkw + c];
+        let kk = kk0 / max(sqrt(group_sum(kk0 * kk0, lid)), 1e-12);
+        let kn = k * (1.0 + (a - 1.0) * VEC[fp.kaw + c]);
+        if (FIRST) {
+            FVF[e] = v;
+        } else {
+            v = v + (FVF[e] - v) * UP[fp.vmix + e];
+        }
+        // wkv: thread lid is also row lid of the state
+        r_s[lid] = r;
+        w_s[lid] = UP[fp.w + e];
+        k_s[lid] = kn;
+        nkk_s[lid] = -kk;
+        kka_s[lid] = kk * a;
+        workgroupBarrier();
+        var sa = 0.0;
+        for (var j = 0u; j < N; j++) {
+            sa += nkk_s[j] * s[j];
+        }
+        var y = 0.0;
+        for (var j = 0u; j < N; j++) {
+            let sj = s[j] * w_s[j] + v * k_s[j] + sa * kka_s[j];
+            s[j] = sj;
+            y += sj * r_s[j];
+        }
+        // groupnorm_out; its group_sum barriers also keep the next token from overwriting the
+        // shared vectors while a thread still reads them.
+        let mean = group_sum(y, lid) / 64.0;
+        let d = y - mean;
+        let rstd = inverseSqrt(group_sum(d * d, lid) / 64.0 + GROUP_NORM_EPS);
+        let bonus = group_sum(r * kn * VEC[fp.rk + c], lid) * v;
+        FY[e] = (d * rstd * VEC[fp.lnw + c] + VEC[fp.lnb + c] + bonus) * UP[fp.g + e];
+    }
+    for (var j = 0u; j < N; j++) {
+        FS[row + j] = s[j];
     }
 }

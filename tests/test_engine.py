@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from rwkvlab import engine as engine_mod
+from rwkvlab import kernels as kn
 from rwkvlab.cli import main as cli_main
 from rwkvlab.engine import Engine, EngineError, load
 from rwkvlab.gguf import read_model
@@ -152,9 +153,9 @@ def test_weights_f16_close_to_native(engine):
 
 
 def test_split_weights_give_identical_logits(engine, monkeypatch):
-    """Matrices over the split size are spread over several buffers by rows (one dispatch per
-    piece); each output row is computed exactly as before, so logits are bit-identical. Tiny
-    upload slices exercise the chunked upload too."""
+    """With a 300 KiB binding limit, matrices are spread over several buffers by rows (one
+    dispatch per buffer) and stacks are cut between buffers; each output row is computed exactly
+    as before, so logits are bit-identical. Tiny upload slices exercise the chunked upload too."""
     whole = engine("f32")
     want_logits = whole.logits(TOKENS)
     whole.reset()
@@ -162,13 +163,52 @@ def test_split_weights_give_identical_logits(engine, monkeypatch):
     monkeypatch.setattr(engine_mod, "UPLOAD_SLICE", 40_000)
     e = load(whole.path, Options(), progress=False, split_bytes=300 * 1024)
     for name in ("token_embd.weight", "output.weight", "blk.0.channel_mix_key.weight",
-                 "blk.1.channel_mix_value.weight"):
-        assert len(e.matrices[name].pieces) == 4, name
-    # three more dispatches each for the embedding, the head and the 2 x 2 ffn matrices
-    assert e.dispatches_per_token == whole.dispatches_per_token + 3 + 3 + 2 * 2 * 3
+                 "blk.1.channel_mix_value.weight"):  # 1 MiB each: four buffers
+        assert len({id(s.buffer) for s in e.matrices[name].segments}) == 4, name
+    assert e.dispatches_per_token > whole.dispatches_per_token + 4 * 3
     np.testing.assert_array_equal(e.logits(TOKENS), want_logits)
     e.reset()
     assert e.generate(TOKENS[:4], 10) == want_ids
+
+
+FUSION_SETS = [{"proj"}, {"wkv"}, {"norm_shift"}, {"proj", "wkv", "norm_shift"}]
+
+
+@pytest.mark.parametrize("fmt", ["f32", "q8_0"])
+@pytest.mark.parametrize("fusions", FUSION_SETS, ids=lambda f: "+".join(sorted(f)))
+def test_fusions_equal_the_unfused_plan(engine, fmt, fusions):
+    """Every fusion does the same arithmetic in the same order as the dispatches it replaces,
+    so logits (chunked and stepped) and generated ids are bit-identical."""
+    base = engine(fmt)
+    want = base.logits(TOKENS)
+    base.reset()
+    want_steps = np.stack([base.step(t) for t in TOKENS[:6]])
+    base.reset()
+    want_ids = base.generate(TOKENS[:4], 9)
+    e = engine(fmt, fusions=frozenset(fusions))
+    assert e.fusions == frozenset(fusions)
+    assert e.dispatches_per_token < base.dispatches_per_token
+    np.testing.assert_array_equal(e.logits(TOKENS), want)
+    e.reset()
+    np.testing.assert_array_equal(np.stack([e.step(t) for t in TOKENS[:6]]), want_steps)
+    e.reset()
+    assert e.generate(TOKENS[:4], 9) == want_ids
+
+
+def test_all_fusions_dispatch_count(engine):
+    """With every fusion a tiny block is 8 dispatches when all its matrices share a format (f32
+    file), 10 when w1/w2 stay F32 beside Q8_0 (two stacks each for the LoRA downs and ups)."""
+    assert engine("f32", fusions=frozenset({"all"})).dispatches_per_token == 1 + 2 * 8 + 3
+    assert engine("q8_0", fusions=frozenset({"all"})).dispatches_per_token == 1 + 2 * 10 + 3
+
+
+def test_api_encoding_equals_raw_encoding(engine, monkeypatch):
+    """The raw wgpu-native calls record exactly what the wgpu-py methods record."""
+    e = engine("f32")
+    want = e.generate(TOKENS[:4], 9)
+    e.reset()
+    monkeypatch.setattr(kn, "FAST_ENCODE", False)
+    assert e.generate(TOKENS[:4], 9) == want
 
 
 # --- generation ---------------------------------------------------------------------------------

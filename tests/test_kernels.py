@@ -146,9 +146,43 @@ def _matmul_case(fmt: str, M: int, K: int, T: int, seed: int = 0):
     w = rng.standard_normal((M, K)).astype(np.float32)
     raw, wv = encode_rows(w, fmt)
     x = rng.standard_normal((T, K)).astype(np.float32)
-    bias = rng.standard_normal(M).astype(np.float32)
-    y0 = rng.standard_normal((T, M)).astype(np.float32)
-    return raw, wv, x, bias, y0
+    return raw, wv, x
+
+
+def run_matmul(kernels, spec, fmt: str, segments: list[tuple], X: np.ndarray, B: np.ndarray,
+               Y: np.ndarray, T: int, red: int | None = None) -> np.ndarray:
+    """Stack the segments' weight rows in one buffer and run one matvec / gemm dispatch.
+
+    segments: (raw rows, K, x_off, y_off, y_stride, act, bias offset or None, accum).
+    """
+    words, table = [], []
+    base = 0
+    for raw, K, x_off, y_off, y_stride, act, bias, accum in segments:
+        data = raw.reshape(-1).view(np.uint32)
+        words.append(data)
+        table.append(kn.MatSegment(rows=raw.shape[0], K=K, row_words=kn.row_words(fmt, K), w_base=base,
+                                   x_off=x_off, y_off=y_off, y_stride=y_stride, act=act, bias=bias,
+                                   accum=accum))
+        pad = -len(data) % 4
+        words.append(np.zeros(pad, np.uint32))
+        base += len(data) + pad
+    consts = dict(FMT=kn.GPU_FORMATS[fmt])
+    if spec is kn.MATVEC:
+        consts.update(WG=64, RED=red)
+    rows_per_wg = 64 // (red or 1)
+    params, wgs, tiles = kn.matmul_params(table, rows_per_wg)
+    grid = (wgs, T, 1) if spec is kn.MATVEC else (tiles, -(-T // 64), 1)
+    return kn.run_kernel(kernels, spec, params, dict(W=np.concatenate(words), X=X, B=B, Y=Y.copy()),
+                         grid, T=T, read=("Y",), constants=consts)["Y"]
+
+
+ACT_FUNCS = {
+    "none": lambda v: v,
+    "tanh": np.tanh,
+    "sigmoid": lambda v: 1 / (1 + np.exp(-v)),
+    "relu_sq": lambda v: np.maximum(v, 0) ** 2,
+    "decay": lambda v: np.exp(-0.606531 / (1 + np.exp(-v))),
+}
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -156,63 +190,74 @@ def _matmul_case(fmt: str, M: int, K: int, T: int, seed: int = 0):
 def test_matvec(kernels, fmt, red):
     """K = 96 is no multiple of the 64-thread workgroup nor of a Q8_0 pair (3 blocks: padded)."""
     M, K, T = 37, 96, 2
-    raw, wv, x, bias, y0 = _matmul_case(fmt, M, K, T)
-    params = dict(M=M, K=K, row_words=kn.row_words(fmt, K), row0=0, y_stride=M)
-    rows_per_wg = 64 // red
-    out = kn.run_kernel(kernels, kn.MATVEC, params, dict(W=raw, X=x, B=bias, Y=y0.copy()),
-                        (-(-M // rows_per_wg), T, 1), T=T, read=("Y",),
-                        constants=dict(WG=64, RED=red, FMT=kn.GPU_FORMATS[fmt]))["Y"]
+    raw, wv, x = _matmul_case(fmt, M, K, T)
+    out = run_matmul(kernels, kn.MATVEC, fmt, [(raw, K, 0, 0, M, "none", None, False)],
+                     x, np.zeros(4, np.float32), np.zeros((T, M), np.float32), T, red)
     want = x.astype(np.float64) @ wv.T
     np.testing.assert_array_less(np.abs(out - want), fp32_tol(np.abs(x) @ np.abs(wv).T, K))
 
 
+@pytest.mark.parametrize("spec", [kn.MATVEC, kn.GEMM], ids=["matvec", "gemm"])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_matvec_epilogue_and_piece(kernels, fmt):
-    """Bias + activation + residual add, writing rows [row0, row0 + M) of a wider output."""
-    M, K, T, width, row0 = 40, 64, 1, 100, 50
-    raw, wv, x, _, _ = _matmul_case(fmt, M, K, T, seed=1)
-    bias = np.random.default_rng(2).standard_normal(width).astype(np.float32)
-    y0 = np.random.default_rng(3).standard_normal((T, width)).astype(np.float32)
-    for act in ("tanh", "sigmoid", "relu_sq", "decay"):
-        params = dict(M=M, K=K, row_words=kn.row_words(fmt, K), row0=row0, y_stride=width)
-        out = kn.run_kernel(kernels, kn.MATVEC, params, dict(W=raw, X=x, B=bias, Y=y0.copy()),
-                            (-(-M // 8), T, 1), T=T, read=("Y",),
-                            constants=dict(WG=64, RED=8, FMT=kn.GPU_FORMATS[fmt],
-                                           ACT=kn.ACTIVATIONS[act], BIAS=True, ACCUM=True))["Y"]
-        z = x.astype(np.float64) @ wv.T + bias[row0:row0 + M]
-        f = {"tanh": np.tanh, "sigmoid": lambda v: 1 / (1 + np.exp(-v)),
-             "relu_sq": lambda v: np.maximum(v, 0) ** 2,
-             "decay": lambda v: np.exp(-0.606531 / (1 + np.exp(-v)))}[act]
-        want = y0.astype(np.float64).copy()
-        want[:, row0:row0 + M] += f(z)
-        # activations are smooth (|f'| <= 2|z| for relu_sq); exp/tanh add a few ulps on top
-        tol = fp32_tol(np.abs(x) @ np.abs(wv).T, K) * (1 + 2 * np.abs(z)) + 1e-6 * (1 + np.abs(want[:, row0:row0 + M]))
-        np.testing.assert_array_less(np.abs(out[:, row0:row0 + M] - want[:, row0:row0 + M]), tol, err_msg=act)
-        np.testing.assert_array_equal(out[:, :row0], y0[:, :row0])  # outside the piece: untouched
+def test_matmul_segments(kernels, spec, fmt):
+    """Three matrices stacked in one weight buffer, one dispatch: each segment reads its own
+    input slot (its own K), writes its own output slot, with its own activation, bias and
+    residual add; rows 70 and 40 cross gemm's 64-row tiles, T = 67 its 64-token tiles."""
+    T = 67 if spec is kn.GEMM else 3
+    rng = np.random.default_rng(13)
+    shapes = [(70, 96, "tanh", True, False), (5, 64, "none", False, True), (40, 32, "decay", True, True)]
+    X = rng.standard_normal(sum(T * K for _, K, *_ in shapes) + 8).astype(np.float32)
+    B = rng.standard_normal(256).astype(np.float32)
+    width = sum(M for M, *_ in shapes) + 3
+    Y0 = rng.standard_normal((T, width)).astype(np.float32)
+    segments, want = [], Y0.astype(np.float64).copy()
+    tols = np.full(Y0.shape, 1e-9)  # columns outside every segment are checked exactly below
+    x_off, y_off, b_off = 8, 3, 16  # nothing starts at 0, so offsets are really used
+    for i, (M, K, act, bias, accum) in enumerate(shapes):
+        raw, wv, _ = _matmul_case(fmt, M, K, 1, seed=20 + i)
+        x = X[x_off: x_off + T * K].reshape(T, K).astype(np.float64)
+        z = x @ wv.T + (B[b_off: b_off + M] if bias else 0)
+        cols = slice(y_off, y_off + M)
+        want[:, cols] = (want[:, cols] if accum else 0) + ACT_FUNCS[act](z)
+        tols[:, cols] = fp32_tol(np.abs(x) @ np.abs(wv).T, K) * (1 + 2 * np.abs(z)) + 1e-6 * (1 + np.abs(want[:, cols]))
+        segments.append((raw, K, x_off, y_off, width, act, b_off if bias else None, accum))
+        x_off, y_off, b_off = x_off + T * K, y_off + M, b_off + M
+    out = run_matmul(kernels, spec, fmt, segments, X, B, Y0, T, red=8)
+    np.testing.assert_array_less(np.abs(out - want), tols)
+    np.testing.assert_array_equal(out[:, :3], Y0[:, :3])  # outside every segment: untouched
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_gemm(kernels, fmt):
     """M = 70 and T = 67 cross tile edges (64 x 64 tiles); K = 96 is 6 steps of 16."""
     M, K, T = 70, 96, 67
-    raw, wv, x, bias, y0 = _matmul_case(fmt, M, K, T, seed=4)
-    params = dict(M=M, K=K, row_words=kn.row_words(fmt, K), row0=0, y_stride=M)
-    out = kn.run_kernel(kernels, kn.GEMM, params, dict(W=raw, X=x, B=bias, Y=y0.copy()),
-                        (2, 2, 1), T=T, read=("Y",),
-                        constants=dict(FMT=kn.GPU_FORMATS[fmt], BIAS=True, ACCUM=True))["Y"]
-    want = y0 + x.astype(np.float64) @ wv.T + bias
-    np.testing.assert_array_less(np.abs(out - want), fp32_tol(np.abs(x) @ np.abs(wv).T + np.abs(y0), K))
+    raw, wv, x = _matmul_case(fmt, M, K, T, seed=4)
+    out = run_matmul(kernels, kn.GEMM, fmt, [(raw, K, 0, 0, M, "none", None, False)],
+                     x, np.zeros(4, np.float32), np.zeros((T, M), np.float32), T)
+    want = x.astype(np.float64) @ wv.T
+    np.testing.assert_array_less(np.abs(out - want), fp32_tol(np.abs(x) @ np.abs(wv).T, K))
 
 
 def test_gemm_ignores_tokens_beyond_T(kernels):
     """Rows of X past run.T (stale data from a longer chunk) must not reach the output."""
     M, K, T = 16, 32, 3
-    raw, wv, x, bias, y0 = _matmul_case("F32", M, K, 8, seed=5)
-    params = dict(M=M, K=K, row_words=K, row0=0, y_stride=M)
-    out = kn.run_kernel(kernels, kn.GEMM, params, dict(W=raw, X=x, B=bias, Y=y0.copy()),
-                        (1, 1, 1), T=T, read=("Y",))["Y"]
+    raw, wv, x = _matmul_case("F32", M, K, 8, seed=5)
+    y0 = np.random.default_rng(6).standard_normal((8, M)).astype(np.float32)
+    out = run_matmul(kernels, kn.GEMM, "F32", [(raw, K, 0, 0, M, "none", None, False)],
+                     x, np.zeros(4, np.float32), y0, T)
     np.testing.assert_array_equal(out[T:], y0[T:])
     np.testing.assert_allclose(out[:T], x[:T].astype(np.float64) @ wv.T, rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_params_checks():
+    seg = kn.MatSegment(rows=4, K=32, row_words=32, w_base=0, x_off=0, y_off=0, y_stride=4)
+    params, wgs, tiles = kn.matmul_params([seg, seg], rows_per_wg=3)
+    assert (wgs, tiles) == (4, 2) and params["seg"][1]["wg_start"] == 2
+    with pytest.raises(kn.KernelError):
+        kn.matmul_params([seg] * (kn.MAX_SEGMENTS + 1), 1)
+    with pytest.raises(kn.KernelError, match="multiple"):
+        kn.matmul_params([kn.MatSegment(rows=4, K=48, row_words=48, w_base=0, x_off=0, y_off=0,
+                                        y_stride=4)], 1)
 
 
 # --- norms, token shift, per-head pieces, wkv ---------------------------------------------------
@@ -327,6 +372,83 @@ def test_wkv_over_several_tokens(kernels):
     np.testing.assert_allclose(res["Y"], want, rtol=0, atol=1e-5 * N * np.abs(S).max())
 
 
+# --- fused kernels: each against the NumPy composition of the kernels it replaces -------------
+
+
+@pytest.mark.parametrize("nmix", [6, 1])
+def test_norm_shift(kernels, nmix):
+    """LayerNorm + token shift of one token in one dispatch; PREV becomes the normed token."""
+    rng = np.random.default_rng(14)
+    C, eps, slot = 256, 1e-5, 3 * 256
+    x = (rng.standard_normal(C) * 2 + 1).astype(np.float32)
+    w, b, prev = (rng.standard_normal(C).astype(np.float32) for _ in range(3))
+    lerp = rng.random((nmix, C)).astype(np.float32)
+    res = kn.run_kernel(kernels, kn.NORM_SHIFT, dict(C=C, slot=slot, eps=eps),
+                        dict(NX=x, NW=w, NB=b, NPREV=prev, NLERP=lerp,
+                             NOUT=np.zeros((nmix, slot), np.float32)),
+                        (1, 1, 1), T=1, constants=dict(NMIX=nmix), read=("NOUT", "NPREV"))
+    xn = _layernorm(x.astype(np.float64), w, b, eps)
+    tol = 2e-5 * (1 + np.abs(xn)).max()
+    np.testing.assert_allclose(res["NPREV"], xn, rtol=0, atol=tol)
+    want = xn + (prev - xn) * lerp
+    np.testing.assert_allclose(res["NOUT"][:, :C], want, rtol=0, atol=2 * tol)
+    np.testing.assert_array_equal(res["NOUT"][:, C:], 0)
+
+
+def _wkv_chain(T, H, r, k, v, w, a, vmix, g, vf, kkw, kaw, rk, lnw, lnb, s0, first):
+    """kv_prep, wkv, groupnorm_out in float64, as the unfused kernels compute them."""
+    N = 64
+    C = H * N
+    kk = (k * kkw).reshape(T, H, N)
+    kk = (kk / np.maximum(np.linalg.norm(kk, axis=-1, keepdims=True), 1e-12)).reshape(T, C)
+    kn_ = k * (1 + (a - 1) * kaw)
+    v = v.copy() if first else v + (vf - v) * vmix
+    S, y = s0.copy(), np.zeros((T, C))
+    for t in range(T):
+        for h in range(H):
+            sl = slice(h * N, (h + 1) * N)
+            sa = S[h] @ (-kk[t, sl])
+            S[h] = S[h] * w[t, sl][None] + np.outer(v[t, sl], kn_[t, sl]) + np.outer(sa, kk[t, sl] * a[t, sl])
+            y[t, sl] = S[h] @ r[t, sl]
+    yh = y.reshape(T, H, N)
+    mean = yh.mean(-1, keepdims=True)
+    var = ((yh - mean) ** 2).mean(-1, keepdims=True)
+    norm = ((yh - mean) / np.sqrt(var + 64e-5)).reshape(T, C) * lnw + lnb
+    bonus = (r * kn_ * rk).reshape(T, H, N).sum(-1, keepdims=True) * v.reshape(T, H, N)
+    return (norm + bonus.reshape(T, C)) * g, S, v
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_wkv_fused(kernels, first):
+    """kv_prep + wkv + groupnorm_out in one dispatch, four tokens, inputs read at slot offsets."""
+    rng = np.random.default_rng(15)
+    T, H, N = 4, 2, 64
+    C = H * N
+    r, k, v, g, vf = (rng.standard_normal((T, C)) for _ in range(5))
+    w = np.exp(-0.606531 / (1 + np.exp(-rng.standard_normal((T, C)))))
+    a, vmix = (1 / (1 + np.exp(-rng.standard_normal((T, C)))) for _ in range(2))
+    vecs = rng.standard_normal((5, C))  # k_k, k_a, r_k, ln_x weight, ln_x bias
+    vecs[1] = rng.random(C)
+    s0 = rng.standard_normal((H, N, N)) * 0.1
+    f32 = lambda *xs: [np.asarray(x, np.float32) for x in xs]  # noqa: E731
+    r, k, v, g, vf, w, a, vmix, vecs, s0 = f32(r, k, v, g, vf, w, a, vmix, vecs, s0)
+    down = np.concatenate([np.zeros(4, np.float32), r.ravel(), k.ravel(), v.ravel()])
+    up = np.concatenate([w.ravel(), a.ravel(), vmix.ravel(), g.ravel()])
+    n = T * C
+    params = dict(C=C, r=4, k=4 + n, v=4 + 2 * n, w=0, a=n, vmix=2 * n, g=3 * n,
+                  kkw=0, kaw=C, rk=2 * C, lnw=3 * C, lnb=4 * C)
+    res = kn.run_kernel(kernels, kn.WKV_FUSED, params,
+                        dict(DOWN=down, UP=up, VEC=vecs, FVF=vf.copy(), FS=s0.copy(),
+                             FY=np.zeros((T, C), np.float32)),
+                        (H, 1, 1), T=T, constants=dict(FIRST=first), read=("FY", "FS", "FVF"))
+    d64 = lambda x: x.astype(np.float64)  # noqa: E731
+    want, S, v_used = _wkv_chain(T, H, *map(d64, (r, k, v, w, a, vmix, g, vf, *vecs, s0)), first)
+    np.testing.assert_allclose(res["FS"], S, rtol=0, atol=1e-5 * np.abs(S).max())
+    # GroupNorm divides by the head's spread of y: allow its relative error on the O(1) outputs
+    np.testing.assert_allclose(res["FY"], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    np.testing.assert_array_equal(res["FVF"], v if first else vf)
+
+
 # --- embedding gather and argmax ----------------------------------------------------------------
 
 
@@ -342,13 +464,13 @@ def test_embed(kernels, fmt):
     want = _layernorm(table[tokens], w, b, eps)
     y0 = np.full((T, C), 7.0, np.float32)
     rw = kn.row_words(fmt, C)
-    out = kn.run_kernel(kernels, kn.EMBED, dict(C=C, row0=0, rows=V, row_words=rw, eps=eps),
+    out = kn.run_kernel(kernels, kn.EMBED, dict(C=C, row0=0, rows=V, row_words=rw, w_base=0, eps=eps),
                         dict(W=raw, TOK=tokens, NW=w, NB=b, Y=y0.copy()), (T, 1, 1), T=T,
                         constants=dict(FMT=kn.GPU_FORMATS[fmt]), read=("Y",))["Y"]
     np.testing.assert_allclose(out, want, rtol=0, atol=2e-5 * (1 + np.abs(want)).max())
-    row0, rows = 20, 10  # a piece holding rows 20..29: only token 20 and 25 are its own
-    piece = np.ascontiguousarray(raw[row0:row0 + rows])
-    out = kn.run_kernel(kernels, kn.EMBED, dict(C=C, row0=row0, rows=rows, row_words=rw, eps=eps),
+    row0, rows = 20, 10  # a piece holding rows 20..29 after 32 other bytes: tokens 20 and 25
+    piece = np.concatenate([np.full(32, 0xAB, np.uint8), raw[row0:row0 + rows].reshape(-1)])
+    out = kn.run_kernel(kernels, kn.EMBED, dict(C=C, row0=row0, rows=rows, row_words=rw, w_base=8, eps=eps),
                         dict(W=piece, TOK=tokens, NW=w, NB=b, Y=y0.copy()), (T, 1, 1), T=T,
                         constants=dict(FMT=kn.GPU_FORMATS[fmt]), read=("Y",))["Y"]
     mine = np.isin(tokens, [20, 25])
