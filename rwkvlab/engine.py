@@ -301,36 +301,32 @@ class Engine:
 
     def _layout(self) -> list[tuple[int, list[tuple[str, int, int, int]]]]:
         """Where every matrix row goes: a list of buffers, each (size in words, [(matrix, row0,
-        rows, w_base)]). A group is split by GPU format (one stack per format), stacks fill
-        buffers up to the split size, and a matrix that does not fit is continued, by rows, in
-        the next buffer. Segments start on 16-byte boundaries (the kernels' vec4 loads)."""
+        rows, w_base)]). A group's matrices fill buffers in order up to the split size (formats
+        may mix: each segment says its own); a matrix that does not fit is continued, by rows,
+        in the next buffer. Segments start on 16-byte boundaries (the kernels' vec4 loads)."""
         limit = self.split_bytes // 4
         buffers = []
         for group in self._weight_groups():
-            by_fmt: dict[str, list[str]] = {}
+            used, segs = 0, []
             for name in group:
-                by_fmt.setdefault(self.weight_formats[name], []).append(name)
-            for names in by_fmt.values():
-                used, segs = 0, []
-                for name in names:
-                    M, K = self.model.tensor(name).shape
-                    rw = kn.row_words(self.weight_formats[name], K)
-                    if rw > limit:
-                        raise EngineError(f"{self.model.path}: one row of {name!r} ({rw * 4} bytes) "
-                                          f"exceeds the device's binding limit of {self.split_bytes} bytes")
-                    r = 0
-                    while r < M:
-                        fit = (limit - used) // rw
-                        if fit == 0:
-                            buffers.append((used, segs))
-                            used, segs = 0, []
-                            continue
-                        n = min(M - r, fit)
-                        segs.append((name, r, n, used))
-                        used = _ceil_div(used + n * rw, 4) * 4
-                        r += n
-                if segs:
-                    buffers.append((used, segs))
+                M, K = self.model.tensor(name).shape
+                rw = kn.row_words(self.weight_formats[name], K)
+                if rw > limit:
+                    raise EngineError(f"{self.model.path}: one row of {name!r} ({rw * 4} bytes) "
+                                      f"exceeds the device's binding limit of {self.split_bytes} bytes")
+                r = 0
+                while r < M:
+                    fit = (limit - used) // rw
+                    if fit == 0:
+                        buffers.append((used, segs))
+                        used, segs = 0, []
+                        continue
+                    n = min(M - r, fit)
+                    segs.append((name, r, n, used))
+                    used = _ceil_div(used + n * rw, 4) * 4
+                    r += n
+            if segs:
+                buffers.append((used, segs))
         return buffers
 
     def _upload_weights(self, progress: bool) -> None:
@@ -480,16 +476,10 @@ class Engine:
 
     def _matmul(self, label: str, products: list[_Product], fused: bool = False) -> _Op:
         """Matrix products as dispatches: unfused, one per (product, weight buffer); fused, one
-        per weight buffer for all products (they must share X and Y). matvec below
-        Options.gemm_min_tokens tokens, gemm from there; both take the same bind group."""
+        per weight buffer for all products (they must share X and Y; formats may differ).
+        matvec below Options.gemm_min_tokens tokens, gemm from there; both take the same bind
+        group."""
         k = self.kernels
-        fmts = {p.mat.fmt for p in products}
-        assert len(fmts) == 1, f"{label}: one pipeline reads one weight format, got {fmts}"
-        fmt = kn.GPU_FORMATS[fmts.pop()]
-        matvec, gemm = k.kernel(kn.MATVEC, FMT=fmt), k.kernel(kn.GEMM, FMT=fmt)
-        consts = dict(matvec.constants)
-        rows_per_wg = consts["WG"] // consts["RED"]
-
         runs: list[list[tuple[_Product, Segment]]] = []  # each run becomes one dispatch
         by_buffer: dict[int, list] = {}
         for p in products:
@@ -509,15 +499,19 @@ class Engine:
                 rows=seg.rows, K=p.mat.K, row_words=p.mat.row_words, w_base=seg.w_base,
                 x_off=p.x_off, y_off=p.y_off + seg.row0, y_stride=p.y_stride, act=p.act,
                 bias=None if p.bias is None else self._vec_floats(p.bias) + seg.row0,
-                accum=p.accum) for p, seg in items]
-            params, wgs, tiles = kn.matmul_params(table, rows_per_wg)
+                accum=p.accum, fmt=p.mat.fmt) for p, seg in items]
+            fmt = kn.matmul_fmt(table)
+            matvec, gemm = k.kernel(kn.MATVEC, FMT=fmt), k.kernel(kn.GEMM, FMT=fmt)
+            consts = dict(matvec.constants)
+            params, wgs, tiles = kn.matmul_params(table, consts["WG"] // consts["RED"])
             res = dict(W=seg0.buffer, X=p0.x, B=self.vecs, Y=p0.y)
-            groups.append((k.bind(kn.MATVEC, self.run, params, res, label=label), wgs, tiles))
+            bg = k.bind(kn.MATVEC, self.run, params, res, label=label)
+            groups.append((matvec, gemm, bg, wgs, tiles))
         gemm_min = self.options.gemm_min_tokens
 
         def dispatches(T: int) -> list[Dispatch]:
             out = []
-            for bg, wgs, tiles in groups:
+            for matvec, gemm, bg, wgs, tiles in groups:
                 if T < gemm_min:
                     out.append(Dispatch(matvec, bg, (wgs, T, 1), label))
                 else:
@@ -530,13 +524,10 @@ class Engine:
         return _Op(label, dispatches)
 
     def _products(self, label: str, products: list[_Product]) -> list[_Op]:
-        """Ops for products that read one buffer and write another: fused into one op per
-        weight format with the "proj" fusion, else one op per product."""
+        """Ops for products that read one buffer and write another: with the "proj" fusion one
+        op (a dispatch per weight buffer they occupy, usually one), else one op per product."""
         if "proj" in self.fusions:
-            by_fmt: dict[str, list[_Product]] = {}
-            for p in products:
-                by_fmt.setdefault(p.mat.fmt, []).append(p)
-            return [self._matmul(f"{label}[{fmt}]", ps, fused=True) for fmt, ps in by_fmt.items()]
+            return [self._matmul(label, products, fused=True)]
         return [self._matmul(f"{label}.{p.mat.name.split('.')[-2].removeprefix('time_mix_')}", [p])
                 for p in products]
 

@@ -43,6 +43,7 @@ FUSIONS: dict[str, str] = {
 
 # Weight formats the kernels read directly (FMT override constant, see shaders/weights.wgsl).
 GPU_FORMATS: dict[str, int] = {"F32": 0, "F16": 1, "BF16": 2, "Q8_0": 3}
+FMT_PER_SEGMENT = 255  # FMT of a matrix-product pipeline whose segments differ in format
 
 # Epilogues of matvec / gemm (ACT override constant, see shaders/common.wgsl).
 ACTIVATIONS: dict[str, int] = {"none": 0, "tanh": 1, "sigmoid": 2, "relu_sq": 3, "decay": 4}
@@ -103,7 +104,8 @@ def _spec(name, file, entry, bindings, params, libs=("common.wgsl",), **constant
 
 # Structs used inside Params uniforms (shaders/matseg.wgsl).
 STRUCTS: dict[str, tuple[Param, ...]] = {
-    "Seg": _params("rows K row_words w_base x_off y_off y_stride act bias accum wg_start tile_start"),
+    "Seg": _params("rows K row_words w_base x_off y_off y_stride act bias accum wg_start tile_start fmt "
+                   "spad0 spad1 spad2"),
 }
 MAX_SEGMENTS = 8
 NO_BIAS = 0xFFFFFFFF
@@ -227,6 +229,13 @@ class MatSegment:
     act: str = "none"
     bias: int | None = None  # first float of the bias in the B binding
     accum: bool = False
+    fmt: str = "F32"  # read by FMT_PER_SEGMENT pipelines; others use their FMT constant
+
+
+def matmul_fmt(segments: list[MatSegment]) -> int:
+    """The FMT constant for a dispatch over these segments (FMT_PER_SEGMENT if they differ)."""
+    fmts = {s.fmt for s in segments}
+    return GPU_FORMATS[fmts.pop()] if len(fmts) == 1 else FMT_PER_SEGMENT
 
 
 def matmul_params(segments: list[MatSegment], rows_per_wg: int) -> tuple[dict, int, int]:
@@ -240,7 +249,8 @@ def matmul_params(segments: list[MatSegment], rows_per_wg: int) -> tuple[dict, i
         table.append(dict(rows=s.rows, K=s.K, row_words=s.row_words, w_base=s.w_base, x_off=s.x_off,
                           y_off=s.y_off, y_stride=s.y_stride, act=ACTIVATIONS[s.act],
                           bias=NO_BIAS if s.bias is None else s.bias, accum=int(s.accum),
-                          wg_start=wgs, tile_start=tiles))
+                          wg_start=wgs, tile_start=tiles, fmt=GPU_FORMATS[s.fmt],
+                          spad0=0, spad1=0, spad2=0))
         wgs += -(-s.rows // rows_per_wg)
         tiles += -(-s.rows // 64)
     return dict(n_seg=len(segments), pad0=0, pad1=0, pad2=0, seg=table), wgs, tiles

@@ -44,7 +44,7 @@ fn embed(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) 
     var s = 0.0;
     if (own) {
         for (var i = lid; i < c4; i += WG) {
-            let v = load4(row, 4u * i);
+            let v = load4(FMT, row, 4u * i);
             Y[base + i] = v;
             s += dot(v, vec4<f32>(1.0));
         }

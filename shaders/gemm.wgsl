@@ -10,7 +10,7 @@
 // each owning a 4 x 4 block of a 64-row x 64-token output tile (tiles never straddle segments).
 // K advances 16 columns per step through workgroup memory: each weight is loaded and decoded
 // once per 64 tokens instead of once per token. Needs K % 16 == 0 (the engine checks K % 32).
-// Constants: FMT (weights.wgsl).
+// Constants: FMT (weights.wgsl; FMT_PER_SEGMENT for mixed stacks).
 
 const TILE: u32 = 64u;   // rows of W and tokens per output tile
 const TK: u32 = 16u;     // columns per step
@@ -38,12 +38,13 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let m_load = m0 + lr;
     let t_load = t0 + lr;
     let x_row = (sg.x_off + t_load * sg.K) >> 2u;
+    let fmt = seg_fmt(sg);
 
     var acc: array<vec4<f32>, 4>;
     for (var k0 = 0u; k0 < sg.K; k0 += TK) {
         var wv = vec4<f32>(0.0);
         if (m_load < sg.rows) {
-            wv = load4(sg.w_base + m_load * sg.row_words, k0 + lk);
+            wv = load4(fmt, sg.w_base + m_load * sg.row_words, k0 + lk);
         }
         var xv = vec4<f32>(0.0);
         if (t_load < run.T) {

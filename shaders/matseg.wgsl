@@ -28,6 +28,10 @@ struct Seg {
     accum: u32,       // 1: add to Y (residual), 0: overwrite
     wg_start: u32,    // first matvec workgroup of the segment
     tile_start: u32,  // first gemm tile of the segment
+    fmt: u32,         // weight format (weights.wgsl), read when FMT = FMT_PER_SEGMENT
+    spad0: u32,       // (uniform arrays need a 16-byte multiple per element)
+    spad1: u32,
+    spad2: u32,
 }
 
 struct MatParams {
@@ -36,6 +40,11 @@ struct MatParams {
     pad1: u32,
     pad2: u32,
     seg: array<Seg, 8>,
+}
+
+// The weight format of segment `sg`: the pipeline's, or the segment's own in mixed stacks.
+fn seg_fmt(sg: Seg) -> u32 {
+    return select(FMT, sg.fmt, FMT == FMT_PER_SEGMENT);
 }
 
 // The segment that workgroup (or tile) number `i` belongs to; starts[] ascend.

@@ -12,7 +12,7 @@
 // a row: each takes every RED-th piece of it (neighbouring threads read neighbouring pieces, so
 // loads coalesce), then group_sum. RED = 1 is the register-blocked variant (a row per thread,
 // no barrier) that CPU adapters prefer; real GPUs want RED = 32 (a subgroup per row) or more.
-// Constants: WG, RED (reduce*.wgsl), FMT (weights.wgsl).
+// Constants: WG, RED (reduce*.wgsl), FMT (weights.wgsl; FMT_PER_SEGMENT for mixed stacks).
 
 override WG: u32 = 64u;
 
@@ -24,8 +24,8 @@ override WG: u32 = 64u;
 
 // Dot product of the piece whose first word is `wi` with X from vec4 index `xi`; the piece's
 // first element is column k0 (Q8_0 skips the loader's padding block beyond K).
-fn dot_piece(wi: u32, xi: u32, k0: u32, K: u32) -> f32 {
-    switch FMT {
+fn dot_piece(fmt: u32, wi: u32, xi: u32, k0: u32, K: u32) -> f32 {
+    switch fmt {
         case FMT_F32: {
             return dot(bitcast<vec4<f32>>(W[wi >> 2u]), X[xi]);
         }
@@ -67,13 +67,14 @@ fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     let t = wg.y;
     var acc = 0.0;
     if (m < sg.rows) {
-        let pe = piece_elems();
-        let pw = piece_words();
+        let fmt = seg_fmt(sg);
+        let pe = piece_elems(fmt);
+        let pw = piece_words(fmt);
         let n = (sg.K + pe - 1u) / pe;
         let row = sg.w_base + m * sg.row_words;
         let x0 = (sg.x_off + t * sg.K) >> 2u;
         for (var i = lane; i < n; i += RED) {
-            acc += dot_piece(row + i * pw, x0 + i * (pe >> 2u), i * pe, sg.K);
+            acc += dot_piece(fmt, row + i * pw, x0 + i * (pe >> 2u), i * pe, sg.K);
         }
     }
     let s = group_sum(acc, lid);

@@ -19,8 +19,12 @@
 // Later formats fit the same pair scheme: Q4_0 (18-byte blocks, pairs of 36 bytes = 9 words),
 // Q4_K (144 bytes = 36 words per 256 elements), Q5_K (176 = 44), Q6_K (210: pairs of 420 = 105).
 //
-// A "piece" is what one thread decodes per step of a mat-vec loop: PIECE_ELEMS elements held
-// in PIECE_WORDS words (F32 4/4, F16 and BF16 8/4, Q8_0 64/17).
+// A "piece" is what one thread decodes per step of a mat-vec loop: piece_elems(fmt) elements
+// held in piece_words(fmt) words (F32 4/4, F16 and BF16 8/4, Q8_0 64/17).
+//
+// The format is the override constant FMT, so each pipeline is specialised to one format; a
+// matrix-product dispatch over stacked matrices of different formats uses FMT = FMT_PER_SEGMENT
+// and takes each segment's format from its table entry (a branch uniform across a workgroup).
 
 override FMT: u32 = 0u;
 
@@ -28,17 +32,18 @@ const FMT_F32: u32 = 0u;
 const FMT_F16: u32 = 1u;
 const FMT_BF16: u32 = 2u;
 const FMT_Q8_0: u32 = 3u;
+const FMT_PER_SEGMENT: u32 = 255u;
 
-fn piece_elems() -> u32 {
-    switch FMT {
+fn piece_elems(fmt: u32) -> u32 {
+    switch fmt {
         case FMT_F32: { return 4u; }
         case FMT_Q8_0: { return 64u; }
         default: { return 8u; }
     }
 }
 
-fn piece_words() -> u32 {
-    if (FMT == FMT_Q8_0) {
+fn piece_words(fmt: u32) -> u32 {
+    if (fmt == FMT_Q8_0) {
         return 17u;
     }
     return 4u;
@@ -69,8 +74,8 @@ fn bf16x4(w0: u32, w1: u32) -> vec4<f32> {
 }
 
 // Elements k..k+3 (k % 4 == 0, k < K) of the row whose first word is `row`.
-fn load4(row: u32, k: u32) -> vec4<f32> {
-    switch FMT {
+fn load4(fmt: u32, row: u32, k: u32) -> vec4<f32> {
+    switch fmt {
         case FMT_F32: {
             return bitcast<vec4<f32>>(W[(row + k) >> 2u]);
         }

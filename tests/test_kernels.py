@@ -149,24 +149,26 @@ def _matmul_case(fmt: str, M: int, K: int, T: int, seed: int = 0):
     return raw, wv, x
 
 
-def run_matmul(kernels, spec, fmt: str, segments: list[tuple], X: np.ndarray, B: np.ndarray,
-               Y: np.ndarray, T: int, red: int | None = None) -> np.ndarray:
+def run_matmul(kernels, spec, fmt: str | list[str], segments: list[tuple], X: np.ndarray,
+               B: np.ndarray, Y: np.ndarray, T: int, red: int | None = None) -> np.ndarray:
     """Stack the segments' weight rows in one buffer and run one matvec / gemm dispatch.
 
-    segments: (raw rows, K, x_off, y_off, y_stride, act, bias offset or None, accum).
+    segments: (raw rows, K, x_off, y_off, y_stride, act, bias offset or None, accum); fmt: one
+    format for all, or one per segment (a mixed stack: FMT_PER_SEGMENT).
     """
+    fmts = fmt if isinstance(fmt, list) else [fmt] * len(segments)
     words, table = [], []
     base = 0
-    for raw, K, x_off, y_off, y_stride, act, bias, accum in segments:
+    for f, (raw, K, x_off, y_off, y_stride, act, bias, accum) in zip(fmts, segments):
         data = raw.reshape(-1).view(np.uint32)
         words.append(data)
-        table.append(kn.MatSegment(rows=raw.shape[0], K=K, row_words=kn.row_words(fmt, K), w_base=base,
+        table.append(kn.MatSegment(rows=raw.shape[0], K=K, row_words=kn.row_words(f, K), w_base=base,
                                    x_off=x_off, y_off=y_off, y_stride=y_stride, act=act, bias=bias,
-                                   accum=accum))
+                                   accum=accum, fmt=f))
         pad = -len(data) % 4
         words.append(np.zeros(pad, np.uint32))
         base += len(data) + pad
-    consts = dict(FMT=kn.GPU_FORMATS[fmt])
+    consts = dict(FMT=kn.matmul_fmt(table))
     if spec is kn.MATVEC:
         consts.update(WG=64, RED=red)
     rows_per_wg = 64 // (red or 1)
@@ -197,12 +199,17 @@ def test_matvec(kernels, fmt, red):
     np.testing.assert_array_less(np.abs(out - want), fp32_tol(np.abs(x) @ np.abs(wv).T, K))
 
 
+MIXED = ["Q8_0", "F32", "BF16"]  # as in llama.cpp files: w1 / w2 stay F32 beside quantized matrices
+
+
 @pytest.mark.parametrize("spec", [kn.MATVEC, kn.GEMM], ids=["matvec", "gemm"])
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", FORMATS + ["mixed"])
 def test_matmul_segments(kernels, spec, fmt):
     """Three matrices stacked in one weight buffer, one dispatch: each segment reads its own
     input slot (its own K), writes its own output slot, with its own activation, bias and
-    residual add; rows 70 and 40 cross gemm's 64-row tiles, T = 67 its 64-token tiles."""
+    residual add; rows 70 and 40 cross gemm's 64-row tiles, T = 67 its 64-token tiles. "mixed"
+    stacks three formats (the pipeline reads each segment's format from the table)."""
+    fmts = MIXED if fmt == "mixed" else [fmt] * 3
     T = 67 if spec is kn.GEMM else 3
     rng = np.random.default_rng(13)
     shapes = [(70, 96, "tanh", True, False), (5, 64, "none", False, True), (40, 32, "decay", True, True)]
@@ -214,7 +221,7 @@ def test_matmul_segments(kernels, spec, fmt):
     tols = np.full(Y0.shape, 1e-9)  # columns outside every segment are checked exactly below
     x_off, y_off, b_off = 8, 3, 16  # nothing starts at 0, so offsets are really used
     for i, (M, K, act, bias, accum) in enumerate(shapes):
-        raw, wv, _ = _matmul_case(fmt, M, K, 1, seed=20 + i)
+        raw, wv, _ = _matmul_case(fmts[i], M, K, 1, seed=20 + i)
         x = X[x_off: x_off + T * K].reshape(T, K).astype(np.float64)
         z = x @ wv.T + (B[b_off: b_off + M] if bias else 0)
         cols = slice(y_off, y_off + M)
@@ -222,7 +229,7 @@ def test_matmul_segments(kernels, spec, fmt):
         tols[:, cols] = fp32_tol(np.abs(x) @ np.abs(wv).T, K) * (1 + 2 * np.abs(z)) + 1e-6 * (1 + np.abs(want[:, cols]))
         segments.append((raw, K, x_off, y_off, width, act, b_off if bias else None, accum))
         x_off, y_off, b_off = x_off + T * K, y_off + M, b_off + M
-    out = run_matmul(kernels, spec, fmt, segments, X, B, Y0, T, red=8)
+    out = run_matmul(kernels, spec, fmts, segments, X, B, Y0, T, red=8)
     np.testing.assert_array_less(np.abs(out - want), tols)
     np.testing.assert_array_equal(out[:, :3], Y0[:, :3])  # outside every segment: untouched
 
@@ -247,6 +254,13 @@ def test_gemm_ignores_tokens_beyond_T(kernels):
                      x, np.zeros(4, np.float32), y0, T)
     np.testing.assert_array_equal(out[T:], y0[T:])
     np.testing.assert_allclose(out[:T], x[:T].astype(np.float64) @ wv.T, rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_fmt():
+    seg = kn.MatSegment(rows=4, K=32, row_words=8, w_base=0, x_off=0, y_off=0, y_stride=4, fmt="Q8_0")
+    assert kn.matmul_fmt([seg, seg]) == kn.GPU_FORMATS["Q8_0"]
+    other = kn.MatSegment(rows=4, K=32, row_words=32, w_base=0, x_off=0, y_off=0, y_stride=4)
+    assert kn.matmul_fmt([seg, other]) == kn.FMT_PER_SEGMENT
 
 
 def test_matmul_params_checks():
