@@ -1,0 +1,51 @@
+// dequant.wgsl: test kernels for the weight decoders (not part of the engine's plan; run by
+// rwkvlab.quant_kernels for tests and checks). Prepended: weights.wgsl, quants.wgsl,
+// quants_dot.wgsl.
+//
+// Bindings (group 0):
+//   0 p  uniform DequantParams {rows, K, row_words: u32 words per row (the host's row pitch)}
+//   1 W  storage, read        array<vec4<u32>>  weight rows [rows, K] in format FMT
+//   2 X  storage, read        array<vec4<f32>>  one input vector [K] (dot_pieces only)
+//   3 Y  storage, read_write  array<f32>        outputs
+// Entries (one thread per 4 elements / per piece, 64 threads per workgroup):
+//   dequant     Y[r, k] = element k of row r, as f32 [rows, K].
+//               Dispatch (ceil(K / 256), rows).
+//   dot_pieces  Y[r, i] = piece i of row r dotted with X [rows, quant_pieces(K)].
+//               Dispatch (ceil(quant_pieces(K) / 64), rows).
+// Constants: FMT (weights.wgsl; 4..7 are the formats of quants.wgsl).
+
+struct DequantParams {
+    rows: u32,
+    K: u32,
+    row_words: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: DequantParams;
+@group(0) @binding(1) var<storage, read> W: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read> X: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> Y: array<f32>;
+
+@compute @workgroup_size(64)
+fn dequant(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let k = 4u * gid.x;
+    let r = gid.y;
+    if (k >= p.K || r >= p.rows) {
+        return;
+    }
+    let v = quant_load4(r * p.row_words, k);
+    let o = r * p.K + k;
+    for (var c = 0u; c < 4u; c++) {
+        Y[o + c] = v[c];
+    }
+}
+
+@compute @workgroup_size(64)
+fn dot_pieces(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let i = gid.x;
+    let r = gid.y;
+    let n = quant_pieces(p.K);
+    if (i >= n || r >= p.rows) {
+        return;
+    }
+    Y[r * n + i] = quant_dot(r * p.row_words, i, 0u, p.K);
+}
