@@ -32,7 +32,7 @@ fn dequant(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (k >= p.K || r >= p.rows) {
         return;
     }
-    let v = quant_load4(r * p.row_words, k);
+    let v = quant_load4(FMT, r * p.row_words, k);
     let o = r * p.K + k;
     for (var c = 0u; c < 4u; c++) {
         Y[o + c] = v[c];
@@ -47,5 +47,5 @@ fn dot_pieces(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (i >= n || r >= p.rows) {
         return;
     }
-    Y[r * n + i] = quant_dot(r * p.row_words, i, 0u, p.K);
+    Y[r * n + i] = quant_dot(FMT, r * p.row_words, i, 0u, p.K);
 }

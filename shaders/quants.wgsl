@@ -1,6 +1,6 @@
 // quants.wgsl: Q4_0, Q4_K, Q5_K and Q6_K weight rows decoded in the kernel (a library,
 // prepended after weights.wgsl: it reads the binding W: array<vec4<u32>> through W[] and
-// w_word, and the override constant FMT, both declared there).
+// w_word). The format is an argument, as in weights.wgsl (the pipeline's FMT, or a segment's).
 //
 // Blocks sit on the GPU exactly as the GGUF file stores them; only rows are padded (the host's
 // row pitch is rwkvlab.quant_kernels.row_words). Element order inside a block is gguf-py's:
@@ -145,9 +145,9 @@ fn q6_k_load4(row: u32, k: u32) -> vec4<f32> {
     return (d * f32(sc)) * quant_f32(q, 32.0);
 }
 
-// Elements k..k+3 of a row in one of the formats of this file (FMT picks it).
-fn quant_load4(row: u32, k: u32) -> vec4<f32> {
-    switch FMT {
+// Elements k..k+3 of a row in one of the formats of this file.
+fn quant_load4(fmt: u32, row: u32, k: u32) -> vec4<f32> {
+    switch fmt {
         case FMT_Q4_0: { return q4_0_load4(row, k); }
         case FMT_Q4_K: { return q4_k_load4(row, k); }
         case FMT_Q5_K: { return q5_k_load4(row, k); }

@@ -18,8 +18,8 @@
 // Each sub-block's sum is formed first and its scale (and Q4_K/Q5_K min times the sum of x)
 // applied once: sum_j (d sc q_j - dmin m) x_j = d sc sum_j q_j x_j - dmin m sum_j x_j.
 //
-// quant_dot(row, i, xr, K): piece i of the row whose first word is `row`, with the input vector
-// whose element 0 is X[xr] (a vec4 index).
+// quant_dot(fmt, row, i, xr, K): piece i of the row whose first word is `row`, dotted with
+// the input vector whose element 0 is X[xr] (a vec4 index).
 
 fn quant_pieces(K: u32) -> u32 {
     return (K + 63u) / 64u;
@@ -144,8 +144,8 @@ fn q6_k_dot(row: u32, i: u32, xr: u32) -> f32 {
     return select(dd.x, dd.y, odd) * dot(sc, sums);
 }
 
-fn quant_dot(row: u32, i: u32, xr: u32, K: u32) -> f32 {
-    switch FMT {
+fn quant_dot(fmt: u32, row: u32, i: u32, xr: u32, K: u32) -> f32 {
+    switch fmt {
         case FMT_Q4_0: { return q4_0_dot(row, i, xr, K); }
         case FMT_Q4_K: { return q4_k_dot(row, i, xr); }
         case FMT_Q5_K: { return q5_k_dot(row, i, xr); }
