@@ -5,11 +5,15 @@ The reference GGUF files and llama.cpp's logits for them live in shared/ beside 
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "rwkv7-tiny"
+# RWKVLAB_FIXTURES points elsewhere when the tree is copied without shared/ beside it (the GPU
+# machine gets the fixtures carried inside the copy).
+FIXTURES = Path(os.environ.get("RWKVLAB_FIXTURES")
+                or Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "rwkv7-tiny")
 
 # The weight formats of the reference files: tiny-<fmt>.gguf with tiny-<fmt>.logits.npy.
 FORMATS = ["f32", "f16", "bf16", "q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K"]
