@@ -272,17 +272,46 @@ class Tuning:
         return dict(self.__dict__)
 
 
+TUNING_ENV = "RWKVLAB_TUNING"
+
+
 def choose_tuning(gpu, path: str) -> Tuning:
     """Kernel shapes for this adapter: CPU adapters (lavapipe, llvmpipe, SwiftShader) run
     register-blocked mat-vec (a row per thread: barriers are expensive there); GPUs give each
-    row 32 threads (one subgroup on NVIDIA) with a reduction, four rows per workgroup."""
+    row 32 threads (one subgroup on NVIDIA) with a reduction, four rows per workgroup.
+
+    $RWKVLAB_TUNING overrides fields for experiments, e.g. "matvec_wg=256,matvec_red=64"
+    (workgroup sizes are powers of two, matvec_red <= matvec_wg); engines record their tuning.
+    """
+    import os
+
     subgroups = path == "native" and gpu.has("subgroup")
     sg = probe_subgroup_size(gpu) if subgroups else 0
     if gpu.info.adapter_type == "CPU":
-        return Tuning(matvec_wg=64, matvec_red=1, norm_wg=64, shift_wg=64, argmax_wg=64,
-                      subgroups=subgroups, subgroup_size=sg)
-    return Tuning(matvec_wg=128, matvec_red=32, norm_wg=256, shift_wg=64, argmax_wg=256,
-                  subgroups=subgroups, subgroup_size=sg)
+        tuning = Tuning(matvec_wg=64, matvec_red=1, norm_wg=64, shift_wg=64, argmax_wg=64,
+                        subgroups=subgroups, subgroup_size=sg)
+    else:
+        tuning = Tuning(matvec_wg=128, matvec_red=32, norm_wg=256, shift_wg=64, argmax_wg=256,
+                        subgroups=subgroups, subgroup_size=sg)
+    return _tuning_overrides(tuning, os.environ.get(TUNING_ENV, ""))
+
+
+def _tuning_overrides(tuning: Tuning, text: str) -> Tuning:
+    from dataclasses import replace
+
+    sizes = {"matvec_wg", "matvec_red", "norm_wg", "shift_wg", "argmax_wg"}
+    changes = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, _, value = item.partition("=")
+        if name not in sizes or not value.isdigit() or int(value) < 1 or int(value) & (int(value) - 1):
+            raise KernelError(f"${TUNING_ENV}: {item!r} is not <field>=<power of two> with field one "
+                              f"of {', '.join(sorted(sizes))}")
+        changes[name] = int(value)
+    tuning = replace(tuning, **changes)
+    if tuning.matvec_red > tuning.matvec_wg or max(tuning.matvec_wg, tuning.norm_wg, tuning.argmax_wg) > 1024:
+        raise KernelError(f"${TUNING_ENV}: matvec_red must be <= matvec_wg and workgroups <= 1024 "
+                          f"threads, got {tuning}")
+    return tuning
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,10 @@ const TK: u32 = 16u;     // columns per step
 @group(0) @binding(4) var<storage, read> B: array<f32>;
 @group(0) @binding(5) var<storage, read_write> Y: array<f32>;
 
-// Both tiles are stored k-major ([TK][TILE]) so the inner loop reads 4 rows / 4 tokens at once.
-var<workgroup> w_tile: array<f32, 1024>;
-var<workgroup> x_tile: array<f32, 1024>;
+// Both tiles are stored k-major, 4 rows (tokens) per vec4: tile[k * 16 + i] holds rows
+// 4i..4i+3 at column k, so the inner loop reads one vec4 of rows and one of tokens per k.
+var<workgroup> w_tile: array<vec4<f32>, 256>;
+var<workgroup> x_tile: array<vec4<f32>, 256>;
 
 @compute @workgroup_size(256)
 fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -40,7 +41,7 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let x_row = (sg.x_off + t_load * sg.K) >> 2u;
     let fmt = seg_fmt(sg);
 
-    var acc: array<vec4<f32>, 4>;
+    var acc: array<vec4<f32>, 4>;   // acc[i][j]: row 4 ty + i, token 4 tx + j
     for (var k0 = 0u; k0 < sg.K; k0 += TK) {
         var wv = vec4<f32>(0.0);
         if (m_load < sg.rows) {
@@ -51,18 +52,17 @@ fn gemm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             xv = X[x_row + ((k0 + lk) >> 2u)];
         }
         for (var c = 0u; c < 4u; c++) {
-            w_tile[(lk + c) * TILE + lr] = wv[c];
-            x_tile[(lk + c) * TILE + lr] = xv[c];
+            w_tile[(lk + c) * 16u + (lr >> 2u)][lr & 3u] = wv[c];
+            x_tile[(lk + c) * 16u + (lr >> 2u)][lr & 3u] = xv[c];
         }
         workgroupBarrier();
         for (var k = 0u; k < TK; k++) {
-            let a = vec4<f32>(w_tile[k * TILE + 4u * ty], w_tile[k * TILE + 4u * ty + 1u],
-                              w_tile[k * TILE + 4u * ty + 2u], w_tile[k * TILE + 4u * ty + 3u]);
-            let b = vec4<f32>(x_tile[k * TILE + 4u * tx], x_tile[k * TILE + 4u * tx + 1u],
-                              x_tile[k * TILE + 4u * tx + 2u], x_tile[k * TILE + 4u * tx + 3u]);
-            for (var i = 0u; i < 4u; i++) {
-                acc[i] += a[i] * b;
-            }
+            let a = w_tile[k * 16u + ty];
+            let b = x_tile[k * 16u + tx];
+            acc[0] += a.x * b;
+            acc[1] += a.y * b;
+            acc[2] += a.z * b;
+            acc[3] += a.w * b;
         }
         workgroupBarrier();
     }

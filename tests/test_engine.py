@@ -203,6 +203,20 @@ def test_all_fusions_dispatch_count(engine, fmt):
     assert engine(fmt, fusions=frozenset({"all"})).dispatches_per_token == 1 + 2 * 8 + 3
 
 
+GPU_TUNING = "matvec_wg=128,matvec_red=32,norm_wg=256,argmax_wg=256"  # what real GPUs get
+
+
+@pytest.mark.parametrize("path", ["webgpu", "native"])
+def test_gpu_class_tuning_on_lavapipe(engine, fixtures_dir, monkeypatch, path):
+    """The kernel shapes chosen for real GPUs (32 threads per mat-vec row, with a shared-memory
+    tree, or subgroup operations on the native path) give the same logits as lavapipe's."""
+    want = engine("q8_0").logits(TOKENS)
+    monkeypatch.setenv(kn.TUNING_ENV, GPU_TUNING)
+    e = load(fixtures_dir / "tiny-q8_0.gguf", Options(path=path, fusions=frozenset({"all"})), progress=False)
+    assert (e.tuning.matvec_red, e.tuning.subgroups) == (32, path == "native")
+    assert np.abs(e.logits(TOKENS) - want).max() <= 1e-4  # other summation orders only
+
+
 def test_api_encoding_equals_raw_encoding(engine, monkeypatch):
     """The raw wgpu-native calls record exactly what the wgpu-py methods record."""
     e = engine("f32")

@@ -127,6 +127,17 @@ def test_every_kernel_compiles(kernels):
         assert kernels.kernel(spec).pipeline is not None
 
 
+def test_tuning_overrides():
+    base = kn.Tuning(matvec_wg=64, matvec_red=1, norm_wg=64, shift_wg=64, argmax_wg=64,
+                     subgroups=False, subgroup_size=0)
+    t = kn._tuning_overrides(base, "matvec_wg=256, matvec_red=32")
+    assert (t.matvec_wg, t.matvec_red, t.norm_wg) == (256, 32, 64)
+    assert kn._tuning_overrides(base, "") == base
+    for bad in ("matvec_wg=96", "warp=32", "matvec_red=128"):
+        with pytest.raises(kn.KernelError, match="RWKVLAB_TUNING"):
+            kn._tuning_overrides(base, bad)
+
+
 def test_pack_params_checks_names():
     data = kn.pack_params(kn.LAYERNORM, dict(C=256, last_only=1, eps=1e-5))
     words = np.frombuffer(data, np.uint32)
