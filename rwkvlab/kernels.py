@@ -22,6 +22,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
@@ -151,10 +152,19 @@ _HEAD_WG = {"WG": 64, "RED": 64}
 _FIXED = {"groupnorm_out": _HEAD_WG, "kv_prep": _HEAD_WG, "wkv": _HEAD_WG, "wkv_fused": _HEAD_WG}
 
 
+def _shader_dir():
+    """Where shaders/ is: the installed package, or the checkout's folder when run uninstalled
+    (PYTHONPATH pointing at a bare copy of the repo, as on a remote GPU machine)."""
+    try:
+        return resources.files(SHADER_PACKAGE)
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "shaders"
+
+
 def shader_source(name: str) -> str:
     """The text of one file of shaders/ (works from a checkout and from an installed wheel)."""
     try:
-        return resources.files(SHADER_PACKAGE).joinpath(name).read_text(encoding="utf-8")
+        return _shader_dir().joinpath(name).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise KernelError(f"shader file {name!r} is missing from the package {SHADER_PACKAGE} "
                           "(reinstall rwkvlab: pip install -e .)") from None
