@@ -502,7 +502,10 @@ def reference_logits(model, prompt: list[int], cache_file: Path, progress: bool 
 
 def git_commit(repo: str | os.PathLike | None = None) -> str:
     """Short hash of the checkout the code runs from, ``-dirty`` with uncommitted changes to
-    tracked files (as ``git describe --dirty``), ``unknown`` outside git."""
+    tracked files (as ``git describe --dirty``), ``unknown`` outside git; $RWKVLAB_COMMIT wins."""
+    if os.environ.get("RWKVLAB_COMMIT"):
+        # A copy of the tree without its git history (a rented GPU machine) is told its commit.
+        return os.environ["RWKVLAB_COMMIT"]
     where = Path(repo) if repo is not None else Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True,
