@@ -1,0 +1,350 @@
+"""Effective bandwidth of each weight format's mat-vec kernel: `python -m rwkvlab.kernel_bench`.
+
+For every format (F16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K by default), every matrix shape of a
+2.9B model's generation step (2560x2560 projections, the 10240x2560 FFN key matrix, the
+65536x2560 head) and every kernel path (webgpu, native), the engine's own matvec kernel
+(kernels.MATVEC, with the device's tuning) multiplies a random matrix by one token vector:
+
+1. The matrix is random blocks of the format (random quants, f16 scales of typical size), laid
+   out exactly as the engine uploads file tensors.
+2. The kernel's output is checked against NumPy (float64, on the rows gguf-py dequantizes)
+   BEFORE anything is timed; a kernel that fails is reported and never timed.
+3. Timing: one compute pass of back-to-back dispatches (what a generation step is), cycling
+   through enough copies of the matrix (>= 256 MiB in all) that the GPU's L2 cache cannot
+   hold them, so every dispatch streams its weights from memory. The pass is timed with GPU
+   timestamps (feature "timestamp-query") when the adapter has them, else by wall clock around
+   submit-and-wait; the median of several passes is kept.
+4. Effective bandwidth = bytes of weights one dispatch reads / time per dispatch.
+
+`--small` runs shapes of 1/10 the size (for lavapipe and the tests).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+FORMATS = ("F16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
+SHAPES = {"full": ((2560, 2560), (10240, 2560), (65536, 2560)),  # (rows M, columns K)
+          "small": ((256, 256), (1024, 256), (6400, 256))}
+PATHS = ("webgpu", "native")
+# Bytes of weight copies a timed pass cycles through: several times an H100/H200 L2 (50 MiB).
+ROTATION_BYTES = {"full": 256 << 20, "small": 4 << 20}
+PASS_SECONDS = {"full": 0.03, "small": 0.01}  # GPU time a timed pass aims at
+MAX_CHECK_ROWS = 2048  # rows of a tall matrix compared with NumPy (evenly spread, last included)
+# A row's error allowed relative to sum_k |w_k x_k|: fp32 summation of K = 2560 terms errs by
+# ~1e-6 of that typically (<= K * 2^-24 = 1.5e-4 in the worst case); any decoding mistake
+# (a wrong nibble, scale, order) errs by O(1). 1e-3 separates the two with a wide margin.
+REL_TOL = 1e-3
+
+
+class KernelCheckError(AssertionError):
+    """A kernel's output disagrees with NumPy: it is not timed."""
+
+
+@dataclass(frozen=True)
+class KernelTiming:
+    """One format x shape x path measurement."""
+
+    path: str
+    fmt: str
+    rows: int
+    cols: int
+    weight_bytes: int  # bytes one dispatch reads (GPU layout of the matrix)
+    seconds: float  # per mat-vec (median over passes), by `clock`
+    wall_seconds: float  # per mat-vec by wall clock around submit-and-wait (always measured)
+    clock: str  # "gpu" (timestamp queries) or "wall"
+    dispatches: int  # per timed pass
+    copies: int  # distinct copies of the matrix the pass cycles through
+    checked_rows: int
+    max_error: float  # worst row error / (REL_TOL * sum |w x|): < 1 passed
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.weight_bytes / self.seconds / 1e9
+
+    def line(self) -> str:
+        return (f"{self.path:7s} {self.fmt:5s} {self.rows:>6d}x{self.cols:<5d} "
+                f"{self.seconds * 1e6:10.1f} us {self.gb_per_s:9.1f} GB/s  "
+                f"({self.clock} clock; wall {self.wall_seconds * 1e6:.1f} us; "
+                f"{self.dispatches} dispatches over {self.copies} copies, "
+                f"{self.checked_rows} rows checked, error {self.max_error:.2g} of tolerance)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Random matrices in the file formats
+
+
+def _f16_fields(n: int, rng: np.random.Generator, scale: float) -> np.ndarray:
+    return (rng.standard_normal(n) * scale).astype(np.float16).view(np.uint8).reshape(n, 2)
+
+
+# Byte offsets of the f16 scale fields of each block format (d, and dmin for Q4_K/Q5_K).
+_SCALE_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_matrix(fmt: str, M: int, K: int, rng: np.random.Generator) -> np.ndarray:
+    """A random [M, K] matrix as the file stores it: uint8 [M, row bytes]. Quantized formats get
+    random quants and scales of typical size (so outputs are O(1)); any bytes are valid blocks."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    if fmt == "F32":
+        return rng.standard_normal((M, K), dtype=np.float32).view(np.uint8)
+    if fmt == "F16":
+        return rng.standard_normal((M, K), dtype=np.float32).astype(np.float16).view(np.uint8)
+    if fmt == "BF16":  # the top half of an f32 (truncated: any bits are a valid bf16)
+        return (rng.standard_normal((M, K), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[fmt]]
+    n = M * K // block
+    blocks = np.frombuffer(rng.bytes(n * size), dtype=np.uint8).reshape(n, size).copy()
+    for off in _SCALE_FIELDS[fmt]:
+        blocks[:, off:off + 2] = _f16_fields(n, rng, 0.01)
+    return blocks.reshape(M, -1)
+
+
+def dequantized_rows(raw: np.ndarray, fmt: str, K: int, rows: np.ndarray) -> np.ndarray:
+    """float64 values of the given rows of a file-format matrix (gguf-py's decoders)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    sub = np.ascontiguousarray(raw[rows])
+    if fmt == "F32":
+        return sub.view(np.float32).astype(np.float64)
+    if fmt == "F16":
+        return sub.view(np.float16).astype(np.float64)
+    if fmt == "BF16":
+        return (sub.view(np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return dequantize(sub, GGMLQuantizationType[fmt]).reshape(len(rows), K).astype(np.float64)
+
+
+def gpu_rows(raw: np.ndarray, fmt: str, K: int) -> np.ndarray:
+    """File rows laid out as the engine uploads them (pairs of blocks padded where needed)."""
+    from rwkvlab import kernels as kn
+    from rwkvlab import quant_kernels as qk
+
+    if fmt == "Q8_0":
+        return kn.q8_0_rows_padded(raw, K)
+    if fmt in qk.LAYOUTS:
+        return qk.rows_for_gpu(raw, fmt, K)
+    return raw
+
+
+def check_rows(M: int) -> np.ndarray:
+    """Rows compared with NumPy: all of a small matrix, else an even spread including the last."""
+    if M <= MAX_CHECK_ROWS:
+        return np.arange(M)
+    return np.unique(np.append(np.linspace(0, M - 1, MAX_CHECK_ROWS - 1).astype(np.int64), M - 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# One kernel on the GPU
+
+
+def _timestamp_period(device) -> float:
+    """Nanoseconds per timestamp tick (wgpu-native reports it; 1.0 where it cannot be asked)."""
+    try:
+        from wgpu.backends.wgpu_native._ffi import lib
+
+        return float(lib.wgpuQueueGetTimestampPeriod(device.queue._internal))
+    except Exception:  # another backend or an older wgpu-native: ticks are nanoseconds there
+        return 1.0
+
+
+class _Bench:
+    """Buffers, bind groups and timing passes of one matrix on one device."""
+
+    def __init__(self, kernels, fmt: str, M: int, K: int, rows: np.ndarray, x: np.ndarray,
+                 rotation_bytes: int):
+        import wgpu
+
+        from rwkvlab import kernels as kn
+
+        self.kernels, self.device = kernels, kernels.device
+        d = self.device
+        limits = kernels.gpu.limits
+        self.nbytes = rows.nbytes
+        binding_limit = limits.get("max-storage-buffer-binding-size", 128 << 20)
+        if self.nbytes > binding_limit:
+            raise ValueError(f"{fmt} {M}x{K} is {self.nbytes >> 20} MiB, over this device's binding "
+                             f"limit of {binding_limit >> 20} MiB (the engine would split it)")
+        align = max(256, int(limits.get("min-storage-buffer-offset-alignment", 256)))
+        self.stride = -(-self.nbytes // align) * align
+        buffer_limit = min(limits.get("max-buffer-size", 1 << 30), 2 << 30)
+        self.copies = int(max(1, min(-(-rotation_bytes // self.stride), buffer_limit // self.stride)))
+        storage = wgpu.BufferUsage.STORAGE
+        self.w = d.create_buffer(size=self.stride * self.copies, usage=storage | wgpu.BufferUsage.COPY_DST)
+        # one upload, then copies on the GPU (a buffer cannot be copied into itself)
+        src = d.create_buffer_with_data(data=np.ascontiguousarray(rows).tobytes(), usage=wgpu.BufferUsage.COPY_SRC)
+        enc = d.create_command_encoder()
+        for c in range(self.copies):
+            enc.copy_buffer_to_buffer(src, 0, self.w, c * self.stride, self.nbytes)
+        d.queue.submit([enc.finish()])
+        src.destroy()
+        self.x = d.create_buffer_with_data(data=x.astype(np.float32).tobytes(), usage=storage)
+        self.b = d.create_buffer(size=16, usage=storage)
+        self.y = d.create_buffer(size=max(16, 4 * M), usage=storage | wgpu.BufferUsage.COPY_SRC)
+        run = d.create_buffer_with_data(data=np.array([1, 0, 0, 0], np.uint32).tobytes(),
+                                        usage=wgpu.BufferUsage.UNIFORM)
+        seg = kn.MatSegment(rows=M, K=K, row_words=kn.row_words(fmt, K), w_base=0, x_off=0,
+                            y_off=0, y_stride=M, fmt=fmt)
+        t = kernels.tuning
+        params, self.groups, _ = kn.matmul_params([seg], max(1, t.matvec_wg // t.matvec_red))
+        self.kernel = kernels.kernel(kn.MATVEC, FMT=kn.matmul_fmt([seg]))
+        self.bind_groups = [
+            kernels.bind(kn.MATVEC, run, params, {"W": (self.w, c * self.stride, self.nbytes),
+                                                  "X": self.x, "B": self.b, "Y": self.y},
+                         label=f"bench.{fmt}.{c}")
+            for c in range(self.copies)]
+        self.timestamps = "timestamp-query" in kernels.gpu.features
+        if self.timestamps:
+            self.queries = d.create_query_set(type=wgpu.QueryType.timestamp, count=2)
+            self.query_buf = d.create_buffer(size=16, usage=wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC)
+            self.period = _timestamp_period(d)
+
+    def output(self) -> np.ndarray:
+        """Y after one dispatch on copy 0."""
+        self.run_pass(1, timed=False)
+        return np.frombuffer(self.device.queue.read_buffer(self.y), dtype=np.float32).copy()
+
+    def run_pass(self, n: int, timed: bool = True) -> tuple[float, float | None]:
+        """One pass of n dispatches cycling through the copies: (wall seconds, GPU seconds)."""
+        from rwkvlab import kernels as kn
+
+        plan = kn.Plan(kn.Dispatch(self.kernel, self.bind_groups[i % self.copies], (self.groups, 1, 1), "bench")
+                       for i in range(n))
+        enc = self.device.create_command_encoder()
+        stamps = timed and self.timestamps
+        cp = enc.begin_compute_pass(timestamp_writes={
+            "query_set": self.queries, "beginning_of_pass_write_index": 0,
+            "end_of_pass_write_index": 1} if stamps else None)
+        kn.encode(cp, plan)
+        cp.end()
+        if stamps:
+            enc.resolve_query_set(self.queries, 0, 2, self.query_buf, 0)
+        buf = enc.finish()
+        start = time.perf_counter()
+        self.device.queue.submit([buf])
+        done = self.device.queue.read_buffer(self.query_buf if stamps else self.y, 0, 16)
+        wall = time.perf_counter() - start
+        gpu = None
+        if stamps:
+            t0, t1 = np.frombuffer(done, dtype=np.uint64)[:2]
+            gpu = float(t1 - t0) * self.period * 1e-9 if t1 > t0 else None
+        return wall, gpu
+
+
+@dataclass
+class Problem:
+    """A random matrix and input vector with NumPy's answer on the checked rows."""
+
+    fmt: str
+    M: int
+    K: int
+    raw: np.ndarray  # the matrix as the file stores it
+    x: np.ndarray  # float32 [K]
+    rows: np.ndarray  # rows compared with NumPy
+    want: np.ndarray  # float64 W[rows] @ x
+    scale: np.ndarray  # float64 |W[rows]| @ |x|: what a row's rounding error is measured against
+
+    @classmethod
+    def make(cls, fmt: str, M: int, K: int, rng: np.random.Generator) -> "Problem":
+        raw = random_matrix(fmt, M, K, rng)
+        x = rng.standard_normal(K).astype(np.float32)
+        rows = check_rows(M)
+        w = dequantized_rows(raw, fmt, K, rows)
+        return cls(fmt, M, K, raw, x, rows, w @ x.astype(np.float64), np.abs(w) @ np.abs(x.astype(np.float64)))
+
+    def errors(self, y: np.ndarray) -> np.ndarray:
+        """Each checked row's error as a fraction of its tolerance (NaN where y is NaN)."""
+        return np.abs(y[self.rows].astype(np.float64) - self.want) / (REL_TOL * self.scale + 1e-30)
+
+
+def bench_kernel(kernels, path: str, problem: Problem, *, size: str = "full", repeats: int = 5) -> KernelTiming:
+    """Check then time the matvec kernel on one problem (see the module docstring)."""
+    fmt, M, K = problem.fmt, problem.M, problem.K
+    bench = _Bench(kernels, fmt, M, K, gpu_rows(problem.raw, fmt, K), problem.x, ROTATION_BYTES[size])
+    y = bench.output()
+    errors = problem.errors(y)
+    if not (errors <= 1).all():  # also catches NaN
+        i = int(np.argmax(np.where(np.isnan(errors), np.inf, errors)))
+        row = int(problem.rows[i])
+        raise KernelCheckError(f"{path} matvec {fmt} {M}x{K}: row {row} is {y[row]!r}, NumPy says "
+                               f"{problem.want[i]!r} (tolerance {REL_TOL} of sum|w x|); not timed")
+
+    # Calibrate the pass length on one warm pass, then time `repeats` passes.
+    n = max(8, bench.copies)
+    wall, gpu = bench.run_pass(n)
+    per = (gpu or wall) / n
+    n = int(min(4000, max(n, PASS_SECONDS[size] / max(per, 1e-9))))
+    samples = [bench.run_pass(n) for _ in range(repeats)]
+    wall_s = statistics.median(w for w, _ in samples) / n
+    gpu_times = [g for _, g in samples if g is not None]
+    if len(gpu_times) == len(samples):
+        seconds, clock = statistics.median(gpu_times) / n, "gpu"
+    else:
+        seconds, clock = wall_s, "wall"
+    return KernelTiming(path=path, fmt=fmt, rows=M, cols=K, weight_bytes=bench.nbytes, seconds=seconds,
+                        wall_seconds=wall_s, clock=clock, dispatches=n, copies=bench.copies,
+                        checked_rows=len(problem.rows), max_error=float(errors.max()))
+
+
+def run(formats=FORMATS, paths=PATHS, size: str = "full", backend: str = "auto", repeats: int = 5,
+        seed: int = 0, out=sys.stdout) -> tuple[list[KernelTiming], list[str]]:
+    """Every format x shape x path: (timings, failures). Prints a line per measurement.
+    Each random matrix is made and checked in NumPy once, then run on every path."""
+    from rwkvlab import kernels as kn
+    from rwkvlab.gpu import get_gpu
+
+    unknown = [f for f in formats if f not in kn.GPU_FORMATS]
+    if unknown:
+        raise ValueError(f"format(s) {unknown} have no GPU kernel; the kernels read {', '.join(kn.GPU_FORMATS)}")
+    bad_paths = [p for p in paths if p not in PATHS]
+    if bad_paths:
+        raise ValueError(f"unknown path(s) {bad_paths}; choose from {', '.join(PATHS)}")
+    devices = {}
+    for path in paths:
+        gpu = get_gpu(backend, native=path == "native")
+        devices[path] = kn.kernels_for(gpu, kn.choose_tuning(gpu, path))
+        print(f"# {path} path on {gpu.info.label}; tuning {devices[path].tuning.as_record()}", file=out, flush=True)
+    timings, failures = [], []
+    for fmt in formats:
+        for M, K in SHAPES[size]:
+            problem = Problem.make(fmt, M, K, np.random.default_rng([seed, M, K, kn.GPU_FORMATS[fmt]]))
+            for path, kernels in devices.items():
+                try:
+                    t = bench_kernel(kernels, path, problem, size=size, repeats=repeats)
+                except (KernelCheckError, ValueError) as e:
+                    failures.append(str(e))
+                    print(f"{path:7s} {fmt:5s} {M:>6d}x{K:<5d} FAILED: {e}", file=out, flush=True)
+                    continue
+                timings.append(t)
+                print(t.line(), file=out, flush=True)
+    return timings, failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m rwkvlab.kernel_bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--small", action="store_true", help="shapes of 1/10 the size (CPU adapters, tests)")
+    ap.add_argument("--formats", default=",".join(FORMATS), help="comma-separated (also F32, BF16)")
+    ap.add_argument("--paths", default=",".join(PATHS), help="webgpu, native or both")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--repeats", type=int, default=5, help="timed passes per measurement (median kept)")
+    args = ap.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        timings, failures = run(formats=args.formats.split(","), paths=args.paths.split(","),
+                                size="small" if args.small else "full", backend=args.backend,
+                                repeats=args.repeats)
+    except ValueError as e:
+        print(f"kernel_bench: {e}", file=sys.stderr)
+        return 2
+    print(f"# {len(timings)} measured, {len(failures)} failed, {time.perf_counter() - start:.1f} s")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
