@@ -1,12 +1,14 @@
 """The RWKV-7 engine on wgpu: weights on the GPU in their file format, a kernel plan, an Engine.
 
 Read top to bottom: `load` opens a GGUF file (or a synthetic preset), uploads the weights
-(chunked, with a progress bar), allocates activations and the recurrent state on the GPU and
-builds every bind group once. The forward pass is a list of ops (one per kernel dispatch of
-the unfused plan, see `_layer_ops`); a plan for T tokens is that list turned into dispatches
-(mat-vec kernels below Options.gemm_min_tokens tokens, GEMM above). A token is one compute
-pass and one submit; `generate` encodes several steps per submit and keeps the sampled ids on
-the GPU (argmax writes the id the next step's embedding gather reads).
+(chunked, with a progress bar; a block's small matrices stacked in shared buffers, matrices
+over the binding limit split by rows), allocates activations and the recurrent state on the
+GPU and builds every bind group once. The forward pass is a list of ops (`_layer_ops`; with
+no fusion, one per kernel dispatch; each fusion of kernels.FUSIONS swaps a run of them for
+one); a plan for T tokens is that list turned into dispatches (mat-vec kernels below
+Options.gemm_min_tokens tokens, GEMM from there). A token is one compute pass and one submit;
+`generate` encodes several steps per submit and keeps the sampled ids on the GPU (argmax
+writes the id the next step's embedding gather reads).
 
 State (per layer: att_prev and ffn_prev, the previous token's normed input; the H x 64 x 64
 wkv state) lives on the GPU in fp32 and carries over between calls until `reset()`.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,10 +164,8 @@ def _resolve(path_or_preset: str | Path) -> Path:
     return Path(path_or_preset)
 
 
-def _gpu_format(ggml_type: str, policy: str, is_matrix: bool) -> str:
-    """The format a tensor takes on the GPU under Options.weights."""
-    if not is_matrix:
-        return "F32"
+def _gpu_format(ggml_type: str, policy: str) -> str:
+    """The format a matrix takes on the GPU under Options.weights."""
     if policy == "f16":
         return "F16"
     # Types the kernels cannot read yet (Q4_0 and the K-quants) are dequantized to F16 at load;
@@ -195,9 +196,10 @@ def _row_bytes_on_gpu(t, fmt: str, r0: int, r1: int) -> np.ndarray:
 class Engine:
     """RWKV-7 on one wgpu device: prefill, logits, step, greedy generate, reset.
 
-    Attributes: spec (ModelSpec), tokenizer, gpu, options, tuning, load_seconds,
-    dispatches_per_token (dispatches of one generation step), weight_formats (tensor -> GPU
-    format), last_generate (GenerateStats of the last generate call).
+    Attributes: spec (ModelSpec), tokenizer, gpu, options, fusions (the resolved set),
+    tuning (kernel shapes), load_seconds, dispatches_per_token (dispatches of one generation
+    step), weight_formats (tensor -> format on the GPU), matrices (name -> Matrix: where its
+    rows are), last_generate (GenerateStats of the last generate call).
     """
 
     def __init__(self, model, gpu, options: Options, *, progress: bool = True,
@@ -237,7 +239,7 @@ class Engine:
         self._allocate()
         self._ops = self._layer_ops()
         self._head = self._head_ops()
-        self._plans: dict[tuple, list[Dispatch]] = {}
+        self._plans: dict[tuple, kn.Plan] = {}
         self.dispatches_per_token = len(self.plan(1, head="last", argmax=True))
         self._queue.submit([])
 
@@ -335,7 +337,12 @@ class Engine:
         wgpu = self._wgpu
         for name in self._matrix_names():
             t = self.model.tensor(name)
-            self.weight_formats[name] = _gpu_format(t.ggml_type, self.options.weights, True)
+            self.weight_formats[name] = _gpu_format(t.ggml_type, self.options.weights)
+        fallback = sorted({self.model.tensor(n).ggml_type for n, f in self.weight_formats.items()
+                           if f == "F16" != self.model.tensor(n).ggml_type and self.options.weights == "native"})
+        if fallback:
+            warnings.warn(f"{self.path.name}: the kernels do not read {', '.join(fallback)} yet; those "
+                          "matrices are dequantized to F16 at load (see Engine.weight_formats)", stacklevel=3)
         layout = self._layout()
         vec_names = self._vector_names()
         total = sum(words * 4 for words, _ in layout)
@@ -814,7 +821,9 @@ class Engine:
         if not ids.size:
             raise ValueError("generate needs a non-empty prompt (start with token 0, <s>, if nothing else)")
         if n <= 0:
+            t0 = time.perf_counter()
             self.prefill(ids)
+            self.last_generate = GenerateStats(len(ids), 0, time.perf_counter() - t0, 0.0)
             return []
         self._ensure_gen_capacity(n)
         t0 = time.perf_counter()
@@ -869,12 +878,15 @@ def cli_generate(args) -> int:
         if not prompt:
             prompt = [0]  # an empty prompt starts from <s>
         ids = engine.generate(prompt, args.n)
-    except (OptionsError, NoAdapterError, GGUFError, EngineError, kn.KernelError, ValueError) as e:
-        print(f"rwkvlab generate: {e}", file=sys.stderr)
+    except (OptionsError, NoAdapterError, GGUFError, EngineError, ValueError, OSError, RuntimeError) as e:
+        # wgpu's own errors span several lines ("Caused by: ..."): keep them on one
+        print(f"rwkvlab generate: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(args.prompt + engine.tokenizer.decode(ids))
     st = engine.last_generate
-    gen_rate = (st.n_generated - 1) / st.generate_seconds if st.n_generated > 1 and st.generate_seconds > 0 else 0.0
+    # the first id comes with the prompt's logits; the timed steps produce the other n - 1
+    steps = st.n_generated - 1
+    gen_rate = steps / st.generate_seconds if steps > 0 and st.generate_seconds > 0 else 0.0
     print(f"load {engine.load_seconds:.2f} s | prefill {st.n_prompt} tok at "
           f"{st.n_prompt / st.prefill_seconds:.1f} tok/s | generate {st.n_generated} tok at "
           f"{gen_rate:.1f} tok/s | {engine.gpu.info.label}, {engine.dispatches_per_token} dispatches/token",

@@ -88,7 +88,8 @@ def test_matches_llama_cpp(engine, fixtures_dir, fmt, path):
 @pytest.mark.parametrize("fmt", ["Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K"])
 def test_other_quants_run_dequantized_to_f16(engine, fixtures_dir, fmt):
     """Types without kernels yet are dequantized to F16 at load, and say so."""
-    e = engine(fmt)
+    with pytest.warns(UserWarning, match="dequantized to F16"):
+        e = load(fixtures_dir / f"tiny-{fmt}.gguf", progress=False)
     assert e.weight_formats["blk.0.time_mix_key.weight"] == "F16"
     want = np.load(fixtures_dir / f"tiny-{fmt}.logits.npy")
     assert_llama_parity(e.logits(TOKENS), want, 0.2)
@@ -255,6 +256,7 @@ def test_generate_grows_its_id_list(engine, monkeypatch):
 def test_generate_edge_cases(engine):
     e = engine("f32")
     assert e.generate(TOKENS[:3], 0) == []
+    assert (e.last_generate.n_prompt, e.last_generate.n_generated) == (3, 0)
     with pytest.raises(ValueError, match="non-empty"):
         e.generate([], 3)
     with pytest.raises(ValueError, match="outside the vocab"):
@@ -295,6 +297,13 @@ def test_cli_generate_preset(capsys):
     assert rc == 0, err
     assert out.startswith("Hello")
     assert "prefill" in err and "tok/s" in err and "dispatches/token" in err
+
+
+def test_cli_generate_file_and_zero_tokens(fixtures_dir, capsys):
+    rc = cli_main(["generate", "--model", str(fixtures_dir / "tiny-q8_0.gguf"), "--prompt", "Hi", "-n", "0"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert out == "Hi\n" and "generate 0 tok" in err
 
 
 @pytest.mark.parametrize("argv, says", [

@@ -122,6 +122,23 @@ def test_shaders_load_from_package():
         kn.shader_source("nope.wgsl")
 
 
+def test_every_shader_ships_in_the_wheel():
+    """pyproject maps shaders/ to the package rwkvlab.shaders with *.wgsl as package data, and
+    every file a kernel names is there (a built wheel was inspected the same way by hand)."""
+    import tomllib
+    from importlib import resources
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert tool["package-dir"]["rwkvlab.shaders"] == "shaders"
+    assert "rwkvlab.shaders" in tool["packages"] and "*.wgsl" in tool["package-data"]["rwkvlab.shaders"]
+    packaged = {p.name for p in resources.files(kn.SHADER_PACKAGE).iterdir()}
+    needed = {f for spec in kn.SPECS.values() for f in (*spec.libs, spec.file)} | {"reduce_subgroup.wgsl"}
+    assert needed <= packaged
+    assert needed <= {p.name for p in (root / "shaders").glob("*.wgsl")}
+
+
 def test_every_kernel_compiles(kernels):
     for spec in kn.SPECS.values():
         assert kernels.kernel(spec).pipeline is not None
