@@ -196,9 +196,12 @@ def test_reference_too_big_for_the_host_fails_before_the_gpu(tiny, tmp_path, mon
     bench_module.check_reference_fits(read_model(tiny))
 
 
-def test_git_commit(tmp_path):
+def test_git_commit(tmp_path, monkeypatch):
+    monkeypatch.delenv("RWKVLAB_COMMIT", raising=False)
     assert re.fullmatch(r"[0-9a-f]{7,40}(-dirty)?", git_commit(REPO))
     assert git_commit(tmp_path) == "unknown"  # not a git checkout
+    monkeypatch.setenv("RWKVLAB_COMMIT", "abc1234")  # a tree copied without its history is told
+    assert git_commit(tmp_path) == "abc1234"
 
 
 def test_reference_cache_is_keyed_by_file_and_prompt(fixtures_dir, cache, tmp_path):
