@@ -131,6 +131,9 @@ def test_prefill_in_several_chunks_equals_one_chunk(engine, chunk):
     assert np.abs(e.logits([65, 66]) - after).max() <= 1e-5
     e.reset()
     assert np.abs(e.prefill(TOKENS) - whole[-1]).max() <= 1e-5
+    one.reset()
+    e.reset()
+    assert e.generate(TOKENS, 6) == one.generate(TOKENS, 6)
 
 
 def test_reset_restores_a_fresh_state(engine):
