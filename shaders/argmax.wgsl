@@ -4,10 +4,13 @@
 //
 // Bindings (group 0):
 //   0 run  uniform Run            1 p  uniform ArgmaxParams {V, cap}
-//   2 L    read array<f32> [V]          logits of the last token
+//   2 L    read array<vec4<f32>> [ceil(V/4)]  logits of the last token (the buffer is padded)
 //   3 TOK  read_write array<u32>        TOK[0] = the chosen id (next step's input)
 //   4 GEN  read_write array<u32>        GEN[0] = count so far, GEN[1 + i] = i-th id (i < cap)
-// Dispatch: (1, 1, 1), WG threads: strided scan, then a tree over workgroup memory.
+// Dispatch: (1, 1, 1), WG threads: a strided scan with vec4 loads, four of them independent
+// per iteration (a 65536-entry vocab is 16 iterations of 256 threads, not 256 dependent
+// loads), then a tree over workgroup memory. The comparison is a total order (larger value,
+// then lower id), so the scan order does not change the result.
 // Constants: WG (a power of two).
 
 override WG: u32 = 256u;
@@ -18,7 +21,7 @@ struct ArgmaxParams {
 }
 
 @group(0) @binding(1) var<uniform> p: ArgmaxParams;
-@group(0) @binding(2) var<storage, read> L: array<f32>;
+@group(0) @binding(2) var<storage, read> L: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> TOK: array<u32>;
 @group(0) @binding(4) var<storage, read_write> GEN: array<u32>;
 
@@ -36,11 +39,21 @@ fn beats(v: f32, i: u32, bv: f32, bi: u32) -> bool {
 fn argmax(@builtin(local_invocation_index) lid: u32) {
     var bv = -3.40282347e38;
     var bi = NO_ID;
-    for (var i = lid; i < p.V; i += WG) {
-        let v = L[i];
-        if (beats(v, i, bv, bi)) {
-            bv = v;
-            bi = i;
+    let n4 = (p.V + 3u) >> 2u;
+    for (var base = 0u; base < n4; base += 4u * WG) {
+        var q: array<vec4<f32>, 4>;
+        for (var u = 0u; u < 4u; u++) {  // issue the loads before any comparison
+            let i4 = base + u * WG + lid;
+            q[u] = select(vec4<f32>(-3.40282347e38), L[min(i4, n4 - 1u)], i4 < n4);
+        }
+        for (var u = 0u; u < 4u; u++) {
+            let i = 4u * (base + u * WG + lid);
+            for (var c = 0u; c < 4u; c++) {
+                if (i + c < p.V && beats(q[u][c], i + c, bv, bi)) {
+                    bv = q[u][c];
+                    bi = i + c;
+                }
+            }
         }
     }
     best_v[lid] = bv;

@@ -548,6 +548,14 @@ def test_argmax_respects_capacity(kernels):
     np.testing.assert_array_equal(res["GEN"], [4, 0, 0, 0])
 
 
+@pytest.mark.parametrize("V, top", [(70, 69), (65536, 65535), (65536, 4097), (5, 4)])
+def test_argmax_finds_the_tail(kernels, V, top):
+    """Vocabularies that are no multiple of 4 or of the scan width; the winner at the very end."""
+    logits = np.random.default_rng(V).random(V)
+    logits[top] = 2.0
+    assert _argmax(kernels, logits, np.zeros(4, np.uint32), cap=3)["TOK"][0] == top
+
+
 def test_argmax_everything_minus_inf(kernels):
     res = _argmax(kernels, np.full(70, -np.inf), np.zeros(4, np.uint32), cap=3)
     assert res["TOK"][0] == 0
