@@ -174,13 +174,29 @@ def _sweep(sub) -> None:
     p.set_defaults(handler="rwkvlab.sweep:cli_sweep")
 
 
+def _profile(sub) -> None:
+    p = sub.add_parser(
+        "profile",
+        help="per-kernel GPU time of one generation step (timestamp queries)",
+        description="Load a model and time every kernel of a generation step with GPU timestamps: "
+        "microseconds per token per kernel and its share of the step, grouped over layers. Without "
+        "timestamp support it says so and reports the wall time per token.",
+    )
+    _model_args(p)
+    p.add_argument("--fusions", default="none", help="kernel-plan fusions: none, all, or names joined by , or + (default: none)")
+    p.add_argument("--tokens", type=int, default=16, help="generation steps to profile (default: 16)")
+    p.add_argument("--top", type=int, default=None, help="show only the N most expensive kernels")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(handler="rwkvlab.profile:cli_profile")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rwkvlab",
         description="rwkvlab: did my change make the RWKV-7 engine faster, and is its output still right?",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_history, _report, _info, _generate, _synth, _bench, _sweep):
+    for add in (_history, _report, _info, _generate, _synth, _profile, _bench, _sweep):
         add(sub)
     return parser
 

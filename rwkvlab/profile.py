@@ -1,0 +1,192 @@
+"""Where a generation step spends its GPU time: microseconds per token for every kernel.
+
+Method. The engine's step plan (one token: embed, every layer, head, argmax) is encoded as it
+runs in `Engine.generate`, with a GPU timestamp written before each dispatch and after the last
+one (feature ``timestamp-query-inside-passes``). The time of a dispatch is the gap between its
+timestamp and the next one, so it includes the barrier wgpu puts after it: what the token
+really pays for that kernel. Adapters with only ``timestamp-query`` get one compute pass per
+dispatch with begin/end timestamps (adds a pass boundary per dispatch: the sum then exceeds a
+real step). Without timestamps the profile says so and reports the wall time per token only.
+
+Rows are grouped by the dispatch label with its layer prefix removed (``L7.att.wkv`` ->
+``att.wkv``), so a row is "this kernel in every layer", averaged over the profiled tokens.
+wgpu (since v25) converts timestamps to nanoseconds on every backend, so ticks are ns.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from rwkvlab import kernels as kn
+
+_LAYER = re.compile(r"^L\d+\.")
+
+
+@dataclass
+class Profile:
+    """A step's per-kernel GPU time.
+
+    table: one row per kernel group: ``kernel`` (shader entry), ``label`` (op, layer-free),
+      ``calls`` (dispatches per token), ``us_per_token``, ``share`` (of the GPU step time);
+      sorted by time, empty when no timestamps were available.
+    method: how it was measured (see the module docstring).
+    gpu_us_per_token: the sum of the table (None without timestamps).
+    wall_us_per_token: host wall time per generated token, from Engine.generate.
+    dispatches_per_token: length of the step plan.
+    """
+
+    table: pd.DataFrame
+    method: str
+    gpu_us_per_token: float | None
+    wall_us_per_token: float
+    dispatches_per_token: int
+    adapter: str
+
+    @property
+    def has_timestamps(self) -> bool:
+        return self.gpu_us_per_token is not None
+
+    def text(self, top: int | None = None) -> str:
+        """The profile as a readable table with a header line."""
+        head = (f"{self.adapter}: {self.dispatches_per_token} dispatches/token, wall "
+                f"{self.wall_us_per_token:.1f} us/token")
+        if not self.has_timestamps:
+            return head + f"\n({self.method}: no per-kernel GPU times on this adapter)"
+        head += f", GPU {self.gpu_us_per_token:.1f} us/token ({self.method})"
+        rows = self.table if top is None else self.table.head(top)
+        lines = [head, f"{'kernel':<14} {'op':<24} {'calls':>5} {'us/token':>10} {'share':>7}"]
+        for r in rows.itertuples():
+            lines.append(f"{r.kernel:<14} {r.label:<24} {r.calls:>5} {r.us_per_token:>10.2f} "
+                         f"{r.share:>6.1%}")
+        return "\n".join(lines)
+
+
+def profile(engine, n_tokens: int = 16, prompt: tuple[int, ...] = (0,)) -> Profile:
+    """Profile `n_tokens` generation steps of `engine` (its state is reset first and after)."""
+    if n_tokens < 1:
+        raise ValueError("n_tokens must be at least 1")
+    engine.reset()
+    engine.generate(list(prompt), n_tokens + 1)  # warm up; also leaves T = 1 set for the step
+    stats = engine.last_generate
+    wall_us = stats.generate_seconds / max(stats.n_generated - 1, 1) * 1e6
+
+    plan = engine.plan(1, "last", argmax=True)
+    gpu = engine.gpu
+    if gpu.has("timestamp-query-inside-passes"):
+        method, ticks = "timestamps inside the pass", _inside_pass(gpu, plan, n_tokens)
+    elif gpu.has("timestamp-query"):
+        method, ticks = "one pass per dispatch", _pass_per_dispatch(gpu, plan, n_tokens)
+    else:
+        method, ticks = "wall time only", None
+    engine.reset()
+
+    if ticks is None:
+        table = pd.DataFrame(columns=["kernel", "label", "calls", "us_per_token", "share"])
+        return Profile(table, method, None, wall_us, len(plan), gpu.info.label)
+    table = _group(plan, ticks / 1000.0)
+    return Profile(table, method, float(table["us_per_token"].sum()), wall_us, len(plan), gpu.info.label)
+
+
+def _group(plan: kn.Plan, us: np.ndarray) -> pd.DataFrame:
+    """[n_tokens, D] microseconds per dispatch -> one row per (kernel, layer-free label)."""
+    per_dispatch = us.mean(axis=0)
+    df = pd.DataFrame({
+        "kernel": [d.kernel.name for d in plan],
+        "label": [_LAYER.sub("", d.label) for d in plan],
+        "us": per_dispatch,
+    })
+    table = (df.groupby(["kernel", "label"], sort=False)
+               .agg(calls=("us", "size"), us_per_token=("us", "sum"))
+               .reset_index()
+               .sort_values("us_per_token", ascending=False, ignore_index=True))
+    table["share"] = table["us_per_token"] / table["us_per_token"].sum()
+    return table
+
+
+def _resolve(gpu, query_set, count: int) -> np.ndarray:
+    """Resolve `count` timestamps of a query set and read them back (u64 ns)."""
+    import wgpu
+
+    dev = gpu.device
+    resolved = dev.create_buffer(size=count * 8, usage=wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC)
+    enc = dev.create_command_encoder()
+    enc.resolve_query_set(query_set, 0, count, resolved, 0)
+    dev.queue.submit([enc.finish()])
+    data = np.frombuffer(dev.queue.read_buffer(resolved), dtype=np.uint64).copy()
+    resolved.destroy()
+    return data
+
+
+def _inside_pass(gpu, plan: kn.Plan, n_tokens: int) -> np.ndarray:
+    import wgpu
+    from wgpu.backends.wgpu_native.extras import write_timestamp
+
+    D = len(plan)
+    dev = gpu.device
+    qs = dev.create_query_set(type=wgpu.QueryType.timestamp, count=D + 1)
+    out = np.empty((n_tokens, D))
+    for t in range(n_tokens):
+        enc = dev.create_command_encoder()
+        cp = enc.begin_compute_pass()
+        for i, d in enumerate(plan):
+            write_timestamp(cp, qs, i)
+            kn.encode(cp, [d])
+        write_timestamp(cp, qs, D)
+        cp.end()
+        dev.queue.submit([enc.finish()])
+        stamps = _resolve(gpu, qs, D + 1).astype(np.float64)
+        out[t] = np.diff(stamps)
+    qs.destroy()
+    return out
+
+
+def _pass_per_dispatch(gpu, plan: kn.Plan, n_tokens: int) -> np.ndarray:
+    import wgpu
+
+    D = len(plan)
+    dev = gpu.device
+    qs = dev.create_query_set(type=wgpu.QueryType.timestamp, count=2 * D)
+    out = np.empty((n_tokens, D))
+    for t in range(n_tokens):
+        enc = dev.create_command_encoder()
+        for i, d in enumerate(plan):
+            cp = enc.begin_compute_pass(timestamp_writes={
+                "query_set": qs, "beginning_of_pass_write_index": 2 * i, "end_of_pass_write_index": 2 * i + 1})
+            kn.encode(cp, [d])
+            cp.end()
+        dev.queue.submit([enc.finish()])
+        stamps = _resolve(gpu, qs, 2 * D).astype(np.float64).reshape(D, 2)
+        out[t] = stamps[:, 1] - stamps[:, 0]
+    qs.destroy()
+    return out
+
+
+def cli_profile(args) -> int:
+    """`rwkvlab profile`: load a model and print its per-kernel step profile."""
+    import sys
+
+    from rwkvlab.engine import load
+    from rwkvlab.options import Options, OptionsError, parse_fusions
+
+    try:
+        options = Options(backend=args.backend, path=args.path, weights=args.weights,
+                          fusions=parse_fusions(args.fusions))
+        if args.model:
+            source = args.model
+        else:
+            from rwkvlab.synth import default_model_path
+
+            source = default_model_path(args.preset or "tiny", fmt=args.synth_format)
+        engine = load(source, options, progress=not args.no_progress)
+        t0 = time.perf_counter()
+        result = profile(engine, n_tokens=args.tokens)
+    except (OptionsError, OSError, ValueError, RuntimeError) as e:
+        print(f"rwkvlab profile: {e}", file=sys.stderr)
+        return 2
+    print(result.text(top=args.top))
+    print(f"(profiled {args.tokens} tokens in {time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    return 0

@@ -1,0 +1,69 @@
+"""Per-kernel GPU profile of a generation step (rwkvlab.profile) on the tiny fixture."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from rwkvlab import cli
+from rwkvlab.engine import load
+from rwkvlab.options import Options
+from rwkvlab.profile import profile
+
+
+@pytest.fixture(scope="module")
+def engine(fixtures_dir):
+    return load(fixtures_dir / "tiny-f32.gguf", Options(), progress=False)
+
+
+def test_every_dispatch_is_timed_once(engine):
+    p = profile(engine, n_tokens=3)
+    assert p.has_timestamps and p.method == "timestamps inside the pass"
+    # the table accounts for the whole step plan: one call per dispatch, nothing twice
+    assert p.table["calls"].sum() == p.dispatches_per_token == engine.dispatches_per_token
+    assert (p.table["us_per_token"] > 0).all()
+    assert p.table["share"].sum() == pytest.approx(1.0)
+    assert p.gpu_us_per_token == pytest.approx(p.table["us_per_token"].sum())
+    # grouped over layers: the tiny model has 2 layers, so each per-layer op appears twice
+    wkv = p.table[p.table["label"] == "att.wkv"]
+    assert list(wkv["calls"]) == [2]
+    assert p.table["us_per_token"].is_monotonic_decreasing
+
+
+def test_profiling_leaves_the_engine_fresh(engine):
+    engine.reset()
+    before = engine.generate([0, 33, 72], 8)
+    profile(engine, n_tokens=2)
+    assert engine.generate([0, 33, 72], 8) == before
+
+
+def test_one_pass_per_dispatch_when_passes_cannot_hold_timestamps(engine):
+    real = engine.gpu
+    engine.gpu = dataclasses.replace(real, features=real.features - {"timestamp-query-inside-passes"})
+    try:
+        p = profile(engine, n_tokens=2)
+    finally:
+        engine.gpu = real
+    assert p.method == "one pass per dispatch"
+    assert p.table["calls"].sum() == engine.dispatches_per_token
+
+
+def test_without_timestamps_it_says_so_and_keeps_wall_time(engine):
+    real = engine.gpu
+    engine.gpu = dataclasses.replace(real, features=frozenset())
+    try:
+        p = profile(engine, n_tokens=2)
+    finally:
+        engine.gpu = real
+    assert not p.has_timestamps and p.table.empty
+    assert p.wall_us_per_token > 0
+    assert "no per-kernel GPU times" in p.text()
+
+
+def test_cli(fixtures_dir, capsys):
+    assert cli.main(["profile", "--model", str(fixtures_dir / "tiny-f32.gguf"), "--tokens", "2",
+                     "--fusions", "all", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "dispatches/token" in out and "us/token" in out and "wkv" in out
+    assert cli.main(["profile", "--model", str(fixtures_dir / "nope.gguf"), "--no-progress"]) == 2
+    assert "nope.gguf" in capsys.readouterr().err
