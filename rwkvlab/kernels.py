@@ -117,7 +117,7 @@ _MAT_LIBS = ("common.wgsl", "weights.wgsl", "matseg.wgsl")
 _HEAD_PARAMS = "C"
 
 MATVEC = _spec("matvec", "matvec.wgsl", "matvec", _MAT_BINDINGS, _MAT_PARAMS,
-               _MAT_LIBS + ("reduce.wgsl",), WG=64, RED=1, FMT=0)
+               _MAT_LIBS + ("reduce.wgsl",), WG=64, RED=1, UNROLL=1, FMT=0)
 GEMM = _spec("gemm", "gemm.wgsl", "gemm", _MAT_BINDINGS, _MAT_PARAMS, _MAT_LIBS, FMT=0)
 EMBED = _spec("embed", "embed.wgsl", "embed", "W:read TOK:read NW:read NB:read Y:rw",
               "C row0 rows row_words w_base eps:f32", ("common.wgsl", "weights.wgsl", "reduce.wgsl"),
@@ -272,6 +272,7 @@ class Tuning:
 
     matvec_wg: int  # threads per mat-vec workgroup
     matvec_red: int  # threads sharing one output row (1 = a row per thread, no reduction)
+    matvec_unroll: int  # pieces per loop iteration per thread (2: more loads in flight)
     norm_wg: int  # threads per token in layernorm / embed
     shift_wg: int
     argmax_wg: int
@@ -290,26 +291,27 @@ def choose_tuning(gpu, path: str) -> Tuning:
     register-blocked mat-vec (a row per thread: barriers are expensive there); GPUs give each
     row 32 threads (one subgroup on NVIDIA) with a reduction, four rows per workgroup.
 
-    $RWKVLAB_TUNING overrides fields for experiments, e.g. "matvec_wg=256,matvec_red=64"
-    (workgroup sizes are powers of two, matvec_red <= matvec_wg); engines record their tuning.
+    $RWKVLAB_TUNING overrides fields for experiments, e.g. "matvec_wg=256,matvec_red=64,
+    matvec_unroll=1" (powers of two; matvec_red <= matvec_wg; matvec_unroll 1 or 2); engines
+    record their tuning (Engine.tuning).
     """
     import os
 
     subgroups = path == "native" and gpu.has("subgroup")
     sg = probe_subgroup_size(gpu) if subgroups else 0
     if gpu.info.adapter_type == "CPU":
-        tuning = Tuning(matvec_wg=64, matvec_red=1, norm_wg=64, shift_wg=64, argmax_wg=64,
-                        subgroups=subgroups, subgroup_size=sg)
+        tuning = Tuning(matvec_wg=64, matvec_red=1, matvec_unroll=1, norm_wg=64, shift_wg=64,
+                        argmax_wg=64, subgroups=subgroups, subgroup_size=sg)
     else:
-        tuning = Tuning(matvec_wg=128, matvec_red=32, norm_wg=256, shift_wg=64, argmax_wg=256,
-                        subgroups=subgroups, subgroup_size=sg)
+        tuning = Tuning(matvec_wg=128, matvec_red=32, matvec_unroll=2, norm_wg=256, shift_wg=64,
+                        argmax_wg=256, subgroups=subgroups, subgroup_size=sg)
     return _tuning_overrides(tuning, os.environ.get(TUNING_ENV, ""))
 
 
 def _tuning_overrides(tuning: Tuning, text: str) -> Tuning:
     from dataclasses import replace
 
-    sizes = {"matvec_wg", "matvec_red", "norm_wg", "shift_wg", "argmax_wg"}
+    sizes = {"matvec_wg", "matvec_red", "matvec_unroll", "norm_wg", "shift_wg", "argmax_wg"}
     changes = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
         name, _, value = item.partition("=")
@@ -318,9 +320,10 @@ def _tuning_overrides(tuning: Tuning, text: str) -> Tuning:
                               f"of {', '.join(sorted(sizes))}")
         changes[name] = int(value)
     tuning = replace(tuning, **changes)
-    if tuning.matvec_red > tuning.matvec_wg or max(tuning.matvec_wg, tuning.norm_wg, tuning.argmax_wg) > 1024:
-        raise KernelError(f"${TUNING_ENV}: matvec_red must be <= matvec_wg and workgroups <= 1024 "
-                          f"threads, got {tuning}")
+    if (tuning.matvec_red > tuning.matvec_wg or tuning.matvec_unroll > 2
+            or max(tuning.matvec_wg, tuning.norm_wg, tuning.argmax_wg) > 1024):
+        raise KernelError(f"${TUNING_ENV}: matvec_red must be <= matvec_wg, matvec_unroll 1 or 2 "
+                          f"and workgroups <= 1024 threads, got {tuning}")
     return tuning
 
 
@@ -426,7 +429,7 @@ class Kernels:
         t = self.tuning
         consts = dict(spec.constants)
         tuned = {
-            "matvec": {"WG": t.matvec_wg, "RED": t.matvec_red},
+            "matvec": {"WG": t.matvec_wg, "RED": t.matvec_red, "UNROLL": t.matvec_unroll},
             "embed": {"WG": t.norm_wg, "RED": t.norm_wg},
             "layernorm": {"WG": t.norm_wg, "RED": t.norm_wg},
             "norm_shift": {"WG": t.norm_wg, "RED": t.norm_wg},

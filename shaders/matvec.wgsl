@@ -12,9 +12,10 @@
 // a row: each takes every RED-th piece of it (neighbouring threads read neighbouring pieces, so
 // loads coalesce), then group_sum. RED = 1 is the register-blocked variant (a row per thread,
 // no barrier) that CPU adapters prefer; real GPUs want RED = 32 (a subgroup per row) or more.
-// Constants: WG, RED (reduce*.wgsl), FMT (weights.wgsl; FMT_PER_SEGMENT for mixed stacks).
+// Constants: WG, RED (reduce*.wgsl), UNROLL, FMT (weights.wgsl; FMT_PER_SEGMENT for mixed stacks).
 
 override WG: u32 = 64u;
+override UNROLL: u32 = 1u;  // 1 or 2 pieces per loop iteration (see below)
 
 @group(0) @binding(1) var<uniform> p: MatParams;
 @group(0) @binding(2) var<storage, read> W: array<vec4<u32>>;
@@ -73,9 +74,22 @@ fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
         let n = (sg.K + pe - 1u) / pe;
         let row = sg.w_base + m * sg.row_words;
         let x0 = (sg.x_off + t * sg.K) >> 2u;
-        for (var i = lane; i < n; i += RED) {
+        // UNROLL = 2: two pieces per iteration into two sums, so twice the loads are in flight
+        // per thread (what keeps a GPU's memory busy when a row has few pieces per thread);
+        // CPU adapters run slower with it, so it is a per-device-class constant.
+        var acc1 = 0.0;
+        var i = lane;
+        if (UNROLL == 2u) {
+            for (; i + RED < n; i += 2u * RED) {
+                acc += dot_piece(fmt, row + i * pw, x0 + i * (pe >> 2u), i * pe, sg.K);
+                let j = i + RED;
+                acc1 += dot_piece(fmt, row + j * pw, x0 + j * (pe >> 2u), j * pe, sg.K);
+            }
+        }
+        for (; i < n; i += RED) {
             acc += dot_piece(fmt, row + i * pw, x0 + i * (pe >> 2u), i * pe, sg.K);
         }
+        acc += acc1;
     }
     let s = group_sum(acc, lid);
     if (lane == 0u && m < sg.rows) {

@@ -145,12 +145,12 @@ def test_every_kernel_compiles(kernels):
 
 
 def test_tuning_overrides():
-    base = kn.Tuning(matvec_wg=64, matvec_red=1, norm_wg=64, shift_wg=64, argmax_wg=64,
-                     subgroups=False, subgroup_size=0)
+    base = kn.Tuning(matvec_wg=64, matvec_red=1, matvec_unroll=1, norm_wg=64, shift_wg=64,
+                     argmax_wg=64, subgroups=False, subgroup_size=0)
     t = kn._tuning_overrides(base, "matvec_wg=256, matvec_red=32")
     assert (t.matvec_wg, t.matvec_red, t.norm_wg) == (256, 32, 64)
     assert kn._tuning_overrides(base, "") == base
-    for bad in ("matvec_wg=96", "warp=32", "matvec_red=128"):
+    for bad in ("matvec_wg=96", "warp=32", "matvec_red=128", "matvec_unroll=4"):
         with pytest.raises(kn.KernelError, match="RWKVLAB_TUNING"):
             kn._tuning_overrides(base, bad)
 
@@ -178,7 +178,7 @@ def _matmul_case(fmt: str, M: int, K: int, T: int, seed: int = 0):
 
 
 def run_matmul(kernels, spec, fmt: str | list[str], segments: list[tuple], X: np.ndarray,
-               B: np.ndarray, Y: np.ndarray, T: int, red: int | None = None) -> np.ndarray:
+               B: np.ndarray, Y: np.ndarray, T: int, red: int | None = None, unroll: int = 1) -> np.ndarray:
     """Stack the segments' weight rows in one buffer and run one matvec / gemm dispatch.
 
     segments: (raw rows, K, x_off, y_off, y_stride, act, bias offset or None, accum); fmt: one
@@ -198,7 +198,7 @@ def run_matmul(kernels, spec, fmt: str | list[str], segments: list[tuple], X: np
         base += len(data) + pad
     consts = dict(FMT=kn.matmul_fmt(table))
     if spec is kn.MATVEC:
-        consts.update(WG=64, RED=red)
+        consts.update(WG=64, RED=red, UNROLL=unroll)
     rows_per_wg = 64 // (red or 1)
     params, wgs, tiles = kn.matmul_params(table, rows_per_wg)
     grid = (wgs, T, 1) if spec is kn.MATVEC else (tiles, -(-T // 64), 1)
@@ -217,12 +217,14 @@ ACT_FUNCS = {
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("red", [1, 8, 32])
-def test_matvec(kernels, fmt, red):
-    """K = 96 is no multiple of the 64-thread workgroup nor of a Q8_0 pair (3 blocks: padded)."""
+@pytest.mark.parametrize("unroll", [1, 2])
+def test_matvec(kernels, fmt, red, unroll):
+    """K = 96 is no multiple of the 64-thread workgroup nor of a Q8_0 pair (3 blocks: padded);
+    with 8 threads per row the unrolled loop ends on an odd piece."""
     M, K, T = 37, 96, 2
     raw, wv, x = _matmul_case(fmt, M, K, T)
     out = run_matmul(kernels, kn.MATVEC, fmt, [(raw, K, 0, 0, M, "none", None, False)],
-                     x, np.zeros(4, np.float32), np.zeros((T, M), np.float32), T, red)
+                     x, np.zeros(4, np.float32), np.zeros((T, M), np.float32), T, red, unroll)
     want = x.astype(np.float64) @ wv.T
     np.testing.assert_array_less(np.abs(out - want), fp32_tol(np.abs(x) @ np.abs(wv).T, K))
 
@@ -257,7 +259,7 @@ def test_matmul_segments(kernels, spec, fmt):
         tols[:, cols] = fp32_tol(np.abs(x) @ np.abs(wv).T, K) * (1 + 2 * np.abs(z)) + 1e-6 * (1 + np.abs(want[:, cols]))
         segments.append((raw, K, x_off, y_off, width, act, b_off if bias else None, accum))
         x_off, y_off, b_off = x_off + T * K, y_off + M, b_off + M
-    out = run_matmul(kernels, spec, fmts, segments, X, B, Y0, T, red=8)
+    out = run_matmul(kernels, spec, fmts, segments, X, B, Y0, T, red=8, unroll=2)
     np.testing.assert_array_less(np.abs(out - want), tols)
     np.testing.assert_array_equal(out[:, :3], Y0[:, :3])  # outside every segment: untouched
 
