@@ -6,7 +6,7 @@ binding order and the fields of its Params uniform in struct order. tests/test_k
 parses the WGSL and checks every spec against it, and runs every kernel against NumPy.
 
 `Kernels` compiles shader modules and pipelines once per device (override constants pick the
-variant: weight format, activation, workgroup size, threads per row...), builds the explicit
+variant: weight format, workgroup size, threads per row...), builds the explicit
 bind group layouts (kernels with equal binding lists share one, so matvec and gemm take the
 same bind group), and makes bind groups with their Params uniform. The engine turns a model
 into a list of `Dispatch`es (its kernel plan) once at load and replays it every token.
@@ -32,9 +32,9 @@ SHADER_PACKAGE = "rwkvlab.shaders"
 # Names of kernel-plan rewrites (Options.fusions) -> what each replaces. Every fused plan is
 # tested against the unfused one, which stays the reference.
 FUSIONS: dict[str, str] = {
-    "proj": "per block, the r, k, v and LoRA-down products (7 dispatches) become one dispatch per "
-            "weight format, and the LoRA-up products (4) likewise: the matrices are stacked in "
-            "one buffer at load either way, the fusion only changes the plan",
+    "proj": "per block, the r, k, v and LoRA-down products (7 dispatches) become one dispatch, "
+            "and the LoRA-up products (4) another: the matrices are stacked in one buffer at "
+            "load either way (formats may mix), the fusion only changes the plan",
     "wkv": "kv_prep + wkv + groupnorm_out (3 dispatches per block) become wkv_fused: one "
            "workgroup per head does the key/value updates, the state update and the GroupNorm, "
            "bonus and gate for every token of the chunk",
@@ -46,7 +46,7 @@ FUSIONS: dict[str, str] = {
 GPU_FORMATS: dict[str, int] = {"F32": 0, "F16": 1, "BF16": 2, "Q8_0": 3}
 FMT_PER_SEGMENT = 255  # FMT of a matrix-product pipeline whose segments differ in format
 
-# Epilogues of matvec / gemm (ACT override constant, see shaders/common.wgsl).
+# Epilogues of matvec / gemm (Seg.act of shaders/matseg.wgsl, codes of shaders/common.wgsl).
 ACTIVATIONS: dict[str, int] = {"none": 0, "tanh": 1, "sigmoid": 2, "relu_sq": 3, "decay": 4}
 
 HEAD_SIZE = 64  # wkv.wgsl keeps one 64-float state row per thread in registers
