@@ -19,6 +19,9 @@
 //   5 A    read [T, C] in-context rate    6 VMIX read [T, C] (unused when FIRST)
 //   7 VF   read_write [T, C] v_first      8 KKW read [C] k_k    9 KAW read [C] k_a
 //   Dispatch: (H, T, 1), 64 threads (WG = RED = 64). Constants: FIRST.
+//
+// norm_shift: layernorm (norm.wgsl) + shift_mix for a one-token step, in one workgroup; its
+// bindings and dispatch are described where it is defined, at the end of this file.
 
 override WG: u32 = 64u;
 override NMIX: u32 = 6u;
