@@ -14,8 +14,11 @@ from rwkvlab.options import BACKENDS, OptionsError
 # Options.backend -> wgpu's adapter.info["backend_type"]
 _BACKEND_TYPES = {"vulkan": "Vulkan", "metal": "Metal", "dx12": "D3D12", "gl": "OpenGL"}
 _ADAPTER_RANK = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "CPU": 3}
-# Features the native path uses where the adapter has them.
-NATIVE_FEATURES = ("shader-f16", "subgroup", "cooperative-matrix")
+# Features the native path uses where the adapter has them. Not "cooperative-matrix": wgpu
+# marks it experimental and refuses a device that asks for it unless experimental features are
+# enabled (seen on an H100's Vulkan adapter: "EXPERIMENTAL_COOPERATIVE_MATRIX ... experimental
+# features are not enabled"); no kernel uses it yet.
+NATIVE_FEATURES = ("shader-f16", "subgroup")
 # Features every path asks for where available (per-kernel GPU timing).
 COMMON_FEATURES = ("timestamp-query", "timestamp-query-inside-passes", "timestamp-query-inside-encoders")
 # Limits requested at the adapter's own maximum (asking for more than it has raises).
@@ -110,7 +113,7 @@ def _pick_adapter(backend: str):
 
 @functools.lru_cache(maxsize=None)
 def get_gpu(backend: str = "auto", native: bool = False) -> GPU:
-    """The process's device for this backend; ``native`` also enables f16/subgroups/coop-matrix."""
+    """The process's device for this backend; ``native`` also enables f16 and subgroups."""
     adapter = _pick_adapter(backend)
     wanted = COMMON_FEATURES + (NATIVE_FEATURES if native else ())
     features = [f for f in wanted if f in adapter.features]
