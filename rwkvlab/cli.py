@@ -35,7 +35,11 @@ def _report(sub) -> None:
         "plots of the benchmark history. plotly.js is inlined, so it renders offline.",
     )
     p.add_argument("paths", nargs="*", default=["data/benchmarks"], help="files or folders (default: data/benchmarks)")
-    p.add_argument("-o", "--output", default="report.html", help="HTML file to write (default: report.html)")
+    p.add_argument("-o", "--output", help="HTML file to write (default: report.html; lab-report.html with --notebooks)")
+    p.add_argument("--notebooks", nargs="*", metavar="NOTEBOOK",
+                   help="instead: execute the lab's notebooks (default: all of notebooks/*.ipynb) and write them "
+                   "as one offline HTML page; the history report links to it when it sits beside it")
+    p.add_argument("--timeout", type=float, default=600.0, help="with --notebooks: seconds one cell may take (default: 600)")
     p.set_defaults(handler="rwkvlab.report:cli_report")
 
 
@@ -186,6 +190,8 @@ def _profile(sub) -> None:
     p.add_argument("--fusions", default="none", help="kernel-plan fusions: none, all, or names joined by , or + (default: none)")
     p.add_argument("--tokens", type=int, default=16, help="generation steps to profile (default: 16)")
     p.add_argument("--top", type=int, default=None, help="show only the N most expensive kernels")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="T",
+                   help="profile a prefill chunk of T tokens instead of a generation step (times per token)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(handler="rwkvlab.profile:cli_profile")
 

@@ -180,16 +180,23 @@ def load(paths: list[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def write_report(paths: list[str | Path], output: str | Path) -> Path:
     """Read the history at `paths`, write a standalone HTML report to `output`, return its path."""
+    from rwkvlab.notebook_report import notebook_report_beside
+
     df, verdicts = load(paths)
-    page = report_html(df, verdicts, sources=[str(p) for p in paths])
     output = Path(output)
+    page = report_html(df, verdicts, sources=[str(p) for p in paths],
+                       notebook_report=notebook_report_beside(output))
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(page, encoding="utf-8")
     return output
 
 
-def report_html(df: pd.DataFrame, verdicts: pd.DataFrame, sources: list[str]) -> str:
-    """The whole report page: summary, plots (plotly.js inlined once), verdict table."""
+def report_html(df: pd.DataFrame, verdicts: pd.DataFrame, sources: list[str],
+                notebook_report: str | None = None) -> str:
+    """The whole report page: summary, plots (plotly.js inlined once), verdict table; with a
+    link to the notebook report (`rwkvlab report --notebooks`) when its relative path is given."""
+    lab_link = (f'<p class="meta">Lab notebooks, executed: <a href="{html.escape(notebook_report, quote=True)}">'
+                f"{html.escape(notebook_report)}</a></p>") if notebook_report else ""
     summary = summarize(df, verdicts)
     figures = [
         ("Speed over time", plots.timeline(df, verdicts)),
@@ -217,6 +224,7 @@ def report_html(df: pd.DataFrame, verdicts: pd.DataFrame, sources: list[str]) ->
 <header>
 <h1>rwkvlab benchmark report</h1>
 <p class="meta">history: {html.escape(", ".join(sources))} · generated {generated}</p>
+{lab_link}
 </header>
 {_summary_html(summary)}
 {figure_html}
@@ -345,9 +353,14 @@ def cli_history(args: argparse.Namespace) -> int:
 
 
 def cli_report(args: argparse.Namespace) -> int:
-    """`rwkvlab report`: write the standalone HTML report and print its path."""
+    """`rwkvlab report`: write the standalone HTML report and print its path (with
+    --notebooks: the notebook report, see rwkvlab.notebook_report)."""
+    if getattr(args, "notebooks", None) is not None:
+        from rwkvlab.notebook_report import cli_notebooks_report
+
+        return cli_notebooks_report(args)
     try:
-        path = write_report(args.paths, args.output)
+        path = write_report(args.paths, args.output or "report.html")
     except (FileNotFoundError, ValueError) as err:
         print(f"rwkvlab report: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,1070 @@
+"""The lab's control panel: pick a model and the engine's switches, run a benchmark, and see at
+once whether it got faster and whether its output is still right.
+
+    from rwkvlab.lab import Panel
+    panel = Panel()     # the last expression of a notebook cell shows it; press Run
+    panel.run()         # or drive it from code: what the Run button does, synchronously
+
+What Run does:
+
+1. The widgets become an :class:`~rwkvlab.options.Options`, a
+   :class:`~rwkvlab.bench.BenchSettings` and a :class:`ModelChoice` (a synthetic preset in a
+   weight format, or a GGUF file).
+2. ``python -m rwkvlab.cli bench ... --json --no-save`` runs in a worker subprocess, started
+   from a worker thread when the button is pressed. A GPU driver that crashes or hangs takes the
+   worker down, never the notebook's kernel, and the kernel stays responsive meanwhile. The
+   bench's progress bar (tqdm on the worker's stderr) drives the panel's ``IntProgress``.
+3. The record is compared with a baseline: by default the latest earlier run of the same model
+   file on the same GPU, from this session or from the history. See :func:`compare` for the
+   verdicts (speed beyond noise, output same or changed, logit error).
+4. The new point lands on the live history plot (a ``go.FigureWidget``); "Save to history"
+   appends the run, with the title and change typed in, through ``bench.save_bench``.
+
+The widget logic is plain methods (:meth:`Panel.run`, :meth:`Panel.save`,
+:meth:`Panel.configure`), and results stay on the panel (``last_record``,
+``last_comparison``, ``result_table``, ``runs``), so it is all testable without a browser.
+"""
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import html
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from rwkvlab import bench
+from rwkvlab.bench import BenchRecord, BenchSettings, fusions_text
+from rwkvlab.cli import PRESETS, SYNTH_FORMATS  # the CLI's choices; importing cli loads no wgpu
+from rwkvlab.history import HistoryWarning, read_history
+from rwkvlab.options import PATHS, WEIGHT_POLICIES, Options, OptionsError
+from rwkvlab.verdicts import METRICS, Noise, estimate_noise, judge
+
+SPEED_ROWS = {"load": "load (ms)", "prefill": "prefill (tok/s)", "generation": "generation (tok/s)"}
+# Red means "output changed / wrong" everywhere in the lab; a slower run is orange, not red.
+VERDICT_COLOURS = {
+    "improvement": "#22863a", "regression": "#c05600", "within noise": "#5a6473",
+    "same": "#22863a", "ok": "#22863a", "first run": "#5a6473",
+    "changed": "#b01c1c", "too large": "#b01c1c", "failed": "#b01c1c",
+}
+_LOG_LINES = 300  # worker stderr lines the panel keeps
+_TQDM = re.compile(r"^\s*(?P<desc>[^\r\n]*?):\s+\d+%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)")
+# Stages of bench's own progress bar (the engine's upload bar and the NumPy reference's bar
+# also write to stderr; those only update the status text).
+_BENCH_STAGES = ("bench", "load", "prefill ", "generate ", "quality tokens", "reference")
+
+
+class LabError(RuntimeError):
+    """A panel action that could not be done; the message says what to change."""
+
+
+# --------------------------------------------------------------------------------------------
+# Where things are, and a quiet kernel
+# --------------------------------------------------------------------------------------------
+
+def repo_root() -> Path | None:
+    """The checkout this package runs from (editable install or PYTHONPATH), or None."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+def default_history_dir(start: str | os.PathLike | None = None) -> Path:
+    """The benchmark history folder: ``data/benchmarks`` of the checkout the package runs from;
+    else the nearest ``data/benchmarks`` at or above ``start`` (default: the working directory,
+    so a notebook in ``notebooks/`` finds ``../data/benchmarks``); else ``./data/benchmarks``."""
+    root = repo_root()
+    if root is not None and (root / "data" / "benchmarks").is_dir():
+        return root / "data" / "benchmarks"
+    here = Path(start or os.getcwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "data" / "benchmarks").is_dir():
+            return folder / "data" / "benchmarks"
+    return here / "data" / "benchmarks"
+
+
+def prepare_kernel() -> None:
+    """Quiet Mesa's OpenGL probe in this process and the workers it starts.
+
+    Every adapter scan makes Mesa's EGL platform print "XDG_RUNTIME_DIR is invalid or not set"
+    to the process's stderr when that variable is unset (containers, CI). A notebook kernel
+    forwards such low-level writes into whichever cell is running, so the same cell's output
+    would depend on the machine. A private, empty runtime folder is all Mesa asks for.
+    """
+    if not os.environ.get("XDG_RUNTIME_DIR"):
+        os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="rwkvlab-xdg-")
+
+
+# --------------------------------------------------------------------------------------------
+# The worker: one `rwkvlab bench --json --no-save` subprocess
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """What to benchmark: a synthetic preset in a weight format, or a GGUF file."""
+
+    preset: str | None = "tiny"
+    fmt: str = "f32"
+    path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.path is None and self.preset not in PRESETS:
+            raise LabError(f"unknown preset {self.preset!r}; available: {', '.join(PRESETS)}")
+        if self.path is None and self.fmt not in SYNTH_FORMATS:
+            raise LabError(f"unknown format {self.fmt!r}; available: {', '.join(SYNTH_FORMATS)}")
+
+    def cli_args(self) -> list[str]:
+        """The model part of a `rwkvlab bench` command line; a GGUF file must exist."""
+        if self.path is None:
+            return ["--preset", str(self.preset), "--format", self.fmt]
+        path = Path(self.path).expanduser()
+        if not path.is_file():
+            raise LabError(f"GGUF file {path} does not exist; type the path of a .gguf file, "
+                           "or pick a synthetic preset")
+        return ["--model", str(path)]
+
+    @property
+    def label(self) -> str:
+        return Path(self.path).name if self.path else f"{self.preset} {self.fmt} (synthetic)"
+
+
+def worker_command(model: ModelChoice, options: Options, settings: BenchSettings,
+                   history_dir: str | os.PathLike, python: str = sys.executable) -> list[str]:
+    """The `python -m rwkvlab.cli bench ... --json --no-save` line that runs one panel run.
+
+    ``--history-dir`` only lets bench name the previous run of the model in its summary;
+    nothing is written (the panel saves explicitly).
+    """
+    cmd = [python, "-m", "rwkvlab.cli", "bench", *model.cli_args(),
+           "--backend", options.backend, "--path", options.path, "--weights", options.weights,
+           "--fusions", ",".join(sorted(options.fusions)) or "none",
+           "--chunk", str(options.chunk), "--gemm-min-tokens", str(options.gemm_min_tokens),
+           "--prefill", str(settings.prefill), "--generate", str(settings.generate),
+           "--warmup", str(settings.warmup), "--repeat", str(settings.repeat),
+           "--history-dir", str(history_dir), "--json", "--no-save"]
+    if not settings.reference:
+        cmd.append("--no-reference")
+    return cmd
+
+
+def bench_steps(settings: BenchSettings) -> int:
+    """Steps of bench's progress bar: load, warmup and timed rounds (two each), quality, reference."""
+    return 1 + 2 * (settings.warmup + settings.repeat) + 1 + 1
+
+
+@dataclass
+class WorkerResult:
+    """What one worker run gave: the record (None when it failed) and its stderr."""
+
+    record: BenchRecord | None
+    raw: dict[str, Any] | None  # bench's JSON, with its own verdict against the history file
+    returncode: int | None
+    error: str | None
+    stderr: str
+    seconds: float
+
+
+def _worker_env() -> dict[str, str]:
+    """The kernel's environment, with this package importable in the worker (a bare checkout
+    imported through sys.path, not installed, must still be found by ``python -m``)."""
+    env = dict(os.environ)
+    here = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def run_worker(cmd: Sequence[str], *, timeout: float = 1800.0,
+               on_progress: Callable[[int, int, str], None] | None = None,
+               on_line: Callable[[str], None] | None = None,
+               on_start: Callable[[subprocess.Popen], None] | None = None) -> WorkerResult:
+    """Run ``cmd`` (a bench ``--json`` line) and read its record.
+
+    ``on_progress(n, total, stage)`` follows bench's progress bar, ``on_line`` receives every
+    other stderr line (bench's summary, warnings), ``on_start`` the process (to stop it).
+    Exit 0 or 1 (1: the logit check failed, the record is still valid) with a JSON line on
+    stdout is a result; anything else is a failure described by bench's own error line, or
+    by how the worker died.
+    """
+    start = time.perf_counter()
+    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_worker_env())
+    if on_start:
+        on_start(proc)
+    out: list[bytes] = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    timed_out = threading.Event()
+
+    def stop() -> None:
+        timed_out.set()
+        proc.kill()  # our own child, by its handle
+
+    timer = threading.Timer(timeout, stop)
+    timer.start()
+    lines: list[str] = []
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = ""
+    try:
+        while chunk := os.read(proc.stderr.fileno(), 4096):
+            pending += decoder.decode(chunk)
+            # tqdm redraws with \r; every \r- or \n-terminated piece is one state of a bar or a line
+            *pieces, pending = re.split(r"[\r\n]", pending)
+            for piece in pieces:
+                _stderr_piece(piece, lines, on_progress, on_line)
+        _stderr_piece(pending, lines, on_progress, on_line)
+        proc.wait()
+    finally:
+        timer.cancel()
+    reader.join()
+    seconds = time.perf_counter() - start
+    stderr = "\n".join(lines)
+    stdout = b"".join(out).decode("utf-8", errors="replace").strip()
+    if proc.returncode in (0, 1) and stdout:
+        try:
+            raw = json.loads(stdout.splitlines()[-1])
+            return WorkerResult(BenchRecord.from_dict(raw), raw, proc.returncode, None, stderr, seconds)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            return WorkerResult(None, None, proc.returncode, f"the worker's JSON could not be read ({err})",
+                                stderr, seconds)
+    return WorkerResult(None, None, proc.returncode, _failure(proc.returncode, lines, timed_out.is_set(), timeout),
+                        stderr, seconds)
+
+
+def _stderr_piece(piece: str, lines: list[str], on_progress, on_line) -> None:
+    piece = piece.strip()
+    if not piece:
+        return
+    bar = _TQDM.match(piece)
+    if bar:
+        stage = bar["desc"].strip()
+        if on_progress and stage.startswith(_BENCH_STAGES):
+            on_progress(int(bar["n"]), int(bar["total"]), stage)
+        elif on_progress:
+            on_progress(-1, -1, f"{stage} {bar['n']}/{bar['total']}")
+        return
+    lines.append(piece)
+    del lines[:-_LOG_LINES]
+    if on_line:
+        on_line(piece)
+
+
+def _failure(returncode: int | None, lines: list[str], timed_out: bool, timeout: float) -> str:
+    if timed_out:
+        return f"the worker was stopped after {timeout:g} s"
+    own = [ln for ln in lines if ln.startswith("rwkvlab bench:")]
+    if own:
+        return own[-1].removeprefix("rwkvlab bench:").strip()
+    last = lines[-1] if lines else "no message"
+    if returncode is not None and returncode < 0:
+        return f"the worker was killed by signal {-returncode} (the notebook kernel is fine): {last}"
+    return f"the worker exited with status {returncode}: {last}"
+
+
+def probe_adapters(python: str = sys.executable, timeout: float = 120.0) -> tuple[list[dict[str, str]], str | None]:
+    """The machine's WebGPU adapters, listed by a subprocess (an adapter scan that crashes a
+    driver must not take the kernel with it): (adapters as dicts, error text or None)."""
+    script = ("import dataclasses, json\nfrom rwkvlab.gpu import list_adapters\n"
+              "print(json.dumps([dataclasses.asdict(a) for a in list_adapters()]))")
+    try:
+        done = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=timeout,
+                              env=_worker_env())
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return [], f"listing adapters failed: {err}"
+    if done.returncode != 0 or not done.stdout.strip():
+        tail = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        return [], f"listing adapters failed (exit {done.returncode}): {tail}"
+    return json.loads(done.stdout.strip().splitlines()[-1]), None
+
+
+# --------------------------------------------------------------------------------------------
+# Baselines and verdicts (plain functions: the panel only shows what these return)
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Baseline:
+    """A run to compare with, from the history or from this session, in one shape."""
+
+    key: str  # "history:<file>:<line>" or "session:<n>"
+    label: str
+    model: str
+    gpu: str
+    timestamp: pd.Timestamp | None
+    load_ms: float | None
+    prefill_tps: float | None
+    generation_tps: float | None
+    samples: dict[str, list[float]]  # per-repeat values by history column name, when known
+    quality_hash: str | None
+    logit_error: float | None
+    dispatches_per_token: int | None
+    options: str  # "path=... weights=... fusions=..." as far as it was recorded
+
+    def value(self, column: str) -> float | None:
+        v = getattr(self, column)
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def _number(value: Any) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) else v
+
+
+def baseline_from_history(row: pd.Series) -> Baseline:
+    """A history row (``read_history``) as a baseline."""
+    name = Path(str(row["file"])).name
+    samples = row.get("samples")
+    samples = {k: list(v) for k, v in samples.items()} if isinstance(samples, dict) else {}
+    recorded = [f"{k}={row[k]}" for k in ("path", "weights", "fusions")
+                if k in row.index and isinstance(row[k], str) and row[k]]
+    dispatches = _number(row.get("dispatches_token"))
+    gen = _number(row.get("generation_tps"))
+    change = str(row["change"])
+    label = f"{name}:{int(row['line'])} · {row['title']} · {change[:48]}" + (f" ({gen:.1f} tok/s gen)" if gen else "")
+    stamp = row["timestamp"] if pd.notna(row["timestamp"]) else None
+    h = row["quality_hash"]
+    return Baseline(
+        key=f"history:{name}:{int(row['line'])}", label=label, model=str(row["model"]), gpu=str(row["gpu"]),
+        timestamp=stamp, load_ms=_number(row["load_ms"]), prefill_tps=_number(row["prefill_tps"]),
+        generation_tps=gen, samples=samples, quality_hash=None if pd.isna(h) else str(h),
+        logit_error=_number(row.get("logit_error")),
+        dispatches_per_token=None if dispatches is None else int(dispatches),
+        options=" ".join(recorded) or "options not recorded",
+    )
+
+
+def baseline_from_record(record: BenchRecord, key: str, label: str) -> Baseline:
+    """A run of this session as a baseline."""
+    o = record.options
+    return Baseline(
+        key=key, label=label, model=record.model, gpu=record.gpu, timestamp=pd.Timestamp(record.timestamp),
+        load_ms=record.load_ms, prefill_tps=record.prefill_tps, generation_tps=record.generation_tps,
+        samples={"prefill_tps": record.prefill_tps_samples, "generation_tps": record.generation_tps_samples},
+        quality_hash=record.quality_hash, logit_error=record.logit_error,
+        dispatches_per_token=record.dispatches_per_token,
+        options=f"path={o.path} weights={o.weights} fusions={fusions_text(o.fusions)}",
+    )
+
+
+@dataclass(frozen=True)
+class Check:
+    """One verdict and the reason for it (speed checks also carry delta and noise band)."""
+
+    verdict: str
+    reason: str
+    delta: float | None = None
+    band: float | None = None
+
+
+@dataclass
+class Comparison:
+    """A run against its baseline: speed per metric, output, logits; and the table to show."""
+
+    baseline: Baseline | None
+    speed: dict[str, Check]  # "load", "prefill", "generation"
+    output: Check
+    logits: Check
+    table: pd.DataFrame = field(repr=False)
+
+    @property
+    def reasons(self) -> dict[str, str]:
+        out = {name: c.reason for name, c in self.speed.items()}
+        out.update(output=self.output.reason, logits=self.logits.reason)
+        return out
+
+
+def repeat_sigma(sample_sets: Sequence[Sequence[float]]) -> tuple[float, int] | None:
+    """Pooled relative spread of one measurement from the repeats of one or more runs.
+
+    The standard deviation of log(value) within each run, pooled over runs (weighted by
+    degrees of freedom): (sigma, degrees of freedom), or None with fewer than two repeats.
+    """
+    squares, dof = 0.0, 0
+    for samples in sample_sets:
+        x = np.log([float(v) for v in samples if v and float(v) > 0])
+        if len(x) >= 2:
+            squares += float(((x - x.mean()) ** 2).sum())
+            dof += len(x) - 1
+    return (math.sqrt(squares / dof), dof) if dof else None
+
+
+def speed_noise(column: str, gpu: str, history_noise: dict[str, dict] | None,
+                sample_sets: Sequence[Sequence[float]]) -> Noise:
+    """The noise of one run of ``column`` on ``gpu``: the larger of the history's estimate
+    (rwkvlab.verdicts: repeat pairs on this GPU, else pooled, else its default) and the spread
+    of the repeats in hand. Repeats inside one run see less noise than separate runs do, so
+    they can only raise the history's figure (a busy machine), never lower it."""
+    from rwkvlab.verdicts import DEFAULT_SIGMA
+
+    table = (history_noise or {}).get(column) or {}
+    hist = table.get(gpu) or table.get(None) or Noise(DEFAULT_SIGMA, 0, f"default {DEFAULT_SIGMA:.1%}: no history")
+    runs = repeat_sigma(sample_sets)
+    if runs and runs[0] > hist.sigma:
+        return Noise(runs[0], runs[1], f"the spread of these runs' repeats ({runs[1]} degrees of freedom)")
+    return hist
+
+
+def compare(record: BenchRecord, baseline: Baseline | None,
+            history_noise: dict[str, dict] | None = None) -> Comparison:
+    """Verdicts of ``record`` against ``baseline`` (None: nothing to compare with).
+
+    Speed (load, prefill, generation): ``rwkvlab.verdicts.judge`` of this run's median against
+    the baseline's, with the noise of :func:`speed_noise`; "not comparable" when the baseline
+    ran another model file or GPU, and a run whose output changed has its speed flagged (a speed
+    reached with wrong output is not a speed-up). Output: "same" or "changed" quality hash as the
+    baseline (the same model file only). Logits: max |logit error| against the NumPy reference,
+    within bench's tolerance ("ok"), beyond it ("too large"), or "not checked".
+    """
+    comparable = baseline is not None and baseline.model == record.model
+    same_gpu = comparable and baseline.gpu == record.gpu
+
+    if baseline is None:
+        output = Check("first run", f"no earlier run of {record.model} on {record.gpu} to compare with; "
+                                    f"hash {record.quality_hash} is the reference from here on")
+    elif not comparable:
+        output = Check("not comparable", f"the baseline ran {baseline.model}, this run {record.model}")
+    elif baseline.quality_hash is None:
+        output = Check("unknown", f"the baseline {baseline.label} has no quality hash")
+    elif baseline.quality_hash == record.quality_hash:
+        output = Check("same", f"hash {record.quality_hash} equals the baseline's ({baseline.label})")
+    else:
+        output = Check("changed", f"OUTPUT CHANGED: hash {record.quality_hash}, the baseline "
+                                  f"({baseline.label}) had {baseline.quality_hash}")
+    if not record.consistent:
+        output = Check(output.verdict, output.reason + "; the timed generations did not all give the "
+                                                       "same tokens: the engine is not deterministic")
+
+    if record.logit_error is None:
+        logits = Check("not checked", "not checked against the NumPy reference (reference check off)")
+    elif record.logit_ok:
+        logits = Check("ok", f"max |logit error| {record.logit_error:.3g} vs the NumPy reference "
+                             f"({record.reference}), within tolerance {record.logit_tolerance:g}")
+    else:
+        logits = Check("too large", f"LOGIT ERROR {record.logit_error:.3g} vs the NumPy reference exceeds "
+                                    f"tolerance {record.logit_tolerance:g}: the output is wrong")
+
+    samples_now = {"prefill_tps": record.prefill_tps_samples, "generation_tps": record.generation_tps_samples}
+    speed: dict[str, Check] = {}
+    for name, (column, sign, unit) in METRICS.items():
+        new = float(getattr(record, column))
+        old = baseline.value(column) if baseline is not None else None
+        if baseline is None:
+            speed[name] = Check("no baseline", "no baseline run")
+        elif not same_gpu:
+            speed[name] = Check("not comparable", f"the baseline ran {baseline.model} on {baseline.gpu}; "
+                                                  f"this run {record.model} on {record.gpu}")
+        elif old is None or old <= 0:
+            speed[name] = Check("no reference", f"the baseline has no {column} value")
+        else:
+            sets = [s for s in (samples_now.get(column), baseline.samples.get(column)) if s]
+            noise = speed_noise(column, record.gpu, history_noise, sets)
+            verdict, delta, band = judge(new, [old], sign, noise.sigma)
+            reason = (f"{delta:+.1%} vs {old:.2f} {unit}; noise band ±{band:.1%} "
+                      f"(sigma {noise.sigma:.2%} from {noise.source})")
+            if output.verdict == "changed":
+                reason += "; output changed, so this speed does not count"
+            speed[name] = Check(verdict, reason, delta, band)
+
+    return Comparison(baseline, speed, output, logits, _result_table(record, baseline, speed, output, logits))
+
+
+def _result_table(record: BenchRecord, baseline: Baseline | None, speed: dict[str, Check],
+                  output: Check, logits: Check) -> pd.DataFrame:
+    """This run beside its baseline, one row per quantity; cells are display text."""
+    b = baseline
+    o = record.options
+
+    def num(value: float | None, digits: int = 2) -> str:
+        return "" if value is None else f"{value:.{digits}f}"
+
+    def delta(check: Check) -> str:
+        return "" if check.delta is None else f"{check.delta:+.1%}"
+
+    rows = {
+        "model": (record.model, b.model if b else "", "", ""),
+        "GPU": (f"{record.gpu} ({record.adapter.get('backend', o.backend)})", b.gpu if b else "", "", ""),
+        "options": (f"path={o.path} weights={o.weights} fusions={fusions_text(o.fusions)}",
+                    b.options if b else "", "", ""),
+    }
+    for name, (column, _, _) in METRICS.items():
+        rows[SPEED_ROWS[name]] = (num(getattr(record, column)), num(b.value(column)) if b else "",
+                                  delta(speed[name]), speed[name].verdict)
+    rows["dispatches/token"] = (
+        "" if record.dispatches_per_token is None else str(record.dispatches_per_token),
+        "" if b is None or b.dispatches_per_token is None else str(b.dispatches_per_token), "", "")
+    rows["quality hash"] = (record.quality_hash, (b.quality_hash or "") if b else "", "", output.verdict)
+    rows["logit error"] = ("not checked" if record.logit_error is None else f"{record.logit_error:.3g}",
+                           "" if b is None or b.logit_error is None else f"{b.logit_error:.3g}",
+                           f"tolerance {record.logit_tolerance:g}", logits.verdict)
+    return pd.DataFrame.from_dict(rows, orient="index", columns=["this run", "baseline", "change", "verdict"])
+
+
+def result_html(comparison: Comparison, run_number: int) -> str:
+    """The result table and the reasons as HTML (verdicts coloured: red = wrong output)."""
+    table = comparison.table
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ("", *table.columns))
+    reasons = {SPEED_ROWS[k]: v for k, v in comparison.speed.items()}
+    reasons.update({"quality hash": comparison.output, "logit error": comparison.logits})
+    body = []
+    for metric, row in table.iterrows():
+        check = reasons.get(metric)
+        tip = html.escape(check.reason, quote=True) if check else ""
+        cells = [f"<th style='text-align:left'>{html.escape(metric)}</th>"]
+        for column, value in row.items():
+            style = "padding:2px 8px;"
+            if column == "verdict" and value:
+                style += f"color:{VERDICT_COLOURS.get(value, '#333')};font-weight:bold;"
+            cells.append(f"<td style='{style}' title='{tip}'>{html.escape(str(value))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    notes = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in comparison.reasons.items())
+    base = comparison.baseline.label if comparison.baseline else "none"
+    return (f"<div class='rwkvlab-result-table' data-run='{run_number}'>"
+            f"<div><b>Run {run_number}</b> against baseline: {html.escape(base)}</div>"
+            f"<table style='border-collapse:collapse;font-size:12px'><thead><tr>{head}</tr></thead>"
+            f"<tbody>{''.join(body)}</tbody></table>"
+            f"<details><summary>why</summary><ul style='font-size:11px'>{notes}</ul></details></div>")
+
+
+# --------------------------------------------------------------------------------------------
+# The live plot: the history's timeline plus this session's runs
+# --------------------------------------------------------------------------------------------
+
+SESSION_TRACE = "this session"
+
+
+def history_figure(history: pd.DataFrame, judged: pd.DataFrame | None):
+    """A ``go.FigureWidget``: prefill and generation over time for the whole history
+    (``rwkvlab.plots.timeline``, red X: output changed) plus an empty "this session" trace per
+    panel that :func:`add_session_point` extends."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from rwkvlab import plots
+
+    if len(history) and judged is not None:
+        fig = go.FigureWidget(plots.timeline(history, judged))
+    else:
+        fig = go.FigureWidget(make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.09,
+                                            subplot_titles=["Prefill speed (tok/s)", "Generation speed (tok/s)"]))
+        fig.update_layout(title="Prefill and generation speed (no history yet)", height=600,
+                          template="plotly_white")
+    for row in (1, 2):
+        fig.add_trace(go.Scatter(
+            x=[], y=[], text=[], mode="markers", name=SESSION_TRACE, legendgroup=SESSION_TRACE,
+            showlegend=row == 1, hovertemplate="%{text}<extra>" + SESSION_TRACE + "</extra>",
+            marker=dict(symbol="star", size=16, color="#111111", line=dict(width=1, color="#ffffff")),
+        ), row=row, col=1)
+    return fig
+
+
+def add_session_point(fig, record: BenchRecord, comparison: Comparison, n_runs: int) -> None:
+    """Put ``record`` on the figure's session traces (red X when its output changed)."""
+    when = record.timestamp.astimezone(timezone.utc).replace(tzinfo=None)
+    wrong = comparison.output.verdict == "changed" or comparison.logits.verdict == "too large"
+    text = (f"<b>{html.escape(record.change)}</b><br>{html.escape(record.model)} on {html.escape(record.gpu)}"
+            f"<br>hash {record.quality_hash} (output: {comparison.output.verdict}; logits: {comparison.logits.verdict})"
+            f"<br>prefill {record.prefill_tps:.2f} tok/s · generation {record.generation_tps:.2f} tok/s")
+    traces = [t for t in fig.data if t.name == SESSION_TRACE]
+    with fig.batch_update():
+        for trace, column in zip(traces, ("prefill_tps", "generation_tps")):
+            n = 0 if trace.x is None else len(trace.x)
+            symbols = list(trace.marker.symbol) if isinstance(trace.marker.symbol, (list, tuple)) else ["star"] * n
+            colours = list(trace.marker.color) if isinstance(trace.marker.color, (list, tuple)) else ["#111111"] * n
+            trace.x = _as_list(trace.x) + [when]
+            trace.y = _as_list(trace.y) + [float(getattr(record, column))]
+            trace.text = _as_list(trace.text) + [text]
+            trace.marker.symbol = symbols + ["x" if wrong else "star"]
+            trace.marker.color = colours + ["#d62728" if wrong else "#111111"]
+        title = fig.layout.title.text or ""
+        fig.layout.title.text = re.sub(r" · this session: \d+ runs?$", "", title) + \
+            f" · this session: {n_runs} run{'s' if n_runs != 1 else ''}"
+
+
+def _as_list(values) -> list:
+    return [] if values is None else list(values)
+
+
+# --------------------------------------------------------------------------------------------
+# The panel
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class SessionRun:
+    """A run made from the panel: its record, its verdicts, where it was saved (if it was)."""
+
+    number: int
+    record: BenchRecord
+    comparison: Comparison
+    saved: str | None = None  # "file.md:line"
+
+    @property
+    def key(self) -> str:
+        return f"session:{self.number}"
+
+    @property
+    def label(self) -> str:
+        o = self.record.options
+        return (f"this session #{self.number}: {self.record.model} path={o.path} weights={o.weights} "
+                f"fusions={fusions_text(o.fusions)} ({self.record.generation_tps:.1f} tok/s gen)")
+
+
+class Panel:
+    """The lab's control panel (ipywidgets). See the module docstring.
+
+    ``history_dir``: the benchmark history to compare with and save to (default:
+    :func:`default_history_dir`). ``model``: a preset name or a GGUF path to start with
+    (default: ``$RWKVLAB_MODEL`` as ``make lab MODEL=...`` sets it, else the tiny preset).
+    ``python``: the interpreter the workers run. ``timeout``: seconds a worker may take.
+    """
+
+    def __init__(self, history_dir: str | os.PathLike | None = None, *, model: str | None = None,
+                 python: str | None = None, timeout: float = 1800.0) -> None:
+        self.history_dir = Path(history_dir) if history_dir is not None else default_history_dir()
+        self.python = python or sys.executable
+        self.timeout = timeout
+        self.runs: list[SessionRun] = []
+        self.last_record: BenchRecord | None = None
+        self.last_comparison: Comparison | None = None
+        self.result_table: pd.DataFrame | None = None
+        self.last_error: str | None = None
+        self.log: list[str] = []
+        self._proc: subprocess.Popen | None = None
+        self._thread: threading.Thread | None = None
+        self._busy = threading.Lock()
+        self._load_history()
+        self.adapters, adapter_error = probe_adapters(self.python)
+        self._build(model if model is not None else os.environ.get("RWKVLAB_MODEL") or "tiny")
+        if adapter_error:
+            self._status(adapter_error, error=True)
+
+    # --- history ----------------------------------------------------------------------------
+
+    def _load_history(self) -> None:
+        """Read the history (its warnings are kept on ``history_warnings``, not printed)."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", HistoryWarning)
+            self.history = read_history(self.history_dir) if self.history_dir.exists() else pd.DataFrame()
+        self.history_warnings = [str(w.message) for w in caught if issubclass(w.category, HistoryWarning)]
+        self.history_verdicts = None
+        self.history_noise: dict[str, dict] = {}
+        if len(self.history):
+            from rwkvlab.verdicts import verdicts
+
+            self.history_verdicts = verdicts(self.history)
+            self.history_noise = {column: estimate_noise(self.history, column) for column, _, _ in METRICS.values()}
+
+    def history_baselines(self) -> list[Baseline]:
+        """Every history run as a baseline, newest first."""
+        if not len(self.history):
+            return []
+        rows = self.history.sort_values(["timestamp", "line"], ascending=False, na_position="last")
+        return [baseline_from_history(row) for _, row in rows.iterrows()]
+
+    def baseline_choices(self) -> list[tuple[str, str]]:
+        """(label, key) of every baseline the dropdown offers: auto, none, session, history."""
+        choices = [("auto: the latest earlier run of this model on this GPU", "auto"), ("none", "none")]
+        choices += [(r.label + (f" [saved {r.saved}]" if r.saved else ""), r.key) for r in reversed(self.runs)]
+        choices += [(b.label, b.key) for b in self.history_baselines()]
+        return choices
+
+    def _candidates(self) -> list[Baseline]:
+        """Session runs (newest first), then history runs (newest first)."""
+        session = [baseline_from_record(r.record, r.key, r.label) for r in reversed(self.runs)]
+        return session + self.history_baselines()
+
+    def resolve_baseline(self, key: str, record: BenchRecord) -> Baseline | None:
+        """The baseline ``key`` names; ``auto``: the latest earlier run of ``record``'s model
+        file on its GPU (this session's runs count before the history's)."""
+        if key == "none":
+            return None
+        candidates = self._candidates()
+        if key == "auto":
+            same = [b for b in candidates if b.model == record.model and b.gpu == record.gpu]
+            return max(same, key=lambda b: (b.timestamp is not None, b.timestamp or 0), default=None) \
+                if same else None
+        for b in candidates:
+            if b.key == key:
+                return b
+        raise LabError(f"no baseline {key!r}; choose one of the dropdown's runs (panel.baseline_choices())")
+
+    # --- widgets ----------------------------------------------------------------------------
+
+    def _build(self, model: str) -> None:
+        import ipywidgets as w
+
+        from rwkvlab.kernels import FUSIONS
+
+        def row(label: str, *children, tip: str = "") -> w.HBox:
+            return w.HBox([w.HTML(f"<span title='{html.escape(tip, quote=True)}'>{label}</span>",
+                                  layout=w.Layout(width="110px")), *children])
+
+        is_file = model not in PRESETS
+        self.source = w.ToggleButtons(options=[("synthetic preset", "preset"), ("GGUF file", "file")],
+                                      value="file" if is_file else "preset", style={"button_width": "130px"})
+        self.preset = w.Dropdown(options=PRESETS, value="tiny" if is_file else model, layout=w.Layout(width="110px"))
+        self.fmt = w.Dropdown(options=SYNTH_FORMATS, value="f32", layout=w.Layout(width="110px"))
+        self.gguf = w.Text(value=model if is_file else "", placeholder="path/to/model.gguf",
+                           layout=w.Layout(width="340px"))
+        self.weights = w.ToggleButtons(options=WEIGHT_POLICIES, value="native",
+                                       tooltips=["each tensor in its file format on the GPU",
+                                                 "every matrix dequantized to f16 at load"])
+        self.path = w.ToggleButtons(options=PATHS, value="webgpu",
+                                    tooltips=["portable WGSL only", "also subgroups / f16 / cooperative "
+                                              "matrix where the adapter has them"])
+        self.backend = w.Dropdown(options=self._backend_options(), value="auto", layout=w.Layout(width="420px"))
+        self.fusion_boxes = {name: w.Checkbox(value=False, description=name, indent=False,
+                                              layout=w.Layout(width="120px")) for name in FUSIONS}
+        fusion_rows = [w.HBox([box, w.HTML(f"<span style='font-size:11px;color:#5a6473;line-height:1.3'>"
+                                           f"{html.escape(FUSIONS[name])}</span>",
+                                           layout=w.Layout(width="400px"))])
+                       for name, box in self.fusion_boxes.items()]
+        d = BenchSettings()
+        number = dict(layout=w.Layout(width="80px"))
+        self.prefill = w.BoundedIntText(value=d.prefill, min=1, max=1 << 16, **number)
+        self.generate = w.BoundedIntText(value=d.generate, min=1, max=1 << 16, **number)
+        self.warmup = w.BoundedIntText(value=d.warmup, min=0, max=100, **number)
+        self.repeat = w.BoundedIntText(value=d.repeat, min=1, max=100, **number)
+        self.reference = w.Checkbox(value=True, indent=False, description="check logits against the NumPy "
+                                    "reference (untick for models too big for this host)")
+        self.baseline = w.Dropdown(options=self.baseline_choices(), value="auto", layout=w.Layout(width="420px"))
+        self.run_button = w.Button(description="Run", button_style="primary", icon="play",
+                                   tooltip="benchmark these settings in a worker process")
+        self.run_button.add_class("rwkvlab-run")
+        self.stop_button = w.Button(description="Stop", icon="stop", disabled=True,
+                                    tooltip="stop the running worker")
+        self.progress = w.IntProgress(value=0, min=0, max=1, layout=w.Layout(width="220px"))
+        self.status = w.HTML("ready")
+        self.status.add_class("rwkvlab-status")
+        self.result = w.HTML("<em>No run yet: choose the settings and press Run.</em>")
+        self.result.add_class("rwkvlab-result")
+        self.title_box = w.Text(placeholder="## title the run goes under", layout=w.Layout(width="360px"))
+        self.change_box = w.Text(placeholder="what changed (the run's ### heading)", layout=w.Layout(width="360px"))
+        self.save_button = w.Button(description="Save to history", icon="save", disabled=True)
+        self.save_status = w.HTML("")
+        self.log_view = w.HTML("")
+        self.plot = history_figure(self.history, self.history_verdicts)
+
+        self.source.observe(self._on_source, names="value")
+        self.run_button.on_click(lambda _: self.start())
+        self.stop_button.on_click(lambda _: self.stop())
+        self.save_button.on_click(lambda _: self._save_clicked())
+
+        self._file_row = row("GGUF file", self.gguf)
+        self._preset_row = row("preset", self.preset, w.HTML("&nbsp;format&nbsp;"), self.fmt)
+        controls = w.VBox([
+            row("model", self.source), self._preset_row, self._file_row,
+            row("weights", self.weights, tip="Options.weights"),
+            row("kernel path", self.path, tip="Options.path"),
+            row("backend", self.backend, tip="wgpu backend (only those this machine offers)"),
+            w.HTML("<b>fusions</b> (kernel-plan rewrites; each has its unfused equivalent)"), *fusion_rows,
+            row("prefill", self.prefill, w.HTML("&nbsp;generate&nbsp;"), self.generate, tip="tokens"),
+            row("warmup", self.warmup, w.HTML("&nbsp;repeat&nbsp;"), self.repeat, tip="rounds"),
+            self.reference,
+            row("baseline", self.baseline, tip="the run this one is compared with"),
+            w.HBox([self.run_button, self.stop_button, self.progress]), self.status,
+        ], layout=w.Layout(width="560px"))
+        results = w.VBox([
+            self.result,
+            w.HTML("<b>Save this run to the history</b> "
+                   f"<span style='color:#5a6473'>({html.escape(str(self.history_dir))})</span>"),
+            row("title", self.title_box), row("change", self.change_box),
+            w.HBox([self.save_button, self.save_status]),
+        ], layout=w.Layout(flex="1 1 auto", padding="0 0 0 16px"))
+        log = w.Accordion(children=[self.log_view], titles=("worker log (stderr of the last run)",))
+        header = w.HTML("<h3 style='margin:4px 0'>rwkvlab lab: faster, and still right?</h3>"
+                        "<span style='color:#5a6473'>Each run is a fresh worker process "
+                        "(<code>rwkvlab bench --json --no-save</code>): a driver crash costs the run, "
+                        "never the kernel.</span>")
+        self.widget = w.VBox([header, w.HBox([controls, results]), self.plot, log])
+        self.widget.add_class("rwkvlab-panel")
+        self._on_source({"new": self.source.value})
+
+    def _backend_options(self) -> list[tuple[str, str]]:
+        by_backend: dict[str, list[str]] = {}
+        for a in self.adapters:
+            by_backend.setdefault(a["backend"], []).append(f"{a['name']} ({a['adapter_type']})")
+        options = [("auto: wgpu's best adapter (a discrete GPU first)", "auto")]
+        options += [(f"{b}: {', '.join(names)}", b) for b, names in sorted(by_backend.items())]
+        return options
+
+    def _on_source(self, change: dict) -> None:
+        file = change["new"] == "file"
+        self._file_row.layout.display = None if file else "none"
+        self._preset_row.layout.display = "none" if file else None
+
+    def _repr_mimebundle_(self, **kwargs) -> dict:
+        # The live widget for JupyterLab, and a static snapshot for places without a widget
+        # manager (nbconvert's HTML falls back to text/html when no widget state is stored).
+        bundle = self.widget._repr_mimebundle_(**kwargs) or {}
+        bundle["text/plain"] = "rwkvlab lab panel (a live widget: run this notebook in JupyterLab to use it)"
+        bundle["text/html"] = self.snapshot_html()
+        return bundle
+
+    # --- reading the widgets ----------------------------------------------------------------
+
+    def configure(self, **values: Any) -> "Panel":
+        """Set widgets from code: ``model`` (a preset name or a GGUF path), ``fmt``, ``weights``,
+        ``path``, ``backend``, ``fusions`` (names, "all" or "none"), ``prefill``, ``generate``,
+        ``warmup``, ``repeat``, ``reference``, ``baseline`` (a key of :meth:`baseline_choices`),
+        ``title``, ``change``. Returns the panel."""
+        from rwkvlab.kernels import FUSIONS
+
+        simple = {"fmt": self.fmt, "weights": self.weights, "path": self.path, "backend": self.backend,
+                  "prefill": self.prefill, "generate": self.generate, "warmup": self.warmup,
+                  "repeat": self.repeat, "reference": self.reference, "baseline": self.baseline,
+                  "title": self.title_box, "change": self.change_box}
+        for key, value in values.items():
+            if key == "model":
+                if value in PRESETS:
+                    self.source.value, self.preset.value = "preset", value
+                else:
+                    self.source.value, self.gguf.value = "file", str(value)
+            elif key == "fusions":
+                names = set(FUSIONS) if value == "all" else set() if value in ("none", None) else set(value)
+                unknown = sorted(names - set(FUSIONS))
+                if unknown:
+                    raise LabError(f"unknown fusion(s) {unknown}; available: {', '.join(FUSIONS)}")
+                for name, box in self.fusion_boxes.items():
+                    box.value = name in names
+            elif key in simple:
+                widget = simple[key]
+                allowed = [v for _, v in widget.options] if key in ("backend", "baseline") else \
+                    list(getattr(widget, "options", []))
+                if allowed and value not in allowed:
+                    raise LabError(f"{key}={value!r} is not offered here; available: "
+                                   f"{', '.join(map(str, allowed))}")
+                widget.value = value
+            else:
+                raise LabError(f"unknown setting {key!r}; settings: model, fusions, {', '.join(simple)}")
+        return self
+
+    def model_choice(self) -> ModelChoice:
+        """The model the widgets name."""
+        if self.source.value == "file":
+            if not self.gguf.value.strip():
+                raise LabError("no GGUF file given: type its path, or pick a synthetic preset")
+            return ModelChoice(preset=None, path=self.gguf.value.strip())
+        return ModelChoice(preset=self.preset.value, fmt=self.fmt.value)
+
+    def options(self) -> Options:
+        """The engine options the widgets name (validated by ``Options``)."""
+        fusions = frozenset(name for name, box in self.fusion_boxes.items() if box.value)
+        return Options(backend=self.backend.value, path=self.path.value, weights=self.weights.value,
+                       fusions=fusions)
+
+    def settings(self) -> BenchSettings:
+        """The benchmark lengths the widgets name."""
+        return BenchSettings(prefill=int(self.prefill.value), generate=int(self.generate.value),
+                             warmup=int(self.warmup.value), repeat=int(self.repeat.value),
+                             reference=bool(self.reference.value))
+
+    def command(self) -> list[str]:
+        """The worker command line Run would start."""
+        return worker_command(self.model_choice(), self.options(), self.settings(), self.history_dir, self.python)
+
+    # --- running ----------------------------------------------------------------------------
+
+    def start(self) -> threading.Thread | None:
+        """What the Run button does: :meth:`run` in a worker thread (None if one is running)."""
+        if self._thread is not None and self._thread.is_alive():
+            return None
+        self._thread = threading.Thread(target=self._run_quietly, name="rwkvlab-panel-run", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def _run_quietly(self) -> None:
+        try:
+            self.run()
+        except LabError:
+            pass  # already on the panel's status line
+        except Exception:  # noqa: BLE001  (a thread has nobody else to tell)
+            self._status("internal error: " + traceback.format_exc().strip().splitlines()[-1], error=True)
+            self.log.append(traceback.format_exc())
+            self._show_log()
+
+    def stop(self) -> None:
+        """Stop the running worker (its run then fails with "killed by signal")."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for a run started by :meth:`start` (the Run button) to finish."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def run(self) -> BenchRecord:
+        """Benchmark the current settings in a worker process and show the result.
+
+        Synchronous (the Run button calls it from a thread). Returns the record; raises
+        :class:`LabError` with the reason when the settings are invalid or the worker failed
+        (the reason is also on the panel's status line and in ``last_error``).
+        """
+        if not self._busy.acquire(blocking=False):
+            raise LabError("a run is already in progress; wait for it or press Stop")
+        try:
+            self.last_error = None
+            try:
+                cmd = self.command()
+                settings = self.settings()
+            except (LabError, OptionsError, bench.BenchError) as err:
+                raise self._fail(str(err)) from None
+            self.run_button.disabled, self.stop_button.disabled = True, False
+            self.save_button.disabled = True
+            self.progress.value, self.progress.max, self.progress.bar_style = 0, bench_steps(settings), ""
+            self._status(f"running {self.model_choice().label} ({self.options().path}, "
+                         f"fusions={fusions_text(self.options().fusions)}) in a worker process ...")
+            self.log = []
+            result = run_worker(cmd, timeout=self.timeout, on_progress=self._on_progress,
+                                on_line=self.log.append, on_start=self._set_proc)
+            self._proc = None
+            self.log = result.stderr.splitlines()
+            self._show_log()
+            if result.record is None:
+                self.progress.bar_style = "danger"
+                raise self._fail(result.error or "the worker gave no result")
+            return self._show_result(result.record)
+        finally:
+            self.run_button.disabled, self.stop_button.disabled = False, True
+            self._busy.release()
+
+    def _set_proc(self, proc: subprocess.Popen) -> None:
+        self._proc = proc
+
+    def _on_progress(self, n: int, total: int, stage: str) -> None:
+        if n >= 0:
+            self.progress.max = max(total, 1)
+            self.progress.value = min(n, self.progress.max)
+        self._status(f"running: {html.escape(stage)}")
+
+    def _show_result(self, record: BenchRecord) -> BenchRecord:
+        baseline = self.resolve_baseline(self.baseline.value, record)
+        comparison = compare(record, baseline, self.history_noise)
+        run = SessionRun(len(self.runs) + 1, record, comparison)
+        self.runs.append(run)
+        self.last_record, self.last_comparison, self.result_table = record, comparison, comparison.table
+        self.result.value = result_html(comparison, run.number)
+        add_session_point(self.plot, record, comparison, len(self.runs))
+        chosen = self.baseline.value
+        self.baseline.options = self.baseline_choices()
+        self.baseline.value = chosen
+        self.title_box.value, self.change_box.value = record.title, record.change
+        self.save_button.disabled = False
+        self.progress.value = self.progress.max
+        wrong = comparison.output.verdict == "changed" or comparison.logits.verdict == "too large"
+        self.progress.bar_style = "danger" if wrong else "success"
+        self._status(f"run {run.number} done: generation {record.generation_tps:.2f} tok/s, output "
+                     f"{comparison.output.verdict}, logits {comparison.logits.verdict}", error=wrong)
+        return record
+
+    def _fail(self, message: str) -> LabError:
+        self.last_error = message
+        self._status(message, error=True)
+        return LabError(message)
+
+    def _status(self, text: str, error: bool = False) -> None:
+        colour = "#b01c1c" if error else "#2d3748"
+        self.status.value = f"<span style='color:{colour}'>{text if '<' in text else html.escape(text)}</span>"
+
+    def _show_log(self) -> None:
+        self.log_view.value = ("<pre style='font-size:11px;max-height:260px;overflow:auto'>"
+                               + html.escape("\n".join(self.log[-_LOG_LINES:])) + "</pre>")
+
+    # --- saving -----------------------------------------------------------------------------
+
+    def save(self, title: str | None = None, change: str | None = None) -> str:
+        """Append the last run to the history (``bench.save_bench``): under ``title`` (default:
+        the title box, else the model file's stem) with ``change`` as its heading (default: the
+        change box, else its options). Returns ``"<file>:<line>"``."""
+        if not self.runs:
+            raise self._save_fail("nothing to save yet: press Run first")
+        run = self.runs[-1]
+        if run.saved:
+            raise self._save_fail(f"run {run.number} is already saved at {run.saved}")
+        title = (title if title is not None else self.title_box.value).strip() or run.record.title
+        change = (change if change is not None else self.change_box.value).strip() or run.record.change
+        record = dataclasses.replace(run.record, title=title, change=change)
+        path = bench.history_file(record, self.history_dir)
+        try:
+            line = bench.save_bench(record, path)
+        except (OSError, ValueError) as err:
+            raise self._save_fail(f"could not save to {path}: {err}") from None
+        run.record, run.saved = record, f"{path.name}:{line}"
+        self.last_record = record
+        self._load_history()
+        chosen = self.baseline.value
+        self.baseline.options = self.baseline_choices()
+        self.baseline.value = chosen if chosen in [k for _, k in self.baseline.options] else "auto"
+        self.save_button.disabled = True
+        self.save_status.value = f"<span style='color:#22863a'>saved: {html.escape(str(path))}:{line}</span>"
+        return run.saved
+
+    def _save_clicked(self) -> None:
+        try:
+            self.save()
+        except LabError:
+            pass  # shown on the panel
+
+    def _save_fail(self, message: str) -> LabError:
+        self.save_status.value = f"<span style='color:#b01c1c'>{html.escape(message)}</span>"
+        return LabError(message)
+
+    # --- what a notebook shows without a kernel ---------------------------------------------
+
+    def session_table(self) -> pd.DataFrame:
+        """This session's runs, one row each: options, speeds, output and logit verdicts."""
+        rows = []
+        for r in self.runs:
+            rec, cmp_ = r.record, r.comparison
+            rows.append({
+                "run": r.number, "model": rec.model, "path": rec.options.path, "weights": rec.options.weights,
+                "fusions": fusions_text(rec.options.fusions), "dispatches/token": rec.dispatches_per_token,
+                "load ms": rec.load_ms, "prefill tok/s": rec.prefill_tps, "generation tok/s": rec.generation_tps,
+                "quality hash": rec.quality_hash, "logit error": rec.logit_error,
+                "baseline": cmp_.baseline.key if cmp_.baseline else "none",
+                "output": cmp_.output.verdict, "logits": cmp_.logits.verdict,
+                "generation verdict": cmp_.speed["generation"].verdict,
+                "saved": r.saved or "",
+            })
+        return pd.DataFrame(rows).set_index("run") if rows else pd.DataFrame()
+
+    def snapshot_html(self) -> str:
+        """A static picture of the panel: its settings and its last result (no kernel needed)."""
+        try:
+            model = self.model_choice().label
+        except LabError as err:
+            model = str(err)
+        o = self.options()
+        s = self.settings()
+        settings = (f"model {model} · weights={o.weights} · path={o.path} · backend="
+                    f"{self.backend.label} · fusions={fusions_text(o.fusions)} · prefill {s.prefill}, generate "
+                    f"{s.generate}, {s.warmup} warmup + {s.repeat} timed rounds · baseline: {self.baseline.label}")
+        result = (result_html(self.last_comparison, len(self.runs)) if self.last_comparison
+                  else "<em>No run yet.</em>")
+        return ("<div class='rwkvlab-snapshot' style='border:1px solid #d9dee4;border-radius:6px;padding:8px'>"
+                "<b>rwkvlab lab panel</b> <span style='color:#5a6473'>(a static snapshot: the live panel "
+                "needs a running kernel; open the notebook in JupyterLab with <code>make lab</code>)</span>"
+                f"<p style='font-size:12px'>{html.escape(settings)}</p>{result}</div>")
+
+    def show_snapshot(self) -> None:
+        """Display the snapshot and a static copy of the live plot (for exported HTML reports)."""
+        import plotly.graph_objects as go
+        from IPython.display import HTML, display
+
+        display(HTML(self.snapshot_html()))
+        go.Figure(self.plot).show()
