@@ -58,7 +58,7 @@ class Matrix:
     """
 
     name: str
-    fmt: str  # GPU format: F32, F16, BF16 or Q8_0 (kernels.GPU_FORMATS)
+    fmt: str  # GPU format: one of kernels.GPU_FORMATS (F32 ... Q8_0, Q4_0, Q4_K, Q5_K, Q6_K)
     M: int
     K: int
     row_words: int
@@ -168,8 +168,9 @@ def _gpu_format(ggml_type: str, policy: str) -> str:
     """The format a matrix takes on the GPU under Options.weights."""
     if policy == "f16":
         return "F16"
-    # Types the kernels cannot read yet (Q4_0 and the K-quants) are dequantized to F16 at load;
-    # Engine.weight_formats records it, so a benchmark says what it really ran.
+    # Every type the GGUF reader accepts has a kernel now; one added there without a kernel
+    # would be dequantized to F16 at load, and Engine.weight_formats would record it, so a
+    # benchmark says what it really ran.
     return ggml_type if ggml_type in kn.GPU_FORMATS else "F16"
 
 
@@ -183,8 +184,8 @@ def _row_bytes_on_gpu(t, fmt: str, r0: int, r1: int) -> np.ndarray:
     block, block_bytes = GGML_QUANT_SIZES[qtype]
     file_row = K // block * block_bytes
     raw = t.raw[r0 * file_row: r1 * file_row].reshape(r1 - r0, file_row)
-    if fmt == t.ggml_type:
-        return kn.q8_0_rows_padded(raw, K) if fmt == "Q8_0" else raw
+    if fmt == t.ggml_type:  # blocks as they are; rows padded to whole pairs where needed
+        return kn.rows_for_gpu(raw, fmt, K)
     assert fmt == "F16", fmt
     if t.ggml_type == "F32":
         values = raw.view(np.float32)

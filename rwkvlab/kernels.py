@@ -27,6 +27,8 @@ from types import MappingProxyType
 
 import numpy as np
 
+from rwkvlab import quant_kernels as qk
+
 SHADER_PACKAGE = "rwkvlab.shaders"
 
 # Names of kernel-plan rewrites (Options.fusions) -> what each replaces. Every fused plan is
@@ -42,8 +44,9 @@ FUSIONS: dict[str, str] = {
                   "one-token steps: one workgroup normalises the token and writes the mixes",
 }
 
-# Weight formats the kernels read directly (FMT override constant, see shaders/weights.wgsl).
-GPU_FORMATS: dict[str, int] = {"F32": 0, "F16": 1, "BF16": 2, "Q8_0": 3}
+# Weight formats the kernels read directly (FMT override constant, see shaders/weights.wgsl;
+# Q4_0, Q4_K, Q5_K and Q6_K are decoded by shaders/quants.wgsl, laid out by quant_kernels).
+GPU_FORMATS: dict[str, int] = {"F32": 0, "F16": 1, "BF16": 2, "Q8_0": 3, **qk.QUANT_FORMATS}
 FMT_PER_SEGMENT = 255  # FMT of a matrix-product pipeline whose segments differ in format
 
 # Epilogues of matvec / gemm (Seg.act of shaders/matseg.wgsl, codes of shaders/common.wgsl).
@@ -113,14 +116,15 @@ NO_BIAS = 0xFFFFFFFF
 
 _MAT_BINDINGS = "W:read X:read B:read Y:rw"
 _MAT_PARAMS = "n_seg pad0 pad1 pad2 seg:array<Seg,8>"  # no spaces: _params splits on them
-_MAT_LIBS = ("common.wgsl", "weights.wgsl", "matseg.wgsl")
+_MAT_LIBS = ("common.wgsl", "weights.wgsl", "quants.wgsl", "matseg.wgsl")
 _HEAD_PARAMS = "C"
 
 MATVEC = _spec("matvec", "matvec.wgsl", "matvec", _MAT_BINDINGS, _MAT_PARAMS,
-               _MAT_LIBS + ("reduce.wgsl",), WG=64, RED=1, UNROLL=1, FMT=0)
+               _MAT_LIBS + ("quants_dot.wgsl", "reduce.wgsl"), WG=64, RED=1, UNROLL=1, FMT=0)
 GEMM = _spec("gemm", "gemm.wgsl", "gemm", _MAT_BINDINGS, _MAT_PARAMS, _MAT_LIBS, FMT=0)
 EMBED = _spec("embed", "embed.wgsl", "embed", "W:read TOK:read NW:read NB:read Y:rw",
-              "C row0 rows row_words w_base eps:f32", ("common.wgsl", "weights.wgsl", "reduce.wgsl"),
+              "C row0 rows row_words w_base eps:f32",
+              ("common.wgsl", "weights.wgsl", "quants.wgsl", "reduce.wgsl"),
               WG=64, RED=64, FMT=0)
 LAYERNORM = _spec("layernorm", "norm.wgsl", "layernorm", "X:read NW:read NB:read Y:rw",
                   "C last_only eps:f32", ("common.wgsl", "reduce.wgsl"), WG=64, RED=64)
@@ -613,13 +617,16 @@ def run_kernel(kernels: Kernels, spec: KernelSpec, params: dict, arrays: dict[st
 
 
 def row_words(fmt: str, K: int) -> int:
-    """u32 words per weight row of K elements in GPU format `fmt` (Q8_0: pairs of blocks)."""
+    """u32 words per weight row of K elements in GPU format `fmt` (Q8_0, Q4_0 and Q6_K: whole
+    pairs of blocks)."""
     if fmt == "F32":
         return K
     if fmt in ("F16", "BF16"):
         return K // 2
     if fmt == "Q8_0":
         return 17 * (-(-K // 64))
+    if fmt in qk.LAYOUTS:
+        return qk.row_words(fmt, K)
     raise KernelError(f"no GPU layout for weight format {fmt}; the kernels read "
                       f"{', '.join(GPU_FORMATS)}")
 
@@ -634,6 +641,16 @@ def q8_0_rows_padded(raw_rows: np.ndarray, K: int) -> np.ndarray:
     out = np.zeros((n, width), dtype=np.uint8)
     out[:, : raw_rows.shape[1]] = raw_rows
     return out
+
+
+def rows_for_gpu(raw_rows: np.ndarray, fmt: str, K: int) -> np.ndarray:
+    """Rows of a file tensor (uint8 [n, file row bytes]) stored in GPU format `fmt` as the
+    kernels read them: the file's bytes, rows padded to whole pairs of blocks where needed."""
+    if fmt == "Q8_0":
+        return q8_0_rows_padded(raw_rows, K)
+    if fmt in qk.LAYOUTS:
+        return qk.rows_for_gpu(raw_rows, fmt, K)
+    return raw_rows
 
 
 _STRUCT_RE = re.compile(r"struct\s+(\w+)\s*\{([^}]*)\}", re.S)

@@ -23,9 +23,18 @@ override UNROLL: u32 = 1u;  // 1 or 2 pieces per loop iteration (see below)
 @group(0) @binding(4) var<storage, read> B: array<f32>;
 @group(0) @binding(5) var<storage, read_write> Y: array<f32>;
 
-// Dot product of the piece whose first word is `wi` with X from vec4 index `xi`; the piece's
-// first element is column k0 (Q8_0 skips the loader's padding block beyond K).
-fn dot_piece(fmt: u32, wi: u32, xi: u32, k0: u32, K: u32) -> f32 {
+// Dot product of piece i (weights.wgsl) of the row whose first word is `row` with the input
+// whose element 0 is X[x0] (a vec4 index). Pieces of the formats of quants.wgsl are decoded by
+// quants_dot.wgsl; the others are piece_words(fmt) consecutive words (Q8_0 skips the loader's
+// padding block beyond K).
+fn dot_piece(fmt: u32, row: u32, i: u32, x0: u32, K: u32) -> f32 {
+    if (is_quant_fmt(fmt)) {
+        return quant_dot(fmt, row, i, x0, K);
+    }
+    let pe = piece_elems(fmt);
+    let wi = row + i * piece_words(fmt);
+    let xi = x0 + i * (pe >> 2u);
+    let k0 = i * pe;
     switch fmt {
         case FMT_F32: {
             return dot(bitcast<vec4<f32>>(W[wi >> 2u]), X[xi]);
@@ -70,7 +79,6 @@ fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     if (m < sg.rows) {
         let fmt = seg_fmt(sg);
         let pe = piece_elems(fmt);
-        let pw = piece_words(fmt);
         let n = (sg.K + pe - 1u) / pe;
         let row = sg.w_base + m * sg.row_words;
         let x0 = (sg.x_off + t * sg.K) >> 2u;
@@ -81,13 +89,12 @@ fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
         var i = lane;
         if (UNROLL == 2u) {
             for (; i + RED < n; i += 2u * RED) {
-                acc += dot_piece(fmt, row + i * pw, x0 + i * (pe >> 2u), i * pe, sg.K);
-                let j = i + RED;
-                acc1 += dot_piece(fmt, row + j * pw, x0 + j * (pe >> 2u), j * pe, sg.K);
+                acc += dot_piece(fmt, row, i, x0, sg.K);
+                acc1 += dot_piece(fmt, row, i + RED, x0, sg.K);
             }
         }
         for (; i < n; i += RED) {
-            acc += dot_piece(fmt, row + i * pw, x0 + i * (pe >> 2u), i * pe, sg.K);
+            acc += dot_piece(fmt, row, i, x0, sg.K);
         }
         acc += acc1;
     }

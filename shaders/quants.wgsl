@@ -43,6 +43,10 @@ const FMT_Q4_K: u32 = 5u;
 const FMT_Q5_K: u32 = 6u;
 const FMT_Q6_K: u32 = 7u;
 
+fn is_quant_fmt(fmt: u32) -> bool {
+    return fmt >= FMT_Q4_0 && fmt <= FMT_Q6_K;
+}
+
 // Small non-negative integers (< 2^23) as floats, minus `offset` (exact; see above).
 fn quant_f32(q: vec4<u32>, offset: f32) -> vec4<f32> {
     return bitcast<vec4<f32>>(q | vec4<u32>(0x4b000000u)) - vec4<f32>(8388608.0 + offset);

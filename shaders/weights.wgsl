@@ -1,10 +1,12 @@
 // weights.wgsl: reading weight rows in their file format (a library, prepended by kernels.py
 // to matvec.wgsl, gemm.wgsl and embed.wgsl, which declare the binding it reads:
 //   W: array<vec4<u32>>   one weight matrix, or a range of its rows, in format FMT).
+// quants.wgsl, always prepended right after it, decodes FMT 4..7 (Q4_0, Q4_K, Q5_K, Q6_K).
 //
 // Every format is read as u32 words, so one binding type serves them all and the portable path
 // needs neither shader-f16 nor 8-bit storage. Rows start on a 16-byte boundary in every format
-// but Q8_0 (where they start on a word); `row_words` below is the row pitch the host uses.
+// but those read in pairs of blocks (Q8_0, Q4_0, Q6_K: rows start on a word); the host's row
+// pitch is kernels.row_words.
 //
 //   FMT 0  F32    a row of K elements is K words.
 //   FMT 1  F16    K/2 words; element 2i in the low half of word i (unpack2x16float).
@@ -16,11 +18,12 @@
 //                 words); block 1 has its scale in the high half of word 8 and its quants in the
 //                 aligned words 9..16. A row is ceil(K/64) pairs; the loader pads rows with an
 //                 odd block count by one all-zero block, and readers skip it (k >= K).
-// Later formats fit the same pair scheme: Q4_0 (18-byte blocks, pairs of 36 bytes = 9 words),
-// Q4_K (144 bytes = 36 words per 256 elements), Q5_K (176 = 44), Q6_K (210: pairs of 420 = 105).
+//   FMT 4..7  Q4_0, Q4_K, Q5_K, Q6_K: blocks as in the file (Q4_0 and Q6_K in pairs, like
+//                 Q8_0); see quants.wgsl, which load4 hands them to.
 //
 // A "piece" is what one thread decodes per step of a mat-vec loop: piece_elems(fmt) elements
-// held in piece_words(fmt) words (F32 4/4, F16 and BF16 8/4, Q8_0 64/17).
+// held in piece_words(fmt) words (F32 4/4, F16 and BF16 8/4, Q8_0 64/17; the formats of
+// quants.wgsl have pieces of 64 elements that are not all contiguous words: quants_dot.wgsl).
 //
 // The format is the override constant FMT, so each pipeline is specialised to one format; a
 // matrix-product dispatch over stacked matrices of different formats uses FMT = FMT_PER_SEGMENT
@@ -37,8 +40,8 @@ const FMT_PER_SEGMENT: u32 = 255u;
 fn piece_elems(fmt: u32) -> u32 {
     switch fmt {
         case FMT_F32: { return 4u; }
-        case FMT_Q8_0: { return 64u; }
-        default: { return 8u; }
+        case FMT_F16, FMT_BF16: { return 8u; }
+        default: { return 64u; }  // Q8_0 and the formats of quants.wgsl
     }
 }
 
@@ -87,7 +90,7 @@ fn load4(fmt: u32, row: u32, k: u32) -> vec4<f32> {
             let i = row + (k >> 1u);
             return bf16x4(w_word(i), w_word(i + 1u));
         }
-        default: {  // Q8_0
+        case FMT_Q8_0: {
             let pair = row + (k >> 6u) * 17u;
             let e = k & 63u;
             if (e < 32u) {
@@ -99,6 +102,9 @@ fn load4(fmt: u32, row: u32, k: u32) -> vec4<f32> {
             }
             let d = unpack2x16float(w_word(pair + 8u)).y;
             return d * i8x4(w_word(pair + 9u + ((e - 32u) >> 2u)));
+        }
+        default: {
+            return quant_load4(fmt, row, k);
         }
     }
 }

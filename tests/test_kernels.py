@@ -1,7 +1,8 @@
 """Every kernel alone against NumPy, on the portable and the subgroup path (lavapipe has both).
 
-Weights are made with gguf-py's quantizer, so the bytes are exactly what a GGUF file holds, and
-the expected values use gguf-py's dequantizer (bit-exact with ggml) in float64. Tolerances are
+Weights are made with rwkvlab.quant (byte-identical to ggml's quantizers, K-quants included),
+so the bytes are exactly what a GGUF file holds, and the expected values use gguf-py's
+dequantizer (bit-exact with ggml) in float64. Tolerances are
 fp32 rounding bounds: a sum of K products carries at most ~K * 2^-24 * sum|w x| of error
 (recursive summation), so the tests allow 4x that per element, plus 1e-6 for values near zero.
 """
@@ -12,9 +13,10 @@ import re
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
-from gguf.quants import dequantize, quantize
+from gguf.quants import dequantize
 
 from rwkvlab import kernels as kn
+from rwkvlab import quant
 from rwkvlab.gpu import get_gpu
 
 U32 = 2.0 ** -24  # unit roundoff of float32
@@ -43,11 +45,10 @@ def encode_rows(w: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray]:
     if fmt == "F32":
         raw = w.astype(np.float32).view(np.uint8)
     else:
-        raw = quantize(w.astype(np.float32), GGMLQuantizationType[fmt]).view(np.uint8)
+        raw = quant.quantize(w.astype(np.float32), fmt).view(np.uint8)
         raw = raw.reshape(w.shape[0], -1)
     values = w.astype(np.float32) if fmt == "F32" else dequantize(raw, GGMLQuantizationType[fmt])
-    if fmt == "Q8_0":
-        raw = kn.q8_0_rows_padded(raw, K)
+    raw = kn.rows_for_gpu(raw, fmt, K)
     assert raw.shape[1] == kn.row_words(fmt, K) * 4
     return np.ascontiguousarray(raw), values.astype(np.float64)
 
@@ -166,7 +167,15 @@ def test_pack_params_checks_names():
 
 # --- matrix products --------------------------------------------------------------------------
 
-FORMATS = ["F32", "F16", "BF16", "Q8_0"]
+FORMATS = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K"]
+K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
+
+
+def k_for(fmt: str, K: int) -> int:
+    """The row length a test uses for `fmt`: K itself, or 768 for the K-quants (whose rows are
+    whole 256-element blocks; 3 blocks also leave Q6_K's last pair half empty, as K = 96 does
+    for Q8_0 and Q4_0)."""
+    return 768 if fmt in K_QUANTS else K
 
 
 def _matmul_case(fmt: str, M: int, K: int, T: int, seed: int = 0):
@@ -219,9 +228,10 @@ ACT_FUNCS = {
 @pytest.mark.parametrize("red", [1, 8, 32])
 @pytest.mark.parametrize("unroll", [1, 2])
 def test_matvec(kernels, fmt, red, unroll):
-    """K = 96 is no multiple of the 64-thread workgroup nor of a Q8_0 pair (3 blocks: padded);
-    with 8 threads per row the unrolled loop ends on an odd piece."""
-    M, K, T = 37, 96, 2
+    """K = 96 is no multiple of the 64-thread workgroup nor of a Q8_0 / Q4_0 pair (3 blocks:
+    padded); with 8 threads per row the unrolled loop ends on an odd piece (K-quants: K = 768,
+    12 pieces of 64)."""
+    M, K, T = 37, k_for(fmt, 96), 2
     raw, wv, x = _matmul_case(fmt, M, K, T)
     out = run_matmul(kernels, kn.MATVEC, fmt, [(raw, K, 0, 0, M, "none", None, False)],
                      x, np.zeros(4, np.float32), np.zeros((T, M), np.float32), T, red, unroll)
@@ -229,20 +239,22 @@ def test_matvec(kernels, fmt, red, unroll):
     np.testing.assert_array_less(np.abs(out - want), fp32_tol(np.abs(x) @ np.abs(wv).T, K))
 
 
-MIXED = ["Q8_0", "F32", "BF16"]  # as in llama.cpp files: w1 / w2 stay F32 beside quantized matrices
+# As in llama.cpp files: w1 / w2 stay F32 beside quantized matrices (and a Q6_K head).
+MIXED = {"mixed": ["Q8_0", "F32", "BF16"], "mixed_quant": ["Q4_K", "F32", "Q6_K"]}
 
 
 @pytest.mark.parametrize("spec", [kn.MATVEC, kn.GEMM], ids=["matvec", "gemm"])
-@pytest.mark.parametrize("fmt", FORMATS + ["mixed"])
+@pytest.mark.parametrize("fmt", FORMATS + list(MIXED))
 def test_matmul_segments(kernels, spec, fmt):
     """Three matrices stacked in one weight buffer, one dispatch: each segment reads its own
     input slot (its own K), writes its own output slot, with its own activation, bias and
     residual add; rows 70 and 40 cross gemm's 64-row tiles, T = 67 its 64-token tiles. "mixed"
     stacks three formats (the pipeline reads each segment's format from the table)."""
-    fmts = MIXED if fmt == "mixed" else [fmt] * 3
+    fmts = MIXED.get(fmt, [fmt] * 3)
     T = 67 if spec is kn.GEMM else 3
     rng = np.random.default_rng(13)
     shapes = [(70, 96, "tanh", True, False), (5, 64, "none", False, True), (40, 32, "decay", True, True)]
+    shapes = [(M, k_for(f, K), *rest) for f, (M, K, *rest) in zip(fmts, shapes)]
     X = rng.standard_normal(sum(T * K for _, K, *_ in shapes) + 8).astype(np.float32)
     B = rng.standard_normal(256).astype(np.float32)
     width = sum(M for M, *_ in shapes) + 3
@@ -267,7 +279,7 @@ def test_matmul_segments(kernels, spec, fmt):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_gemm(kernels, fmt):
     """M = 70 and T = 67 cross tile edges (64 x 64 tiles); K = 96 is 6 steps of 16."""
-    M, K, T = 70, 96, 67
+    M, K, T = 70, k_for(fmt, 96), 67
     raw, wv, x = _matmul_case(fmt, M, K, T, seed=4)
     out = run_matmul(kernels, kn.GEMM, fmt, [(raw, K, 0, 0, M, "none", None, False)],
                      x, np.zeros(4, np.float32), np.zeros((T, M), np.float32), T)
@@ -500,7 +512,7 @@ def test_wkv_fused(kernels, first):
 def test_embed(kernels, fmt):
     """Gather + LayerNorm; with a piece of rows [row0, row0+rows) only its own tokens are written."""
     rng = np.random.default_rng(11)
-    V, C, eps = 50, 128, 1e-5
+    V, C, eps = 50, k_for(fmt, 128), 1e-5
     raw, table = encode_rows(rng.standard_normal((V, C)).astype(np.float32), fmt)
     w, b = rng.standard_normal(C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
     tokens = np.array([3, 49, 20, 0, 25], np.uint32)
@@ -574,5 +586,19 @@ def test_row_words_and_q8_0_padding():
     assert padded.shape == (2, 68)
     np.testing.assert_array_equal(padded[:, :34], rows)
     np.testing.assert_array_equal(padded[:, 34:], 0)
-    with pytest.raises(kn.KernelError, match="Q4_K"):
-        kn.row_words("Q4_K", 256)
+    with pytest.raises(kn.KernelError, match="Q2_K"):
+        kn.row_words("Q2_K", 256)
+
+
+def test_row_words_and_padding_of_the_quants():
+    """Q4_0 and Q6_K are read in pairs of blocks (a row with an odd count gets a zero block);
+    Q4_K and Q5_K blocks are whole 16-byte multiples (rows as in the file)."""
+    assert [kn.row_words(f, 768) for f in ("Q4_0", "Q4_K", "Q5_K", "Q6_K")] == [108, 108, 132, 210]
+    assert kn.row_words("Q4_0", 96) == 18
+    rows = np.arange(3 * 210, dtype=np.uint8).reshape(3, 210)  # one Q6_K block per row
+    padded = kn.rows_for_gpu(rows, "Q6_K", 256)
+    assert padded.shape == (3, 420)
+    np.testing.assert_array_equal(padded[:, :210], rows)
+    np.testing.assert_array_equal(padded[:, 210:], 0)
+    rows = np.zeros((2, 144), np.uint8)
+    assert np.shares_memory(kn.rows_for_gpu(rows, "Q4_K", 256), rows)  # not copied
