@@ -14,9 +14,12 @@ For every format (F16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K by default), every matrix sh
    hold them, so every dispatch streams its weights from memory. The pass is timed with GPU
    timestamps (feature "timestamp-query") when the adapter has them, else by wall clock around
    submit-and-wait; the median of several passes is kept.
-4. Effective bandwidth = bytes of weights one dispatch reads / time per dispatch.
+4. Effective bandwidth = bytes of the matrix in its file format / time per dispatch. Each
+   dispatch of the pass writes the same output, so consecutive dispatches are separated by a
+   barrier, as in the engine's plan: small matrices carry that per-dispatch cost (~3 us on an
+   H200 through Vulkan, /work/shared/reference/wgpu-notes.md) in their number.
 
-`--small` runs shapes of 1/10 the size (for lavapipe and the tests).
+`--small` runs 512-column shapes (for lavapipe and the tests), finishing in seconds there.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import numpy as np
 
 FORMATS = ("F16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
 SHAPES = {"full": ((2560, 2560), (10240, 2560), (65536, 2560)),  # (rows M, columns K)
-          "small": ((256, 256), (1024, 256), (6400, 256))}
+          "small": ((512, 512), (2048, 512), (6400, 512))}
 PATHS = ("webgpu", "native")
 # Bytes of weight copies a timed pass cycles through: several times an H100/H200 L2 (50 MiB).
 ROTATION_BYTES = {"full": 256 << 20, "small": 4 << 20}
@@ -54,7 +57,7 @@ class KernelTiming:
     fmt: str
     rows: int
     cols: int
-    weight_bytes: int  # bytes one dispatch reads (GPU layout of the matrix)
+    weight_bytes: int  # bytes of the matrix in its file format (what one dispatch must read)
     seconds: float  # per mat-vec (median over passes), by `clock`
     wall_seconds: float  # per mat-vec by wall clock around submit-and-wait (always measured)
     clock: str  # "gpu" (timestamp queries) or "wall"
@@ -272,8 +275,9 @@ def bench_kernel(kernels, path: str, problem: Problem, *, size: str = "full", re
     if not (errors <= 1).all():  # also catches NaN
         i = int(np.argmax(np.where(np.isnan(errors), np.inf, errors)))
         row = int(problem.rows[i])
-        raise KernelCheckError(f"{path} matvec {fmt} {M}x{K}: row {row} is {y[row]!r}, NumPy says "
-                               f"{problem.want[i]!r} (tolerance {REL_TOL} of sum|w x|); not timed")
+        raise KernelCheckError(f"{path} matvec {fmt} {M}x{K}: row {row} is {float(y[row]):.6g}, NumPy "
+                               f"says {problem.want[i]:.6g} (tolerance {REL_TOL} of sum|w x| = "
+                               f"{REL_TOL * problem.scale[i]:.3g}); not timed")
 
     # Calibrate the pass length on one warm pass, then time `repeats` passes.
     n = max(8, bench.copies)
@@ -287,18 +291,19 @@ def bench_kernel(kernels, path: str, problem: Problem, *, size: str = "full", re
         seconds, clock = statistics.median(gpu_times) / n, "gpu"
     else:
         seconds, clock = wall_s, "wall"
-    return KernelTiming(path=path, fmt=fmt, rows=M, cols=K, weight_bytes=bench.nbytes, seconds=seconds,
+    return KernelTiming(path=path, fmt=fmt, rows=M, cols=K, weight_bytes=problem.raw.nbytes, seconds=seconds,
                         wall_seconds=wall_s, clock=clock, dispatches=n, copies=bench.copies,
                         checked_rows=len(problem.rows), max_error=float(errors.max()))
 
 
 def run(formats=FORMATS, paths=PATHS, size: str = "full", backend: str = "auto", repeats: int = 5,
-        seed: int = 0, out=sys.stdout) -> tuple[list[KernelTiming], list[str]]:
-    """Every format x shape x path: (timings, failures). Prints a line per measurement.
-    Each random matrix is made and checked in NumPy once, then run on every path."""
+        seed: int = 0, out=None) -> tuple[list[KernelTiming], list[str]]:
+    """Every format x shape x path: (timings, failures). Prints a line per measurement to
+    `out` (default stdout). Each random matrix is made in NumPy once, then run on every path."""
     from rwkvlab import kernels as kn
     from rwkvlab.gpu import get_gpu
 
+    out = out or sys.stdout
     unknown = [f for f in formats if f not in kn.GPU_FORMATS]
     if unknown:
         raise ValueError(f"format(s) {unknown} have no GPU kernel; the kernels read {', '.join(kn.GPU_FORMATS)}")
@@ -328,7 +333,7 @@ def run(formats=FORMATS, paths=PATHS, size: str = "full", backend: str = "auto",
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rwkvlab.kernel_bench", description=__doc__.split("\n")[0])
-    ap.add_argument("--small", action="store_true", help="shapes of 1/10 the size (CPU adapters, tests)")
+    ap.add_argument("--small", action="store_true", help="512-column shapes (CPU adapters, tests)")
     ap.add_argument("--formats", default=",".join(FORMATS), help="comma-separated (also F32, BF16)")
     ap.add_argument("--paths", default=",".join(PATHS), help="webgpu, native or both")
     ap.add_argument("--backend", default="auto")

@@ -17,12 +17,15 @@ Tolerances:
 """
 from __future__ import annotations
 
+import io
+
 import gguf
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
+from rwkvlab import kernel_bench
 from rwkvlab import quant_kernels as qk
 from rwkvlab.gpu import get_gpu
 
@@ -245,3 +248,53 @@ def test_fixture_tensors(gpu, fixtures_dir, name):
             check_dots(gpu, raw, fmt, K, rng, f"tiny-{name}.gguf {t.name} ({fmt})")
         seen.add((fmt, K))
     assert seen, f"tiny-{name}.gguf has no quantized tensor"
+
+
+# --- rwkvlab.kernel_bench ---------------------------------------------------------------------
+
+
+def test_kernel_bench_small_checks_and_times_every_format():
+    """`python -m rwkvlab.kernel_bench --small` on lavapipe: every format x shape x path is
+    checked against NumPy and timed with GPU timestamps (lavapipe has them), and the GPU time
+    of a pass is consistent with the wall clock around it."""
+    out = io.StringIO()
+    timings, failures = kernel_bench.run(size="small", repeats=2, out=out)
+    assert failures == []
+    got = {(t.path, t.fmt, t.rows, t.cols) for t in timings}
+    assert got == {(p, f, M, K) for p in kernel_bench.PATHS for f in kernel_bench.FORMATS
+                   for M, K in kernel_bench.SHAPES["small"]}
+    for t in timings:
+        assert t.clock == "gpu" and 0 < t.seconds <= 1.05 * t.wall_seconds, t
+        assert t.max_error < 1 and t.gb_per_s > 0
+        block, size = gguf.GGML_QUANT_SIZES[GGMLQuantizationType[t.fmt]]
+        assert t.weight_bytes == t.rows * t.cols // block * size  # the file's bytes, no padding
+    assert len(out.getvalue().splitlines()) == 2 + len(timings)
+
+
+def test_kernel_bench_never_times_a_wrong_kernel(monkeypatch):
+    """A kernel whose output disagrees with NumPy (here: NumPy's answer for row 3 is moved by
+    twice the tolerance, which the kernel cannot match) is reported, not timed."""
+    from rwkvlab import kernels as kn
+
+    gpu = get_gpu("auto", native=False)
+    kernels = kn.kernels_for(gpu, kn.choose_tuning(gpu, "webgpu"))
+    problem = kernel_bench.Problem.make("Q4_K", 64, 512, np.random.default_rng(0))
+    problem.want[3] += 2 * kernel_bench.REL_TOL * problem.scale[3]
+    passes, run_pass = [], kernel_bench._Bench.run_pass
+
+    def spy(self, n, timed=True):
+        passes.append(timed)
+        return run_pass(self, n, timed)
+
+    monkeypatch.setattr(kernel_bench._Bench, "run_pass", spy)
+    with pytest.raises(kernel_bench.KernelCheckError, match="Q4_K 64x512: row 3 is .* not timed"):
+        kernel_bench.bench_kernel(kernels, "webgpu", problem, size="small")
+    assert passes == [False]  # only the untimed dispatch that produced the output
+
+
+def test_kernel_bench_cli(capsys):
+    assert kernel_bench.main(["--small", "--formats", "Q6_K", "--paths", "native", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("native  Q6_K") == 3 and "3 measured, 0 failed" in out
+    assert kernel_bench.main(["--small", "--formats", "Q2_K"]) == 2
+    assert "Q2_K" in capsys.readouterr().err
