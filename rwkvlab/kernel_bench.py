@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rwkvlab import kernels as kn
+
 FORMATS = ("F16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
 SHAPES = {"full": ((2560, 2560), (10240, 2560), (65536, 2560)),  # (rows M, columns K)
           "small": ((512, 512), (2048, 512), (6400, 512))}
@@ -124,18 +126,6 @@ def dequantized_rows(raw: np.ndarray, fmt: str, K: int, rows: np.ndarray) -> np.
     return dequantize(sub, GGMLQuantizationType[fmt]).reshape(len(rows), K).astype(np.float64)
 
 
-def gpu_rows(raw: np.ndarray, fmt: str, K: int) -> np.ndarray:
-    """File rows laid out as the engine uploads them (pairs of blocks padded where needed)."""
-    from rwkvlab import kernels as kn
-    from rwkvlab import quant_kernels as qk
-
-    if fmt == "Q8_0":
-        return kn.q8_0_rows_padded(raw, K)
-    if fmt in qk.LAYOUTS:
-        return qk.rows_for_gpu(raw, fmt, K)
-    return raw
-
-
 def check_rows(M: int) -> np.ndarray:
     """Rows compared with NumPy: all of a small matrix, else an even spread including the last."""
     if M <= MAX_CHECK_ROWS:
@@ -163,8 +153,6 @@ class _Bench:
     def __init__(self, kernels, fmt: str, M: int, K: int, rows: np.ndarray, x: np.ndarray,
                  rotation_bytes: int):
         import wgpu
-
-        from rwkvlab import kernels as kn
 
         self.kernels, self.device = kernels, kernels.device
         d = self.device
@@ -215,8 +203,6 @@ class _Bench:
 
     def run_pass(self, n: int, timed: bool = True) -> tuple[float, float | None]:
         """One pass of n dispatches cycling through the copies: (wall seconds, GPU seconds)."""
-        from rwkvlab import kernels as kn
-
         plan = kn.Plan(kn.Dispatch(self.kernel, self.bind_groups[i % self.copies], (self.groups, 1, 1), "bench")
                        for i in range(n))
         enc = self.device.create_command_encoder()
@@ -269,7 +255,7 @@ class Problem:
 def bench_kernel(kernels, path: str, problem: Problem, *, size: str = "full", repeats: int = 5) -> KernelTiming:
     """Check then time the matvec kernel on one problem (see the module docstring)."""
     fmt, M, K = problem.fmt, problem.M, problem.K
-    bench = _Bench(kernels, fmt, M, K, gpu_rows(problem.raw, fmt, K), problem.x, ROTATION_BYTES[size])
+    bench = _Bench(kernels, fmt, M, K, kn.rows_for_gpu(problem.raw, fmt, K), problem.x, ROTATION_BYTES[size])
     y = bench.output()
     errors = problem.errors(y)
     if not (errors <= 1).all():  # also catches NaN
@@ -300,7 +286,6 @@ def run(formats=FORMATS, paths=PATHS, size: str = "full", backend: str = "auto",
         seed: int = 0, out=None) -> tuple[list[KernelTiming], list[str]]:
     """Every format x shape x path: (timings, failures). Prints a line per measurement to
     `out` (default stdout). Each random matrix is made in NumPy once, then run on every path."""
-    from rwkvlab import kernels as kn
     from rwkvlab.gpu import get_gpu
 
     out = out or sys.stdout

@@ -4,8 +4,9 @@ The kernels read these formats' blocks exactly as a GGUF file stores them. This 
 a row is laid out on the GPU (`row_words`, `rows_for_gpu`: rows padded to whole pairs of blocks
 where a block is not a whole number of words), which elements each mat-vec piece covers
 (`piece_columns`, the contract of shaders/quants_dot.wgsl), and runs the decoders alone through
-the test kernels of shaders/dequant.wgsl (`gpu_dequantize`, `gpu_piece_dots`), which the tests
-compare with gguf-py's dequantizer and kernel_bench uses to check a kernel before timing it.
+the test kernels of shaders/dequant.wgsl (`gpu_dequantize`, `gpu_piece_dots`), which
+tests/test_quant_kernels.py compares with gguf-py's dequantizer. kernels.py takes the formats'
+FMT codes, row pitch and padding from here.
 """
 from __future__ import annotations
 
