@@ -298,3 +298,17 @@ def test_kernel_bench_cli(capsys):
     assert out.count("native  Q6_K") == 3 and "3 measured, 0 failed" in out
     assert kernel_bench.main(["--small", "--formats", "Q2_K"]) == 2
     assert "Q2_K" in capsys.readouterr().err
+
+
+def test_kernel_bench_falls_back_to_the_wall_clock():
+    """On an adapter without timestamp queries the pass is timed by wall clock around submit."""
+    import dataclasses
+
+    from rwkvlab import kernels as kn
+
+    gpu = get_gpu("auto", native=False)
+    no_stamps = dataclasses.replace(gpu, features=gpu.features - {"timestamp-query"})
+    kernels = kn.Kernels(no_stamps, kn.choose_tuning(gpu, "webgpu"))
+    problem = kernel_bench.Problem.make("Q4_0", 64, 512, np.random.default_rng(1))
+    t = kernel_bench.bench_kernel(kernels, "webgpu", problem, size="small", repeats=1)
+    assert t.clock == "wall" and t.seconds == t.wall_seconds > 0
