@@ -65,16 +65,26 @@ class Profile:
         return "\n".join(lines)
 
 
-def profile(engine, n_tokens: int = 16, prompt: tuple[int, ...] = (0,)) -> Profile:
-    """Profile `n_tokens` generation steps of `engine` (its state is reset first and after)."""
+def profile(engine, n_tokens: int = 16, prompt: tuple[int, ...] = (0,), chunk: int | None = None) -> Profile:
+    """Profile `n_tokens` generation steps of `engine`, or with `chunk`, `n_tokens` runs of a
+    prefill chunk of that many tokens (times then per prompt token). The state is reset first
+    and after."""
     if n_tokens < 1:
         raise ValueError("n_tokens must be at least 1")
     engine.reset()
-    engine.generate(list(prompt), n_tokens + 1)  # warm up; also leaves T = 1 set for the step
-    stats = engine.last_generate
-    wall_us = stats.generate_seconds / max(stats.n_generated - 1, 1) * 1e6
-
-    plan = engine.plan(1, "last", argmax=True)
+    if chunk is None:
+        engine.generate(list(prompt), n_tokens + 1)  # warm up; also leaves T = 1 set for the step
+        stats = engine.last_generate
+        wall_us = stats.generate_seconds / max(stats.n_generated - 1, 1) * 1e6
+        plan, per = engine.plan(1, "last", argmax=True), 1
+    else:
+        # A prefill of exactly one chunk leaves its token ids and T in place for the replays.
+        ids = [(7 * i + 1) % engine.spec.n_vocab for i in range(chunk)]
+        engine.prefill(ids)
+        t0 = time.perf_counter()
+        engine.prefill(ids)
+        wall_us = (time.perf_counter() - t0) / chunk * 1e6
+        plan, per = engine.plan(chunk, "last"), chunk
     gpu = engine.gpu
     if gpu.has("timestamp-query-inside-passes"):
         method, ticks = "timestamps inside the pass", _inside_pass(gpu, plan, n_tokens)
@@ -87,7 +97,7 @@ def profile(engine, n_tokens: int = 16, prompt: tuple[int, ...] = (0,)) -> Profi
     if ticks is None:
         table = pd.DataFrame(columns=["kernel", "label", "calls", "us_per_token", "share"])
         return Profile(table, method, None, wall_us, len(plan), gpu.info.label)
-    table = _group(plan, ticks / 1000.0)
+    table = _group(plan, ticks / 1000.0 / per)
     return Profile(table, method, float(table["us_per_token"].sum()), wall_us, len(plan), gpu.info.label)
 
 
@@ -183,7 +193,7 @@ def cli_profile(args) -> int:
             source = default_model_path(args.preset or "tiny", fmt=args.synth_format)
         engine = load(source, options, progress=not args.no_progress)
         t0 = time.perf_counter()
-        result = profile(engine, n_tokens=args.tokens)
+        result = profile(engine, n_tokens=args.tokens, chunk=args.prefill_chunk)
     except (OptionsError, OSError, ValueError, RuntimeError) as e:
         print(f"rwkvlab profile: {e}", file=sys.stderr)
         return 2

@@ -67,3 +67,12 @@ def test_cli(fixtures_dir, capsys):
     assert "dispatches/token" in out and "us/token" in out and "wkv" in out
     assert cli.main(["profile", "--model", str(fixtures_dir / "nope.gguf"), "--no-progress"]) == 2
     assert "nope.gguf" in capsys.readouterr().err
+
+
+def test_prefill_chunk_profile_is_per_prompt_token(engine):
+    p = profile(engine, n_tokens=2, chunk=8)
+    assert p.has_timestamps
+    assert p.table["calls"].sum() == len(engine.plan(8, "last"))
+    # the chunk's gemm/matvec products and the sequential wkv are all there
+    assert {"att.wkv", "ffn.key"} <= set(p.table["label"])
+    assert p.wall_us_per_token > 0
