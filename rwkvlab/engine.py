@@ -271,16 +271,16 @@ class Engine:
     # --- weights -------------------------------------------------------------------------------
 
     def _weight_groups(self) -> list[list[str]]:
-        """Matrices that share buffers: per block the products that read the same input buffer
-        and write the same output buffer (r, k, v and the LoRA downs; the LoRA ups); every
-        other matrix alone. Layer 0 has no value LoRA (its v becomes v_first)."""
+        """Matrices that share buffers: per block r, k, v and the LoRA downs and ups (stacked
+        products, and a LoRA pair in one binding for the lora kernel); every other matrix
+        alone. Layer 0 has no value LoRA (its v becomes v_first)."""
         groups = [["token_embd.weight"], ["output.weight"]]
         for i in range(self.spec.n_layer):
             b = f"blk.{i}.time_mix_"
             v = ["v1"] if i > 0 else []
             down = ["receptance", "key", "value", "w1", "a1", *v, "g1"]
             up = ["w2", "a2", *(["v2"] if i > 0 else []), "g2"]
-            groups += [[b + n + ".weight" for n in down], [b + n + ".weight" for n in up],
+            groups += [[b + n + ".weight" for n in down + up],
                        [b + "output.weight"], [f"blk.{i}.channel_mix_key.weight"],
                        [f"blk.{i}.channel_mix_value.weight"]]
         return groups
@@ -577,12 +577,29 @@ class Engine:
 
         return [_Op(label + ".norm_shift", dispatches)]
 
+    def _kv(self, L: str, i: int) -> list[_Op]:
+        """The key/value pack: kv_prep (the "kv" fusion) or its three parts, each a dispatch."""
+        s, B, b = self.spec, self.buffers, f"blk.{i}."
+        dn, up = self.down, self.up
+        res = dict(K=dn.range("k"), V=dn.range("v"), KK=B["kk"], A=up.range("a"), VMIX=up.range("vmix"),
+                   VF=B["vfirst"], KKW=self._vec(b + "time_mix_k_k.weight"),
+                   KAW=self._vec(b + "time_mix_k_a.weight"))
+        grid = lambda T: (s.n_head, T, 1)  # noqa: E731
+        if "kv" in self.fusions:
+            return [self._simple(L + "att.kv_prep", kn.KV_PREP, dict(C=s.n_embd), res, grid, FIRST=i == 0)]
+        return [self._simple(L + f"att.{name}", kn.KV_PREP, dict(C=s.n_embd), res, grid, FIRST=i == 0, PART=part)
+                for part, name in ((1, "kk_norm"), (2, "k_update"), (3, "v_residual"))]
+
     def _wkv(self, L: str, i: int) -> list[_Op]:
-        """kv_prep, wkv, groupnorm_out; or with the "wkv" fusion wkv_fused alone."""
+        """The key/value pack, the state update, GroupNorm + bonus + gate: kv ops (see _kv),
+        wkv, groupnorm_out; with the "wkv" fusion the last two are wkv_fused, which with "kv"
+        also does the pack (one dispatch in all)."""
         s, B, b = self.spec, self.buffers, f"blk.{i}."
         C, H = s.n_embd, s.n_head
         dn, up = self.down, self.up
         state = self._layer_range("wkv", i, H * kn.HEAD_SIZE * kn.HEAD_SIZE)
+        prep = "kv" in self.fusions and "wkv" in self.fusions
+        kv_ops = [] if prep else self._kv(L, i)
         if "wkv" in self.fusions:
             params = dict(C=C, r=dn.floats("r"), k=dn.floats("k"), v=dn.floats("v"), w=up.floats("w"),
                           a=up.floats("a"), vmix=up.floats("vmix"), g=up.floats("g"),
@@ -591,16 +608,11 @@ class Engine:
                           rk=self._vec_floats(b + "time_mix_r_k.weight"),
                           lnw=self._vec_floats(b + "time_mix_ln.weight"),
                           lnb=self._vec_floats(b + "time_mix_ln.bias"))
-            res = dict(DOWN=dn.buffer, UP=up.buffer, VEC=self.vecs, FVF=B["vfirst"], FS=state, FY=B["y"])
-            return [self._simple(L + "att.wkv_fused", kn.WKV_FUSED, params, res,
-                                 lambda T: (H, 1, 1), FIRST=i == 0)]
-        return [
-            self._simple(
-                L + "att.kv_prep", kn.KV_PREP, dict(C=C),
-                dict(K=dn.range("k"), V=dn.range("v"), KK=B["kk"], A=up.range("a"),
-                     VMIX=up.range("vmix"), VF=B["vfirst"], KKW=self._vec(b + "time_mix_k_k.weight"),
-                     KAW=self._vec(b + "time_mix_k_a.weight")),
-                lambda T: (H, T, 1), FIRST=i == 0),
+            res = dict(DOWN=dn.buffer, UP=up.buffer, VEC=self.vecs, FVF=B["vfirst"], FS=state, FY=B["y"],
+                       FKK=B["kk"])
+            return kv_ops + [self._simple(L + "att.wkv_fused", kn.WKV_FUSED, params, res,
+                                          lambda T: (H, 1, 1), FIRST=i == 0, PREP=prep)]
+        return kv_ops + [
             self._simple(
                 L + "att.wkv", kn.WKV, dict(C=C),
                 dict(R=dn.range("r"), DECAY=up.range("w"), K=dn.range("k"), V=dn.range("v"),
@@ -613,6 +625,58 @@ class Engine:
                      RK=self._vec(b + "time_mix_r_k.weight")),
                 lambda T: (H, T, 1)),
         ]
+
+    def _loras(self, L: str, main: list[_Product], pairs: list[tuple[_Product, _Product]]) -> list[_Op]:
+        """The r/k/v products and the LoRA pairs: down stack then up stack (see _products); with
+        the "lora" fusion, one-token steps (T < gemm_min_tokens) run each pair as one lora
+        dispatch instead (with "proj": one for all pairs), the gemm plan stays as it is."""
+        downs = main + [d for d, _ in pairs]
+        ups = [u for _, u in pairs]
+        plain = self._products(L + "att.down", downs) + self._products(L + "att.up", ups)
+        if "lora" not in self.fusions:
+            return plain
+        fusable = [(d, u) for d, u in pairs if self._lora_fusable(d, u)]
+        rest = [pr for pr in pairs if pr not in fusable]
+        step = self._products(L + "att.down", main + [d for d, _ in rest])
+        if rest:
+            step += self._products(L + "att.up", [u for _, u in rest])
+        groups = [fusable] if "proj" in self.fusions else [[pr] for pr in fusable]
+        step += [self._lora(L + "att.lora", g) for g in groups if g]
+        gemm_min = self.options.gemm_min_tokens
+
+        def dispatches(T: int) -> list[Dispatch]:
+            ops = step if T < gemm_min else plain
+            return [d for op in ops for d in op.dispatches(T)]
+
+        return [_Op(L + "att.lora", dispatches)]
+
+    def _lora_fusable(self, down: _Product, up: _Product) -> bool:
+        """A pair the lora kernel can take: each matrix whole in one buffer, the same buffer."""
+        d, u = down.mat.segments, up.mat.segments
+        return (len(d) == len(u) == 1 and d[0].buffer is u[0].buffer and down.y is up.x
+                and down.mat.M == up.mat.K <= kn.LORA_MAX_RANK)
+
+    def _lora(self, label: str, pairs: list[tuple[_Product, _Product]]) -> _Op:
+        """One lora dispatch for these pairs (same weight buffer, same input and output buffers)."""
+        k = self.kernels
+        table = []
+        for down, up in pairs:
+            dseg, useg = down.mat.segments[0], up.mat.segments[0]
+            table.append((
+                kn.MatSegment(rows=down.mat.M, K=down.mat.K, row_words=down.mat.row_words,
+                              w_base=dseg.w_base, x_off=down.x_off, y_off=0, y_stride=0,
+                              act=down.act, fmt=down.mat.fmt),
+                kn.MatSegment(rows=up.mat.M, K=up.mat.K, row_words=up.mat.row_words, w_base=useg.w_base,
+                              x_off=0, y_off=up.y_off, y_stride=up.y_stride, act=up.act,
+                              bias=None if up.bias is None else self._vec_floats(up.bias),
+                              accum=up.accum, fmt=up.mat.fmt)))
+        d0, u0 = pairs[0]
+        assert all(d.x is d0.x and u.y is u0.y for d, u in pairs)
+        kernel = k.kernel(kn.LORA, FMT=kn.matmul_fmt([s for pr in table for s in pr]))
+        params, wgs = kn.lora_params(table, dict(kernel.constants)["LROWS"])
+        bg = k.bind(kn.LORA, self.run, params,
+                    dict(W=d0.mat.segments[0].buffer, X=d0.x, B=self.vecs, Y=u0.y), label=label)
+        return _Op(label, lambda T: [Dispatch(kernel, bg, (wgs, T, 1), label)])
 
     def _layer_ops(self) -> list[_Op]:
         """The forward pass of every block as ops; with no fusion, one op per dispatch (a
@@ -652,16 +716,20 @@ class Engine:
                             bias=b + "time_mix_v0.weight")] if i > 0 else []),
                 _Product(tm("g2"), **frm(dn, "gh"), **into(up, "g")),
             ]
-            ops += self._products(L + "att.down", down)
-            ops += self._products(L + "att.up", ups)
+            ops += self._loras(L, down[:3], list(zip(down[3:], ups)))
             ops += self._wkv(L, i)
             ops.append(self._matmul(L + "att.out", [_Product(
                 tm("output"), B["y"], 0, B["x"], 0, C, accum=True)]))
             ops += self._norm_shift(L + "ffn", b + "attn_norm_2", self._layer_range("ffn_prev", i, C),
                                     b + "channel_mix_lerp_k.weight", 1)
+            ffn = "ffn" in self.fusions
             ops.append(self._matmul(L + "ffn.key", [_Product(
                 m[b + "channel_mix_key.weight"], mix.buffer, mix.floats("m0"), B["ffn"], 0, s.n_ffn,
-                act="relu_sq")]))
+                act="relu_sq" if ffn else "none")]))
+            if not ffn:
+                ops.append(self._simple(
+                    L + "ffn.relu_sq", kn.ACTIVATE, dict(n=s.n_ffn, act=kn.ACTIVATIONS["relu_sq"]),
+                    dict(AX=B["ffn"]), lambda T: (_ceil_div(T * s.n_ffn, 64), 1, 1)))
             ops.append(self._matmul(L + "ffn.value", [_Product(
                 m[b + "channel_mix_value.weight"], B["ffn"], 0, B["x"], 0, C, accum=True)]))
         return ops

@@ -37,13 +37,18 @@ FUSIONS: dict[str, str] = {
     "proj": "per block, the r, k, v and LoRA-down products (7 dispatches) become one dispatch, "
             "and the LoRA-up products (4) another: the matrices are stacked in one buffer at "
             "load either way (formats may mix), the fusion only changes the plan",
-    "wkv": "kv_prep + wkv + groupnorm_out (3 dispatches per block) become wkv_fused: one "
-           "workgroup per head does the key/value updates, the state update and the GroupNorm, "
-           "bonus and gate for every token of the chunk",
+    "lora": "each LoRA pair (down, activation, up, bias + activation: 2 dispatches) becomes one "
+            "lora kernel for one-token steps (with proj: one dispatch for all of a block's pairs)",
+    "kv": "the key/value pack (kk normalise, k update, value residual: 3 dispatches per block) "
+          "becomes one kv_prep dispatch (with wkv: part of wkv_fused)",
+    "wkv": "wkv + groupnorm_out (WKV state update, then GroupNorm, bonus and gate: 2 dispatches "
+           "per block) become wkv_fused, one workgroup per head for every token of the chunk "
+           "(with kv it also does the key/value pack)",
     "norm_shift": "layernorm + shift_mix (2 dispatches, twice per block) become norm_shift for "
-                  "one-token steps: one workgroup normalises the token and writes the mixes",
+                  "one-token steps: one kernel normalises the token and writes the mixes",
+    "ffn": "channel mix: the key product applies relu^2 in its epilogue and the value product "
+           "reads it directly (2 dispatches instead of key, activate, value)",
 }
-
 # Weight formats the kernels read directly (FMT override constant, see shaders/weights.wgsl;
 # Q4_0, Q4_K, Q5_K and Q6_K are decoded by shaders/quants.wgsl, laid out by quant_kernels).
 GPU_FORMATS: dict[str, int] = {"F32": 0, "F16": 1, "BF16": 2, "Q8_0": 3, **qk.QUANT_FORMATS}
@@ -120,7 +125,12 @@ _MAT_LIBS = ("common.wgsl", "weights.wgsl", "quants.wgsl", "matseg.wgsl")
 _HEAD_PARAMS = "C"
 
 MATVEC = _spec("matvec", "matvec.wgsl", "matvec", _MAT_BINDINGS, _MAT_PARAMS,
-               _MAT_LIBS + ("quants_dot.wgsl", "reduce.wgsl"), WG=64, RED=1, UNROLL=1, FMT=0)
+               _MAT_LIBS + ("quants_dot.wgsl", "reduce.wgsl"), WG=64, RED=1, UNROLL=1, FMT=0,
+               LORA=False, LROWS=256)
+LORA = _spec("lora", "matvec.wgsl", "lora", _MAT_BINDINGS, _MAT_PARAMS,
+             _MAT_LIBS + ("quants_dot.wgsl", "reduce.wgsl"), WG=64, RED=1, UNROLL=1, FMT=0,
+             LORA=True, LROWS=256)
+LORA_MAX_RANK = 512  # shaders/matvec.wgsl: the hidden vector lives in workgroup memory
 GEMM = _spec("gemm", "gemm.wgsl", "gemm", _MAT_BINDINGS, _MAT_PARAMS, _MAT_LIBS, FMT=0)
 EMBED = _spec("embed", "embed.wgsl", "embed", "W:read TOK:read NW:read NB:read Y:rw",
               "C row0 rows row_words w_base eps:f32",
@@ -135,20 +145,23 @@ SHIFT_MIX = _spec("shift_mix", "timemix.wgsl", "shift_mix", "XN:read PREV:rw LER
                   "C slot", ("common.wgsl", "reduce.wgsl"), WG=64, NMIX=6)
 KV_PREP = _spec("kv_prep", "timemix.wgsl", "kv_prep",
                 "K:rw V:rw KK:rw A:read VMIX:read VF:rw KKW:read KAW:read", _HEAD_PARAMS,
-                ("common.wgsl", "reduce.wgsl"), WG=64, RED=64, FIRST=False)
+                ("common.wgsl", "reduce.wgsl"), WG=64, RED=64, FIRST=False, PART=0)
+ACTIVATE = _spec("activate", "timemix.wgsl", "activate_inplace", "AX:rw", "n act",
+                 ("common.wgsl", "reduce.wgsl"), WG=64)
 NORM_SHIFT = _spec("norm_shift", "timemix.wgsl", "norm_shift",
                    "NX:read NW:read NB:read NPREV:rw NLERP:read NOUT:rw", "C slot eps:f32",
                    ("common.wgsl", "reduce.wgsl"), WG=64, RED=64, NMIX=6)
 WKV = _spec("wkv", "wkv.wgsl", "wkv", "R:read DECAY:read K:read V:read KK:read A:read S:rw Y:rw",
             _HEAD_PARAMS, ("common.wgsl", "reduce.wgsl"), WG=64, RED=64)
-WKV_FUSED = _spec("wkv_fused", "wkv.wgsl", "wkv_fused", "DOWN:read UP:read VEC:read FVF:rw FS:rw FY:rw",
+WKV_FUSED = _spec("wkv_fused", "wkv.wgsl", "wkv_fused",
+                  "DOWN:read UP:read VEC:read FVF:rw FS:rw FY:rw FKK:read",
                   "C r k v w a vmix g kkw kaw rk lnw lnb", ("common.wgsl", "reduce.wgsl"),
-                  WG=64, RED=64, FIRST=False)
+                  WG=64, RED=64, FIRST=False, PREP=True)
 ARGMAX = _spec("argmax", "argmax.wgsl", "argmax", "L:read TOK:rw GEN:rw", "V cap", WG=256)
 
 SPECS: dict[str, KernelSpec] = {s.name: s for s in (
-    MATVEC, GEMM, EMBED, LAYERNORM, GROUPNORM_OUT, SHIFT_MIX, NORM_SHIFT, KV_PREP, WKV, WKV_FUSED,
-    ARGMAX)}
+    MATVEC, LORA, GEMM, EMBED, LAYERNORM, GROUPNORM_OUT, SHIFT_MIX, NORM_SHIFT, KV_PREP, ACTIVATE,
+    WKV, WKV_FUSED, ARGMAX)}
 
 # Constants a kernel's workgroup shape is fixed to, whatever the tuning says (the head kernels
 # run one thread per channel of a 64-wide head).
@@ -268,6 +281,24 @@ def matmul_params(segments: list[MatSegment], rows_per_wg: int) -> tuple[dict, i
         wgs += -(-s.rows // rows_per_wg)
         tiles += -(-s.rows // 64)
     return dict(n_seg=len(segments), pad0=0, pad1=0, pad2=0, seg=table), wgs, tiles
+
+
+def lora_params(pairs: list[tuple[MatSegment, MatSegment]], lrows: int) -> tuple[dict, int]:
+    """(Params values, workgroups) of one lora dispatch over up to MAX_SEGMENTS // 2 LoRA pairs
+    (down, up): the table alternates down and up segments; up segments count workgroups of
+    `lrows` output rows (shaders/matvec.wgsl, entry lora)."""
+    if not 1 <= len(pairs) <= MAX_SEGMENTS // 2:
+        raise KernelError(f"a lora dispatch takes 1..{MAX_SEGMENTS // 2} pairs, not {len(pairs)}")
+    segs = [s for pair in pairs for s in pair]
+    params, _, _ = matmul_params(segs, 1)
+    wgs = 0
+    for j, (down, up) in enumerate(pairs):
+        if down.rows != up.K or down.rows > LORA_MAX_RANK:
+            raise KernelError(f"LoRA pair {j}: the down matrix has {down.rows} rows, the up matrix "
+                              f"{up.K} columns; they must be equal and at most {LORA_MAX_RANK}")
+        params["seg"][2 * j + 1]["wg_start"] = wgs
+        wgs += -(-up.rows // lrows)
+    return params, wgs
 
 
 @dataclass(frozen=True)
@@ -434,6 +465,8 @@ class Kernels:
         consts = dict(spec.constants)
         tuned = {
             "matvec": {"WG": t.matvec_wg, "RED": t.matvec_red, "UNROLL": t.matvec_unroll},
+            # lora must reduce exactly like matvec: its outputs are bit-identical to matvec's
+            "lora": {"WG": t.matvec_wg, "RED": t.matvec_red, "UNROLL": t.matvec_unroll},
             "embed": {"WG": t.norm_wg, "RED": t.norm_wg},
             "layernorm": {"WG": t.norm_wg, "RED": t.norm_wg},
             "norm_shift": {"WG": t.norm_wg, "RED": t.norm_wg},

@@ -1,5 +1,5 @@
 // quants_dot.wgsl: mat-vec pieces of the formats of quants.wgsl (a library, prepended after
-// weights.wgsl and quants.wgsl by kernels that declare X: array<vec4<f32>>, the input vectors;
+// weights.wgsl and quants.wgsl by kernels that define xin(i), the i-th vec4 of the input vectors;
 // embed.wgsl has no X, which is why these are not in quants.wgsl).
 //
 // A piece is what one thread decodes per step of a mat-vec row loop: here always 64 elements,
@@ -19,7 +19,7 @@
 // applied once: sum_j (d sc q_j - dmin m) x_j = d sc sum_j q_j x_j - dmin m sum_j x_j.
 //
 // quant_dot(fmt, row, i, xr, K): piece i of the row whose first word is `row`, dotted with
-// the input vector whose element 0 is X[xr] (a vec4 index).
+// the input vector whose element 0 is xin(xr) (a vec4 index).
 
 fn quant_pieces(K: u32) -> u32 {
     return (K + 63u) / 64u;
@@ -35,7 +35,7 @@ fn q4_0_dot(row: u32, i: u32, xr: u32, K: u32) -> f32 {
     for (var c = 0u; c < 4u; c++) {
         let next = w_word(pair + 1u + c);
         let q = (w >> 16u) | (next << 16u);
-        s += quant_f32(nibbles(q, 0u), 8.0) * X[x + c] + quant_f32(nibbles(q, 4u), 8.0) * X[x + 4u + c];
+        s += quant_f32(nibbles(q, 0u), 8.0) * xin(x + c) + quant_f32(nibbles(q, 4u), 8.0) * xin(x + 4u + c);
         w = next;
     }
     var total = d0 * dot(s, vec4<f32>(1.0));
@@ -44,7 +44,7 @@ fn q4_0_dot(row: u32, i: u32, xr: u32, K: u32) -> f32 {
         s = vec4<f32>(0.0);
         for (var c = 0u; c < 4u; c++) {
             let q = w_word(pair + 5u + c);
-            s += quant_f32(nibbles(q, 0u), 8.0) * X[x + 8u + c] + quant_f32(nibbles(q, 4u), 8.0) * X[x + 12u + c];
+            s += quant_f32(nibbles(q, 0u), 8.0) * xin(x + 8u + c) + quant_f32(nibbles(q, 4u), 8.0) * xin(x + 12u + c);
         }
         total += unpack2x16float(w).y * dot(s, vec4<f32>(1.0));
     }
@@ -66,10 +66,10 @@ fn q4_k_dot(row: u32, i: u32, xr: u32) -> f32 {
     var xb = vec4<f32>(0.0);
     // word c of q0 holds elements 4c.. of both sub-blocks, word c of q1 elements 16 + 4c..
     for (var c = 0u; c < 4u; c++) {
-        let xa0 = X[x + c];
-        let xa1 = X[x + 4u + c];
-        let xb0 = X[x + 8u + c];
-        let xb1 = X[x + 12u + c];
+        let xa0 = xin(x + c);
+        let xa1 = xin(x + 4u + c);
+        let xb0 = xin(x + 8u + c);
+        let xb1 = xin(x + 12u + c);
         sa += quant_f32(nibbles(q0[c], 0u), 0.0) * xa0 + quant_f32(nibbles(q1[c], 0u), 0.0) * xa1;
         sb += quant_f32(nibbles(q0[c], 4u), 0.0) * xb0 + quant_f32(nibbles(q1[c], 4u), 0.0) * xb1;
         xa += xa0 + xa1;
@@ -95,10 +95,10 @@ fn q5_k_dot(row: u32, i: u32, xr: u32) -> f32 {
     var xa = vec4<f32>(0.0);
     var xb = vec4<f32>(0.0);
     for (var c = 0u; c < 4u; c++) {
-        let xa0 = X[x + c];
-        let xa1 = X[x + 4u + c];
-        let xb0 = X[x + 8u + c];
-        let xb1 = X[x + 12u + c];
+        let xa0 = xin(x + c);
+        let xa1 = xin(x + 4u + c);
+        let xb0 = xin(x + 8u + c);
+        let xb1 = xin(x + 12u + c);
         let qa0 = nibbles(q0[c], 0u) | top_bits(t0[c], 2u * g, 1u);
         let qa1 = nibbles(q1[c], 0u) | top_bits(t1[c], 2u * g, 1u);
         let qb0 = nibbles(q0[c], 4u) | top_bits(t0[c], 2u * g + 1u, 1u);
@@ -131,10 +131,10 @@ fn q6_k_dot(row: u32, i: u32, xr: u32) -> f32 {
     var s2 = vec4<f32>(0.0);
     var s3 = vec4<f32>(0.0);
     for (var c = 0u; c < 4u; c++) {
-        s0 += quant_f32(nibbles(lo[c], 0u) | top_bits(top[c], 0u, 3u), 32.0) * X[x + c];
-        s1 += quant_f32(nibbles(hi[c], 0u) | top_bits(top[c], 2u, 3u), 32.0) * X[x + 8u + c];
-        s2 += quant_f32(nibbles(lo[c], 4u) | top_bits(top[c], 4u, 3u), 32.0) * X[x + 16u + c];
-        s3 += quant_f32(nibbles(hi[c], 4u) | top_bits(top[c], 6u, 3u), 32.0) * X[x + 24u + c];
+        s0 += quant_f32(nibbles(lo[c], 0u) | top_bits(top[c], 0u, 3u), 32.0) * xin(x + c);
+        s1 += quant_f32(nibbles(hi[c], 0u) | top_bits(top[c], 2u, 3u), 32.0) * xin(x + 8u + c);
+        s2 += quant_f32(nibbles(lo[c], 4u) | top_bits(top[c], 4u, 3u), 32.0) * xin(x + 16u + c);
+        s3 += quant_f32(nibbles(hi[c], 4u) | top_bits(top[c], 6u, 3u), 32.0) * xin(x + 24u + c);
     }
     let b = 8u * r;
     let sc = vec4<f32>(f32(extractBits(s01, b, 8u)), f32(extractBits(s01, b + 16u, 8u)),

@@ -18,7 +18,16 @@
 //   2 K    read_write array<f32> [T, C]   3 V read_write [T, C]   4 KK read_write [T, C] (out)
 //   5 A    read [T, C] in-context rate    6 VMIX read [T, C] (unused when FIRST)
 //   7 VF   read_write [T, C] v_first      8 KKW read [C] k_k    9 KAW read [C] k_a
-//   Dispatch: (H, T, 1), 64 threads (WG = RED = 64). Constants: FIRST.
+//   Dispatch: (H, T, 1), 64 threads (WG = RED = 64). Constants: FIRST, PART.
+//   PART 0 does all three updates (the "kv" fusion); without it the plan runs the pieces as
+//   three dispatches, in this order: 1 kk (reads the original K), 2 the k update (K in place),
+//   3 the value residual (or v_first in layer 0).
+//
+// activate: AX = act(AX) in place over T tokens of n floats (the unfused plan's separate
+// activation, e.g. the channel mix's relu^2 when the "ffn" fusion is off).
+//   0 run  uniform Run          1 ap uniform ActParams {n, act}
+//   2 AX   read_write array<f32> [T, n]
+//   Dispatch: (ceil(T * n / WG), 1, 1) for the largest T a plan runs. Constants: WG.
 //
 // norm_shift: layernorm (norm.wgsl) + shift_mix for a one-token step, in one workgroup; its
 // bindings and dispatch are described where it is defined, at the end of this file.
@@ -26,6 +35,7 @@
 override WG: u32 = 64u;
 override NMIX: u32 = 6u;
 override FIRST: bool = false;
+override PART: u32 = 0u;
 
 struct ShiftParams {
     C: u32,
@@ -77,16 +87,37 @@ fn kv_prep(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
     let c = wg.x * 64u + lid;
     let i = wg.y * hp.C + c;
     let k = K[i];
-    let kk = k * KKW[c];
-    // L2 normalisation per head, floored like torch's F.normalize (eps 1e-12).
-    let norm = sqrt(group_sum(kk * kk, lid));
-    KK[i] = kk / max(norm, 1e-12);
-    K[i] = k * (1.0 + (A[i] - 1.0) * KAW[c]);
-    if (FIRST) {
-        VF[i] = V[i];
-    } else {
-        let v = V[i];
-        V[i] = v + (VF[i] - v) * VMIX[i];
+    if (PART == 0u || PART == 1u) {
+        let kk = k * KKW[c];
+        // L2 normalisation per head, floored like torch's F.normalize (eps 1e-12).
+        let norm = sqrt(group_sum(kk * kk, lid));
+        KK[i] = kk / max(norm, 1e-12);
+    }
+    if (PART == 0u || PART == 2u) {
+        K[i] = k * (1.0 + (A[i] - 1.0) * KAW[c]);
+    }
+    if (PART == 0u || PART == 3u) {
+        if (FIRST) {
+            VF[i] = V[i];
+        } else {
+            let v = V[i];
+            V[i] = v + (VF[i] - v) * VMIX[i];
+        }
+    }
+}
+
+struct ActParams {
+    n: u32,
+    act: u32,
+}
+
+@group(0) @binding(1) var<uniform> ap: ActParams;
+@group(0) @binding(2) var<storage, read_write> AX: array<f32>;
+
+@compute @workgroup_size(WG)
+fn activate_inplace(@builtin(global_invocation_id) gid: vec3<u32>) {
+    if (gid.x < run.T * ap.n) {
+        AX[gid.x] = activate(AX[gid.x], ap.act);
     }
 }
 

@@ -26,12 +26,17 @@
 //   2 DOWN read array<f32>  r, k, v slots [T, C]      3 UP read  w, a, vmix, g slots [T, C]
 //   4 VEC  read array<f32>  the model's 1-D vectors   5 FVF read_write [T, C] v_first
 //   6 FS   read_write [H, 64, 64] state               7 FY read_write [T, C] gated output
-// Dispatch: (H, 1, 1), 64 threads (WG = RED = 64). Constants: FIRST (layer 0 sets v_first).
+//   8 FKK  read [T, C] normalised kk (read when PREP is false)
+// Dispatch: (H, 1, 1), 64 threads (WG = RED = 64). Constants: FIRST (layer 0 sets v_first),
+// PREP: true when the "kv" fusion is on too (the key/value updates happen here); false when
+// the plan ran them as their own dispatches (k and v in DOWN are already updated, kk in FKK),
+// so the "wkv" fusion alone is the state update + GroupNorm + bonus + gate.
 
 const N: u32 = 64u;
 
 override WG: u32 = 64u;
 override FIRST: bool = false;
+override PREP: bool = true;
 
 struct HeadParams {
     C: u32,
@@ -115,6 +120,7 @@ struct FusedParams {
 @group(0) @binding(5) var<storage, read_write> FVF: array<f32>;
 @group(0) @binding(6) var<storage, read_write> FS: array<f32>;
 @group(0) @binding(7) var<storage, read_write> FY: array<f32>;
+@group(0) @binding(8) var<storage, read> FKK: array<f32>;
 
 @compute @workgroup_size(64)
 fn wkv_fused(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -131,14 +137,20 @@ fn wkv_fused(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
         let k = DOWN[fp.k + e];
         var v = DOWN[fp.v + e];
         let a = UP[fp.a + e];
-        // kv_prep
-        let kk0 = k * VEC[fp.kkw + c];
-        let kk = kk0 / max(sqrt(group_sum(kk0 * kk0, lid)), 1e-12);
-        let kn = k * (1.0 + (a - 1.0) * VEC[fp.kaw + c]);
-        if (FIRST) {
-            FVF[e] = v;
+        var kk = 0.0;
+        var kn = k;
+        if (PREP) {
+            // kv_prep
+            let kk0 = k * VEC[fp.kkw + c];
+            kk = kk0 / max(sqrt(group_sum(kk0 * kk0, lid)), 1e-12);
+            kn = k * (1.0 + (a - 1.0) * VEC[fp.kaw + c]);
+            if (FIRST) {
+                FVF[e] = v;
+            } else {
+                v = v + (FVF[e] - v) * UP[fp.vmix + e];
+            }
         } else {
-            v = v + (FVF[e] - v) * UP[fp.vmix + e];
+            kk = FKK[e];
         }
         // wkv: thread lid is also row lid of the state
         r_s[lid] = r;

@@ -254,7 +254,10 @@ def test_split_weights_give_identical_logits(engine, monkeypatch):
     assert e.generate(TOKENS[:4], 10) == want_ids
 
 
-FUSION_SETS = [{"proj"}, {"wkv"}, {"norm_shift"}, {"proj", "wkv", "norm_shift"}]
+# Each fusion alone, the pairs whose kernels depend on each other (lora + proj: one lora
+# dispatch per block; kv + wkv: wkv_fused does the key/value pack too), and all of them.
+FUSION_SETS = [{"proj"}, {"lora"}, {"kv"}, {"wkv"}, {"norm_shift"}, {"ffn"}, {"lora", "proj"},
+               {"kv", "wkv"}, set(kn.FUSIONS)]
 
 
 @pytest.mark.parametrize("fmt", ["f32", "q8_0"])
@@ -280,10 +283,16 @@ def test_fusions_equal_the_unfused_plan(engine, fmt, fusions):
 
 @pytest.mark.parametrize("fmt", ["f32", "q8_0"])
 def test_all_fusions_dispatch_count(engine, fmt):
-    """With every fusion a block is 8 dispatches (norm_shift, the r/k/v/LoRA-down stack, the
-    LoRA-up stack, wkv_fused, output, norm_shift, ffn key, ffn value), also when w1/w2 stay F32
-    beside Q8_0 matrices (a mixed stack)."""
-    assert engine(fmt, fusions=frozenset({"all"})).dispatches_per_token == 1 + 2 * 8 + 3
+    """With every fusion a block is 8 dispatches (norm_shift, the r/k/v stack, one lora dispatch
+    for the block's LoRA pairs, wkv_fused, output, norm_shift, ffn key, ffn value), also when
+    w1/w2 stay F32 beside Q8_0 matrices (a mixed stack); a prefill chunk (gemm) runs the LoRAs
+    as the down and up stacks instead."""
+    e = engine(fmt, fusions=frozenset({"all"}))
+    assert e.dispatches_per_token == 1 + 2 * 8 + 3
+    assert [d.label for d in e.plan(1, "last", argmax=True) if d.label.startswith("L1.att.")] == [
+        "L1.att.norm_shift", "L1.att.down", "L1.att.lora", "L1.att.wkv_fused", "L1.att.out"]
+    assert [d.label for d in e.plan(8, "last") if d.label.startswith("L1.att.")] == [
+        "L1.att.norm", "L1.att.shift", "L1.att.down", "L1.att.up", "L1.att.wkv_fused", "L1.att.out"]
 
 
 GPU_TUNING = "matvec_wg=128,matvec_red=32,norm_wg=256,argmax_wg=256"  # what real GPUs get
@@ -348,10 +357,11 @@ def test_generate_edge_cases(engine):
 
 
 def test_plan_shape(engine):
-    """Dispatch counts of the unfused tiny plan: embed, 19 (layer 0: no value LoRA) + 21 per
-    layer, output norm, head, argmax."""
+    """Dispatch counts of the unfused tiny plan: embed, 22 (layer 0: no value LoRA) + 24 per
+    layer (norm, shift, 7 downs, 4 ups, 3 kv parts, wkv, groupnorm, output, norm, shift, ffn
+    key, relu^2, value), output norm, head, argmax."""
     e = engine("f32")
-    assert e.dispatches_per_token == 1 + 19 + 21 + 3
+    assert e.dispatches_per_token == 1 + 22 + 24 + 3
     assert e.plan(1, "last", argmax=True) is e.plan(1, "last", argmax=True)
     kinds = {d.kernel.name for d in e.plan(1, "last")} | {d.kernel.name for d in e.plan(8, "all")}
     assert {"matvec", "gemm", "wkv", "embed", "layernorm"} <= kinds

@@ -401,6 +401,110 @@ def test_kv_prep(kernels, first):
         np.testing.assert_array_equal(res["VF"], vf)
 
 
+@pytest.mark.parametrize("first", [True, False])
+def test_kv_prep_parts_equal_the_whole(kernels, first):
+    """The unfused plan's three kv dispatches (PART 1 kk, 2 k update, 3 value residual, in that
+    order, in place) do kv_prep's arithmetic: every output bit-identical to PART 0."""
+    rng = np.random.default_rng(19)
+    T, H, C = 2, 2, 128
+    k, v, a, vmix, vf = (rng.standard_normal((T, C)).astype(np.float32) for _ in range(5))
+    kkw, kaw = rng.standard_normal(C).astype(np.float32), rng.random(C).astype(np.float32)
+    arrays = dict(K=k, V=v, KK=np.zeros_like(k), A=a, VMIX=vmix, VF=vf, KKW=kkw, KAW=kaw)
+    names = ("K", "V", "KK", "VF")
+    whole = kn.run_kernel(kernels, kn.KV_PREP, dict(C=C), arrays, (H, T, 1), T=T,
+                          constants=dict(FIRST=first), read=names)
+    for part in (1, 2, 3):
+        out = kn.run_kernel(kernels, kn.KV_PREP, dict(C=C), arrays, (H, T, 1), T=T,
+                            constants=dict(FIRST=first, PART=part), read=names)
+        arrays = {**arrays, **out}
+    for name in names:
+        np.testing.assert_array_equal(arrays[name], whole[name], err_msg=name)
+
+
+def test_activate_in_place(kernels):
+    """relu^2 over the first T tokens of [T_max, n]; rows past T stay as they were."""
+    rng = np.random.default_rng(20)
+    x = rng.standard_normal((4, 96)).astype(np.float32)
+    T = 3
+    res = kn.run_kernel(kernels, kn.ACTIVATE, dict(n=96, act=kn.ACTIVATIONS["relu_sq"]), dict(AX=x),
+                        (-(-4 * 96 // 64), 1, 1), T=T, read=("AX",))
+    np.testing.assert_array_equal(res["AX"][:T], np.maximum(x[:T], 0) ** 2)
+    np.testing.assert_array_equal(res["AX"][T:], x[T:])
+
+
+@pytest.mark.parametrize("red", [1, 8])
+def test_lora_pairs_equal_two_matvecs(kernels, red):
+    """Two LoRA pairs (Q8_0 / F32, and F16 / BF16: a mixed table) in one lora dispatch, two tokens.
+    Each pair: down (rank 96 / 64 rows over K = 128) with its activation, up (C = 300 rows over
+    the rank, LROWS = 256: a second, partial workgroup) with bias and activation. The result is
+    bit-identical to the matvec dispatches it replaces (same loop and reduction) and within the
+    fp32 bound of float64 NumPy."""
+    rng = np.random.default_rng(21)
+    T, K, C = 2, 128, 300
+    pairs = [("Q8_0", "F32", 96, "tanh", "decay"), ("F16", "BF16", 64, "sigmoid", "none")]
+    X = rng.standard_normal(8 + 2 * T * K).astype(np.float32)
+    B = rng.standard_normal(2 * C + 8).astype(np.float32)
+    Y0 = rng.standard_normal((T, 2 * C + 4)).astype(np.float32)
+    words, table, hidden, want = [], [], [], Y0.astype(np.float64).copy()
+    base = 0
+
+    def add(raw):
+        nonlocal base
+        data = raw.reshape(-1).view(np.uint32)
+        w_base = base
+        words.extend([data, np.zeros(-len(data) % 4, np.uint32)])
+        base += len(data) + (-len(data) % 4)
+        return w_base
+
+    for j, (fd, fu, rank, act1, act2) in enumerate(pairs):
+        dw = rng.standard_normal((rank, K)).astype(np.float32) / np.sqrt(K)
+        uw = rng.standard_normal((C, rank)).astype(np.float32) / np.sqrt(rank)
+        draw, dv = encode_rows(dw, fd)
+        uraw, uv = encode_rows(uw, fu)
+        x_off, y_off, b_off = 8 + j * T * K, 4 + j * C, 8 + j * C
+        down = kn.MatSegment(rows=rank, K=K, row_words=kn.row_words(fd, K), w_base=add(draw),
+                             x_off=x_off, y_off=0, y_stride=0, act=act1, fmt=fd)
+        up = kn.MatSegment(rows=C, K=rank, row_words=kn.row_words(fu, rank), w_base=add(uraw),
+                           x_off=0, y_off=y_off, y_stride=Y0.shape[1], act=act2,
+                           bias=b_off if act2 == "decay" else None, fmt=fu)
+        table.append((down, up))
+        x = X[x_off: x_off + T * K].reshape(T, K).astype(np.float64)
+        h = ACT_FUNCS[act1](x @ dv.T)
+        z = h @ uv.T + (B[b_off: b_off + C] if up.bias is not None else 0)
+        want[:, y_off: y_off + C] = ACT_FUNCS[act2](z)
+        hidden.append((down, up, rank))
+    W = np.concatenate(words)
+    segs = [s for pr in table for s in pr]
+    consts = dict(FMT=kn.matmul_fmt(segs), WG=64, RED=red, UNROLL=2)
+    params, wgs = kn.lora_params(table, 256)
+    assert wgs == 4
+    out = kn.run_kernel(kernels, kn.LORA, params, dict(W=W, X=X, B=B, Y=Y0.copy()), (wgs, T, 1), T=T,
+                        read=("Y",), constants=consts)["Y"]
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(out[:, :4], Y0[:, :4])  # outside every pair: untouched
+    # the unfused plan: down into a hidden buffer, then up from it, each one matvec dispatch
+    Y = Y0.copy()
+    for down, up, rank in hidden:
+        Hbuf = np.zeros((T, rank), np.float32)
+        d = dict(down.__dict__, y_off=0, y_stride=rank)
+        p, n, _ = kn.matmul_params([kn.MatSegment(**d)], 64 // red)
+        Hbuf = kn.run_kernel(kernels, kn.MATVEC, p, dict(W=W, X=X, B=B, Y=Hbuf), (n, T, 1), T=T,
+                             read=("Y",), constants=dict(consts, FMT=kn.GPU_FORMATS[down.fmt]))["Y"]
+        p, n, _ = kn.matmul_params([up], 64 // red)
+        Y = kn.run_kernel(kernels, kn.MATVEC, p, dict(W=W, X=Hbuf, B=B, Y=Y), (n, T, 1), T=T,
+                          read=("Y",), constants=dict(consts, FMT=kn.GPU_FORMATS[up.fmt]))["Y"]
+    np.testing.assert_array_equal(out, Y)
+
+
+def test_lora_params_checks():
+    seg = kn.MatSegment(rows=32, K=64, row_words=64, w_base=0, x_off=0, y_off=0, y_stride=0)
+    up = kn.MatSegment(rows=64, K=64, row_words=64, w_base=0, x_off=0, y_off=0, y_stride=0)
+    with pytest.raises(kn.KernelError, match="must be equal"):
+        kn.lora_params([(seg, up)], 256)
+    with pytest.raises(kn.KernelError, match="pairs"):
+        kn.lora_params([], 256)
+
+
 def test_wkv_over_several_tokens(kernels):
     """Five tokens through two heads from a non-zero state: outputs and the final state."""
     rng = np.random.default_rng(10)
@@ -474,9 +578,12 @@ def _wkv_chain(T, H, r, k, v, w, a, vmix, g, vf, kkw, kaw, rk, lnw, lnb, s0, fir
     return (norm + bonus.reshape(T, C)) * g, S, v
 
 
+@pytest.mark.parametrize("prep", [True, False], ids=["prep", "no_prep"])
 @pytest.mark.parametrize("first", [True, False])
-def test_wkv_fused(kernels, first):
-    """kv_prep + wkv + groupnorm_out in one dispatch, four tokens, inputs read at slot offsets."""
+def test_wkv_fused(kernels, first, prep):
+    """kv_prep + wkv + groupnorm_out in one dispatch, four tokens, inputs read at slot offsets.
+    Without PREP (the "wkv" fusion without "kv") the kernel gets k and v already updated and kk
+    from FKK, as the three kv dispatches leave them."""
     rng = np.random.default_rng(15)
     T, H, N = 4, 2, 64
     C = H * N
@@ -488,21 +595,28 @@ def test_wkv_fused(kernels, first):
     s0 = rng.standard_normal((H, N, N)) * 0.1
     f32 = lambda *xs: [np.asarray(x, np.float32) for x in xs]  # noqa: E731
     r, k, v, g, vf, w, a, vmix, vecs, s0 = f32(r, k, v, g, vf, w, a, vmix, vecs, s0)
-    down = np.concatenate([np.zeros(4, np.float32), r.ravel(), k.ravel(), v.ravel()])
+    d64 = lambda x: x.astype(np.float64)  # noqa: E731
+    kk_in = np.zeros((T, C), np.float32)
+    k_in, v_in = k, v
+    if not prep:  # the inputs the kv dispatches would leave, rounded to f32 like theirs
+        kk_in = (k * vecs[0]).reshape(T, H, N)
+        kk_in = (kk_in / np.maximum(np.linalg.norm(kk_in, axis=-1, keepdims=True), 1e-12)).reshape(T, C)
+        k_in = k * (1 + (a - 1) * vecs[1])
+        v_in = v if first else v + (vf - v) * vmix
+    down = np.concatenate([np.zeros(4, np.float32), r.ravel(), k_in.ravel(), v_in.ravel()])
     up = np.concatenate([w.ravel(), a.ravel(), vmix.ravel(), g.ravel()])
     n = T * C
     params = dict(C=C, r=4, k=4 + n, v=4 + 2 * n, w=0, a=n, vmix=2 * n, g=3 * n,
                   kkw=0, kaw=C, rk=2 * C, lnw=3 * C, lnb=4 * C)
     res = kn.run_kernel(kernels, kn.WKV_FUSED, params,
                         dict(DOWN=down, UP=up, VEC=vecs, FVF=vf.copy(), FS=s0.copy(),
-                             FY=np.zeros((T, C), np.float32)),
-                        (H, 1, 1), T=T, constants=dict(FIRST=first), read=("FY", "FS", "FVF"))
-    d64 = lambda x: x.astype(np.float64)  # noqa: E731
+                             FY=np.zeros((T, C), np.float32), FKK=kk_in.astype(np.float32)),
+                        (H, 1, 1), T=T, constants=dict(FIRST=first, PREP=prep), read=("FY", "FS", "FVF"))
     want, S, v_used = _wkv_chain(T, H, *map(d64, (r, k, v, w, a, vmix, g, vf, *vecs, s0)), first)
     np.testing.assert_allclose(res["FS"], S, rtol=0, atol=1e-5 * np.abs(S).max())
     # GroupNorm divides by the head's spread of y: allow its relative error on the O(1) outputs
     np.testing.assert_allclose(res["FY"], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-    np.testing.assert_array_equal(res["FVF"], v if first else vf)
+    np.testing.assert_array_equal(res["FVF"], v if first and prep else vf)
 
 
 # --- embedding gather and argmax ----------------------------------------------------------------
