@@ -33,6 +33,7 @@ STEPS_PER_SUBMIT = 8  # generation steps encoded into one command buffer
 GEN_CAPACITY = 1024  # generated ids the GPU list holds before it is grown
 _ALIGN = 256  # storage binding offsets are multiples of this on every device (WebGPU maximum)
 _MAX_WORKGROUPS = 65535
+NORM_SHIFT_VEC4 = 64  # output vec4s per norm_shift workgroup (shaders/timemix.wgsl: NS_VEC4)
 
 
 class EngineError(RuntimeError):
@@ -568,7 +569,7 @@ class Engine:
             label + ".norm_shift", kn.NORM_SHIFT, dict(C=C, slot=self.Tm * C, eps=s.eps),
             dict(NX=self.buffers["x"], NW=self._vec(norm + ".weight"), NB=self._vec(norm + ".bias"),
                  NPREV=prev, NLERP=self._vec(lerp), NOUT=self.mix.buffer),
-            lambda T: (1, 1, 1), NMIX=nmix)
+            lambda T: (_ceil_div(C // 4, NORM_SHIFT_VEC4), 1, 1), NMIX=nmix)
 
         def dispatches(T: int) -> list[Dispatch]:
             if T == 1:

@@ -307,7 +307,7 @@ class Tuning:
 
     matvec_wg: int  # threads per mat-vec workgroup
     matvec_red: int  # threads sharing one output row (1 = a row per thread, no reduction)
-    matvec_unroll: int  # pieces per loop iteration per thread (2: more loads in flight)
+    matvec_unroll: int  # pieces per loop iteration per thread (2, 4: more loads in flight)
     norm_wg: int  # threads per token in layernorm / embed
     shift_wg: int
     argmax_wg: int
@@ -327,7 +327,7 @@ def choose_tuning(gpu, path: str) -> Tuning:
     row 32 threads (one subgroup on NVIDIA) with a reduction, four rows per workgroup.
 
     $RWKVLAB_TUNING overrides fields for experiments, e.g. "matvec_wg=256,matvec_red=64,
-    matvec_unroll=1" (powers of two; matvec_red <= matvec_wg; matvec_unroll 1 or 2); engines
+    matvec_unroll=1" (powers of two; matvec_red <= matvec_wg; matvec_unroll 1, 2 or 4); engines
     record their tuning (Engine.tuning).
     """
     import os
@@ -355,7 +355,7 @@ def _tuning_overrides(tuning: Tuning, text: str) -> Tuning:
                               f"of {', '.join(sorted(sizes))}")
         changes[name] = int(value)
     tuning = replace(tuning, **changes)
-    if (tuning.matvec_red > tuning.matvec_wg or tuning.matvec_unroll > 2
+    if (tuning.matvec_red > tuning.matvec_wg or tuning.matvec_unroll > 4
             or max(tuning.matvec_wg, tuning.norm_wg, tuning.argmax_wg) > 1024):
         raise KernelError(f"${TUNING_ENV}: matvec_red must be <= matvec_wg, matvec_unroll 1 or 2 "
                           f"and workgroups <= 1024 threads, got {tuning}")
@@ -650,37 +650,47 @@ def run_kernel(kernels: Kernels, spec: KernelSpec, params: dict, arrays: dict[st
 
 
 def row_words(fmt: str, K: int) -> int:
-    """u32 words per weight row of K elements in GPU format `fmt` (Q8_0, Q4_0 and Q6_K: whole
-    pairs of blocks)."""
+    """u32 words per weight row of K elements in GPU format `fmt` (Q8_0: whole super-blocks of
+    256 elements; Q4_0 and Q6_K: whole pairs of blocks)."""
     if fmt == "F32":
         return K
     if fmt in ("F16", "BF16"):
         return K // 2
     if fmt == "Q8_0":
-        return 17 * (-(-K // 64))
+        return Q8_0_SUPER_WORDS * (-(-K // 256))
     if fmt in qk.LAYOUTS:
         return qk.row_words(fmt, K)
     raise KernelError(f"no GPU layout for weight format {fmt}; the kernels read "
                       f"{', '.join(GPU_FORMATS)}")
 
 
-def q8_0_rows_padded(raw_rows: np.ndarray, K: int) -> np.ndarray:
-    """Q8_0 rows (uint8 [n, K/32*34]) laid out as the kernels read them: blocks in pairs, a
-    row with an odd block count gets one all-zero block (scale 0) appended."""
-    n = raw_rows.shape[0]
-    width = row_words("Q8_0", K) * 4
-    if raw_rows.shape[1] == width:
-        return raw_rows
-    out = np.zeros((n, width), dtype=np.uint8)
-    out[:, : raw_rows.shape[1]] = raw_rows
-    return out
+Q8_0_SUPER_WORDS = 68  # 8 blocks: 4 words of f16 scales, then 64 words of int8 quants
+
+
+def q8_0_rows_for_gpu(raw_rows: np.ndarray, K: int) -> np.ndarray:
+    """Q8_0 rows (uint8 [n, K/32*34], the file's blocks) regrouped as the kernels read them
+    (shaders/weights.wgsl): super-blocks of 8 blocks, their 8 scales (16 bytes) first, then
+    their 256 quants; a short last super-block is zero-padded (its scales 0)."""
+    n, nb = raw_rows.shape[0], K // 32
+    groups = -(-nb // 8)
+    blocks = raw_rows.reshape(n, nb, 34)
+    if nb % 8:
+        padded = np.zeros((n, groups * 8, 34), np.uint8)
+        padded[:, :nb] = blocks
+        blocks = padded
+    blocks = blocks.reshape(n, groups, 8, 34)
+    out = np.empty((n, groups, Q8_0_SUPER_WORDS * 4), np.uint8)
+    out[:, :, :16] = blocks[:, :, :, :2].reshape(n, groups, 16)
+    out[:, :, 16:] = blocks[:, :, :, 2:].reshape(n, groups, 256)
+    return out.reshape(n, groups * Q8_0_SUPER_WORDS * 4)
 
 
 def rows_for_gpu(raw_rows: np.ndarray, fmt: str, K: int) -> np.ndarray:
     """Rows of a file tensor (uint8 [n, file row bytes]) stored in GPU format `fmt` as the
-    kernels read them: the file's bytes, rows padded to whole pairs of blocks where needed."""
+    kernels read them: the file's bytes (Q8_0 regrouped into super-blocks), rows padded to
+    whole pairs of blocks where needed."""
     if fmt == "Q8_0":
-        return q8_0_rows_padded(raw_rows, K)
+        return q8_0_rows_for_gpu(raw_rows, K)
     if fmt in qk.LAYOUTS:
         return qk.rows_for_gpu(raw_rows, fmt, K)
     return raw_rows

@@ -26,7 +26,7 @@
 // point: makes xin read h), LROWS; the rank is at most LORA_MAX_RANK.
 
 override WG: u32 = 64u;
-override UNROLL: u32 = 1u;  // 1 or 2 pieces per loop iteration (see below)
+override UNROLL: u32 = 1u;  // 1, 2 or 4 pieces per loop iteration (see row_partial)
 
 @group(0) @binding(1) var<uniform> p: MatParams;
 @group(0) @binding(2) var<storage, read> W: array<vec4<u32>>;
@@ -50,47 +50,33 @@ fn xin(i: u32) -> vec4<f32> {
 }
 
 // Dot product of piece i (weights.wgsl) of the row whose first word is `row` with the input
-// whose element 0 is X[x0] (a vec4 index). Pieces of the formats of quants.wgsl are decoded by
-// quants_dot.wgsl; the others are piece_words(fmt) consecutive words (Q8_0 skips the loader's
-// padding block beyond K).
+// whose element 0 is xin(x0) (a vec4 index). Pieces of the formats of quants.wgsl are decoded
+// by quants_dot.wgsl; the others are one aligned vec4 of the row.
 fn dot_piece(fmt: u32, row: u32, i: u32, x0: u32, K: u32) -> f32 {
     if (is_quant_fmt(fmt)) {
         return quant_dot(fmt, row, i, x0, K);
     }
-    let pe = piece_elems(fmt);
-    let wi = row + i * piece_words(fmt);
-    let xi = x0 + i * (pe >> 2u);
-    let k0 = i * pe;
     switch fmt {
         case FMT_F32: {
-            return dot(bitcast<vec4<f32>>(W[wi >> 2u]), xin(xi));
+            return dot(bitcast<vec4<f32>>(W[(row >> 2u) + i]), xin(x0 + i));
         }
         case FMT_F16: {
-            let w = W[wi >> 2u];
+            let w = W[(row >> 2u) + i];
+            let xi = x0 + 2u * i;
             return dot(f16x4(w.x, w.y), xin(xi)) + dot(f16x4(w.z, w.w), xin(xi + 1u));
         }
         case FMT_BF16: {
-            let w = W[wi >> 2u];
+            let w = W[(row >> 2u) + i];
+            let xi = x0 + 2u * i;
             return dot(bf16x4(w.x, w.y), xin(xi)) + dot(bf16x4(w.z, w.w), xin(xi + 1u));
         }
-        default: {  // Q8_0: a pair of blocks (weights.wgsl)
-            var w = w_word(wi);
-            let d0 = unpack2x16float(w).x;
-            var s0 = 0.0;
-            for (var j = 0u; j < 8u; j++) {
-                let next = w_word(wi + 1u + j);
-                s0 += dot(i8x4((w >> 16u) | (next << 16u)), xin(xi + j));
-                w = next;
-            }
-            // w is now word 8, whose high half is block 1's scale
-            var s1 = 0.0;
-            if (k0 + 32u < K) {
-                for (var j = 0u; j < 8u; j++) {
-                    s1 += dot(i8x4(w_word(wi + 9u + j)), xin(xi + 8u + j));
-                }
-                s1 *= unpack2x16float(w).y;
-            }
-            return d0 * s0 + s1;
+        default: {  // Q8_0: vec4 j of super-block g's quants (weights.wgsl), 16 elements
+            let sb = (row >> 2u) + (i >> 4u) * 17u;
+            let q = W[sb + 1u + (i & 15u)];
+            let d = q8_0_scale(W[sb][(i >> 2u) & 3u], i >> 1u);
+            let xi = x0 + 4u * i;
+            return d * (dot(i8x4(q.x), xin(xi)) + dot(i8x4(q.y), xin(xi + 1u))
+                        + dot(i8x4(q.z), xin(xi + 2u)) + dot(i8x4(q.w), xin(xi + 3u)));
         }
     }
 }
@@ -112,8 +98,8 @@ fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
 }
 
 // This lane's part of row `m` of segment `sg` dotted with the input from vec4 index x0: every
-// RED-th piece. UNROLL = 2: two pieces per iteration into two sums, so twice the loads are in
-// flight per thread (what keeps a GPU's memory busy when a row has few pieces per thread);
+// RED-th piece. UNROLL = 2 (4): two (four) pieces per iteration into as many sums, so more loads
+// are in flight per thread (what keeps a GPU's memory busy when a row has few pieces per thread);
 // CPU adapters run slower with it, so it is a per-device-class constant.
 fn row_partial(sg: Seg, m: u32, x0: u32, lane: u32) -> f32 {
     let fmt = seg_fmt(sg);
@@ -122,8 +108,18 @@ fn row_partial(sg: Seg, m: u32, x0: u32, lane: u32) -> f32 {
     let row = sg.w_base + m * sg.row_words;
     var acc = 0.0;
     var acc1 = 0.0;
+    var acc2 = 0.0;
+    var acc3 = 0.0;
     var i = lane;
-    if (UNROLL == 2u) {
+    if (UNROLL == 4u) {
+        for (; i + 3u * RED < n; i += 4u * RED) {
+            acc += dot_piece(fmt, row, i, x0, sg.K);
+            acc1 += dot_piece(fmt, row, i + RED, x0, sg.K);
+            acc2 += dot_piece(fmt, row, i + 2u * RED, x0, sg.K);
+            acc3 += dot_piece(fmt, row, i + 3u * RED, x0, sg.K);
+        }
+    }
+    if (UNROLL >= 2u) {
         for (; i + RED < n; i += 2u * RED) {
             acc += dot_piece(fmt, row, i, x0, sg.K);
             acc1 += dot_piece(fmt, row, i + RED, x0, sg.K);
@@ -132,7 +128,7 @@ fn row_partial(sg: Seg, m: u32, x0: u32, lane: u32) -> f32 {
     for (; i < n; i += RED) {
         acc += dot_piece(fmt, row, i, x0, sg.K);
     }
-    return acc + acc1;
+    return (acc + acc1) + (acc2 + acc3);
 }
 
 @compute @workgroup_size(WG)

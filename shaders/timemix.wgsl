@@ -123,13 +123,16 @@ fn activate_inplace(@builtin(global_invocation_id) gid: vec3<u32>) {
 
 // norm_shift (the "norm_shift" fusion, one-token steps only): layernorm + shift_mix.
 //   XN = LayerNorm(NX[0]; NW, NB);  NOUT[j] = XN + (NPREV - XN) * NLERP[j];  NPREV = XN
-// With one token a single workgroup holds everything, so the read of NPREV and its update need
-// no second dispatch (with T > 1 the plan keeps layernorm + shift_mix).
+// Every workgroup computes the token's mean and variance (the same loops and reduction as
+// layernorm, so the same bits; the token is read from L2), then writes NS_VEC4 vec4s of the
+// outputs: many workgroups share the writes, which one workgroup did alone before (20 us for
+// C = 2560 on an H100). Each channel's NPREV is read and updated by the same thread, so no
+// second dispatch is needed (with T > 1 the plan keeps layernorm + shift_mix).
 //   0 run  uniform Run          1 np uniform NormShiftParams {C, slot, eps}
 //   2 NX   read array<vec4<f32>> [1, C]   block input x
 //   3 NW, 4 NB read array<vec4<f32>> [C]  LayerNorm weight, bias
 //   5 NPREV read_write [C]  6 NLERP read [NMIX, C]  7 NOUT read_write [NMIX][slot]
-//   Dispatch: (1, 1, 1), WG threads, RED = WG. Constants: WG, RED, NMIX.
+//   Dispatch: (ceil(C / 4 / NS_VEC4), 1, 1), WG threads, RED = WG. Constants: WG, RED, NMIX.
 
 struct NormShiftParams {
     C: u32,
@@ -145,8 +148,10 @@ struct NormShiftParams {
 @group(0) @binding(6) var<storage, read> NLERP: array<vec4<f32>>;
 @group(0) @binding(7) var<storage, read_write> NOUT: array<vec4<f32>>;
 
+const NS_VEC4: u32 = 64u;  // output vec4s per norm_shift workgroup (engine.py: NORM_SHIFT_VEC4)
+
 @compute @workgroup_size(WG)
-fn norm_shift(@builtin(local_invocation_index) lid: u32) {
+fn norm_shift(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let c4 = np.C >> 2u;
     var s = 0.0;
     for (var i = lid; i < c4; i += WG) {
@@ -160,7 +165,8 @@ fn norm_shift(@builtin(local_invocation_index) lid: u32) {
     }
     let rstd = inverseSqrt(group_sum(ss, lid) / f32(np.C) + np.eps);
     let slot4 = np.slot >> 2u;
-    for (var i = lid; i < c4; i += WG) {
+    let end = min(c4, (wg.x + 1u) * NS_VEC4);
+    for (var i = wg.x * NS_VEC4 + lid; i < end; i += WG) {
         let xn = (NX[i] - mean) * rstd * NW[i] + NB[i];
         let d = NPREV[i] - xn;
         for (var j = 0u; j < NMIX; j++) {

@@ -11,18 +11,19 @@
 //   FMT 0  F32    a row of K elements is K words.
 //   FMT 1  F16    K/2 words; element 2i in the low half of word i (unpack2x16float).
 //   FMT 2  BF16   K/2 words; a bf16 is the high half of an f32, so shifting it up is exact.
-//   FMT 3  Q8_0   blocks of 32 elements: f16 scale d, then 32 int8 q (34 bytes); value d * q.
-//                 34 is not a multiple of 4, so only every second block is word aligned: blocks
-//                 are read in PAIRS (68 bytes = 17 words = 64 elements). Block 0 of a pair has
-//                 its scale in the low half of word 0 and its quants in bytes 2..33 (straddling
-//                 words); block 1 has its scale in the high half of word 8 and its quants in the
-//                 aligned words 9..16. A row is ceil(K/64) pairs; the loader pads rows with an
-//                 odd block count by one all-zero block, and readers skip it (k >= K).
+//   FMT 3  Q8_0   blocks of 32 elements: f16 scale d, then 32 int8 q (34 bytes in the file);
+//                 value d * q. 34 bytes do not align, so the loader regroups each row into
+//                 SUPER-BLOCKS of 8 blocks (256 elements, 272 bytes = 17 vec4): vec4 0 holds
+//                 the 8 scales (block b's in half b % 2 of word b / 2), vec4s 1..16 the 256
+//                 quants in order. A row is ceil(K / 256) super-blocks (a short last one is
+//                 zero-padded; readers stop at K). Every 16 quants are one aligned vec4, so a
+//                 mat-vec lane reads 16 bytes per load and neighbouring lanes read neighbouring
+//                 vec4s (coalesced), which the file's 34-byte blocks never allow.
 //   FMT 4..7  Q4_0, Q4_K, Q5_K, Q6_K: blocks as in the file (Q4_0 and Q6_K in pairs, like
 //                 Q8_0); see quants.wgsl, which load4 hands them to.
 //
 // A "piece" is what one thread decodes per step of a mat-vec loop: piece_elems(fmt) elements
-// held in piece_words(fmt) words (F32 4/4, F16 and BF16 8/4, Q8_0 64/17; the formats of
+// (F32 4, F16 and BF16 8: one vec4; Q8_0 16: one vec4 of quants and its scale; the formats of
 // quants.wgsl have pieces of 64 elements that are not all contiguous words: quants_dot.wgsl).
 //
 // The format is the override constant FMT, so each pipeline is specialised to one format; a
@@ -41,15 +42,9 @@ fn piece_elems(fmt: u32) -> u32 {
     switch fmt {
         case FMT_F32: { return 4u; }
         case FMT_F16, FMT_BF16: { return 8u; }
-        default: { return 64u; }  // Q8_0 and the formats of quants.wgsl
+        case FMT_Q8_0: { return 16u; }
+        default: { return 64u; }  // the formats of quants.wgsl
     }
-}
-
-fn piece_words(fmt: u32) -> u32 {
-    if (fmt == FMT_Q8_0) {
-        return 17u;
-    }
-    return 4u;
 }
 
 // Word i of W (scalar access for formats whose pieces are not 16-byte aligned).
@@ -76,6 +71,12 @@ fn bf16x4(w0: u32, w1: u32) -> vec4<f32> {
     return vec4<f32>(bf16x2(w0), bf16x2(w1));
 }
 
+// Block b's scale from the scale word holding blocks b & ~1 and b | 1.
+fn q8_0_scale(w: u32, b: u32) -> f32 {
+    let d = unpack2x16float(w);
+    return select(d.x, d.y, (b & 1u) == 1u);
+}
+
 // Elements k..k+3 (k % 4 == 0, k < K) of the row whose first word is `row`.
 fn load4(fmt: u32, row: u32, k: u32) -> vec4<f32> {
     switch fmt {
@@ -91,17 +92,10 @@ fn load4(fmt: u32, row: u32, k: u32) -> vec4<f32> {
             return bf16x4(w_word(i), w_word(i + 1u));
         }
         case FMT_Q8_0: {
-            let pair = row + (k >> 6u) * 17u;
-            let e = k & 63u;
-            if (e < 32u) {
-                let d = unpack2x16float(w_word(pair)).x;
-                let i = pair + (e >> 2u);
-                // quants of block 0 sit 2 bytes into the pair: glue two half words
-                let q = (w_word(i) >> 16u) | (w_word(i + 1u) << 16u);
-                return d * i8x4(q);
-            }
-            let d = unpack2x16float(w_word(pair + 8u)).y;
-            return d * i8x4(w_word(pair + 9u + ((e - 32u) >> 2u)));
+            let sb = row + (k >> 8u) * 68u;  // super-block: 4 words of scales, 64 of quants
+            let e = k & 255u;
+            let d = q8_0_scale(w_word(sb + (e >> 6u)), e >> 5u);
+            return d * i8x4(w_word(sb + 4u + (e >> 2u)));
         }
         default: {
             return quant_load4(fmt, row, k);

@@ -151,7 +151,7 @@ def test_tuning_overrides():
     t = kn._tuning_overrides(base, "matvec_wg=256, matvec_red=32")
     assert (t.matvec_wg, t.matvec_red, t.norm_wg) == (256, 32, 64)
     assert kn._tuning_overrides(base, "") == base
-    for bad in ("matvec_wg=96", "warp=32", "matvec_red=128", "matvec_unroll=4"):
+    for bad in ("matvec_wg=96", "warp=32", "matvec_red=128", "matvec_unroll=8"):
         with pytest.raises(kn.KernelError, match="RWKVLAB_TUNING"):
             kn._tuning_overrides(base, bad)
 
@@ -226,7 +226,7 @@ ACT_FUNCS = {
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("red", [1, 8, 32])
-@pytest.mark.parametrize("unroll", [1, 2])
+@pytest.mark.parametrize("unroll", [1, 2, 4])
 def test_matvec(kernels, fmt, red, unroll):
     """K = 96 is no multiple of the 64-thread workgroup nor of a Q8_0 / Q4_0 pair (3 blocks:
     padded); with 8 threads per row the unrolled loop ends on an odd piece (K-quants: K = 768,
@@ -536,17 +536,19 @@ def test_wkv_over_several_tokens(kernels):
 
 
 @pytest.mark.parametrize("nmix", [6, 1])
-def test_norm_shift(kernels, nmix):
-    """LayerNorm + token shift of one token in one dispatch; PREV becomes the normed token."""
+@pytest.mark.parametrize("C", [256, 640])
+def test_norm_shift(kernels, nmix, C):
+    """LayerNorm + token shift of one token in one dispatch; PREV becomes the normed token.
+    C = 640 is three workgroups of 64 vec4s, the last one partly idle."""
     rng = np.random.default_rng(14)
-    C, eps, slot = 256, 1e-5, 3 * 256
+    eps, slot = 1e-5, 3 * C
     x = (rng.standard_normal(C) * 2 + 1).astype(np.float32)
     w, b, prev = (rng.standard_normal(C).astype(np.float32) for _ in range(3))
     lerp = rng.random((nmix, C)).astype(np.float32)
     res = kn.run_kernel(kernels, kn.NORM_SHIFT, dict(C=C, slot=slot, eps=eps),
                         dict(NX=x, NW=w, NB=b, NPREV=prev, NLERP=lerp,
                              NOUT=np.zeros((nmix, slot), np.float32)),
-                        (1, 1, 1), T=1, constants=dict(NMIX=nmix), read=("NOUT", "NPREV"))
+                        (-(-C // 256), 1, 1), T=1, constants=dict(NMIX=nmix), read=("NOUT", "NPREV"))
     xn = _layernorm(x.astype(np.float64), w, b, eps)
     tol = 2e-5 * (1 + np.abs(xn)).max()
     np.testing.assert_allclose(res["NPREV"], xn, rtol=0, atol=tol)
@@ -692,14 +694,24 @@ def test_argmax_everything_minus_inf(kernels):
 # --- host-side layout helpers -------------------------------------------------------------------
 
 
-def test_row_words_and_q8_0_padding():
+def test_row_words_and_q8_0_super_blocks():
+    """Q8_0 rows become super-blocks of 8 blocks (scales first, then quants); 9 blocks make a
+    second, zero-padded super-block."""
     assert kn.row_words("F32", 96) == 96 and kn.row_words("F16", 96) == 48
-    assert kn.row_words("Q8_0", 64) == 17 and kn.row_words("Q8_0", 32) == 17
-    rows = np.arange(2 * 34, dtype=np.uint8).reshape(2, 34)  # one block per row: odd count
-    padded = kn.q8_0_rows_padded(rows, 32)
-    assert padded.shape == (2, 68)
-    np.testing.assert_array_equal(padded[:, :34], rows)
-    np.testing.assert_array_equal(padded[:, 34:], 0)
+    assert kn.row_words("Q8_0", 256) == 68 and kn.row_words("Q8_0", 32) == 68
+    assert kn.row_words("Q8_0", 288) == 136
+    rng = np.random.default_rng(3)
+    rows = rng.integers(0, 256, (2, 9 * 34), dtype=np.uint8)  # 9 blocks per row
+    out = kn.q8_0_rows_for_gpu(rows, 288)
+    assert out.shape == (2, 136 * 4)
+    blocks = rows.reshape(2, 9, 34)
+    for b in range(9):
+        g, j = divmod(b, 8)
+        base = g * 272
+        np.testing.assert_array_equal(out[:, base + 2 * j: base + 2 * j + 2], blocks[:, b, :2])
+        np.testing.assert_array_equal(out[:, base + 16 + 32 * j: base + 48 + 32 * j], blocks[:, b, 2:])
+    np.testing.assert_array_equal(out[:, 272 + 2:272 + 16], 0)  # padded blocks: scale 0
+    np.testing.assert_array_equal(out[:, 272 + 48:], 0)
     with pytest.raises(kn.KernelError, match="Q2_K"):
         kn.row_words("Q2_K", 256)
 
