@@ -558,11 +558,13 @@ def history_figure(history: pd.DataFrame, judged: pd.DataFrame | None):
 
     if len(history) and judged is not None:
         fig = go.FigureWidget(plots.timeline(history, judged))
+        fig.update_layout(title_text="The history and this session's runs (★); red X: output changed")
     else:
         fig = go.FigureWidget(make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.09,
                                             subplot_titles=["Prefill speed (tok/s)", "Generation speed (tok/s)"]))
-        fig.update_layout(title="Prefill and generation speed (no history yet)", height=600,
-                          template="plotly_white")
+        fig.update_layout(title="This session's runs (no history yet)", height=600, template="plotly_white")
+    # A fixed width: inside a widget box plotly cannot measure its container and falls back to 700 px.
+    fig.update_layout(width=1150)
     for row in (1, 2):
         fig.add_trace(go.Scatter(
             x=[], y=[], text=[], mode="markers", name=SESSION_TRACE, legendgroup=SESSION_TRACE,
@@ -729,9 +731,11 @@ class Panel:
         self.backend = w.Dropdown(options=self._backend_options(), value="auto", layout=w.Layout(width="420px"))
         self.fusion_boxes = {name: w.Checkbox(value=False, description=name, indent=False,
                                               layout=w.Layout(width="120px")) for name in FUSIONS}
-        fusion_rows = [w.HBox([box, w.HTML(f"<span style='font-size:11px;color:#5a6473;line-height:1.3'>"
-                                           f"{html.escape(FUSIONS[name])}</span>",
-                                           layout=w.Layout(width="400px"))])
+        # A block-level div: ipywidgets' HTML line height (one widget row) would space the
+        # description's lines a row apart.
+        fusion_rows = [w.HBox([box, w.HTML(f"<div style='font-size:11px;color:#5a6473;line-height:1.3;"
+                                           f"padding-top:5px'>{html.escape(FUSIONS[name])}</div>",
+                                           layout=w.Layout(width="420px"))])
                        for name, box in self.fusion_boxes.items()]
         d = BenchSettings()
         number = dict(layout=w.Layout(width="80px"))
@@ -790,7 +794,9 @@ class Panel:
                         "<span style='color:#5a6473'>Each run is a fresh worker process "
                         "(<code>rwkvlab bench --json --no-save</code>): a driver crash costs the run, "
                         "never the kernel.</span>")
-        self.widget = w.VBox([header, w.HBox([controls, results]), self.plot, log])
+        body = w.HBox([controls, results])
+        body.add_class("rwkvlab-controls")
+        self.widget = w.VBox([header, body, self.plot, log])
         self.widget.add_class("rwkvlab-panel")
         self._on_source({"new": self.source.value})
 

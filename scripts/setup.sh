@@ -37,3 +37,17 @@ if ! "$VENV/bin/python" -m rwkvlab.gpu --check >/dev/null 2>&1; then
         exit 1
     fi
 fi
+
+# The browser test (tests/test_browser.py) drives Debian's Chromium through Playwright, whose
+# Python package is only the driver: the browser comes from apt, never from `playwright install`.
+if [ ! -x /usr/bin/chromium ]; then
+    if command -v apt-get >/dev/null 2>&1; then
+        echo "setup: installing Debian's chromium for the browser test" >&2
+        sudo=""
+        [ "$(id -u)" -ne 0 ] && sudo="sudo"
+        $sudo apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+    else
+        echo "setup: /usr/bin/chromium is missing and there is no apt-get; tests/test_browser.py will fail" >&2
+    fi
+fi
