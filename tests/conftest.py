@@ -15,6 +15,12 @@ import pytest
 FIXTURES = Path(os.environ.get("RWKVLAB_FIXTURES")
                 or Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "rwkv7-tiny")
 
+# The four seed history files (86 runs recorded on an Apple M2 Max by the project this grew from).
+# Tests and the checked notebook read these, never the whole data/benchmarks/ folder, which grows
+# with every run the lab records.
+SEED_HISTORY = sorted((Path(__file__).resolve().parents[1] / "data" / "benchmarks").glob("m2max-*.md"))
+assert len(SEED_HISTORY) == 4, SEED_HISTORY
+
 # The weight formats of the reference files: tiny-<fmt>.gguf with tiny-<fmt>.logits.npy.
 FORMATS = ["f32", "f16", "bf16", "q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K"]
 

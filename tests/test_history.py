@@ -29,6 +29,7 @@ from rwkvlab.history import (
     sidecar_path,
 )
 from rwkvlab.quality import quality_hash
+from conftest import SEED_HISTORY
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = REPO / "data" / "benchmarks"
@@ -73,7 +74,7 @@ def without_lines(text: str, first: int, last: int) -> str:
 
 @pytest.fixture(scope="module")
 def seeds() -> pd.DataFrame:
-    df, messages = read_quietly(SEEDS)
+    df, messages = read_quietly(SEED_HISTORY)
     assert messages == []  # the seed files are well formed: not one warning
     return df
 

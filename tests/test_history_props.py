@@ -24,11 +24,12 @@ from rwkvlab.history import (
     parse_history_text,
     read_history,
 )
+from conftest import SEED_HISTORY
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = REPO / "data" / "benchmarks"
 LOADING_TEXT = (SEEDS / "m2max-loading.md").read_text(encoding="utf-8")
-SEED_LINES = sorted({line for p in SEEDS.glob("*.md") for line in p.read_text(encoding="utf-8").splitlines()})
+SEED_LINES = sorted({line for p in SEED_HISTORY for line in p.read_text(encoding="utf-8").splitlines()})
 TRICKY_LINES = [
     "```", "~~~", "```bash", "## ", "##", "# Title", "### ", "###", "### 2026-13-45 99:99:99 - bad",
     "### 2026-01-01 00:00:00", "### 2026-01-01T00:00:00Z - iso", "### notes", "#### deeper", "| a |",

@@ -14,15 +14,15 @@ import pytest
 
 from rwkvlab import plots
 from rwkvlab.history import read_history
+from conftest import SEED_HISTORY
 
 REPO = Path(__file__).resolve().parents[1]
-HISTORY = REPO / "data" / "benchmarks"
 N_RUNS = 86
 
 
 @pytest.fixture(scope="module")
 def runs() -> pd.DataFrame:
-    df = read_history(HISTORY)
+    df = read_history(SEED_HISTORY)
     assert len(df) == N_RUNS
     return df
 

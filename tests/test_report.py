@@ -19,29 +19,29 @@ from rwkvlab import report
 from rwkvlab.cli import main
 from rwkvlab.history import read_history
 from rwkvlab.verdicts import verdicts
+from conftest import SEED_HISTORY
 
 REPO = Path(__file__).resolve().parents[1]
-HISTORY = REPO / "data" / "benchmarks"
 N_RUNS = 86
 EXTERNAL = re.compile(r"<(script|link|img|iframe)\b[^>]*\b(src|href)\s*=\s*[\"']?\s*(https?:)?//", re.I)
 
 
 @pytest.fixture(scope="module")
 def seed() -> tuple[pd.DataFrame, pd.DataFrame]:
-    df = read_history(HISTORY)
+    df = read_history(SEED_HISTORY)
     return df, verdicts(df)
 
 
 @pytest.fixture(scope="module")
 def report_page(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("report") / "tmp.html"
-    assert main(["report", str(HISTORY), "-o", str(out)]) == 0
+    assert main(["report", *map(str, SEED_HISTORY), "-o", str(out)]) == 0
     return out.read_text(encoding="utf-8")
 
 
 def test_report_command_prints_the_path(tmp_path, capsys):
     out = tmp_path / "sub" / "r.html"
-    assert main(["report", str(HISTORY), "-o", str(out)]) == 0
+    assert main(["report", *map(str, SEED_HISTORY), "-o", str(out)]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     assert out.stat().st_size > 4_000_000  # the inlined plotly.js bundle alone is ~4.8 MB
 
@@ -97,7 +97,7 @@ def test_report_escapes_text_from_the_history(seed):
 
 def test_history_csv_has_every_run_and_its_verdicts(seed, capsys):
     df, v = seed
-    assert main(["history", str(HISTORY), "--format", "csv"]) == 0
+    assert main(["history", *map(str, SEED_HISTORY), "--format", "csv"]) == 0
     back = pd.read_csv(io.StringIO(capsys.readouterr().out))
     assert len(back) == N_RUNS
     assert list(back["line"]) == list(df["line"])
@@ -110,7 +110,7 @@ def test_history_csv_has_every_run_and_its_verdicts(seed, capsys):
 
 def test_history_json_has_every_run(seed, capsys):
     df, v = seed
-    assert main(["history", str(HISTORY), "--format", "json"]) == 0
+    assert main(["history", *map(str, SEED_HISTORY), "--format", "json"]) == 0
     records = json.loads(capsys.readouterr().out)
     assert len(records) == N_RUNS
     assert [r["quality_hash"] for r in records] == list(df["quality_hash"])
@@ -122,7 +122,9 @@ def test_history_json_has_every_run(seed, capsys):
 def test_history_table_is_one_aligned_line_per_run(seed, capsys, monkeypatch):
     df, v = seed
     monkeypatch.chdir(REPO)  # the default path, data/benchmarks, is relative to the repo root
-    assert main(["history"]) == 0
+    assert main(["history"]) == 0  # the default folder reads (it holds the seeds and newer runs)
+    assert len(capsys.readouterr().out.splitlines()) > N_RUNS
+    assert main(["history", *map(str, SEED_HISTORY)]) == 0
     out = capsys.readouterr().out.splitlines()
     header, rule = out[0], out[1]
     rows = out[2:2 + N_RUNS]

@@ -20,9 +20,9 @@ from rwkvlab.verdicts import (
     judge,
     verdicts,
 )
+from conftest import SEED_HISTORY
 
 REPO = Path(__file__).resolve().parents[1]
-SEEDS = REPO / "data" / "benchmarks"
 FUSION = "m2max-fusion-and-metal.md"
 UTC = timezone.utc
 SPEED = ("improvement", "regression", "within noise", "no reference")
@@ -30,7 +30,7 @@ SPEED = ("improvement", "regression", "within noise", "no reference")
 
 @pytest.fixture(scope="module")
 def seeds() -> tuple[pd.DataFrame, pd.DataFrame]:
-    df = read_history(SEEDS)
+    df = read_history(SEED_HISTORY)
     return df, verdicts(df)
 
 
