@@ -229,7 +229,12 @@ def run_worker(cmd: Sequence[str], *, timeout: float = 1800.0,
         proc.wait()
     finally:
         timer.cancel()
+        if proc.poll() is None:  # interrupted while reading: never leave the worker running
+            proc.kill()
+            proc.wait()
     reader.join()
+    proc.stdout.close()
+    proc.stderr.close()
     seconds = time.perf_counter() - start
     stderr = "\n".join(lines)
     stdout = b"".join(out).decode("utf-8", errors="replace").strip()
