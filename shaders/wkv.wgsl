@@ -4,13 +4,11 @@
 //   sa_i = sum_j (-kk_j) S[i][j]
 //   S[i][j] = S[i][j] * w_j + v_i * k_j + sa_i * (kk_j * a_j)
 //   y_i = sum_j S[i][j] * r_j                      (with the updated S)
-// One workgroup per head, 64 threads; thread i updates row i of S. The head's state lives in
-// workgroup memory for the whole chunk (rows padded to 65 floats, so the 64 threads reading
-// column j of their rows hit 64 different banks); it is read from and written to the state
-// buffer once, coalesced (consecutive threads, consecutive floats). A 64-float array per
-// thread in registers, the first version, was indexed in loops and so lived in local memory,
-// uncoalesced: 37 us per layer for one token on an H100. The token's r, w, k, -kk and kk*a are
-// shared through workgroup memory too (every thread needs all 64 of each).
+// One workgroup per head, 64 threads; thread i keeps row i of S in registers for the whole
+// chunk and reads it from / writes it to the state buffer once. (Keeping the head's state in
+// workgroup memory instead, loaded and stored coalesced, measured slower on an H100: 52 us
+// per layer and token against 37; docs/perf-notes.md.) The token's r, w, k, -kk and
+// kk*a are shared through workgroup memory (every thread needs all 64 of each).
 //
 // Bindings (group 0):
 //   0 run  uniform Run            1 p  uniform HeadParams {C}
@@ -62,36 +60,16 @@ var<workgroup> k_s: array<f32, 64>;
 var<workgroup> nkk_s: array<f32, 64>;
 var<workgroup> kka_s: array<f32, 64>;
 
-var<workgroup> s_sh: array<f32, 4160>;  // the head's state, 64 rows of 65 (one float of padding)
-
 const GROUP_NORM_EPS: f32 = 64e-5;  // 1e-5 * head_size_divisor^2 (8^2), as in norm.wgsl
-const ROW: u32 = 65u;
-
-// One token's update of state row `i` (in s_sh) from the shared vectors; returns y_i.
-fn update_row(i: u32, v: f32) -> f32 {
-    let base = i * ROW;
-    var sa = 0.0;
-    for (var j = 0u; j < N; j++) {
-        sa += nkk_s[j] * s_sh[base + j];
-    }
-    var y = 0.0;
-    for (var j = 0u; j < N; j++) {
-        let sj = s_sh[base + j] * w_s[j] + v * k_s[j] + sa * kka_s[j];
-        s_sh[base + j] = sj;
-        y += sj * r_s[j];
-    }
-    return y;
-}
 
 @compute @workgroup_size(64)
 fn wkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let h = wg.x;
-    let head = h * N * N;
-    // coalesced: float e of the head's state is row e / 64, column e % 64
-    for (var e = lid; e < N * N; e += 64u) {
-        s_sh[(e >> 6u) * ROW + (e & 63u)] = S[head + e];
+    let row = (h * N + lid) * N;
+    var s: array<f32, 64>;
+    for (var j = 0u; j < N; j++) {
+        s[j] = S[row + j];
     }
-    workgroupBarrier();
     for (var t = 0u; t < run.T; t++) {
         let e = t * p.C + h * N + lid;
         r_s[lid] = R[e];
@@ -101,12 +79,23 @@ fn wkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li
         nkk_s[lid] = -kk;
         kka_s[lid] = kk * A[e];
         workgroupBarrier();
-        Y[e] = update_row(lid, V[e]);
+        let v = V[e];
+        var sa = 0.0;
+        for (var j = 0u; j < N; j++) {
+            sa += nkk_s[j] * s[j];
+        }
+        var y = 0.0;
+        for (var j = 0u; j < N; j++) {
+            let sj = s[j] * w_s[j] + v * k_s[j] + sa * kka_s[j];
+            s[j] = sj;
+            y += sj * r_s[j];
+        }
+        Y[e] = y;
         // The next token overwrites the shared vectors.
         workgroupBarrier();
     }
-    for (var e = lid; e < N * N; e += 64u) {
-        S[head + e] = s_sh[(e >> 6u) * ROW + (e & 63u)];
+    for (var j = 0u; j < N; j++) {
+        S[row + j] = s[j];
     }
 }
 
@@ -139,11 +128,11 @@ struct FusedParams {
 fn wkv_fused(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let h = wg.x;
     let c = h * N + lid;
-    let head = h * N * N;
-    for (var e = lid; e < N * N; e += 64u) {
-        s_sh[(e >> 6u) * ROW + (e & 63u)] = FS[head + e];
+    let row = c * N;
+    var s: array<f32, 64>;
+    for (var j = 0u; j < N; j++) {
+        s[j] = FS[row + j];
     }
-    workgroupBarrier();
     for (var t = 0u; t < run.T; t++) {
         let e = t * fp.C + c;
         let r = DOWN[fp.r + e];
@@ -172,7 +161,16 @@ fn wkv_fused(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
         nkk_s[lid] = -kk;
         kka_s[lid] = kk * a;
         workgroupBarrier();
-        let y = update_row(lid, v);
+        var sa = 0.0;
+        for (var j = 0u; j < N; j++) {
+            sa += nkk_s[j] * s[j];
+        }
+        var y = 0.0;
+        for (var j = 0u; j < N; j++) {
+            let sj = s[j] * w_s[j] + v * k_s[j] + sa * kka_s[j];
+            s[j] = sj;
+            y += sj * r_s[j];
+        }
         // groupnorm_out; its group_sum barriers also keep the next token from overwriting the
         // shared vectors while a thread still reads them.
         let mean = group_sum(y, lid) / 64.0;
@@ -181,9 +179,7 @@ fn wkv_fused(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
         let bonus = group_sum(r * kn * VEC[fp.rk + c], lid) * v;
         FY[e] = (d * rstd * VEC[fp.lnw + c] + VEC[fp.lnb + c] + bonus) * UP[fp.g + e];
     }
-    // every row is final only once all threads are past the last token
-    workgroupBarrier();
-    for (var e = lid; e < N * N; e += 64u) {
-        FS[head + e] = s_sh[(e >> 6u) * ROW + (e & 63u)];
+    for (var j = 0u; j < N; j++) {
+        FS[row + j] = s[j];
     }
 }

@@ -436,9 +436,10 @@ def test_activate_in_place(kernels):
 def test_lora_pairs_equal_two_matvecs(kernels, red):
     """Two LoRA pairs (Q8_0 / F32, and F16 / BF16: a mixed table) in one lora dispatch, two tokens.
     Each pair: down (rank 96 / 64 rows over K = 128) with its activation, up (C = 300 rows over
-    the rank, LROWS = 256: a second, partial workgroup) with bias and activation. The result is
-    bit-identical to the matvec dispatches it replaces (same loop and reduction) and within the
-    fp32 bound of float64 NumPy."""
+    the rank, LROWS = 256: a second, partial workgroup) with bias and activation. The result
+    equals the matvec dispatches it replaces (same loop and reduction: bit-identical on lavapipe;
+    an H100's driver may contract multiply-adds differently in the two pipelines, so 1e-6
+    relative is allowed) and is within 1e-4 of float64 NumPy (f32 sums over K = 128 then 96)."""
     rng = np.random.default_rng(21)
     T, K, C = 2, 128, 300
     pairs = [("Q8_0", "F32", 96, "tanh", "decay"), ("F16", "BF16", 64, "sigmoid", "none")]
@@ -493,7 +494,7 @@ def test_lora_pairs_equal_two_matvecs(kernels, red):
         p, n, _ = kn.matmul_params([up], 64 // red)
         Y = kn.run_kernel(kernels, kn.MATVEC, p, dict(W=W, X=Hbuf, B=B, Y=Y), (n, T, 1), T=T,
                           read=("Y",), constants=dict(consts, FMT=kn.GPU_FORMATS[up.fmt]))["Y"]
-    np.testing.assert_array_equal(out, Y)
+    np.testing.assert_allclose(out, Y, rtol=1e-6, atol=1e-7)
 
 
 def test_lora_params_checks():
