@@ -49,6 +49,11 @@ FUSIONS: dict[str, str] = {
     "ffn": "channel mix: the key product applies relu^2 in its epilogue and the value product "
            "reads it directly (2 dispatches instead of key, activate, value)",
 }
+# Options' default (the fastest correct plan measured on an H100, docs/perf-notes.md): every
+# fusion but lora, whose kernel recomputes a LoRA's down product in every workgroup (cheap on
+# tiny models, 33 ms per token on a 2.9B one).
+DEFAULT_FUSIONS = frozenset(FUSIONS) - {"lora"}
+
 # Weight formats the kernels read directly (FMT override constant, see shaders/weights.wgsl;
 # Q4_0, Q4_K, Q5_K and Q6_K are decoded by shaders/quants.wgsl, laid out by quant_kernels).
 GPU_FORMATS: dict[str, int] = {"F32": 0, "F16": 1, "BF16": 2, "Q8_0": 3, **qk.QUANT_FORMATS}

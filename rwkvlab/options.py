@@ -30,7 +30,8 @@ class Options:
               dequantized inside the kernels); ``f16`` dequantizes every matrix to f16 at load.
     chunk:    tokens per prefill chunk (batched matrix products over the chunk).
     gemm_min_tokens: below this many tokens a chunk uses the mat-vec kernels instead of GEMM.
-    fusions:  names of kernel-plan rewrites to apply (see rwkvlab.kernels for the list).
+    fusions:  names of kernel-plan rewrites to apply (see rwkvlab.kernels for the list);
+              default: the fastest correct set measured (rwkvlab.kernels.DEFAULT_FUSIONS).
     """
 
     backend: str = "auto"
@@ -38,7 +39,7 @@ class Options:
     weights: str = "native"
     chunk: int = 64
     gemm_min_tokens: int = 2
-    fusions: frozenset[str] = field(default_factory=frozenset)
+    fusions: frozenset[str] = field(default_factory=lambda: default_fusions())
 
     def __post_init__(self) -> None:
         _check_choice("backend", self.backend, BACKENDS)
@@ -83,6 +84,15 @@ def known_fusions() -> tuple[str, ...] | None:
     except ImportError:
         return None
     return tuple(sorted(FUSIONS))
+
+
+def default_fusions() -> frozenset[str]:
+    """The default fusion set (``rwkvlab.kernels.DEFAULT_FUSIONS``), or none without the kernels."""
+    try:
+        from rwkvlab.kernels import DEFAULT_FUSIONS
+    except ImportError:
+        return frozenset()
+    return DEFAULT_FUSIONS
 
 
 def _check_fusion_names(names: frozenset[str]) -> None:

@@ -292,7 +292,8 @@ def test_history_reads_back_every_field(bench):
     assert row["generation_tps"] == pytest.approx(record.generation_tps, abs=0.005)
     assert row["quality_hash"] == record.quality_hash
     assert row["quality_tokens"] == record.quality_tokens[:16]
-    assert (row["backend"], row["path"], row["weights"], row["fusions"]) == ("vulkan", "webgpu", "native", "none")
+    default_fusions = ", ".join(sorted(Options().fusions)) or "none"  # Options' default set
+    assert (row["backend"], row["path"], row["weights"], row["fusions"]) == ("vulkan", "webgpu", "native", default_fusions)
     assert row["chunk"] == 64 and row["dispatches_token"] == record.dispatches_per_token
     assert row["commit"] == record.commit
     # A commit hash that looks like a number (digits, or 1234e56) must stay text.

@@ -34,11 +34,13 @@ MARGIN = 0.05
 
 @pytest.fixture(scope="module")
 def engine(fixtures_dir):
-    """engine(fmt, split_bytes=None, **options) -> a loaded Engine, shared within the module."""
+    """engine(fmt, split_bytes=None, **options) -> a loaded Engine, shared within the module;
+    unfused unless `fusions` is given (the plan every fusion is compared with)."""
     cache: dict[tuple, Engine] = {}
 
     def get(fmt: str, split_bytes: int | None = None, **options) -> Engine:
-        key = (fmt, split_bytes, tuple(sorted(options.items())))
+        options.setdefault("fusions", frozenset())
+        key = (fmt, split_bytes, tuple(sorted(options.items(), key=str)))
         if key not in cache:
             cache[key] = load(fixtures_dir / f"tiny-{fmt}.gguf", Options(**options), progress=False,
                               split_bytes=split_bytes)
@@ -244,7 +246,7 @@ def test_split_weights_give_identical_logits(engine, monkeypatch):
     whole.reset()
     want_ids = whole.generate(TOKENS[:4], 10)
     monkeypatch.setattr(engine_mod, "UPLOAD_SLICE", 40_000)
-    e = load(whole.path, Options(), progress=False, split_bytes=300 * 1024)
+    e = load(whole.path, Options(fusions=frozenset()), progress=False, split_bytes=300 * 1024)
     for name in ("token_embd.weight", "output.weight", "blk.0.channel_mix_key.weight",
                  "blk.1.channel_mix_value.weight"):  # 1 MiB each: four buffers
         assert len({id(s.buffer) for s in e.matrices[name].segments}) == 4, name
@@ -257,7 +259,12 @@ def test_split_weights_give_identical_logits(engine, monkeypatch):
 # Each fusion alone, the pairs whose kernels depend on each other (lora + proj: one lora
 # dispatch per block; kv + wkv: wkv_fused does the key/value pack too), and all of them.
 FUSION_SETS = [{"proj"}, {"lora"}, {"kv"}, {"wkv"}, {"norm_shift"}, {"ffn"}, {"lora", "proj"},
-               {"kv", "wkv"}, set(kn.FUSIONS)]
+               {"kv", "wkv"}, set(kn.FUSIONS), set(kn.DEFAULT_FUSIONS)]
+
+
+def test_default_options_take_the_default_fusions():
+    """Options() runs the fastest correct plan measured (every fusion but lora)."""
+    assert Options().fusions == kn.DEFAULT_FUSIONS == frozenset(kn.FUSIONS) - {"lora"}
 
 
 @pytest.mark.parametrize("fmt", ["f32", "q8_0"])
@@ -335,7 +342,7 @@ def test_generate_equals_reference_greedy(engine, reference):
 
 def test_generate_grows_its_id_list(engine, monkeypatch):
     monkeypatch.setattr(engine_mod, "GEN_CAPACITY", 3)
-    e = load(engine("f32").path, Options(), progress=False)
+    e = load(engine("f32").path, Options(fusions=frozenset()), progress=False)
     assert e.gen_capacity == 3
     want = engine("f32").generate(TOKENS[:3], 7)
     assert e.generate(TOKENS[:3], 7) == want

@@ -41,7 +41,7 @@ def make_record(**changes) -> BenchRecord:
         title="t", change="c", timestamp=datetime(2026, 5, 1, 12, 0, tzinfo=timezone.utc), model="m.gguf",
         model_path="/x/m.gguf", layers=2, embedding=256, gpu="GPU A",
         adapter={"name": "GPU A", "backend": "vulkan", "adapter_type": "CPU", "description": ""},
-        options=Options(), settings=BenchSettings(prefill=16, generate=8, warmup=1, repeat=3),
+        options=Options(fusions=frozenset()), settings=BenchSettings(prefill=16, generate=8, warmup=1, repeat=3),
         prompt=list(range(16)), load_ms=400.0, engine_load_ms=350.0,
         prefill_seconds=[16 / x for x in prefill_tps], generation_seconds=[8 / x for x in generation_tps],
         warmup_prefill_seconds=[0.1], warmup_generation_seconds=[0.1], quality_tokens=list(range(32)),

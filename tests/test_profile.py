@@ -13,7 +13,7 @@ from rwkvlab.profile import profile
 
 @pytest.fixture(scope="module")
 def engine(fixtures_dir):
-    return load(fixtures_dir / "tiny-f32.gguf", Options(), progress=False)
+    return load(fixtures_dir / "tiny-f32.gguf", Options(fusions=frozenset()), progress=False)  # unfused labels
 
 
 def test_every_dispatch_is_timed_once(engine):
