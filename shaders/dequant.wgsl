@@ -25,6 +25,12 @@ struct DequantParams {
 @group(0) @binding(2) var<storage, read> X: array<vec4<f32>>;
 @group(0) @binding(3) var<storage, read_write> Y: array<f32>;
 
+// quants_dot.wgsl reads its input through xin() (matvec.wgsl's LoRA fusion substitutes another
+// source there); here the input is plainly X.
+fn xin(i: u32) -> vec4<f32> {
+    return X[i];
+}
+
 @compute @workgroup_size(64)
 fn dequant(@builtin(global_invocation_id) gid: vec3<u32>) {
     let k = 4u * gid.x;
