@@ -185,7 +185,7 @@ def _row_bytes_on_gpu(t, fmt: str, r0: int, r1: int) -> np.ndarray:
     block, block_bytes = GGML_QUANT_SIZES[qtype]
     file_row = K // block * block_bytes
     raw = t.raw[r0 * file_row: r1 * file_row].reshape(r1 - r0, file_row)
-    if fmt == t.ggml_type:  # blocks as they are; rows padded to whole pairs where needed
+    if fmt == t.ggml_type:  # the file's blocks (Q8_0 regrouped; rows padded where needed)
         return kn.rows_for_gpu(raw, fmt, K)
     assert fmt == "F16", fmt
     if t.ggml_type == "F32":

@@ -8,7 +8,7 @@
 //   FMT 4  Q4_0  32 elements in 18 bytes: f16 d, then 16 bytes of nibbles; byte j holds
 //                element j (low nibble) and j + 16 (high). Value d * (q - 8).
 //                18 bytes is not word aligned, so blocks go in PAIRS (36 bytes = 9 words =
-//                64 elements), as Q8_0 does: block 0 has d in the low half of word 0 and its
+//                64 elements) (as Q8_0 was before its super-blocks): block 0 has d in the low half of word 0 and its
 //                nibbles in bytes 2..17 (straddling words), block 1 has d in the high half of
 //                word 4 and its nibbles in the aligned words 5..8. A row is ceil(K/64) pairs;
 //                an odd last block is paired with an all-zero one, which readers skip.

@@ -5,8 +5,8 @@
 //
 // Every format is read as u32 words, so one binding type serves them all and the portable path
 // needs neither shader-f16 nor 8-bit storage. Rows start on a 16-byte boundary in every format
-// but those read in pairs of blocks (Q8_0, Q4_0, Q6_K: rows start on a word); the host's row
-// pitch is kernels.row_words.
+// but those read in pairs of blocks (Q4_0, Q6_K: rows start on a word); the host's row pitch is
+// kernels.row_words, its layout kernels.rows_for_gpu.
 //
 //   FMT 0  F32    a row of K elements is K words.
 //   FMT 1  F16    K/2 words; element 2i in the low half of word i (unpack2x16float).
