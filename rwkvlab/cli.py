@@ -119,8 +119,9 @@ def _bench_run_args(p) -> None:
     from rwkvlab.options import Options
 
     default = Options()
-    p.add_argument("--fusions", default="none",
-                   help="kernel-plan fusions: none, all, or names joined by , or + (default: none)")
+    p.add_argument("--fusions", default="default",
+                   help="kernel-plan fusions: default (the fastest correct set), none, all, or names "
+                   "joined by , or + (default: default)")
     p.add_argument("--chunk", type=int, help=f"tokens per prefill chunk (default: {default.chunk})")
     p.add_argument("--gemm-min-tokens", type=int,
                    help=f"fewest tokens a chunk needs for GEMM instead of mat-vec (default: {default.gemm_min_tokens})")
@@ -187,7 +188,9 @@ def _profile(sub) -> None:
         "timestamp support it says so and reports the wall time per token.",
     )
     _model_args(p)
-    p.add_argument("--fusions", default="none", help="kernel-plan fusions: none, all, or names joined by , or + (default: none)")
+    p.add_argument("--fusions", default="default",
+                   help="kernel-plan fusions: default (the fastest correct set), none, all, or names "
+                   "joined by , or + (default: default)")
     p.add_argument("--tokens", type=int, default=16, help="generation steps to profile (default: 16)")
     p.add_argument("--top", type=int, default=None, help="show only the N most expensive kernels")
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="T",

@@ -109,12 +109,16 @@ def _check_fusion_names(names: frozenset[str]) -> None:
 
 
 def parse_fusions(text: str) -> frozenset[str]:
-    """Fusion names from the command line: ``"none"``, ``"all"`` or names joined by ``,`` or ``+``.
+    """Fusion names from the command line: ``"default"``, ``"none"``, ``"all"`` or names joined
+    by ``,`` or ``+``.
 
-    ``all`` expands to every name the kernels define (kept as the word ``all`` while they
+    ``default`` is the fastest correct set measured (:func:`default_fusions`, what ``Options()``
+    uses); ``all`` expands to every name the kernels define (kept as the word ``all`` while they
     define none yet, for the engine to resolve); unknown names raise :class:`OptionsError`.
     """
     words = {w.strip() for w in text.replace("+", ",").split(",") if w.strip()}
+    if words == {"default"}:
+        return default_fusions()
     if not words or words == {"none"}:
         return frozenset()
     if "none" in words:

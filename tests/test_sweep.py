@@ -175,7 +175,9 @@ def test_a_hang_is_stopped():
 def test_sweep_of_two_configurations_on_the_tiny_fixture(fixtures_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RWKVLAB_CACHE", str(tmp_path / "cache"))
     history = tmp_path / "sweep.md"
+    # --fusions none: the unfused webgpu configuration (the sweep's baseline) is one of the two
     rc = main(["sweep", "--model", str(fixtures_dir / "tiny-f32.gguf"), "--vary", "path=webgpu,native",
+               "--fusions", "none",
                "--title", "Paths", "--file", "sweep", "--history-dir", str(tmp_path), *SMALL])
     out = capsys.readouterr().out
     assert rc == 0, out
