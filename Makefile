@@ -10,8 +10,11 @@ PYTEST_ARGS ?=
 setup:
 	@VENV=$(VENV) scripts/setup.sh
 
+# JupyterLab refuses to start as root (containers, CI boxes) unless told it may.
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+
 lab: setup
-	RWKVLAB_MODEL=$(MODEL) $(VENV)/bin/jupyter lab --notebook-dir=notebooks
+	RWKVLAB_MODEL=$(MODEL) $(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ROOT_FLAG)
 
 test: setup
 	$(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg $(PYTEST_ARGS)
