@@ -9,6 +9,7 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 
 PRESETS = ("tiny", "0.1b", "0.4b", "1.5b", "2.9b", "7.2b")
 SYNTH_FORMATS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
@@ -65,6 +66,22 @@ def _model_args(p) -> None:
     p.add_argument("--weights", default="native", help="native (file format on GPU) or f16 (dequantize at load)")
 
 
+def model_source(args) -> Path:
+    """The GGUF file that `_model_args` options name: --model (always a path, never read as a
+    preset name), else the synthetic --preset (default tiny) in --format, cached on first use."""
+    if args.model:
+        return Path(args.model)
+    from rwkvlab.synth import default_model_path
+
+    return default_model_path(args.preset or "tiny", fmt=args.synth_format)
+
+
+def _fusions_arg(p) -> None:
+    p.add_argument("--fusions", default="default",
+                   help="kernel-plan fusions: default (the fastest correct set), none, all, or names "
+                   "joined by , or + (default: default)")
+
+
 def _generate(sub) -> None:
     p = sub.add_parser(
         "generate",
@@ -119,9 +136,7 @@ def _bench_run_args(p) -> None:
     from rwkvlab.options import Options
 
     default = Options()
-    p.add_argument("--fusions", default="default",
-                   help="kernel-plan fusions: default (the fastest correct set), none, all, or names "
-                   "joined by , or + (default: default)")
+    _fusions_arg(p)
     p.add_argument("--chunk", type=int, help=f"tokens per prefill chunk (default: {default.chunk})")
     p.add_argument("--gemm-min-tokens", type=int,
                    help=f"fewest tokens a chunk needs for GEMM instead of mat-vec (default: {default.gemm_min_tokens})")
@@ -188,9 +203,7 @@ def _profile(sub) -> None:
         "timestamp support it says so and reports the wall time per token.",
     )
     _model_args(p)
-    p.add_argument("--fusions", default="default",
-                   help="kernel-plan fusions: default (the fastest correct set), none, all, or names "
-                   "joined by , or + (default: default)")
+    _fusions_arg(p)
     p.add_argument("--tokens", type=int, default=16, help="generation steps to profile (default: 16)")
     p.add_argument("--top", type=int, default=None, help="show only the N most expensive kernels")
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="T",

@@ -930,20 +930,15 @@ class Engine:
 def cli_generate(args) -> int:
     """`rwkvlab generate`: load, prefill the prompt, generate greedily; text to stdout, speeds
     to stderr. Bad options, no adapter or a bad file: one line on stderr, exit code 2."""
+    from rwkvlab.cli import model_source
     from rwkvlab.gguf import GGUFError
     from rwkvlab.gpu import NoAdapterError
 
     try:
         options = Options(backend=args.backend, path=args.path, weights=args.weights)
-        if args.model:
-            source: str | Path = Path(args.model)
-        else:
-            from rwkvlab.synth import default_model_path
-
-            source = default_model_path(args.preset or "tiny", fmt=args.synth_format)
         if args.n < 0:
             raise OptionsError(f"-n must be >= 0, got {args.n}")
-        engine = load(source, options, progress=True)
+        engine = load(model_source(args), options, progress=True)
         prompt = engine.tokenizer.encode(args.prompt)
         if not prompt:
             prompt = [0]  # an empty prompt starts from <s>

@@ -179,19 +179,14 @@ def cli_profile(args) -> int:
     """`rwkvlab profile`: load a model and print its per-kernel step profile."""
     import sys
 
+    from rwkvlab.cli import model_source
     from rwkvlab.engine import load
     from rwkvlab.options import Options, OptionsError, parse_fusions
 
     try:
         options = Options(backend=args.backend, path=args.path, weights=args.weights,
                           fusions=parse_fusions(args.fusions))
-        if args.model:
-            source = args.model
-        else:
-            from rwkvlab.synth import default_model_path
-
-            source = default_model_path(args.preset or "tiny", fmt=args.synth_format)
-        engine = load(source, options, progress=not args.no_progress)
+        engine = load(model_source(args), options, progress=not args.no_progress)
         t0 = time.perf_counter()
         result = profile(engine, n_tokens=args.tokens, chunk=args.prefill_chunk)
     except (OptionsError, OSError, ValueError, RuntimeError) as e:
