@@ -13,6 +13,7 @@ from rwkvlab.options import BACKENDS, OptionsError
 
 # Options.backend -> wgpu's adapter.info["backend_type"]
 _BACKEND_TYPES = {"vulkan": "Vulkan", "metal": "Metal", "dx12": "D3D12", "gl": "OpenGL"}
+_BACKEND_NAMES = {v: k for k, v in _BACKEND_TYPES.items()}
 _ADAPTER_RANK = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "CPU": 3}
 # Features the native path uses where the adapter has them. Not "cooperative-matrix": wgpu
 # marks it experimental and refuses a device that asks for it unless experimental features are
@@ -67,7 +68,7 @@ class GPU:
 
 def _info(adapter) -> AdapterInfo:
     i = adapter.info
-    backend = {v: k for k, v in _BACKEND_TYPES.items()}.get(i["backend_type"], i["backend_type"].lower())
+    backend = _BACKEND_NAMES.get(i["backend_type"], i["backend_type"].lower())
     return AdapterInfo(
         name=i.get("device") or i.get("vendor") or "unknown",
         backend=backend,
