@@ -175,12 +175,13 @@ _FIXED = {"groupnorm_out": _HEAD_WG, "kv_prep": _HEAD_WG, "wkv": _HEAD_WG, "wkv_
 
 
 def _shader_dir():
-    """Where shaders/ is: the installed package, or the checkout's folder when run uninstalled
-    (PYTHONPATH pointing at a bare copy of the repo, as on a remote GPU machine)."""
-    try:
-        return resources.files(SHADER_PACKAGE)
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parent.parent / "shaders"
+    """Where shaders/ is: the checkout's folder beside this package when there is one (a bare
+    copy on a remote GPU machine, or a second git worktree whose code must not read the
+    editable install's shaders), else the installed package's."""
+    checkout = Path(__file__).resolve().parent.parent / "shaders"
+    if (checkout / "common.wgsl").is_file():
+        return checkout
+    return resources.files(SHADER_PACKAGE)
 
 
 def shader_source(name: str) -> str:
