@@ -425,3 +425,25 @@ def test_cli_rejects_a_file_that_is_not_gguf(tmp_path, capsys):
     assert cli_main(["generate", "--model", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "not a GGUF file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_load_prepares_slices_in_order_and_bounded_ahead():
+    """The upload pipeline yields every slice in order, and never holds more than `ahead`
+    prepared slices beyond the one being written (host memory stays bounded on big models)."""
+    import threading
+
+    from rwkvlab.engine import _prepared_in_threads
+
+    lock, started = threading.Lock(), []
+
+    def prepare(i):
+        with lock:
+            started.append(i)
+        return i * i
+
+    seen = []
+    for i, (item, data) in enumerate(_prepared_in_threads(list(range(40)), prepare, ahead=3)):
+        with lock:
+            assert max(started) <= i + 3, (i, max(started))
+        seen.append((item, data))
+    assert seen == [(i, i * i) for i in range(40)]
