@@ -319,6 +319,8 @@ class Tuning:
     argmax_wg: int
     subgroups: bool  # reductions with subgroup operations (native path)
     subgroup_size: int  # probed; 0 when subgroups are off
+    # Shader modules built without Naga's runtime checks (native path, see Kernels._module).
+    trusted: bool = False
 
     def as_record(self) -> dict:
         return dict(self.__dict__)
@@ -333,10 +335,12 @@ def choose_tuning(gpu, path: str) -> Tuning:
     row 32 threads (one subgroup on NVIDIA) with a reduction, four rows per workgroup.
 
     $RWKVLAB_TUNING overrides fields for experiments, e.g. "matvec_wg=256,matvec_red=64,
-    matvec_unroll=1" (powers of two; matvec_red <= matvec_wg; matvec_unroll 1, 2 or 4); engines
-    record their tuning (Engine.tuning).
+    matvec_unroll=1" (powers of two; matvec_red <= matvec_wg; matvec_unroll 1, 2 or 4), or
+    "trusted=0" (the native path with Naga's runtime checks back on); engines record their
+    tuning (Engine.tuning).
     """
     import os
+    from dataclasses import replace
 
     subgroups = path == "native" and gpu.has("subgroup")
     sg = probe_subgroup_size(gpu) if subgroups else 0
@@ -346,6 +350,7 @@ def choose_tuning(gpu, path: str) -> Tuning:
     else:
         tuning = Tuning(matvec_wg=128, matvec_red=32, matvec_unroll=2, norm_wg=256, shift_wg=64,
                         argmax_wg=256, subgroups=subgroups, subgroup_size=sg)
+    tuning = replace(tuning, trusted=path == "native")
     return _tuning_overrides(tuning, os.environ.get(TUNING_ENV, ""))
 
 
@@ -356,9 +361,12 @@ def _tuning_overrides(tuning: Tuning, text: str) -> Tuning:
     changes = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
         name, _, value = item.partition("=")
+        if name == "trusted" and value in ("0", "1"):
+            changes[name] = value == "1"
+            continue
         if name not in sizes or not value.isdigit() or int(value) < 1 or int(value) & (int(value) - 1):
             raise KernelError(f"${TUNING_ENV}: {item!r} is not <field>=<power of two> with field one "
-                              f"of {', '.join(sorted(sizes))}")
+                              f"of {', '.join(sorted(sizes))} (or trusted=0|1)")
         changes[name] = int(value)
     tuning = replace(tuning, **changes)
     if (tuning.matvec_red > tuning.matvec_wg or tuning.matvec_unroll > 4
@@ -427,6 +435,34 @@ def probe_subgroup_size(gpu) -> int:
     return size
 
 
+def _checked_shader_module(device, label: str, code: str):
+    """A WebGPU shader module: Naga clamps every array index and bounds every loop."""
+    return device.create_shader_module(label=label, code=code)
+
+
+def _trusted_shader_module(device, label: str, code: str):
+    """The same module through wgpu-native's wgpuDeviceCreateShaderModuleTrusted with no runtime
+    checks (the native path's choice): no index clamping in inner loops, and no loop-bounding
+    counter, which can keep the driver from unrolling the loops whose register arrays (wkv's
+    state row, gemm's accumulators) must stay in registers. Our kernels index in range by
+    construction; the tests run both paths, so an out-of-range index shows as wrong output."""
+    from wgpu.backends.wgpu_native import _api
+    from wgpu.backends.wgpu_native._ffi import ffi, lib
+
+    no_checks = 0  # WGPUShaderRuntimeChecks_None
+    source = _api.new_struct_p("WGPUShaderSourceWGSL *", code=_api.to_c_string_view(code))
+    source[0].chain.next = ffi.NULL
+    source[0].chain.sType = lib.WGPUSType_ShaderSourceWGSL
+    desc = _api.new_struct_p("WGPUShaderModuleDescriptor *",
+                             nextInChain=ffi.cast("WGPUChainedStruct *", source),
+                             label=_api.to_c_string_view(label))
+    # libf (not lib) turns the device's validation errors into exceptions, as wgpu-py does.
+    handle = _api.libf.wgpuDeviceCreateShaderModuleTrusted(device._internal, desc, no_checks)
+    if handle == ffi.NULL:
+        raise RuntimeError(f"wgpu-native returned no shader module for {label}")
+    return _api.GPUShaderModule(label, handle, device)
+
+
 class Kernels:
     """Modules, layouts and pipelines of one device, each built once and cached."""
 
@@ -442,8 +478,9 @@ class Kernels:
         key = f"{spec.file}:{'+'.join(spec.libs)}"
         if key not in self._modules:
             code = compose_source(spec, self.tuning.subgroups)
+            create = _trusted_shader_module if self.tuning.trusted else _checked_shader_module
             try:
-                self._modules[key] = self.device.create_shader_module(label=spec.file, code=code)
+                self._modules[key] = create(self.device, spec.file, code)
             except Exception as e:  # wgpu raises GPUValidationError with Naga's report
                 raise KernelError(f"shaders/{spec.file} (kernel {spec.name}) does not compile: {e}") from None
         return self._modules[key]

@@ -24,8 +24,9 @@ class Options:
     """Engine and benchmark switches.
 
     backend:  wgpu backend to run on; ``auto`` prefers a discrete GPU, then anything.
-    path:     ``webgpu`` = portable WGSL only; ``native`` = also subgroups / f16 /
-              cooperative matrix where the adapter has them (cooperative matrix: not yet, see gpu.py).
+    path:     ``webgpu`` = portable WGSL only; ``native`` = also subgroups / f16 where the
+              adapter has them, and shader modules built by wgpu-native without runtime bounds
+              checks (cooperative matrix: not reachable through wgpu-native yet, see gpu.py).
     weights:  ``native`` keeps each tensor's file format on the GPU (quant blocks are
               dequantized inside the kernels); ``f16`` dequantizes every matrix to f16 at load.
     chunk:    tokens per prefill chunk (batched matrix products over the chunk).

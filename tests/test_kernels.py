@@ -151,9 +151,19 @@ def test_tuning_overrides():
     t = kn._tuning_overrides(base, "matvec_wg=256, matvec_red=32")
     assert (t.matvec_wg, t.matvec_red, t.norm_wg) == (256, 32, 64)
     assert kn._tuning_overrides(base, "") == base
-    for bad in ("matvec_wg=96", "warp=32", "matvec_red=128", "matvec_unroll=8"):
+    assert kn._tuning_overrides(base, "trusted=1").trusted and not base.trusted
+    for bad in ("matvec_wg=96", "warp=32", "matvec_red=128", "matvec_unroll=8", "trusted=2"):
         with pytest.raises(kn.KernelError, match="RWKVLAB_TUNING"):
             kn._tuning_overrides(base, bad)
+
+
+def test_native_path_builds_trusted_modules_that_still_report_errors(kernels):
+    """The native path compiles without Naga's runtime checks (every kernel test of this file
+    runs on it, so an index out of range would show as a wrong result); a shader that does not
+    compile must still raise with Naga's report, not hand back a broken module."""
+    assert kernels.tuning.trusted == kernels.tuning.subgroups  # both follow path == "native"
+    with pytest.raises(Exception, match="expected"):
+        kn._trusted_shader_module(kernels.device, "bad.wgsl", "fn broken( {")
 
 
 def test_pack_params_checks_names():
