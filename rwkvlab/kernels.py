@@ -353,7 +353,7 @@ class Tuning:
 TUNING_ENV = "RWKVLAB_TUNING"
 
 
-def choose_tuning(gpu, path: str) -> Tuning:
+def choose_tuning(gpu, path: str, overrides: str | None = None) -> Tuning:
     """Kernel shapes for this adapter: CPU adapters (lavapipe, llvmpipe, SwiftShader) run
     register-blocked mat-vec (a row per thread: barriers are expensive there); GPUs give each
     row 32 threads (one subgroup on NVIDIA) with a reduction, four rows per workgroup.
@@ -369,6 +369,7 @@ def choose_tuning(gpu, path: str) -> Tuning:
     $RWKVLAB_TUNING overrides fields for experiments, e.g. "matvec_wg=256,matvec_red=64,
     matvec_unroll=1" (powers of two; matvec_red <= matvec_wg; matvec_unroll 1, 2 or 4;
     gemm_rows 32, 64 or 128; gemm_k 16 or 32); engines record their tuning (Engine.tuning).
+    `overrides` in the same form replaces $RWKVLAB_TUNING (benchmarks sweeping tunings).
     """
     import os
 
@@ -382,7 +383,7 @@ def choose_tuning(gpu, path: str) -> Tuning:
     else:
         tuning = Tuning(matvec_wg=128, matvec_red=32, matvec_unroll=2, norm_wg=256, shift_wg=64,
                         argmax_wg=256, subgroups=subgroups, subgroup_size=sg, **gemm)
-    tuning = _tuning_overrides(tuning, os.environ.get(TUNING_ENV, ""))
+    tuning = _tuning_overrides(tuning, os.environ.get(TUNING_ENV, "") if overrides is None else overrides)
     need = gemm_workgroup_bytes(tuning.gemm_rows, tuning.gemm_k)
     if need > wg_bytes:
         raise KernelError(f"${TUNING_ENV}: gemm_rows={tuning.gemm_rows}, gemm_k={tuning.gemm_k} "
