@@ -344,7 +344,8 @@ class Tuning:
     subgroups: bool  # reductions with subgroup operations (native path)
     subgroup_size: int  # probed; 0 when subgroups are off
     gemm_rows: int = 128  # rows of W per gemm output tile (GEMM_ROWS; tokens: GEMM_TOKENS)
-    gemm_k: int = 16  # columns per gemm K step (GEMM_K; 32 needs 27 KB of workgroup memory)
+    gemm_k: int = 16  # columns per gemm K step (GEMM_K; choose_tuning picks 32 where the
+    #                   device has the 27 KB of workgroup memory it needs)
 
     def as_record(self) -> dict:
         return dict(self.__dict__)
@@ -359,8 +360,8 @@ def choose_tuning(gpu, path: str, overrides: str | None = None) -> Tuning:
     row 32 threads (one subgroup on NVIDIA) with a reduction, four rows per workgroup.
 
     The gemm tile is the same on every adapter (lavapipe runs the shape the GPUs run): 128 rows
-    x 64 tokens, 8 x 4 outputs per thread. 32 accumulators and ~100 registers in all per
-    thread leave room for 2 workgroups of 256 threads per NVIDIA SM (64K registers), and 128
+    x 64 tokens, 8 x 4 outputs per thread. 32 accumulators and (estimated) ~100 registers in
+    all per thread leave room for 2 workgroups of 256 threads per NVIDIA SM (64K registers), and 128
     FMAs per 12 vec4 reads of workgroup memory keep the FMA units, not the 128 B/clock of
     shared memory, the limit. K steps of 32 columns halve the barriers per FMA and read a Q8_0
     row's 32 quants as one whole 32-byte sector per step, but need 27 KB of workgroup memory
