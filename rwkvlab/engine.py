@@ -553,7 +553,8 @@ class Engine:
             fmt = kn.matmul_fmt(table)
             matvec, gemm = k.kernel(kn.MATVEC, FMT=fmt), k.kernel(kn.GEMM, FMT=fmt)
             consts = dict(matvec.constants)
-            params, wgs, tiles = kn.matmul_params(table, consts["WG"] // consts["RED"])
+            params, wgs, tiles = kn.matmul_params(table, consts["WG"] // consts["RED"],
+                                                  kn.gemm_tile_rows(gemm))
             res = dict(W=seg0.buffer, X=p0.x, B=self.vecs, Y=p0.y)
             bg = k.bind(kn.MATVEC, self.run, params, res, label=label)
             groups.append((matvec, gemm, bg, wgs, tiles))
@@ -565,7 +566,7 @@ class Engine:
                 if T < gemm_min:
                     out.append(Dispatch(matvec, bg, (wgs, T, 1), label))
                 else:
-                    out.append(Dispatch(gemm, bg, (tiles, _ceil_div(T, 64), 1), label))
+                    out.append(Dispatch(gemm, bg, kn.gemm_grid(tiles, T), label))
                 if max(out[-1].workgroups) > _MAX_WORKGROUPS:
                     raise EngineError(f"{label}: {out[-1].workgroups} workgroups exceed the "
                                       f"per-dimension limit of {_MAX_WORKGROUPS}")

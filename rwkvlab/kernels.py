@@ -136,7 +136,14 @@ LORA = _spec("lora", "matvec.wgsl", "lora", _MAT_BINDINGS, _MAT_PARAMS,
              _MAT_LIBS + ("quants_dot.wgsl", "reduce.wgsl"), WG=64, RED=1, UNROLL=1, FMT=0,
              LORA=True, LROWS=256)
 LORA_MAX_RANK = 512  # shaders/matvec.wgsl: the hidden vector lives in workgroup memory
-GEMM = _spec("gemm", "gemm.wgsl", "gemm", _MAT_BINDINGS, _MAT_PARAMS, _MAT_LIBS, FMT=0)
+GEMM = _spec("gemm", "gemm.wgsl", "gemm", _MAT_BINDINGS, _MAT_PARAMS, _MAT_LIBS, FMT=0, ROWS=128, TK=16)
+# The gemm tile (shaders/gemm.wgsl): 256 threads, each 4 tokens x ROWS/16 rows. Tokens per tile
+# are fixed (the shader's const TOKENS); rows per tile (ROWS) and columns per K step (TK) are
+# Tuning.gemm_rows / gemm_k. Params (matmul_params), pipeline and dispatch (gemm_grid) all take
+# the tile rows from the pipeline's constants (gemm_tile_rows), so they cannot disagree.
+GEMM_TOKENS = 64
+GEMM_ROWS = (32, 64, 128)
+GEMM_K = (16, 32)
 EMBED = _spec("embed", "embed.wgsl", "embed", "W:read TOK:read NW:read NB:read Y:rw",
               "C row0 rows row_words w_base eps:f32",
               ("common.wgsl", "weights.wgsl", "quants.wgsl", "reduce.wgsl"),
@@ -271,8 +278,25 @@ def matmul_fmt(segments: list[MatSegment]) -> int:
     return GPU_FORMATS[fmts.pop()] if len(fmts) == 1 else FMT_PER_SEGMENT
 
 
-def matmul_params(segments: list[MatSegment], rows_per_wg: int) -> tuple[dict, int, int]:
-    """(Params values, matvec workgroups, gemm tiles) for up to MAX_SEGMENTS segments."""
+def gemm_workgroup_bytes(rows: int, k: int) -> int:
+    """Workgroup memory of a gemm pipeline: W and X tiles of `k` columns, rows padded by 4."""
+    return (rows + GEMM_TOKENS) * (k + 4) * 4
+
+
+def gemm_tile_rows(gemm: "Kernel") -> int:
+    """Rows per output tile of a built gemm pipeline (its ROWS constant)."""
+    return dict(gemm.constants)["ROWS"]
+
+
+def gemm_grid(tiles: int, T: int) -> tuple[int, int, int]:
+    """Workgroups of a gemm dispatch: `tiles` row tiles (matmul_params) x token tiles of T."""
+    return (tiles, -(-T // GEMM_TOKENS), 1)
+
+
+def matmul_params(segments: list[MatSegment], rows_per_wg: int,
+                  tile_rows: int = GEMM.constants["ROWS"]) -> tuple[dict, int, int]:
+    """(Params values, matvec workgroups, gemm tiles) for up to MAX_SEGMENTS segments; gemm
+    tiles have `tile_rows` rows (pass gemm_tile_rows of the pipeline that will run them)."""
     if not 1 <= len(segments) <= MAX_SEGMENTS:
         raise KernelError(f"a matrix-product dispatch takes 1..{MAX_SEGMENTS} segments, not {len(segments)}")
     table, wgs, tiles = [], 0, 0
@@ -285,7 +309,7 @@ def matmul_params(segments: list[MatSegment], rows_per_wg: int) -> tuple[dict, i
                           wg_start=wgs, tile_start=tiles, fmt=GPU_FORMATS[s.fmt],
                           spad0=0, spad1=0, spad2=0))
         wgs += -(-s.rows // rows_per_wg)
-        tiles += -(-s.rows // 64)
+        tiles += -(-s.rows // tile_rows)
     return dict(n_seg=len(segments), pad0=0, pad1=0, pad2=0, seg=table), wgs, tiles
 
 
@@ -321,6 +345,9 @@ class Tuning:
     subgroup_size: int  # probed; 0 when subgroups are off
     # Shader modules built without Naga's runtime checks (native path, see Kernels._module).
     trusted: bool = False
+    gemm_rows: int = 128  # rows of W per gemm output tile (GEMM_ROWS; tokens: GEMM_TOKENS)
+    gemm_k: int = 16  # columns per gemm K step (GEMM_K; choose_tuning picks 32 where the
+    #                   device has the 27 KB of workgroup memory it needs)
 
     def as_record(self) -> dict:
         return dict(self.__dict__)
@@ -329,35 +356,52 @@ class Tuning:
 TUNING_ENV = "RWKVLAB_TUNING"
 
 
-def choose_tuning(gpu, path: str) -> Tuning:
+def choose_tuning(gpu, path: str, overrides: str | None = None) -> Tuning:
     """Kernel shapes for this adapter: CPU adapters (lavapipe, llvmpipe, SwiftShader) run
     register-blocked mat-vec (a row per thread: barriers are expensive there); GPUs give each
     row 32 threads (one subgroup on NVIDIA) with a reduction, four rows per workgroup.
 
+    The gemm tile is the same on every adapter (lavapipe runs the shape the GPUs run): 128 rows
+    x 64 tokens, 8 x 4 outputs per thread. 32 accumulators and (estimated) ~100 registers in
+    all per thread leave room for 2 workgroups of 256 threads per NVIDIA SM (64K registers), and 128
+    FMAs per 12 vec4 reads of workgroup memory keep the FMA units, not the 128 B/clock of
+    shared memory, the limit. K steps of 32 columns halve the barriers per FMA and read a Q8_0
+    row's 32 quants as one whole 32-byte sector per step, but need 27 KB of workgroup memory
+    (two workgroups: 54 of an H100 SM's 227 KB); devices under that get 16 (15 KB).
+
     $RWKVLAB_TUNING overrides fields for experiments, e.g. "matvec_wg=256,matvec_red=64,
-    matvec_unroll=1" (powers of two; matvec_red <= matvec_wg; matvec_unroll 1, 2 or 4), or
-    "trusted=0" (the native path with Naga's runtime checks back on); engines record their
-    tuning (Engine.tuning).
+    matvec_unroll=1" (powers of two; matvec_red <= matvec_wg; matvec_unroll 1, 2 or 4;
+    gemm_rows 32, 64 or 128; gemm_k 16 or 32), or "trusted=0" (the native path with Naga's
+    runtime checks back on); engines record their tuning (Engine.tuning).
+    `overrides` in the same form replaces $RWKVLAB_TUNING (benchmarks sweeping tunings).
     """
     import os
     from dataclasses import replace
 
     subgroups = path == "native" and gpu.has("subgroup")
     sg = probe_subgroup_size(gpu) if subgroups else 0
+    wg_bytes = int(gpu.limits.get("max-compute-workgroup-storage-size", 16384))
+    gemm = dict(gemm_rows=128, gemm_k=32 if gemm_workgroup_bytes(128, 32) <= wg_bytes else 16)
     if gpu.info.adapter_type == "CPU":
         tuning = Tuning(matvec_wg=64, matvec_red=1, matvec_unroll=1, norm_wg=64, shift_wg=64,
-                        argmax_wg=64, subgroups=subgroups, subgroup_size=sg)
+                        argmax_wg=64, subgroups=subgroups, subgroup_size=sg, **gemm)
     else:
         tuning = Tuning(matvec_wg=128, matvec_red=32, matvec_unroll=2, norm_wg=256, shift_wg=64,
-                        argmax_wg=256, subgroups=subgroups, subgroup_size=sg)
+                        argmax_wg=256, subgroups=subgroups, subgroup_size=sg, **gemm)
     tuning = replace(tuning, trusted=path == "native")
-    return _tuning_overrides(tuning, os.environ.get(TUNING_ENV, ""))
+    tuning = _tuning_overrides(tuning, os.environ.get(TUNING_ENV, "") if overrides is None else overrides)
+    need = gemm_workgroup_bytes(tuning.gemm_rows, tuning.gemm_k)
+    if need > wg_bytes:
+        raise KernelError(f"${TUNING_ENV}: gemm_rows={tuning.gemm_rows}, gemm_k={tuning.gemm_k} "
+                          f"needs {need} bytes of workgroup memory, this device has {wg_bytes}")
+    return tuning
 
 
 def _tuning_overrides(tuning: Tuning, text: str) -> Tuning:
     from dataclasses import replace
 
-    sizes = {"matvec_wg", "matvec_red", "matvec_unroll", "norm_wg", "shift_wg", "argmax_wg"}
+    sizes = {"matvec_wg", "matvec_red", "matvec_unroll", "norm_wg", "shift_wg", "argmax_wg",
+             "gemm_rows", "gemm_k"}
     changes = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
         name, _, value = item.partition("=")
@@ -370,9 +414,11 @@ def _tuning_overrides(tuning: Tuning, text: str) -> Tuning:
         changes[name] = int(value)
     tuning = replace(tuning, **changes)
     if (tuning.matvec_red > tuning.matvec_wg or tuning.matvec_unroll > 4
-            or max(tuning.matvec_wg, tuning.norm_wg, tuning.argmax_wg) > 1024):
+            or max(tuning.matvec_wg, tuning.norm_wg, tuning.argmax_wg) > 1024
+            or tuning.gemm_rows not in GEMM_ROWS or tuning.gemm_k not in GEMM_K):
         raise KernelError(f"${TUNING_ENV}: matvec_red must be <= matvec_wg, matvec_unroll 1 or 2 "
-                          f"and workgroups <= 1024 threads, got {tuning}")
+                          f"and workgroups <= 1024 threads, gemm_rows one of {GEMM_ROWS}, gemm_k "
+                          f"one of {GEMM_K}, got {tuning}")
     return tuning
 
 
@@ -515,6 +561,7 @@ class Kernels:
             "norm_shift": {"WG": t.norm_wg, "RED": t.norm_wg},
             "shift_mix": {"WG": t.shift_wg},
             "argmax": {"WG": t.argmax_wg},
+            "gemm": {"ROWS": t.gemm_rows, "TK": t.gemm_k},
         }.get(spec.name, {})
         consts.update(tuned)
         consts.update(overrides)

@@ -316,6 +316,26 @@ def test_gpu_class_tuning_on_lavapipe(engine, fixtures_dir, monkeypatch, path):
     assert np.abs(e.logits(TOKENS) - want).max() <= 1e-4  # other summation orders only
 
 
+LONG_PROMPT = (TOKENS * 7)[:150]  # one chunk of 150: three 64-token gemm tiles, the last of 22
+
+
+@pytest.mark.parametrize("tuning", ["gemm_rows=32,gemm_k=16", "gemm_rows=64,gemm_k=32",
+                                    "gemm_rows=128,gemm_k=16"])
+def test_gemm_tile_shapes_give_identical_logits(engine, reference, fixtures_dir, monkeypatch, tuning):
+    """Every gemm output is one fma chain over k whatever the tile shape, so each shape gives
+    the default shape's logits bit for bit, here over 150 tokens in one chunk with every fusion
+    (stacks that mix Q8_0 with F32 LoRA matrices); and those match the reference (1e-3, as
+    test_matches_reference_on_same_weights)."""
+    base = engine("q8_0", chunk=150, fusions=frozenset({"all"}))
+    want = base.logits(LONG_PROMPT)
+    monkeypatch.setenv(kn.TUNING_ENV, tuning)
+    e = load(fixtures_dir / "tiny-q8_0.gguf", Options(chunk=150, fusions=frozenset({"all"})), progress=False)
+    assert f"gemm_rows={e.tuning.gemm_rows},gemm_k={e.tuning.gemm_k}" == tuning
+    assert {d.kernel.name for d in e.plan(150, "all")} >= {"gemm"}
+    np.testing.assert_array_equal(e.logits(LONG_PROMPT), want)
+    assert np.abs(want - reference("q8_0").logits(LONG_PROMPT)).max() <= 1e-3
+
+
 def test_api_encoding_equals_raw_encoding(engine, monkeypatch):
     """The raw wgpu-native calls record exactly what the wgpu-py methods record."""
     e = engine("f32")

@@ -152,7 +152,10 @@ def test_tuning_overrides():
     assert (t.matvec_wg, t.matvec_red, t.norm_wg) == (256, 32, 64)
     assert kn._tuning_overrides(base, "") == base
     assert kn._tuning_overrides(base, "trusted=1").trusted and not base.trusted
-    for bad in ("matvec_wg=96", "warp=32", "matvec_red=128", "matvec_unroll=8", "trusted=2"):
+    t = kn._tuning_overrides(base, "gemm_rows=64,gemm_k=32")
+    assert (t.gemm_rows, t.gemm_k) == (64, 32)
+    for bad in ("matvec_wg=96", "warp=32", "matvec_red=128", "matvec_unroll=8", "gemm_rows=256",
+                "gemm_rows=16", "gemm_k=8", "gemm_k=64", "trusted=2"):
         with pytest.raises(kn.KernelError, match="RWKVLAB_TUNING"):
             kn._tuning_overrides(base, bad)
 
@@ -164,6 +167,25 @@ def test_native_path_builds_trusted_modules_that_still_report_errors(kernels):
     assert kernels.tuning.trusted == kernels.tuning.subgroups  # both follow path == "native"
     with pytest.raises(Exception, match="expected"):
         kn._trusted_shader_module(kernels.device, "bad.wgsl", "fn broken( {")
+
+
+def test_gemm_tuning_fits_workgroup_memory(monkeypatch):
+    """K steps of 32 where the device has the 27 KB they need, 16 (15 KB) where it has
+    WebGPU's minimum of 16 KB; an explicit request the device cannot hold is refused."""
+    from types import SimpleNamespace
+
+    def fake_gpu(wg_bytes):
+        return SimpleNamespace(has=lambda f: False, info=SimpleNamespace(adapter_type="DiscreteGPU"),
+                               limits={"max-compute-workgroup-storage-size": wg_bytes})
+
+    monkeypatch.delenv(kn.TUNING_ENV, raising=False)
+    t = kn.choose_tuning(fake_gpu(49152), "webgpu")
+    assert (t.gemm_rows, t.gemm_k) == (128, 32)
+    assert kn.choose_tuning(fake_gpu(16384), "webgpu").gemm_k == 16
+    monkeypatch.setenv(kn.TUNING_ENV, "gemm_rows=64,gemm_k=32")
+    assert kn.choose_tuning(fake_gpu(49152), "webgpu").gemm_rows == 64
+    with pytest.raises(kn.KernelError, match="workgroup memory"):
+        kn.choose_tuning(fake_gpu(16384), "webgpu")
 
 
 def test_pack_params_checks_names():
@@ -197,11 +219,13 @@ def _matmul_case(fmt: str, M: int, K: int, T: int, seed: int = 0):
 
 
 def run_matmul(kernels, spec, fmt: str | list[str], segments: list[tuple], X: np.ndarray,
-               B: np.ndarray, Y: np.ndarray, T: int, red: int | None = None, unroll: int = 1) -> np.ndarray:
+               B: np.ndarray, Y: np.ndarray, T: int, red: int | None = None, unroll: int = 1,
+               gemm: tuple[int, int] | None = None) -> np.ndarray:
     """Stack the segments' weight rows in one buffer and run one matvec / gemm dispatch.
 
     segments: (raw rows, K, x_off, y_off, y_stride, act, bias offset or None, accum); fmt: one
-    format for all, or one per segment (a mixed stack: FMT_PER_SEGMENT).
+    format for all, or one per segment (a mixed stack: FMT_PER_SEGMENT); gemm: the tile shape
+    (rows, k step), default the tuning's (as the engine, tiles and grid from the pipeline).
     """
     fmts = fmt if isinstance(fmt, list) else [fmt] * len(segments)
     words, table = [], []
@@ -218,9 +242,12 @@ def run_matmul(kernels, spec, fmt: str | list[str], segments: list[tuple], X: np
     consts = dict(FMT=kn.matmul_fmt(table))
     if spec is kn.MATVEC:
         consts.update(WG=64, RED=red, UNROLL=unroll)
+    elif gemm is not None:
+        consts.update(ROWS=gemm[0], TK=gemm[1])
     rows_per_wg = 64 // (red or 1)
-    params, wgs, tiles = kn.matmul_params(table, rows_per_wg)
-    grid = (wgs, T, 1) if spec is kn.MATVEC else (tiles, -(-T // 64), 1)
+    tile_rows = kn.gemm_tile_rows(kernels.kernel(kn.GEMM, **consts)) if spec is kn.GEMM else 64
+    params, wgs, tiles = kn.matmul_params(table, rows_per_wg, tile_rows)
+    grid = (wgs, T, 1) if spec is kn.MATVEC else kn.gemm_grid(tiles, T)
     return kn.run_kernel(kernels, spec, params, dict(W=np.concatenate(words), X=X, B=B, Y=Y.copy()),
                          grid, T=T, read=("Y",), constants=consts)["Y"]
 
@@ -253,17 +280,25 @@ def test_matvec(kernels, fmt, red, unroll):
 MIXED = {"mixed": ["Q8_0", "F32", "BF16"], "mixed_quant": ["Q4_K", "F32", "Q6_K"]}
 
 
-@pytest.mark.parametrize("spec", [kn.MATVEC, kn.GEMM], ids=["matvec", "gemm"])
+# gemm tile shapes (Tuning.gemm_rows, gemm_k) tested besides the tuning's own (128 x 32 here).
+GEMM_SHAPES = [(r, k) for r in kn.GEMM_ROWS for k in kn.GEMM_K]
+
+
+@pytest.mark.parametrize("spec, gemm", [(kn.MATVEC, None), (kn.GEMM, None), (kn.GEMM, (64, 16)),
+                                        (kn.GEMM, (32, 16))],
+                         ids=["matvec", "gemm", "gemm64x16", "gemm32x16"])
 @pytest.mark.parametrize("fmt", FORMATS + list(MIXED))
-def test_matmul_segments(kernels, spec, fmt):
+def test_matmul_segments(kernels, spec, gemm, fmt):
     """Three matrices stacked in one weight buffer, one dispatch: each segment reads its own
     input slot (its own K), writes its own output slot, with its own activation, bias and
-    residual add; rows 70 and 40 cross gemm's 64-row tiles, T = 67 its 64-token tiles. "mixed"
-    stacks three formats (the pipeline reads each segment's format from the table)."""
+    residual add. Rows 130 and 40 cross gemm's row tiles (128, 64 and 32 rows: each segment's
+    tiles start at its own tile_start) and end inside one; T = 67 crosses its 64-token tiles;
+    K = 32 is a single K step. "mixed" stacks three formats (the pipeline reads each segment's
+    format from the table)."""
     fmts = MIXED.get(fmt, [fmt] * 3)
     T = 67 if spec is kn.GEMM else 3
     rng = np.random.default_rng(13)
-    shapes = [(70, 96, "tanh", True, False), (5, 64, "none", False, True), (40, 32, "decay", True, True)]
+    shapes = [(130, 96, "tanh", True, False), (5, 64, "none", False, True), (40, 32, "decay", True, True)]
     shapes = [(M, k_for(f, K), *rest) for f, (M, K, *rest) in zip(fmts, shapes)]
     X = rng.standard_normal(sum(T * K for _, K, *_ in shapes) + 8).astype(np.float32)
     B = rng.standard_normal(256).astype(np.float32)
@@ -281,20 +316,45 @@ def test_matmul_segments(kernels, spec, fmt):
         tols[:, cols] = fp32_tol(np.abs(x) @ np.abs(wv).T, K) * (1 + 2 * np.abs(z)) + 1e-6 * (1 + np.abs(want[:, cols]))
         segments.append((raw, K, x_off, y_off, width, act, b_off if bias else None, accum))
         x_off, y_off, b_off = x_off + T * K, y_off + M, b_off + M
-    out = run_matmul(kernels, spec, fmts, segments, X, B, Y0, T, red=8, unroll=2)
+    out = run_matmul(kernels, spec, fmts, segments, X, B, Y0, T, red=8, unroll=2, gemm=gemm)
     np.testing.assert_array_less(np.abs(out - want), tols)
     np.testing.assert_array_equal(out[:, :3], Y0[:, :3])  # outside every segment: untouched
 
 
+@pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_gemm(kernels, fmt):
-    """M = 70 and T = 67 cross tile edges (64 x 64 tiles); K = 96 is 6 steps of 16."""
-    M, K, T = 70, k_for(fmt, 96), 67
+def test_gemm(kernels, fmt, shape):
+    """Every tile shape: M = 130 crosses the 128-, 64- and 32-row tiles and ends 2 rows into
+    the last; T = 131 is 3 token tiles, the last with 3 tokens; K = 96 is 3 steps of 32 or 6
+    of 16 (K-quants: 768, 24 or 48 steps)."""
+    M, K, T = 130, k_for(fmt, 96), 131
     raw, wv, x = _matmul_case(fmt, M, K, T, seed=4)
     out = run_matmul(kernels, kn.GEMM, fmt, [(raw, K, 0, 0, M, "none", None, False)],
-                     x, np.zeros(4, np.float32), np.zeros((T, M), np.float32), T)
+                     x, np.zeros(4, np.float32), np.zeros((T, M), np.float32), T, gemm=shape)
     want = x.astype(np.float64) @ wv.T
     np.testing.assert_array_less(np.abs(out - want), fp32_tol(np.abs(x) @ np.abs(wv).T, K))
+
+
+@pytest.mark.parametrize("fmt", ["F32", "Q8_0", "Q6_K"])
+def test_gemm_shapes_agree_bitwise(kernels, fmt):
+    """Each output is one fma chain over k = 0..K-1 whatever the tile shape, so every shape
+    gives the same bits (what lets the engine switch shapes without moving a logit)."""
+    M, K, T = 70, k_for(fmt, 128), 67
+    raw, _, x = _matmul_case(fmt, M, K, T, seed=7)
+    outs = [run_matmul(kernels, kn.GEMM, fmt, [(raw, K, 0, 0, M, "none", None, False)], x,
+                       np.zeros(4, np.float32), np.zeros((T, M), np.float32), T, gemm=shape)
+            for shape in GEMM_SHAPES]
+    for shape, out in zip(GEMM_SHAPES[1:], outs[1:]):
+        np.testing.assert_array_equal(out, outs[0], err_msg=f"shape {shape} vs {GEMM_SHAPES[0]}")
+
+
+def test_gemm_tile_constants_agree():
+    """GEMM_TOKENS is the shader's token tile; the workgroup memory formula is its two tiles."""
+    src = kn.shader_source("gemm.wgsl")
+    assert int(re.search(r"const TOKENS: u32 = (\d+)u;", src).group(1)) == kn.GEMM_TOKENS
+    assert kn.gemm_grid(5, 1) == (5, 1, 1) and kn.gemm_grid(5, 65) == (5, 2, 1)
+    assert kn.gemm_workgroup_bytes(128, 16) == 15360 <= 16384  # WebGPU's guaranteed minimum
+    assert kn.gemm_workgroup_bytes(128, 32) == 27648
 
 
 def test_gemm_ignores_tokens_beyond_T(kernels):

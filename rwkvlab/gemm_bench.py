@@ -1,0 +1,277 @@
+"""Throughput of the prefill GEMM per tile shape and chunk size: `python -m rwkvlab.gemm_bench`.
+
+For every weight format, every matrix shape of a 2.9B model's prefill (att.out 2560x2560,
+ffn.key 10240x2560, ffn.value 2560x10240), every chunk size T (--tokens) and every gemm tuning
+(--tunings: Tuning fields as $RWKVLAB_TUNING writes them, e.g. "gemm_rows=64,gemm_k=16"),
+the engine's gemm kernel (kernels.GEMM) multiplies a random matrix by T random token vectors:
+
+1. The matrix is random blocks of the format laid out as the engine uploads file tensors
+   (kernel_bench.random_matrix), the tokens standard normal.
+2. The output is checked against NumPy (float64 on gguf-py's dequantized rows: up to 2048 rows
+   spread over the matrix, every token) BEFORE anything is timed; a failing kernel is reported
+   and never timed.
+3. Timing: one compute pass of back-to-back dispatches cycling through enough copies of the
+   matrix (>= 256 MiB) that the L2 cache cannot hold them, as in a prefill, where each matrix is
+   read once per chunk; GPU timestamps around the pass (wall clock where there are none);
+   the median of several passes.
+4. TFLOP/s = 2 M K T / time per dispatch; "us/token" = time / T, what the product costs per
+   prompt token in one layer (the engine's profile sums it over the layers).
+
+One process sweeps every tuning, so a single call on a lent GPU compares them all. `--small`
+runs 256- and 1024-wide shapes (for lavapipe and the tests).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from rwkvlab import kernels as kn
+from rwkvlab.kernel_bench import (PASS_SECONDS, ROTATION_BYTES, KernelCheckError, _timestamp_period,
+                                  check_rows, dequantized_rows, random_matrix)
+
+FORMATS = ("F16", "Q8_0", "Q4_K")
+SHAPES = {"full": {"att.out": (2560, 2560), "ffn.key": (10240, 2560), "ffn.value": (2560, 10240)},
+          "small": {"att.out": (256, 256), "ffn.key": (1024, 256), "ffn.value": (256, 1024)}}
+TOKENS = {"full": (64, 256, 512), "small": (67,)}
+TUNINGS = ("gemm_rows=128,gemm_k=32", "gemm_rows=128,gemm_k=16", "gemm_rows=64,gemm_k=32",
+           "gemm_rows=64,gemm_k=16", "gemm_rows=32,gemm_k=16")
+PATHS = ("webgpu", "native")
+# An output's error allowed relative to sum_k |w_k x_k|: fp32 sums of K <= 10240 products err
+# by ~1e-6 of that typically (<= K * 2^-24 = 6e-4 in the worst case); a wrong tile, row or
+# token errs by O(1).
+REL_TOL = 1e-3
+
+
+@dataclass(frozen=True)
+class GemmTiming:
+    """One format x shape x T x tuning measurement."""
+
+    path: str
+    fmt: str
+    name: str  # the product it stands for (att.out, ffn.key, ffn.value)
+    rows: int
+    cols: int
+    tokens: int
+    tuning: str  # the overrides it ran with
+    seconds: float  # per dispatch (median over passes), by `clock`
+    clock: str  # "gpu" (timestamp queries) or "wall"
+    dispatches: int  # per timed pass
+    copies: int
+    max_error: float  # worst output error / (REL_TOL * sum |w x|): < 1 passed
+
+    @property
+    def tflops(self) -> float:
+        return 2 * self.rows * self.cols * self.tokens / self.seconds / 1e12
+
+    def line(self) -> str:
+        return (f"{self.path:7s} {self.fmt:5s} {self.name:9s} {self.rows:>6d}x{self.cols:<6d} "
+                f"T={self.tokens:<4d} {self.tuning:26s} {self.seconds * 1e6:9.1f} us "
+                f"{self.tflops:6.2f} TFLOP/s {self.seconds / self.tokens * 1e6:7.2f} us/token "
+                f"({self.clock} clock, {self.dispatches} dispatches over {self.copies} copies, "
+                f"error {self.max_error:.2g} of tolerance)")
+
+
+@dataclass
+class Problem:
+    """A random matrix and Tmax token vectors with NumPy's answer on the checked rows."""
+
+    fmt: str
+    M: int
+    K: int
+    raw: np.ndarray  # the matrix as the file stores it
+    x: np.ndarray  # float32 [Tmax, K]
+    rows: np.ndarray  # rows compared with NumPy
+    want: np.ndarray  # float64 [Tmax, rows]
+    scale: np.ndarray  # float64 |X| @ |W[rows]|^T: what an output's rounding error is measured against
+
+    @classmethod
+    def make(cls, fmt: str, M: int, K: int, T: int, rng: np.random.Generator) -> "Problem":
+        raw = random_matrix(fmt, M, K, rng)
+        x = rng.standard_normal((T, K)).astype(np.float32)
+        rows = check_rows(M)
+        w = dequantized_rows(raw, fmt, K, rows)
+        x64 = x.astype(np.float64)
+        return cls(fmt, M, K, raw, x, rows, x64 @ w.T, np.abs(x64) @ np.abs(w).T)
+
+    def errors(self, y: np.ndarray, T: int) -> np.ndarray:
+        """Each checked output's error (tokens < T) as a fraction of its tolerance."""
+        got = y[:T, self.rows].astype(np.float64)
+        return np.abs(got - self.want[:T]) / (REL_TOL * self.scale[:T] + 1e-30)
+
+
+class _Weights:
+    """Copies of one matrix in one buffer, cycled through so that L2 cannot hold them."""
+
+    def __init__(self, device, limits, rows: np.ndarray, rotation_bytes: int):
+        import wgpu
+
+        self.nbytes = rows.nbytes
+        binding_limit = limits.get("max-storage-buffer-binding-size", 128 << 20)
+        if self.nbytes > binding_limit:
+            raise ValueError(f"a {self.nbytes >> 20} MiB matrix is over this device's binding limit "
+                             f"of {binding_limit >> 20} MiB (the engine would split it)")
+        align = max(256, int(limits.get("min-storage-buffer-offset-alignment", 256)))
+        self.stride = -(-self.nbytes // align) * align
+        buffer_limit = min(limits.get("max-buffer-size", 1 << 30), 2 << 30)
+        self.copies = int(max(1, min(-(-rotation_bytes // self.stride), buffer_limit // self.stride)))
+        self.buffer = device.create_buffer(size=self.stride * self.copies,
+                                           usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST)
+        src = device.create_buffer_with_data(data=np.ascontiguousarray(rows).tobytes(),
+                                             usage=wgpu.BufferUsage.COPY_SRC)
+        enc = device.create_command_encoder()
+        for c in range(self.copies):
+            enc.copy_buffer_to_buffer(src, 0, self.buffer, c * self.stride, self.nbytes)
+        device.queue.submit([enc.finish()])
+        src.destroy()
+
+    def binding(self, c: int) -> tuple:
+        return (self.buffer, c * self.stride, self.nbytes)
+
+
+def bench_gemm(kernels, path: str, problem: Problem, weights: _Weights, T: int, tuning: str,
+               name: str = "", *, size: str = "full", repeats: int = 5) -> GemmTiming:
+    """Check then time the gemm kernel of `kernels` (one tuning) on T tokens of a problem."""
+    import wgpu
+
+    d = kernels.device
+    fmt, M, K = problem.fmt, problem.M, problem.K
+    storage = wgpu.BufferUsage.STORAGE
+    x = d.create_buffer_with_data(data=problem.x[:T].tobytes(), usage=storage)
+    b = d.create_buffer(size=16, usage=storage)
+    y = d.create_buffer(size=4 * M * T, usage=storage | wgpu.BufferUsage.COPY_SRC)
+    run = d.create_buffer_with_data(data=np.array([T, 0, 0, 0], np.uint32).tobytes(),
+                                    usage=wgpu.BufferUsage.UNIFORM)
+    seg = kn.MatSegment(rows=M, K=K, row_words=kn.row_words(fmt, K), w_base=0, x_off=0, y_off=0,
+                        y_stride=M, fmt=fmt)
+    kernel = kernels.kernel(kn.GEMM, FMT=kn.matmul_fmt([seg]))
+    params, _, tiles = kn.matmul_params([seg], 1, kn.gemm_tile_rows(kernel))
+    grid = kn.gemm_grid(tiles, T)
+    groups = [kernels.bind(kn.GEMM, run, params, {"W": weights.binding(c), "X": x, "B": b, "Y": y},
+                           label=f"gemm_bench.{c}") for c in range(weights.copies)]
+    stamps = "timestamp-query" in kernels.gpu.features
+    if stamps:
+        queries = d.create_query_set(type=wgpu.QueryType.timestamp, count=2)
+        query_buf = d.create_buffer(size=16, usage=wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC)
+        period = _timestamp_period(d)
+
+    def run_pass(n: int, timed: bool = True) -> tuple[float, float | None]:
+        plan = kn.Plan(kn.Dispatch(kernel, groups[i % weights.copies], grid, "gemm_bench") for i in range(n))
+        enc = d.create_command_encoder()
+        timed = timed and stamps
+        cp = enc.begin_compute_pass(timestamp_writes={
+            "query_set": queries, "beginning_of_pass_write_index": 0,
+            "end_of_pass_write_index": 1} if timed else None)
+        kn.encode(cp, plan)
+        cp.end()
+        if timed:
+            enc.resolve_query_set(queries, 0, 2, query_buf, 0)
+        buf = enc.finish()
+        start = time.perf_counter()
+        d.queue.submit([buf])
+        done = d.queue.read_buffer(query_buf if timed else y, 0, 16)
+        wall = time.perf_counter() - start
+        if not timed:
+            return wall, None
+        t0, t1 = np.frombuffer(done, dtype=np.uint64)[:2]
+        return wall, (float(t1 - t0) * period * 1e-9 if t1 > t0 else None)
+
+    run_pass(1, timed=False)
+    out = np.frombuffer(d.queue.read_buffer(y), dtype=np.float32).reshape(T, M)
+    errors = problem.errors(out, T)
+    label = f"{path} gemm {fmt} {M}x{K} T={T} {tuning}"
+    if not (errors <= 1).all():  # also catches NaN
+        t, i = np.unravel_index(int(np.argmax(np.where(np.isnan(errors), np.inf, errors))), errors.shape)
+        raise KernelCheckError(f"{label}: token {t} row {int(problem.rows[i])} is {float(out[t, problem.rows[i]]):.6g}, "
+                               f"NumPy says {problem.want[t, i]:.6g} (tolerance {REL_TOL * problem.scale[t, i]:.3g}); "
+                               "not timed")
+
+    n = max(4, weights.copies)
+    wall, gpu = run_pass(n)
+    per = (gpu or wall) / n
+    n = int(min(2000, max(n, PASS_SECONDS[size] / max(per, 1e-9))))
+    samples = [run_pass(n) for _ in range(repeats)]
+    gpu_times = [g for _, g in samples if g is not None]
+    if len(gpu_times) == len(samples):
+        seconds, clock = statistics.median(gpu_times) / n, "gpu"
+    else:
+        seconds, clock = statistics.median(w for w, _ in samples) / n, "wall"
+    return GemmTiming(path=path, fmt=fmt, name=name, rows=M, cols=K, tokens=T, tuning=tuning,
+                      seconds=seconds, clock=clock, dispatches=n, copies=weights.copies,
+                      max_error=float(errors.max()))
+
+
+def run(formats=FORMATS, paths=("webgpu",), size: str = "full", tokens=None, tunings=TUNINGS,
+        backend: str = "auto", repeats: int = 5, seed: int = 0, out=None) -> tuple[list[GemmTiming], list[str]]:
+    """Every format x shape x path x T x tuning: (timings, failures), a line each to `out`."""
+    from rwkvlab.gpu import get_gpu
+
+    out = out or sys.stdout
+    tokens = tuple(tokens or TOKENS[size])
+    unknown = [f for f in formats if f not in kn.GPU_FORMATS]
+    if unknown:
+        raise ValueError(f"format(s) {unknown} have no GPU kernel; the kernels read {', '.join(kn.GPU_FORMATS)}")
+    bad_paths = [p for p in paths if p not in PATHS]
+    if bad_paths:
+        raise ValueError(f"unknown path(s) {bad_paths}; choose from {', '.join(PATHS)}")
+    devices = {}
+    for path in paths:
+        gpu = get_gpu(backend, native=path == "native")
+        try:
+            devices[path] = (gpu, {t: kn.kernels_for(gpu, kn.choose_tuning(gpu, path, t)) for t in tunings})
+        except kn.KernelError as e:
+            raise ValueError(str(e)) from None
+        print(f"# {path} path on {gpu.info.label}", file=out, flush=True)
+    timings, failures = [], []
+    for fmt in formats:
+        for name, (M, K) in SHAPES[size].items():
+            problem = Problem.make(fmt, M, K, max(tokens), np.random.default_rng([seed, M, K, kn.GPU_FORMATS[fmt]]))
+            rows = kn.rows_for_gpu(problem.raw, fmt, K)
+            for path, (gpu, by_tuning) in devices.items():
+                weights = _Weights(gpu.device, gpu.limits, rows, ROTATION_BYTES[size])
+                for T in tokens:
+                    for tuning, kernels in by_tuning.items():
+                        try:
+                            t = bench_gemm(kernels, path, problem, weights, T, tuning, name, size=size,
+                                           repeats=repeats)
+                        except KernelCheckError as e:
+                            failures.append(str(e))
+                            print(f"FAILED: {e}", file=out, flush=True)
+                            continue
+                        timings.append(t)
+                        print(t.line(), file=out, flush=True)
+                weights.buffer.destroy()
+    return timings, failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m rwkvlab.gemm_bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--small", action="store_true", help="256/1024-wide shapes, T = 67 (CPU adapters, tests)")
+    ap.add_argument("--formats", default=",".join(FORMATS), help="comma-separated (any of kernels.GPU_FORMATS)")
+    ap.add_argument("--paths", default="webgpu", help="webgpu, native or both (gemm is the same WGSL on both)")
+    ap.add_argument("--tokens", default=None, help="comma-separated chunk sizes T (default 64,256,512)")
+    ap.add_argument("--tunings", default=";".join(TUNINGS),
+                    help="semicolon-separated $RWKVLAB_TUNING strings, each measured")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--repeats", type=int, default=5, help="timed passes per measurement (median kept)")
+    args = ap.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        timings, failures = run(formats=args.formats.split(","), paths=args.paths.split(","),
+                                size="small" if args.small else "full",
+                                tokens=[int(t) for t in args.tokens.split(",")] if args.tokens else None,
+                                tunings=[t.strip() for t in args.tunings.split(";")],
+                                backend=args.backend, repeats=args.repeats)
+    except ValueError as e:
+        print(f"gemm_bench: {e}", file=sys.stderr)
+        return 2
+    print(f"# {len(timings)} measured, {len(failures)} failed, {time.perf_counter() - start:.1f} s")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
