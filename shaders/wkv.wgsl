@@ -290,6 +290,8 @@ fn wkv_fused(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
                 FVF[e] = v;
             }
         }
+        // The head sums: every lane puts (subgroup operations), only the channel lanes 0..63
+        // read (nothing else needs them; on the webgpu path a read is 16 vec4 loads and adds).
         sum64_put(SUM_BONUS, x.r * kn * rk, lid);
         var kk = x.kk;
         if (PREP) {
@@ -297,24 +299,31 @@ fn wkv_fused(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_ind
             let kk0 = x.k * kkw;
             sum64_put(SUM_KK, kk0 * kk0, lid);
             workgroupBarrier();
-            kk = kk0 / max(sqrt(sum64(SUM_KK)), 1e-12);
+            if (lid < N) {
+                kk = kk0 / max(sqrt(sum64(SUM_KK)), 1e-12);
+            }
         }
         if (lid < N) {
             stage_kk(i, kk, x.a);
         }
         workgroupBarrier();
-        let bonus = sum64(SUM_BONUS) * v;
+        var bonus = 0.0;
+        if (lid < N) {
+            bonus = sum64(SUM_BONUS) * v;  // read now: the next token puts it before any barrier
+        }
         let y = state_step(&s, v, lid);
         // groupnorm_out. Its two barriers also keep the next token's staging from overwriting
         // vectors a lane still reads (state_step has none when LANES = 1).
         sum64_put(SUM_MEAN, y, lid);
         workgroupBarrier();
-        let mean = sum64(SUM_MEAN) / 64.0;
-        let d = y - mean;
+        var d = 0.0;
+        if (lid < N) {
+            d = y - sum64(SUM_MEAN) / 64.0;
+        }
         sum64_put(SUM_VAR, d * d, lid);
         workgroupBarrier();
-        let rstd = inverseSqrt(sum64(SUM_VAR) / 64.0 + GROUP_NORM_EPS);
         if (lid < N) {
+            let rstd = inverseSqrt(sum64(SUM_VAR) / 64.0 + GROUP_NORM_EPS);
             FY[e] = (d * rstd * lnw + lnb + bonus) * x.g;
         }
     }
