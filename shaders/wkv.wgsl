@@ -6,8 +6,8 @@
 //   y_i = sum_j S[i][j] * r_j                      (with the updated S)
 //
 // One workgroup per head, WG = 64 x LANES threads. Lane lid is row i = lid % 64 (also channel
-// i of the head) and part q = lid / 64 of it: it keeps columns 64q/LANES .. of row i, NV4 =
-// 16 / LANES vec4s, in registers for the whole chunk (indexed only by constant-trip loops, so
+// i of the head) and part q = lid / 64 of it: it keeps columns 64q/LANES .. 64(q+1)/LANES - 1
+// of row i, NV4 = 16 / LANES vec4s, in registers for the whole chunk (indexed only by constant-trip loops, so
 // the compiler can unroll them into registers; one 64-float row per thread, the old shape, is
 // LANES = 1). sa_i and y_i are each a partial sum per lane, added over the row's LANES lanes
 // through workgroup memory in a fixed order, so every lane of a row holds the same bits.
@@ -49,7 +49,7 @@
 // as their own dispatches (k and v in DOWN are already updated, kk in FKK), so the "wkv"
 // fusion alone is the state update + GroupNorm + bonus + gate.
 //
-// Constants of both: WG = 64 x LANES, LANES in 1, 2, 4, ... 16 (kernels.Tuning.wkv_wg); RED
+// Constants of both: WG = 64 x LANES, LANES = 1, 2, 4, 8 or 16 (kernels.Tuning.wkv_wg); RED
 // (reduce*.wgsl: group_sum is not used here, sum64 is). Inputs of token t + 1 are loaded
 // while token t runs (its barriers hide their latency in a prefill chunk).
 
@@ -102,8 +102,8 @@ fn stage_kk(i: u32, kk: f32, a: f32) {
     kka_s[i >> 2u][i & 3u] = kk * a;
 }
 
-// The sum of row i's LANES partials, lane part 0's first (the same bits in every lane of the
-// row), through sa_part (into_sa) or y_part: a barrier, none when LANES = 1.
+// The sum of row i's LANES partials, part 0's first (the same bits in every lane of the row),
+// through sa_part (into_sa) or y_part: one barrier, none when LANES = 1.
 fn row_sum(part: f32, lid: u32, into_sa: bool) -> f32 {
     if (WG == N) {
         return part;
