@@ -62,7 +62,7 @@ FMT_PER_SEGMENT = 255  # FMT of a matrix-product pipeline whose segments differ 
 # Epilogues of matvec / gemm (Seg.act of shaders/matseg.wgsl, codes of shaders/common.wgsl).
 ACTIVATIONS: dict[str, int] = {"none": 0, "tanh": 1, "sigmoid": 2, "relu_sq": 3, "decay": 4}
 
-HEAD_SIZE = 64  # wkv.wgsl keeps one 64-float state row per thread in registers
+HEAD_SIZE = 64  # wkv.wgsl: a head's state is 64 x 64, one row per 64-lane part of the workgroup
 
 
 class KernelError(RuntimeError):
@@ -164,11 +164,11 @@ NORM_SHIFT = _spec("norm_shift", "timemix.wgsl", "norm_shift",
                    "NX:read NW:read NB:read NPREV:rw NLERP:read NOUT:rw", "C slot eps:f32",
                    ("common.wgsl", "reduce.wgsl"), WG=64, RED=64, NMIX=6)
 WKV = _spec("wkv", "wkv.wgsl", "wkv", "R:read DECAY:read K:read V:read KK:read A:read S:rw Y:rw",
-            _HEAD_PARAMS, ("common.wgsl", "reduce.wgsl"), WG=64, RED=64)
+            _HEAD_PARAMS, ("common.wgsl", "reduce.wgsl"), WG=256, RED=64)
 WKV_FUSED = _spec("wkv_fused", "wkv.wgsl", "wkv_fused",
                   "DOWN:read UP:read VEC:read FVF:rw FS:rw FY:rw FKK:read",
                   "C r k v w a vmix g kkw kaw rk lnw lnb", ("common.wgsl", "reduce.wgsl"),
-                  WG=64, RED=64, FIRST=False, PREP=True)
+                  WG=256, RED=64, FIRST=False, PREP=True)
 ARGMAX = _spec("argmax", "argmax.wgsl", "argmax", "L:read TOK:rw GEN:rw", "V cap", WG=256)
 
 SPECS: dict[str, KernelSpec] = {s.name: s for s in (
@@ -176,9 +176,9 @@ SPECS: dict[str, KernelSpec] = {s.name: s for s in (
     WKV, WKV_FUSED, ARGMAX)}
 
 # Constants a kernel's workgroup shape is fixed to, whatever the tuning says (the head kernels
-# run one thread per channel of a 64-wide head).
+# run one thread per channel of a 64-wide head; wkv and wkv_fused take WG from the tuning).
 _HEAD_WG = {"WG": 64, "RED": 64}
-_FIXED = {"groupnorm_out": _HEAD_WG, "kv_prep": _HEAD_WG, "wkv": _HEAD_WG, "wkv_fused": _HEAD_WG}
+_FIXED = {"groupnorm_out": _HEAD_WG, "kv_prep": _HEAD_WG}
 
 
 def _shader_dir():
@@ -348,6 +348,9 @@ class Tuning:
     gemm_rows: int = 128  # rows of W per gemm output tile (GEMM_ROWS; tokens: GEMM_TOKENS)
     gemm_k: int = 16  # columns per gemm K step (GEMM_K; choose_tuning picks 32 where the
     #                   device has the 27 KB of workgroup memory it needs)
+    # threads per wkv / wkv_fused workgroup (one per head): 64 x lanes per state row, each lane
+    # keeping 64 / lanes floats of its row in registers (shaders/wkv.wgsl)
+    wkv_wg: int = 256
 
     def as_record(self) -> dict:
         return dict(self.__dict__)
@@ -369,10 +372,16 @@ def choose_tuning(gpu, path: str, overrides: str | None = None) -> Tuning:
     row's 32 quants as one whole 32-byte sector per step, but need 27 KB of workgroup memory
     (two workgroups: 54 of an H100 SM's 227 KB); devices under that get 16 (15 KB).
 
+    WKV: CPU adapters keep a whole state row per thread (wkv_wg 64: a workgroup runs on one
+    core, more lanes only add barriers). GPUs split each row over 4 lanes (wkv_wg 256): only
+    H workgroups exist (40 on a 2.9B model, 132 SMs on an H100), so each is latency bound; 8
+    warps per SM instead of 2 give every scheduler two warps to switch between, and a lane's
+    16 floats are 4 vec4 FMA chains of length 4 per sum instead of 16.
+
     $RWKVLAB_TUNING overrides fields for experiments, e.g. "matvec_wg=256,matvec_red=64,
-    matvec_unroll=1" (powers of two; matvec_red <= matvec_wg; matvec_unroll 1, 2 or 4;
-    gemm_rows 32, 64 or 128; gemm_k 16 or 32), or "trusted=0" (the native path with Naga's
-    runtime checks back on); engines record their tuning (Engine.tuning).
+    matvec_unroll=1,wkv_wg=512" (powers of two; matvec_red <= matvec_wg; matvec_unroll 1, 2 or
+    4; gemm_rows 32, 64 or 128; gemm_k 16 or 32; 64 <= wkv_wg <= 1024), or "trusted=0" (the
+    native path with Naga's runtime checks back on); engines record their tuning (Engine.tuning).
     `overrides` in the same form replaces $RWKVLAB_TUNING (benchmarks sweeping tunings).
     """
     import os
@@ -384,10 +393,10 @@ def choose_tuning(gpu, path: str, overrides: str | None = None) -> Tuning:
     gemm = dict(gemm_rows=128, gemm_k=32 if gemm_workgroup_bytes(128, 32) <= wg_bytes else 16)
     if gpu.info.adapter_type == "CPU":
         tuning = Tuning(matvec_wg=64, matvec_red=1, matvec_unroll=1, norm_wg=64, shift_wg=64,
-                        argmax_wg=64, subgroups=subgroups, subgroup_size=sg, **gemm)
+                        argmax_wg=64, subgroups=subgroups, subgroup_size=sg, wkv_wg=64, **gemm)
     else:
         tuning = Tuning(matvec_wg=128, matvec_red=32, matvec_unroll=2, norm_wg=256, shift_wg=64,
-                        argmax_wg=256, subgroups=subgroups, subgroup_size=sg, **gemm)
+                        argmax_wg=256, subgroups=subgroups, subgroup_size=sg, wkv_wg=256, **gemm)
     tuning = replace(tuning, trusted=path == "native")
     tuning = _tuning_overrides(tuning, os.environ.get(TUNING_ENV, "") if overrides is None else overrides)
     need = gemm_workgroup_bytes(tuning.gemm_rows, tuning.gemm_k)
@@ -401,7 +410,7 @@ def _tuning_overrides(tuning: Tuning, text: str) -> Tuning:
     from dataclasses import replace
 
     sizes = {"matvec_wg", "matvec_red", "matvec_unroll", "norm_wg", "shift_wg", "argmax_wg",
-             "gemm_rows", "gemm_k"}
+             "gemm_rows", "gemm_k", "wkv_wg"}
     changes = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
         name, _, value = item.partition("=")
@@ -413,12 +422,12 @@ def _tuning_overrides(tuning: Tuning, text: str) -> Tuning:
                               f"of {', '.join(sorted(sizes))} (or trusted=0|1)")
         changes[name] = int(value)
     tuning = replace(tuning, **changes)
-    if (tuning.matvec_red > tuning.matvec_wg or tuning.matvec_unroll > 4
-            or max(tuning.matvec_wg, tuning.norm_wg, tuning.argmax_wg) > 1024
+    if (tuning.matvec_red > tuning.matvec_wg or tuning.matvec_unroll > 4 or tuning.wkv_wg < 64
+            or max(tuning.matvec_wg, tuning.norm_wg, tuning.argmax_wg, tuning.wkv_wg) > 1024
             or tuning.gemm_rows not in GEMM_ROWS or tuning.gemm_k not in GEMM_K):
-        raise KernelError(f"${TUNING_ENV}: matvec_red must be <= matvec_wg, matvec_unroll 1 or 2 "
-                          f"and workgroups <= 1024 threads, gemm_rows one of {GEMM_ROWS}, gemm_k "
-                          f"one of {GEMM_K}, got {tuning}")
+        raise KernelError(f"${TUNING_ENV}: matvec_red must be <= matvec_wg, matvec_unroll 1 or 2, "
+                          f"wkv_wg >= 64 and workgroups <= 1024 threads, gemm_rows one of {GEMM_ROWS}, "
+                          f"gemm_k one of {GEMM_K}, got {tuning}")
     return tuning
 
 
@@ -562,6 +571,8 @@ class Kernels:
             "shift_mix": {"WG": t.shift_wg},
             "argmax": {"WG": t.argmax_wg},
             "gemm": {"ROWS": t.gemm_rows, "TK": t.gemm_k},
+            "wkv": {"WG": t.wkv_wg},
+            "wkv_fused": {"WG": t.wkv_wg},
         }.get(spec.name, {})
         consts.update(tuned)
         consts.update(overrides)

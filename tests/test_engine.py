@@ -302,7 +302,7 @@ def test_all_fusions_dispatch_count(engine, fmt):
         "L1.att.norm", "L1.att.shift", "L1.att.down", "L1.att.up", "L1.att.wkv_fused", "L1.att.out"]
 
 
-GPU_TUNING = "matvec_wg=128,matvec_red=32,norm_wg=256,argmax_wg=256"  # what real GPUs get
+GPU_TUNING = "matvec_wg=128,matvec_red=32,norm_wg=256,argmax_wg=256,wkv_wg=256"  # what real GPUs get
 
 
 @pytest.mark.parametrize("path", ["webgpu", "native"])
@@ -334,6 +334,25 @@ def test_gemm_tile_shapes_give_identical_logits(engine, reference, fixtures_dir,
     assert {d.kernel.name for d in e.plan(150, "all")} >= {"gemm"}
     np.testing.assert_array_equal(e.logits(LONG_PROMPT), want)
     assert np.abs(want - reference("q8_0").logits(LONG_PROMPT)).max() <= 1e-3
+
+
+@pytest.mark.parametrize("path", ["webgpu", "native"])
+def test_gpu_class_wkv_fusions_equal_the_unfused_plan(fixtures_dir, monkeypatch, path):
+    """In the GPU shape of the wkv kernels (wkv_wg 256: four lanes per state row) the "wkv"
+    fusion, alone and with "kv", gives the unfused plan's logits bit for bit, chunked and
+    stepped: wkv_fused's head sums reproduce kv_prep's and groupnorm_out's group_sum (subgroup
+    operations on the native path) and its state update is wkv's."""
+    monkeypatch.setenv(kn.TUNING_ENV, GPU_TUNING)
+    results = []
+    for fusions in (set(), {"wkv"}, {"kv", "wkv"}):
+        e = load(fixtures_dir / "tiny-q8_0.gguf", Options(path=path, fusions=frozenset(fusions)), progress=False)
+        assert {dict(d.kernel.constants)["WG"] for d in e.plan(1, "last") if d.kernel.name.startswith("wkv")} == {256}
+        logits = e.logits(TOKENS)
+        e.reset()
+        results.append((logits, np.stack([e.step(t) for t in TOKENS[:6]])))
+    for logits, steps in results[1:]:
+        np.testing.assert_array_equal(logits, results[0][0])
+        np.testing.assert_array_equal(steps, results[0][1])
 
 
 def test_api_encoding_equals_raw_encoding(engine, monkeypatch):

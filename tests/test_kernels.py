@@ -154,8 +154,9 @@ def test_tuning_overrides():
     assert kn._tuning_overrides(base, "trusted=1").trusted and not base.trusted
     t = kn._tuning_overrides(base, "gemm_rows=64,gemm_k=32")
     assert (t.gemm_rows, t.gemm_k) == (64, 32)
+    assert kn._tuning_overrides(base, "wkv_wg=512").wkv_wg == 512
     for bad in ("matvec_wg=96", "warp=32", "matvec_red=128", "matvec_unroll=8", "gemm_rows=256",
-                "gemm_rows=16", "gemm_k=8", "gemm_k=64", "trusted=2"):
+                "gemm_rows=16", "gemm_k=8", "gemm_k=64", "trusted=2", "wkv_wg=32", "wkv_wg=2048"):
         with pytest.raises(kn.KernelError, match="RWKVLAB_TUNING"):
             kn._tuning_overrides(base, bad)
 
@@ -576,10 +577,43 @@ def test_lora_params_checks():
         kn.lora_params([], 256)
 
 
-def test_wkv_over_several_tokens(kernels):
-    """Five tokens through two heads from a non-zero state: outputs and the final state."""
+# wkv_wg values (threads per head: 64 x lanes per state row). CPU adapters run 64, GPUs 256
+# (kernels.choose_tuning); every allowed shape is tested on both paths here.
+WKV_WGS = [64, 128, 256, 512, 1024]
+
+
+def _wkv_reference(r, w, k, v, kk, a, s0):
+    """The state update in float64: (y [T, C], final S [H, 64, 64]) and first-order worst-case
+    bounds of an fp32 kernel's error on each, whatever order it sums in: a sum of 64 products
+    is off by at most 64 u sum|products| (u = 2^-24) plus the error its inputs carry; each new
+    state entry by 4 u of its three terms' magnitudes (its roundings, kk*a's included), plus the
+    decayed old error and sa's error times |kk*a|."""
+    T, C = r.shape
+    H, N = C // 64, 64
+    S, E = s0.astype(np.float64), np.zeros((H, N, N))
+    y, y_err = np.zeros((T, C)), np.zeros((T, C))
+    for t in range(T):
+        for h in range(H):
+            sl = slice(h * N, (h + 1) * N)
+            kka = kk[t, sl] * a[t, sl]
+            sa = S[h] @ (-kk[t, sl])
+            sa_err = N * U32 * (np.abs(S[h]) @ np.abs(kk[t, sl])) + E[h] @ np.abs(kk[t, sl])
+            terms = (S[h] * w[t, sl][None], np.outer(v[t, sl], k[t, sl]), np.outer(sa, kka))
+            E[h] = E[h] * w[t, sl][None] + np.outer(sa_err, np.abs(kka)) + 4 * U32 * sum(map(np.abs, terms))
+            S[h] = sum(terms)
+            y[t, sl] = S[h] @ r[t, sl]
+            y_err[t, sl] = N * U32 * (np.abs(S[h]) @ np.abs(r[t, sl])) + E[h] @ np.abs(r[t, sl])
+    return y, S, y_err, E
+
+
+@pytest.mark.parametrize("T", [1, 7])
+@pytest.mark.parametrize("wg", WKV_WGS)
+def test_wkv_over_several_tokens(kernels, wg, T):
+    """T tokens through three heads from a non-zero state: outputs and the final state, for
+    every workgroup shape (1 to 16 lanes per state row). Tolerance: twice the worst-case fp32
+    bounds of _wkv_reference (first order; doubled for the terms it drops), + 1e-7."""
     rng = np.random.default_rng(10)
-    T, H, N = 5, 2, 64
+    H, N = 3, 64
     C = H * N
     r, k, v = (rng.standard_normal((T, C)).astype(np.float32) for _ in range(3))
     w = np.exp(-0.606531 / (1 + np.exp(-rng.standard_normal((T, C))))).astype(np.float32)
@@ -589,18 +623,10 @@ def test_wkv_over_several_tokens(kernels):
     s0 = (rng.standard_normal((H, N, N)) * 0.1).astype(np.float32)
     res = kn.run_kernel(kernels, kn.WKV, dict(C=C),
                         dict(R=r, DECAY=w, K=k, V=v, KK=kk, A=a, S=s0.copy(), Y=np.zeros((T, C), np.float32)),
-                        (H, 1, 1), T=T, read=("S", "Y"))
-    S = s0.astype(np.float64)
-    want = np.zeros((T, C))
-    for t in range(T):
-        for h in range(H):
-            sl = slice(h * N, (h + 1) * N)
-            sa = S[h] @ (-kk[t, sl])
-            S[h] = S[h] * w[t, sl][None] + np.outer(v[t, sl], k[t, sl]) + np.outer(sa, kk[t, sl] * a[t, sl])
-            want[t, sl] = S[h] @ r[t, sl]
-    # |S| grows to ~10 over five tokens; each entry passes through ~3 fp32 ops per token
-    np.testing.assert_allclose(res["S"], S, rtol=0, atol=1e-5 * np.abs(S).max())
-    np.testing.assert_allclose(res["Y"], want, rtol=0, atol=1e-5 * N * np.abs(S).max())
+                        (H, 1, 1), T=T, read=("S", "Y"), constants=dict(WG=wg))
+    want, S, y_err, s_err = _wkv_reference(*(x.astype(np.float64) for x in (r, w, k, v, kk, a)), s0)
+    assert np.all(np.abs(res["S"] - S) <= 2 * s_err + 1e-7)
+    assert np.all(np.abs(res["Y"] - want) <= 2 * y_err + 1e-7)
 
 
 # --- fused kernels: each against the NumPy composition of the kernels it replaces -------------
@@ -651,23 +677,46 @@ def _wkv_chain(T, H, r, k, v, w, a, vmix, g, vf, kkw, kaw, rk, lnw, lnb, s0, fir
     return (norm + bonus.reshape(T, C)) * g, S, v
 
 
+def _fused_case(T: int, H: int, seed: int) -> dict[str, np.ndarray]:
+    """Random float32 inputs of wkv_fused in their model ranges (w, a, vmix in (0, 1))."""
+    rng = np.random.default_rng(seed)
+    C, N = H * 64, 64
+    case = {name: rng.standard_normal((T, C)) for name in ("r", "k", "v", "g", "vf")}
+    case["w"] = np.exp(-0.606531 / (1 + np.exp(-rng.standard_normal((T, C)))))
+    case["a"], case["vmix"] = (1 / (1 + np.exp(-rng.standard_normal((T, C)))) for _ in range(2))
+    case["vecs"] = rng.standard_normal((5, C))  # k_k, k_a, r_k, ln_x weight, ln_x bias
+    case["vecs"][1] = rng.random(C)
+    case["s0"] = rng.standard_normal((H, N, N)) * 0.1
+    return {name: x.astype(np.float32) for name, x in case.items()}
+
+
+def _run_wkv_fused(kernels, c: dict, first: bool, prep: bool, wg: int, k_in, v_in, kk_in) -> dict:
+    """One wkv_fused dispatch on case `c` whose DOWN slots hold r, k_in, v_in (after 4 floats
+    of padding: offsets are not slot-aligned) and FKK kk_in; returns FY, FS, FVF."""
+    T, C = c["r"].shape
+    down = np.concatenate([np.zeros(4, np.float32), c["r"].ravel(), k_in.ravel(), v_in.ravel()])
+    up = np.concatenate([c["w"].ravel(), c["a"].ravel(), c["vmix"].ravel(), c["g"].ravel()])
+    n = T * C
+    params = dict(C=C, r=4, k=4 + n, v=4 + 2 * n, w=0, a=n, vmix=2 * n, g=3 * n,
+                  kkw=0, kaw=C, rk=2 * C, lnw=3 * C, lnb=4 * C)
+    return kn.run_kernel(kernels, kn.WKV_FUSED, params,
+                         dict(DOWN=down, UP=up, VEC=c["vecs"], FVF=c["vf"].copy(), FS=c["s0"].copy(),
+                              FY=np.zeros((T, C), np.float32), FKK=kk_in),
+                         (C // 64, 1, 1), T=T, constants=dict(FIRST=first, PREP=prep, WG=wg),
+                         read=("FY", "FS", "FVF"))
+
+
+@pytest.mark.parametrize("wg", WKV_WGS)
 @pytest.mark.parametrize("prep", [True, False], ids=["prep", "no_prep"])
 @pytest.mark.parametrize("first", [True, False])
-def test_wkv_fused(kernels, first, prep):
-    """kv_prep + wkv + groupnorm_out in one dispatch, four tokens, inputs read at slot offsets.
-    Without PREP (the "wkv" fusion without "kv") the kernel gets k and v already updated and kk
-    from FKK, as the three kv dispatches leave them."""
-    rng = np.random.default_rng(15)
+def test_wkv_fused(kernels, first, prep, wg):
+    """kv_prep + wkv + groupnorm_out in one dispatch, four tokens, inputs read at slot offsets,
+    for every workgroup shape. Without PREP (the "wkv" fusion without "kv") the kernel gets k
+    and v already updated and kk from FKK, as the three kv dispatches leave them."""
     T, H, N = 4, 2, 64
     C = H * N
-    r, k, v, g, vf = (rng.standard_normal((T, C)) for _ in range(5))
-    w = np.exp(-0.606531 / (1 + np.exp(-rng.standard_normal((T, C)))))
-    a, vmix = (1 / (1 + np.exp(-rng.standard_normal((T, C)))) for _ in range(2))
-    vecs = rng.standard_normal((5, C))  # k_k, k_a, r_k, ln_x weight, ln_x bias
-    vecs[1] = rng.random(C)
-    s0 = rng.standard_normal((H, N, N)) * 0.1
-    f32 = lambda *xs: [np.asarray(x, np.float32) for x in xs]  # noqa: E731
-    r, k, v, g, vf, w, a, vmix, vecs, s0 = f32(r, k, v, g, vf, w, a, vmix, vecs, s0)
+    c = _fused_case(T, H, seed=15)
+    r, k, v, g, vf, w, a, vmix, vecs, s0 = (c[n] for n in ("r", "k", "v", "g", "vf", "w", "a", "vmix", "vecs", "s0"))
     d64 = lambda x: x.astype(np.float64)  # noqa: E731
     kk_in = np.zeros((T, C), np.float32)
     k_in, v_in = k, v
@@ -676,20 +725,47 @@ def test_wkv_fused(kernels, first, prep):
         kk_in = (kk_in / np.maximum(np.linalg.norm(kk_in, axis=-1, keepdims=True), 1e-12)).reshape(T, C)
         k_in = k * (1 + (a - 1) * vecs[1])
         v_in = v if first else v + (vf - v) * vmix
-    down = np.concatenate([np.zeros(4, np.float32), r.ravel(), k_in.ravel(), v_in.ravel()])
-    up = np.concatenate([w.ravel(), a.ravel(), vmix.ravel(), g.ravel()])
-    n = T * C
-    params = dict(C=C, r=4, k=4 + n, v=4 + 2 * n, w=0, a=n, vmix=2 * n, g=3 * n,
-                  kkw=0, kaw=C, rk=2 * C, lnw=3 * C, lnb=4 * C)
-    res = kn.run_kernel(kernels, kn.WKV_FUSED, params,
-                        dict(DOWN=down, UP=up, VEC=vecs, FVF=vf.copy(), FS=s0.copy(),
-                             FY=np.zeros((T, C), np.float32), FKK=kk_in.astype(np.float32)),
-                        (H, 1, 1), T=T, constants=dict(FIRST=first, PREP=prep), read=("FY", "FS", "FVF"))
+    res = _run_wkv_fused(kernels, c, first, prep, wg, k_in, v_in, kk_in.astype(np.float32))
     want, S, v_used = _wkv_chain(T, H, *map(d64, (r, k, v, w, a, vmix, g, vf, *vecs, s0)), first)
     np.testing.assert_allclose(res["FS"], S, rtol=0, atol=1e-5 * np.abs(S).max())
     # GroupNorm divides by the head's spread of y: allow its relative error on the O(1) outputs
     np.testing.assert_allclose(res["FY"], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     np.testing.assert_array_equal(res["FVF"], v if first and prep else vf)
+
+
+@pytest.mark.parametrize("wg", WKV_WGS)
+@pytest.mark.parametrize("prep", [True, False], ids=["prep", "no_prep"])
+@pytest.mark.parametrize("first", [True, False])
+def test_wkv_fused_equals_the_kernels_it_replaces(kernels, first, prep, wg):
+    """wkv_fused against the unfused plan's dispatches on the same inputs (kv_prep, wkv of the
+    same WG, groupnorm_out; kv_prep and groupnorm_out always run 64 threads per head): output,
+    state and v_first bit-identical, for every workgroup shape on both paths. This is what lets
+    the engine's fused plans give the unfused plan's logits exactly: the head sums of wkv_fused
+    (sum64) must reproduce group_sum's bits, and its state update must be wkv's."""
+    T, H = 6, 3
+    c = _fused_case(T, H, seed=16)
+    T, C = c["r"].shape
+    prepped = kn.run_kernel(kernels, kn.KV_PREP, dict(C=C),
+                            dict(K=c["k"], V=c["v"], KK=np.zeros_like(c["k"]), A=c["a"], VMIX=c["vmix"],
+                                 VF=c["vf"].copy(), KKW=c["vecs"][0], KAW=c["vecs"][1]),
+                            (H, T, 1), T=T, constants=dict(FIRST=first), read=("K", "V", "KK", "VF"))
+    k2, v2, kk = prepped["K"], prepped["V"], prepped["KK"]
+    state = kn.run_kernel(kernels, kn.WKV, dict(C=C),
+                          dict(R=c["r"], DECAY=c["w"], K=k2, V=v2, KK=kk, A=c["a"], S=c["s0"].copy(),
+                               Y=np.zeros((T, C), np.float32)),
+                          (H, 1, 1), T=T, constants=dict(WG=wg), read=("S", "Y"))
+    out = kn.run_kernel(kernels, kn.GROUPNORM_OUT, dict(C=C),
+                        dict(GY=state["Y"], R=c["r"], K=k2, V=v2, G=c["g"], LNW=c["vecs"][3],
+                             LNB=c["vecs"][4], RK=c["vecs"][2]),
+                        (H, T, 1), T=T, read=("GY",))["GY"]
+    if prep:
+        fused = _run_wkv_fused(kernels, c, first, True, wg, c["k"], c["v"], np.zeros_like(kk))
+        np.testing.assert_array_equal(fused["FVF"], prepped["VF"])
+    else:  # the plan's kv dispatches did the updates, v_first included
+        fused = _run_wkv_fused(kernels, c, first, False, wg, k2, v2, kk)
+        np.testing.assert_array_equal(fused["FVF"], c["vf"])
+    np.testing.assert_array_equal(fused["FY"], out)
+    np.testing.assert_array_equal(fused["FS"], state["S"])
 
 
 # --- embedding gather and argmax ----------------------------------------------------------------

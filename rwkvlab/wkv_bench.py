@@ -1,0 +1,281 @@
+"""GPU time of the WKV kernel per workgroup shape: `python -m rwkvlab.wkv_bench`.
+
+For every path (webgpu, native) and every wkv_wg (threads per head, kernels.Tuning.wkv_wg; the
+one $RWKVLAB_TUNING would set, all tried in one process), the default plan's kernel wkv_fused
+(the "kv" + "wkv" fusions, a layer other than 0) runs on the heads of a 2.9B model (H = 40):
+
+1. Check, before anything is timed, on CHECK_TOKENS tokens from a random state:
+   - wkv_fused equals the unfused plan's dispatches (kv_prep, wkv of the same wkv_wg,
+     groupnorm_out) bit for bit: output, state (what the engine's fusion tests demand, here on
+     the device being measured, whose compiler may contract multiply-adds its own way);
+   - that output and state are within tolerance of float64 NumPy (`reference`).
+   A shape that fails is reported and never timed.
+2. Time: one compute pass of back-to-back dispatches, each on T tokens (T = 1: a generation
+   step; T = 64: a prefill chunk), cycling through enough copies of the state (>= 256 MiB) that
+   the L2 cache cannot hold them, as in a real step, where 3 GB of weights pass through L2
+   between two visits of a layer's state. GPU timestamps around the pass (wall clock where the
+   adapter has none), median of several passes; us per dispatch and per token.
+
+`--small` (4 heads, T = 1 and 8, 4 MiB of states) is for lavapipe and the tests.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from rwkvlab import kernels as kn
+from rwkvlab.kernel_bench import _timestamp_period
+
+PATHS = ("webgpu", "native")
+WGS = (64, 128, 256, 512, 1024)
+SIZES = {  # heads, token counts timed, bytes of state copies a pass cycles through, GPU s per pass
+    "full": (40, (1, 64), 256 << 20, 0.03),
+    "small": (4, (1, 8), 4 << 20, 0.005),
+}
+CHECK_TOKENS = 8
+N = kn.HEAD_SIZE
+EPS_GROUP_NORM = 64e-5
+
+
+class WkvCheckError(AssertionError):
+    """A shape's output is wrong (or differs from the unfused plan's): it is not timed."""
+
+
+@dataclass(frozen=True)
+class WkvTiming:
+    path: str
+    wg: int
+    T: int
+    heads: int
+    seconds: float  # per dispatch (median over passes), by `clock`
+    clock: str  # "gpu" (timestamp queries) or "wall"
+    dispatches: int  # per timed pass
+    copies: int  # state copies the pass cycles through
+
+    def line(self) -> str:
+        return (f"{self.path:7s} wkv_wg={self.wg:<5d} T={self.T:<3d} {self.seconds * 1e6:9.2f} us/dispatch "
+                f"{self.seconds / self.T * 1e6:8.3f} us/token  ({self.clock} clock, {self.heads} heads, "
+                f"{self.dispatches} dispatches over {self.copies} state copies)")
+
+
+def make_inputs(T: int, H: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random float32 inputs in their model ranges: r, k, v, g, v_first [T, C]; w (decay), a,
+    vmix in (0, 1); vecs [5, C] = k_k, k_a (in (0, 1)), r_k, ln_x weight, bias; s0 [H, 64, 64]."""
+    C = H * N
+    x = {name: rng.standard_normal((T, C)) for name in ("r", "k", "v", "g", "vf")}
+    x["w"] = np.exp(-0.606531 / (1 + np.exp(-rng.standard_normal((T, C)))))
+    x["a"], x["vmix"] = (1 / (1 + np.exp(-rng.standard_normal((T, C)))) for _ in range(2))
+    x["vecs"] = rng.standard_normal((5, C))
+    x["vecs"][1] = rng.random(C)
+    x["s0"] = rng.standard_normal((H, N, N)) * 0.1
+    return {name: v.astype(np.float32) for name, v in x.items()}
+
+
+def reference(x: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(gated output [T, C], final state) in float64: kv_prep, the state update, groupnorm_out
+    of a layer other than 0, as rwkvlab.reference computes them."""
+    d = {name: v.astype(np.float64) for name, v in x.items()}
+    T, C = d["r"].shape
+    H = C // N
+    kkw, kaw, rk, lnw, lnb = d["vecs"]
+    kk = (d["k"] * kkw).reshape(T, H, N)
+    kk = (kk / np.maximum(np.linalg.norm(kk, axis=-1, keepdims=True), 1e-12)).reshape(T, C)
+    k = d["k"] * (1 + (d["a"] - 1) * kaw)
+    v = d["v"] + (d["vf"] - d["v"]) * d["vmix"]
+    S, y = d["s0"].copy(), np.zeros((T, C))
+    for t in range(T):
+        for h in range(H):
+            sl = slice(h * N, (h + 1) * N)
+            sa = S[h] @ (-kk[t, sl])
+            S[h] = S[h] * d["w"][t, sl][None] + np.outer(v[t, sl], k[t, sl]) + np.outer(sa, kk[t, sl] * d["a"][t, sl])
+            y[t, sl] = S[h] @ d["r"][t, sl]
+    yh = y.reshape(T, H, N)
+    mean = yh.mean(-1, keepdims=True)
+    norm = ((yh - mean) / np.sqrt(((yh - mean) ** 2).mean(-1, keepdims=True) + EPS_GROUP_NORM)).reshape(T, C)
+    bonus = (d["r"] * k * rk).reshape(T, H, N).sum(-1, keepdims=True) * v.reshape(T, H, N)
+    return (norm * lnw + lnb + bonus.reshape(T, C)) * d["g"], S
+
+
+def _fused_params(T: int, C: int) -> dict:
+    """wkv_fused's offsets for DOWN = [r, k, v] and UP = [w, a, vmix, g] slots of T tokens, VEC
+    = the five vectors."""
+    n = T * C
+    return dict(C=C, r=0, k=n, v=2 * n, w=0, a=n, vmix=2 * n, g=3 * n, kkw=0, kaw=C, rk=2 * C, lnw=3 * C, lnb=4 * C)
+
+
+def _stacks(x: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    down = np.concatenate([x[name].ravel() for name in ("r", "k", "v")])
+    up = np.concatenate([x[name].ravel() for name in ("w", "a", "vmix", "g")])
+    return down, up
+
+
+def check(kernels, wg: int, H: int, rng: np.random.Generator) -> float:
+    """Step 1 of the module docstring for one shape; returns the worst error as a fraction of
+    its tolerance (< 1). Raises WkvCheckError."""
+    x = make_inputs(CHECK_TOKENS, H, rng)
+    T, C = x["r"].shape
+    down, up = _stacks(x)
+    fused = kn.run_kernel(kernels, kn.WKV_FUSED, _fused_params(T, C),
+                          dict(DOWN=down, UP=up, VEC=x["vecs"], FVF=x["vf"].copy(), FS=x["s0"].copy(),
+                               FY=np.zeros((T, C), np.float32), FKK=np.zeros((T, C), np.float32)),
+                          (H, 1, 1), T=T, constants=dict(WG=wg), read=("FY", "FS"))
+    kv = kn.run_kernel(kernels, kn.KV_PREP, dict(C=C),
+                       dict(K=x["k"], V=x["v"], KK=np.zeros((T, C), np.float32), A=x["a"], VMIX=x["vmix"],
+                            VF=x["vf"], KKW=x["vecs"][0], KAW=x["vecs"][1]),
+                       (H, T, 1), T=T, read=("K", "V", "KK"))
+    wkv = kn.run_kernel(kernels, kn.WKV, dict(C=C),
+                        dict(R=x["r"], DECAY=x["w"], K=kv["K"], V=kv["V"], KK=kv["KK"], A=x["a"],
+                             S=x["s0"].copy(), Y=np.zeros((T, C), np.float32)),
+                        (H, 1, 1), T=T, constants=dict(WG=wg), read=("S", "Y"))
+    out = kn.run_kernel(kernels, kn.GROUPNORM_OUT, dict(C=C),
+                        dict(GY=wkv["Y"], R=x["r"], K=kv["K"], V=kv["V"], G=x["g"], LNW=x["vecs"][3],
+                             LNB=x["vecs"][4], RK=x["vecs"][2]),
+                        (H, T, 1), T=T, read=("GY",))["GY"]
+    if not (np.array_equal(fused["FY"], out) and np.array_equal(fused["FS"], wkv["S"])):
+        worst = np.abs(fused["FY"].astype(np.float64) - out).max()
+        raise WkvCheckError(f"wkv_wg={wg}: wkv_fused differs from kv_prep + wkv + groupnorm_out "
+                            f"(output by up to {worst:.3g}); the fused plan would not be the unfused one")
+    want, S = reference(x)
+    # The tolerances of tests/test_kernels.py::test_wkv_fused: the state is fp32 sums of 64
+    # products a few tokens deep; GroupNorm divides by the head's spread of y, so its O(1)
+    # outputs carry that relative error.
+    s_err = np.abs(fused["FS"] - S).max() / (1e-5 * np.abs(S).max())
+    y_err = (np.abs(fused["FY"] - want) / (1e-4 * np.abs(want) + 1e-4 * np.abs(want).max())).max()
+    worst = max(s_err, y_err)
+    if not worst <= 1:  # NaN fails too
+        raise WkvCheckError(f"wkv_wg={wg}: off float64 NumPy by {worst:.3g} of the tolerance")
+    return float(worst)
+
+
+class _Pass:
+    """Buffers and bind groups to time wkv_fused on T tokens, cycling through state copies."""
+
+    def __init__(self, kernels, wg: int, T: int, H: int, state_bytes: int, rng: np.random.Generator):
+        import wgpu
+
+        d = self.device = kernels.device
+        x = make_inputs(T, H, rng)
+        C = H * N
+        storage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST
+        one = H * N * N * 4  # a multiple of 16 KiB: every copy stays offset-aligned
+        self.copies = max(1, state_bytes // one)
+        states = d.create_buffer(size=one * self.copies, usage=storage)
+        d.queue.write_buffer(states, 0, np.tile(x["s0"].ravel(), self.copies).tobytes())
+        down, up = _stacks(x)
+        bufs = {name: d.create_buffer_with_data(data=arr.tobytes(), usage=storage)
+                for name, arr in (("DOWN", down), ("UP", up), ("VEC", x["vecs"]), ("FVF", x["vf"]),
+                                  ("FY", np.zeros((T, C), np.float32)), ("FKK", np.zeros((T, C), np.float32)))}
+        self.run = d.create_buffer_with_data(data=np.array([T, 0, 0, 0], np.uint32).tobytes(),
+                                             usage=wgpu.BufferUsage.UNIFORM)
+        self.kernel = kernels.kernel(kn.WKV_FUSED, WG=wg)
+        params = _fused_params(T, C)
+        self.bind_groups = [kernels.bind(kn.WKV_FUSED, self.run, params, dict(bufs, FS=(states, c * one, one)),
+                                         label=f"wkv_bench.{c}") for c in range(self.copies)]
+        self.H = H
+        self.timestamps = "timestamp-query" in kernels.gpu.features
+        if self.timestamps:
+            self.queries = d.create_query_set(type=wgpu.QueryType.timestamp, count=2)
+            self.query_buf = d.create_buffer(size=16, usage=wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC)
+            self.period = _timestamp_period(d)
+        self.fy = bufs["FY"]
+
+    def time(self, n: int) -> float:
+        """Seconds for one pass of n dispatches (GPU timestamps, else wall clock)."""
+        plan = kn.Plan(kn.Dispatch(self.kernel, self.bind_groups[i % self.copies], (self.H, 1, 1), "wkv_bench")
+                       for i in range(n))
+        enc = self.device.create_command_encoder()
+        cp = enc.begin_compute_pass(timestamp_writes={
+            "query_set": self.queries, "beginning_of_pass_write_index": 0,
+            "end_of_pass_write_index": 1} if self.timestamps else None)
+        kn.encode(cp, plan)
+        cp.end()
+        if self.timestamps:
+            enc.resolve_query_set(self.queries, 0, 2, self.query_buf, 0)
+        start = time.perf_counter()
+        self.device.queue.submit([enc.finish()])
+        done = self.device.queue.read_buffer(self.query_buf if self.timestamps else self.fy, 0, 16)
+        wall = time.perf_counter() - start
+        if self.timestamps:
+            t0, t1 = np.frombuffer(done, dtype=np.uint64)[:2]
+            if t1 > t0:
+                return float(t1 - t0) * self.period * 1e-9
+        return wall
+
+
+def bench(kernels, path: str, wg: int, T: int, size: str = "full", repeats: int = 5, seed: int = 0) -> WkvTiming:
+    """Time one shape (step 2; call `check` first)."""
+    H, _, state_bytes, pass_seconds = SIZES[size]
+    p = _Pass(kernels, wg, T, H, state_bytes, np.random.default_rng([seed, T]))
+    n = max(8, p.copies)
+    per = p.time(n) / n  # warm-up and calibration
+    n = int(min(4000, max(n, pass_seconds / max(per, 1e-9))))
+    times = [p.time(n) for _ in range(repeats)]
+    return WkvTiming(path=path, wg=wg, T=T, heads=H, seconds=statistics.median(times) / n,
+                     clock="gpu" if p.timestamps else "wall", dispatches=n, copies=p.copies)
+
+
+def run(paths=PATHS, wgs=WGS, size: str = "full", backend: str = "auto", repeats: int = 5, seed: int = 0,
+        out=None) -> tuple[list[WkvTiming], list[str]]:
+    """Every path x wkv_wg x T: (timings, failures), a line per measurement printed to `out`."""
+    from rwkvlab.gpu import get_gpu
+
+    out = out or sys.stdout
+    bad = [wg for wg in wgs if wg not in WGS]
+    if bad:
+        raise ValueError(f"wkv_wg {bad}: the kernel takes 64 x a power of two lanes, {', '.join(map(str, WGS))}")
+    H, tokens, _, _ = SIZES[size]
+    timings, failures = [], []
+    for path in paths:
+        if path not in PATHS:
+            raise ValueError(f"unknown path {path!r}; choose from {', '.join(PATHS)}")
+        gpu = get_gpu(backend, native=path == "native")
+        kernels = kn.kernels_for(gpu, kn.choose_tuning(gpu, path))
+        limit = int(gpu.limits.get("max-compute-invocations-per-workgroup", 256))
+        print(f"# {path} path on {gpu.info.label}; tuning {kernels.tuning.as_record()}", file=out, flush=True)
+        for wg in wgs:
+            if wg > limit:
+                print(f"{path:7s} wkv_wg={wg:<5d} skipped: over this device's {limit} invocations per workgroup",
+                      file=out, flush=True)
+                continue
+            try:
+                err = check(kernels, wg, H, np.random.default_rng([seed, wg]))
+            except (WkvCheckError, kn.KernelError) as e:
+                failures.append(f"{path} {e}")
+                print(f"{path:7s} wkv_wg={wg:<5d} FAILED: {e}", file=out, flush=True)
+                continue
+            print(f"{path:7s} wkv_wg={wg:<5d} checked: equals the unfused plan bit for bit, "
+                  f"{err:.2g} of the float64 tolerance", file=out, flush=True)
+            for T in tokens:
+                t = bench(kernels, path, wg, T, size, repeats, seed)
+                timings.append(t)
+                print(t.line(), file=out, flush=True)
+    return timings, failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m rwkvlab.wkv_bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--small", action="store_true", help="4 heads, T = 1 and 8 (CPU adapters, tests)")
+    ap.add_argument("--paths", default=",".join(PATHS), help="webgpu, native or both")
+    ap.add_argument("--wgs", default=",".join(map(str, WGS)), help="wkv_wg values (64 x lanes per row)")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--repeats", type=int, default=5, help="timed passes per measurement (median kept)")
+    args = ap.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        wgs = [int(w) for w in args.wgs.split(",")]
+        timings, failures = run(paths=args.paths.split(","), wgs=wgs, size="small" if args.small else "full",
+                                backend=args.backend, repeats=args.repeats)
+    except ValueError as e:
+        print(f"wkv_bench: {e}", file=sys.stderr)
+        return 2
+    print(f"# {len(timings)} measured, {len(failures)} failed, {time.perf_counter() - start:.1f} s")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
