@@ -56,13 +56,16 @@ def _info(sub) -> None:
 
 
 def _model_args(p) -> None:
+    from rwkvlab.options import Options
+
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="GGUF file to run")
     src.add_argument("--preset", choices=PRESETS, help="synthetic model preset (default: tiny when no --model)")
     p.add_argument("--format", dest="synth_format", choices=SYNTH_FORMATS, default="f32",
                    help="weight format of the synthetic preset (default: f32)")
     p.add_argument("--backend", default="auto", help="wgpu backend: auto, vulkan, metal, dx12, gl (default: auto)")
-    p.add_argument("--path", default="webgpu", help="kernel path: webgpu (portable) or native (default: webgpu)")
+    p.add_argument("--path", default=Options().path,
+                   help=f"kernel path: webgpu (portable WebGPU) or native (wgpu-native extras) (default: {Options().path})")
     p.add_argument("--weights", default="native", help="native (file format on GPU) or f16 (dequantize at load)")
 
 

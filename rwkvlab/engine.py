@@ -567,9 +567,6 @@ class Engine:
                     out.append(Dispatch(matvec, bg, (wgs, T, 1), label))
                 else:
                     out.append(Dispatch(gemm, bg, kn.gemm_grid(tiles, T), label))
-                if max(out[-1].workgroups) > _MAX_WORKGROUPS:
-                    raise EngineError(f"{label}: {out[-1].workgroups} workgroups exceed the "
-                                      f"per-dimension limit of {_MAX_WORKGROUPS}")
             return out
 
         return _Op(label, dispatches)
@@ -772,7 +769,7 @@ class Engine:
             if not ffn:
                 ops.append(self._simple(
                     L + "ffn.relu_sq", kn.ACTIVATE, dict(n=s.n_ffn, act=kn.ACTIVATIONS["relu_sq"]),
-                    dict(AX=B["ffn"]), lambda T: (_ceil_div(T * s.n_ffn, 64), 1, 1)))
+                    dict(AX=B["ffn"]), lambda T: (_ceil_div(s.n_ffn, 64), T, 1)))
             ops.append(self._matmul(L + "ffn.value", [_Product(
                 m[b + "channel_mix_value.weight"], B["ffn"], 0, B["x"], 0, C, accum=True)]))
         return ops
@@ -826,6 +823,11 @@ class Engine:
                 if head != "last":
                     raise ValueError("argmax samples the last token's logits: use head='last'")
                 plan += self._head["argmax"].dispatches(1)
+            for d in plan:
+                if max(d.workgroups) > _MAX_WORKGROUPS:
+                    raise EngineError(f"{d.label}: {d.workgroups} workgroups for a chunk of {T} tokens "
+                                      f"exceed the per-dimension limit of {_MAX_WORKGROUPS}; use a "
+                                      "smaller Options.chunk")
             self._plans[key] = kn.Plan(plan)
         return self._plans[key]
 

@@ -364,13 +364,10 @@ def choose_tuning(gpu, path: str, overrides: str | None = None) -> Tuning:
     register-blocked mat-vec (a row per thread: barriers are expensive there); GPUs give each
     row 32 threads (one subgroup on NVIDIA) with a reduction, four rows per workgroup.
 
-    The gemm tile is the same on every adapter (lavapipe runs the shape the GPUs run): 128 rows
-    x 64 tokens, 8 x 4 outputs per thread. 32 accumulators and (estimated) ~100 registers in
-    all per thread leave room for 2 workgroups of 256 threads per NVIDIA SM (64K registers), and 128
-    FMAs per 12 vec4 reads of workgroup memory keep the FMA units, not the 128 B/clock of
-    shared memory, the limit. K steps of 32 columns halve the barriers per FMA and read a Q8_0
-    row's 32 quants as one whole 32-byte sector per step, but need 27 KB of workgroup memory
-    (two workgroups: 54 of an H100 SM's 227 KB); devices under that get 16 (15 KB).
+    The gemm tile is the same on every adapter (lavapipe runs the shape the GPUs run): 64 rows
+    x 64 tokens, 4 x 4 outputs per thread, K steps of 16 (15 KB of workgroup memory: fits
+    WebGPU's minimum limit). The H100 measured it fastest at T = 512 (see the comment below);
+    128-row tiles (8 x 4 per thread) and K steps of 32 stay selectable through $RWKVLAB_TUNING.
 
     WKV: CPU adapters keep a whole state row per thread (wkv_wg 64: a workgroup runs on one
     core, more lanes only add barriers). GPUs split each row over 4 lanes (wkv_wg 256): only
@@ -390,7 +387,10 @@ def choose_tuning(gpu, path: str, overrides: str | None = None) -> Tuning:
     subgroups = path == "native" and gpu.has("subgroup")
     sg = probe_subgroup_size(gpu) if subgroups else 0
     wg_bytes = int(gpu.limits.get("max-compute-workgroup-storage-size", 16384))
-    gemm = dict(gemm_rows=128, gemm_k=32 if gemm_workgroup_bytes(128, 32) <= wg_bytes else 16)
+    # Measured on an H100 (python -m rwkvlab.gemm_bench, docs/perf-notes.md): at T = 512,
+    # 64-row tiles with K steps of 16 ran the 2.9B products at 20.7-21.1 TFLOP/s; 128 rows or
+    # K steps of 32 (more registers and workgroup memory, fewer workgroups per SM) ran slower.
+    gemm = dict(gemm_rows=64, gemm_k=16)
     if gpu.info.adapter_type == "CPU":
         tuning = Tuning(matvec_wg=64, matvec_red=1, matvec_unroll=1, norm_wg=64, shift_wg=64,
                         argmax_wg=64, subgroups=subgroups, subgroup_size=sg, wkv_wg=64, **gemm)

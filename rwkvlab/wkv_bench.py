@@ -5,11 +5,11 @@ one $RWKVLAB_TUNING would set, all tried in one process), the default plan's ker
 (the "kv" + "wkv" fusions, a layer other than 0) runs on the heads of a 2.9B model (H = 40):
 
 1. Check, before anything is timed, on CHECK_TOKENS tokens from a random state:
-   - wkv_fused equals the unfused plan's dispatches (kv_prep, wkv of the same wkv_wg,
-     groupnorm_out) bit for bit: output, state (what the engine's fusion tests demand, here on
-     the device being measured, whose compiler may contract multiply-adds its own way);
+   - how far wkv_fused is from the unfused plan's dispatches (kv_prep, wkv of the same wkv_wg,
+     groupnorm_out): bit for bit on lavapipe (the engine's fusion tests demand it there); a GPU
+     compiler may contract multiply-adds its own way per pipeline, so here it is reported;
    - that output and state are within tolerance of float64 NumPy (`reference`).
-   A shape that fails is reported and never timed.
+   A shape that fails the float64 check is reported and never timed.
 2. Time: one compute pass of back-to-back dispatches, each on T tokens (T = 1: a generation
    step; T = 64: a prefill chunk), cycling through enough copies of the state (>= 256 MiB) that
    the L2 cache cannot hold them, as in a real step, where 3 GB of weights pass through L2
@@ -114,9 +114,10 @@ def _stacks(x: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return down, up
 
 
-def check(kernels, wg: int, H: int, rng: np.random.Generator) -> float:
-    """Step 1 of the module docstring for one shape; returns the worst error as a fraction of
-    its tolerance (< 1). Raises WkvCheckError."""
+def check(kernels, wg: int, H: int, rng: np.random.Generator) -> tuple[float, float]:
+    """Step 1 of the module docstring for one shape: (the worst error against float64 as a
+    fraction of its tolerance (< 1), the largest difference from the unfused plan). Raises
+    WkvCheckError."""
     x = make_inputs(CHECK_TOKENS, H, rng)
     T, C = x["r"].shape
     down, up = _stacks(x)
@@ -136,10 +137,11 @@ def check(kernels, wg: int, H: int, rng: np.random.Generator) -> float:
                         dict(GY=wkv["Y"], R=x["r"], K=kv["K"], V=kv["V"], G=x["g"], LNW=x["vecs"][3],
                              LNB=x["vecs"][4], RK=x["vecs"][2]),
                         (H, T, 1), T=T, read=("GY",))["GY"]
-    if not (np.array_equal(fused["FY"], out) and np.array_equal(fused["FS"], wkv["S"])):
-        worst = np.abs(fused["FY"].astype(np.float64) - out).max()
-        raise WkvCheckError(f"wkv_wg={wg}: wkv_fused differs from kv_prep + wkv + groupnorm_out "
-                            f"(output by up to {worst:.3g}); the fused plan would not be the unfused one")
+    # Bit-identity is what the engine's fusion tests demand on lavapipe; a GPU compiler may
+    # contract a*b+c into an fma differently in the two pipelines (seen on the H100), so a
+    # difference is reported with its size, and only the float64 check below decides.
+    unfused_diff = max(float(np.abs(fused["FY"].astype(np.float64) - out).max()),
+                       float(np.abs(fused["FS"].astype(np.float64) - wkv["S"]).max()))
     want, S = reference(x)
     # The tolerances of tests/test_kernels.py::test_wkv_fused: the state is fp32 sums of 64
     # products a few tokens deep; GroupNorm divides by the head's spread of y, so its O(1)
@@ -149,7 +151,7 @@ def check(kernels, wg: int, H: int, rng: np.random.Generator) -> float:
     worst = max(s_err, y_err)
     if not worst <= 1:  # NaN fails too
         raise WkvCheckError(f"wkv_wg={wg}: off float64 NumPy by {worst:.3g} of the tolerance")
-    return float(worst)
+    return float(worst), unfused_diff
 
 
 class _Pass:
@@ -243,13 +245,15 @@ def run(paths=PATHS, wgs=WGS, size: str = "full", backend: str = "auto", repeats
                       file=out, flush=True)
                 continue
             try:
-                err = check(kernels, wg, H, np.random.default_rng([seed, wg]))
+                err, unfused_diff = check(kernels, wg, H, np.random.default_rng([seed, wg]))
             except (WkvCheckError, kn.KernelError) as e:
                 failures.append(f"{path} {e}")
                 print(f"{path:7s} wkv_wg={wg:<5d} FAILED: {e}", file=out, flush=True)
                 continue
-            print(f"{path:7s} wkv_wg={wg:<5d} checked: equals the unfused plan bit for bit, "
-                  f"{err:.2g} of the float64 tolerance", file=out, flush=True)
+            same = ("equals the unfused plan bit for bit" if unfused_diff == 0 else
+                    f"differs from the unfused plan by up to {unfused_diff:.2g}")
+            print(f"{path:7s} wkv_wg={wg:<5d} checked: {same}, {err:.2g} of the float64 tolerance",
+                  file=out, flush=True)
             for T in tokens:
                 t = bench(kernels, path, wg, T, size, repeats, seed)
                 timings.append(t)

@@ -27,7 +27,8 @@
 // activation, e.g. the channel mix's relu^2 when the "ffn" fusion is off).
 //   0 run  uniform Run          1 ap uniform ActParams {n, act}
 //   2 AX   read_write array<f32> [T, n]
-//   Dispatch: (ceil(T * n / WG), 1, 1) for the largest T a plan runs. Constants: WG.
+//   Dispatch: (ceil(n / WG), T, 1): a row of workgroups per token (T * n / WG workgroups in
+//   one dimension would pass the 65535 limit at T = 512, n = 10240). Constants: WG.
 //
 // norm_shift: layernorm (norm.wgsl) + shift_mix for a one-token step, in one workgroup; its
 // bindings and dispatch are described where it is defined, at the end of this file.
@@ -116,8 +117,9 @@ struct ActParams {
 
 @compute @workgroup_size(WG)
 fn activate_inplace(@builtin(global_invocation_id) gid: vec3<u32>) {
-    if (gid.x < run.T * ap.n) {
-        AX[gid.x] = activate(AX[gid.x], ap.act);
+    if (gid.x < ap.n && gid.y < run.T) {
+        let e = gid.y * ap.n + gid.x;
+        AX[e] = activate(AX[e], ap.act);
     }
 }
 

@@ -293,8 +293,10 @@ def test_history_reads_back_every_field(bench):
     assert row["quality_hash"] == record.quality_hash
     assert row["quality_tokens"] == record.quality_tokens[:16]
     default_fusions = ", ".join(sorted(Options().fusions)) or "none"  # Options' default set
-    assert (row["backend"], row["path"], row["weights"], row["fusions"]) == ("vulkan", "webgpu", "native", default_fusions)
-    assert row["chunk"] == 64 and row["dispatches_token"] == record.dispatches_per_token
+    default = Options()
+    assert (row["backend"], row["path"], row["weights"], row["fusions"]) == (
+        "vulkan", default.path, default.weights, default_fusions)
+    assert row["chunk"] == default.chunk and row["dispatches_token"] == record.dispatches_per_token
     assert row["commit"] == record.commit
     # A commit hash that looks like a number (digits, or 1234e56) must stay text.
     digits = history.with_name("digits.md")

@@ -235,8 +235,9 @@ def test_panel_offers_this_machines_backends_and_every_fusion(panel):
 
     assert [v for _, v in panel.backend.options] == available_backends()
     assert set(panel.fusion_boxes) == set(FUSIONS)
-    # the panel starts from the unfused plan (the baseline), not Options' default fusions
-    assert panel.options() == Options(fusions=frozenset()) and panel.model_choice() == ModelChoice("tiny", "f32")
+    # the panel starts from the baseline (unfused plan, portable path), not Options' fastest defaults
+    assert panel.options() == Options(path="webgpu", fusions=frozenset())
+    assert panel.model_choice() == ModelChoice("tiny", "f32")
     with pytest.raises(LabError, match="available"):
         panel.configure(backend="metal")
     with pytest.raises(LabError, match="unknown fusion"):

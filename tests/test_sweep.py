@@ -64,7 +64,8 @@ def test_vary_twice_is_refused():
 
 
 def test_baseline_is_added_only_when_missing():
-    base = Options(chunk=16, fusions=frozenset())  # the baseline is the unfused plan, whatever the default
+    # the baseline is the unfused plan on the portable path, whatever the defaults
+    base = Options(chunk=16, path="webgpu", fusions=frozenset())
     assert baseline_options(Options(path="native", weights="f16", chunk=16)) == base
     configs, added = with_baseline(base, configurations(base, parse_vary(["path=native", "weights=f16"])))
     assert added and configs[0].options == base and len(configs) == 2
