@@ -555,14 +555,37 @@ class Verdict:
         return self.output != "changed" and self.logits != "too large"
 
 
+def _prompt_lengths(history: str | os.PathLike) -> dict[tuple[Any, str], int]:
+    """(timestamp to the second, change) -> prompt tokens of each run the sidecar describes."""
+    import pandas as pd
+
+    from rwkvlab.history import sidecar_path
+
+    lengths = {}
+    side = sidecar_path(history)
+    if side.is_file():
+        for text in side.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(text)
+                lengths[(pd.Timestamp(rec["timestamp"]).floor("s"), rec["change"])] = int(rec["prompt_tokens"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a record without the field (or a torn line): its prompt is unknown
+    return lengths
+
+
 def judge(record: BenchRecord, history: str | os.PathLike) -> Verdict:
-    """Compare ``record`` with the latest run of the same model file already in ``history``."""
+    """Compare ``record`` with the latest run of the same model file and prompt length already in
+    ``history`` (the greedy tokens depend on the prompt; runs whose prompt length the sidecar
+    does not record, like the seed files', count as comparable)."""
     previous = None
     if Path(history).is_file():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", HistoryWarning)
             df = read_history(history)
         same = df[(df["model"] == record.model) & df["quality_hash"].notna() & (df["quality_hash"] != "nan")]
+        lengths = _prompt_lengths(history)
+        n = len(record.prompt)
+        same = same[[lengths.get((row.timestamp.floor("s"), row.change), n) == n for row in same.itertuples()]]
         if len(same):
             previous = same.sort_values("line").iloc[-1]
     if previous is None:
@@ -573,7 +596,8 @@ def judge(record: BenchRecord, history: str | os.PathLike) -> Verdict:
             output, why = "same", f"same as the previous run of {record.model} ({when})"
         else:
             output, why = "changed", (f"OUTPUT CHANGED: hash {record.quality_hash}, the previous run of "
-                                      f"{record.model} ({when}) had {previous['quality_hash']}")
+                                      f"{record.model} with a {len(record.prompt)}-token prompt ({when}) "
+                                      f"had {previous['quality_hash']}")
     if record.logit_error is None:
         logits, lwhy = "not checked", "logits not checked against the NumPy reference (--no-reference)"
     elif record.logit_ok:

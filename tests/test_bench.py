@@ -333,9 +333,17 @@ def test_output_verdict_against_the_previous_run_of_the_model(bench, tmp_path):
     # The previous run counts, not the first: save the changed run, and it becomes the baseline.
     copy = tmp_path / "copy.md"
     copy.write_bytes(history.read_bytes())
+    Path(f"{copy}.jsonl").write_bytes(Path(f"{history}.jsonl").read_bytes())
     save_bench(replace(changed, timestamp=record.timestamp + timedelta(seconds=5)), copy)
     assert judge(record, copy).output == "changed"
     assert judge(replace(record, model="other.gguf"), copy).output == "first run"
+    # Greedy tokens depend on the prompt: a run with another prompt length is not compared
+    # with these (the sidecar records each run's prompt length).
+    shorter = replace(changed, prompt=record.prompt[:-1], timestamp=record.timestamp + timedelta(seconds=9))
+    assert judge(shorter, copy).output == "first run"
+    save_bench(shorter, copy)
+    assert judge(record, copy).output == "changed"  # still against the last run of its own length
+    assert judge(replace(shorter, timestamp=shorter.timestamp + timedelta(seconds=1)), copy).output == "same"
     wrong = replace(record, logit_error=0.5)
     assert judge(wrong, history).logits == "too large" and not judge(wrong, history).ok
 
