@@ -325,19 +325,23 @@ def _layernorm(x, w, b, eps):
     return (x - mean) / np.sqrt(var + eps) * w + b
 
 
-def test_layernorm(kernels):
+@pytest.mark.parametrize("wg", [None, 2, 4, 256, 1024])
+def test_layernorm(kernels, wg):
+    """With the tuning's workgroup, and with every group_sum width the norm kernels can be given
+    (2: the pair branch of reduce.wgsl; 1024: the longest serial sum, most threads adding 0)."""
     rng = np.random.default_rng(6)
     T, C, eps = 3, 256, 1e-5
     x = (rng.standard_normal((T, C)) * 3 + 5).astype(np.float32)  # |mean| >> std: no cancellation
     w, b = rng.standard_normal(C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
     want = _layernorm(x.astype(np.float64), w, b, eps)
     arrays = dict(X=x, NW=w, NB=b, Y=np.zeros((T, C), np.float32))
+    consts = {} if wg is None else dict(WG=wg, RED=wg)
     out = kn.run_kernel(kernels, kn.LAYERNORM, dict(C=C, last_only=0, eps=eps), arrays, (T, 1, 1),
-                        T=T, read=("Y",))["Y"]
+                        T=T, read=("Y",), constants=consts)["Y"]
     # normalised values are O(1): a few ulps each through mean, variance and rsqrt
     np.testing.assert_allclose(out, want, rtol=0, atol=2e-5 * (1 + np.abs(want)).max())
     last = kn.run_kernel(kernels, kn.LAYERNORM, dict(C=C, last_only=1, eps=eps), arrays, (1, 1, 1),
-                         T=T, read=("Y",))["Y"]
+                         T=T, read=("Y",), constants=consts)["Y"]
     np.testing.assert_allclose(last[0], want[-1], rtol=0, atol=2e-5 * (1 + np.abs(want)).max())
 
 
