@@ -182,9 +182,10 @@ class _Bench:
                                         usage=wgpu.BufferUsage.UNIFORM)
         seg = kn.MatSegment(rows=M, K=K, row_words=kn.row_words(fmt, K), w_base=0, x_off=0,
                             y_off=0, y_stride=M, fmt=fmt)
-        t = kernels.tuning
-        params, self.groups, _ = kn.matmul_params([seg], max(1, t.matvec_wg // t.matvec_red))
         self.kernel = kernels.kernel(kn.MATVEC, FMT=kn.matmul_fmt([seg]))
+        shape = kn.MatvecShape.of(self.kernel, kernels.tuning.matvec_pieces)
+        self.red, self.nr = shape.red_for(seg), shape.rows
+        params, self.groups, _ = kn.matmul_params([seg], shape)
         self.bind_groups = [
             kernels.bind(kn.MATVEC, run, params, {"W": (self.w, c * self.stride, self.nbytes),
                                                   "X": self.x, "B": self.b, "Y": self.y},
