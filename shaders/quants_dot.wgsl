@@ -162,11 +162,13 @@ fn q6_k_dot(rows: vec4<u32>, i: u32, xr: u32) -> vec4<f32> {
     let odd = (i & 4u) != 0u;
     let h = (i >> 1u) & 1u;
     let j = i & 1u;
-    var lo: array<vec4<u32>, 4>;   // per row: nibbles of t = 0 (low), t = 2 (high)
+    // per row: the scale of sub-block 8h + 2t + j is byte j or j + 2 of scale word 48 + 2h
+    // (t < 2: s01) or 49 + 2h (s23); d is the block's f16 scale
+    var lo: array<vec4<u32>, 4>;   // nibbles of t = 0 (low), t = 2 (high)
     var hi: array<vec4<u32>, 4>;   // of t = 1 and t = 3
     var top: array<vec4<u32>, 4>;  // top bits of t at bit 2t
-    var s01: array<i32, 4>;        // scale of sub-block 8h + 2t + j: byte j or j + 2 of scale
-    var s23: array<i32, 4>;        // word 48 + 2h (t < 2) or 49 + 2h
+    var s01: array<i32, 4>;
+    var s23: array<i32, 4>;
     var d: array<f32, 4>;
     for (var r = 0u; r < NR; r++) {
         let pair = rows[r] + (i >> 3u) * 105u;
