@@ -552,9 +552,8 @@ class Engine:
                 accum=p.accum, fmt=p.mat.fmt) for p, seg in items]
             fmt = kn.matmul_fmt(table)
             matvec, gemm = k.kernel(kn.MATVEC, FMT=fmt), k.kernel(kn.GEMM, FMT=fmt)
-            consts = dict(matvec.constants)
-            params, wgs, tiles = kn.matmul_params(table, consts["WG"] // consts["RED"],
-                                                  kn.gemm_tile_rows(gemm))
+            shape = kn.MatvecShape.of(matvec, k.tuning.matvec_pieces)
+            params, wgs, tiles = kn.matmul_params(table, shape, kn.gemm_tile_rows(gemm))
             res = dict(W=seg0.buffer, X=p0.x, B=self.vecs, Y=p0.y)
             bg = k.bind(kn.MATVEC, self.run, params, res, label=label)
             groups.append((matvec, gemm, bg, wgs, tiles))
@@ -713,7 +712,8 @@ class Engine:
         d0, u0 = pairs[0]
         assert all(d.x is d0.x and u.y is u0.y for d, u in pairs)
         kernel = k.kernel(kn.LORA, FMT=kn.matmul_fmt([s for pr in table for s in pr]))
-        params, wgs = kn.lora_params(table, dict(kernel.constants)["LROWS"])
+        params, wgs = kn.lora_params(table, dict(kernel.constants)["LROWS"],
+                                     kn.MatvecShape.of(kernel, k.tuning.matvec_pieces))
         bg = k.bind(kn.LORA, self.run, params,
                     dict(W=d0.mat.segments[0].buffer, X=d0.x, B=self.vecs, Y=u0.y), label=label)
         return _Op(label, lambda T: [Dispatch(kernel, bg, (wgs, T, 1), label)])

@@ -149,7 +149,7 @@ def bench_gemm(kernels, path: str, problem: Problem, weights: _Weights, T: int, 
     seg = kn.MatSegment(rows=M, K=K, row_words=kn.row_words(fmt, K), w_base=0, x_off=0, y_off=0,
                         y_stride=M, fmt=fmt)
     kernel = kernels.kernel(kn.GEMM, FMT=kn.matmul_fmt([seg]))
-    params, _, tiles = kn.matmul_params([seg], 1, kn.gemm_tile_rows(kernel))
+    params, _, tiles = kn.matmul_params([seg], kn.MatvecShape(wg=1, red=1), kn.gemm_tile_rows(kernel))
     grid = kn.gemm_grid(tiles, T)
     groups = [kernels.bind(kn.GEMM, run, params, {"W": weights.binding(c), "X": x, "B": b, "Y": y},
                            label=f"gemm_bench.{c}") for c in range(weights.copies)]

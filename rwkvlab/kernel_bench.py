@@ -20,6 +20,10 @@ For every format (F16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K by default), every matrix sh
    H200 through Vulkan, /work/shared/reference/wgpu-notes.md) in their number.
 
 `--small` runs 512-column shapes (for lavapipe and the tests), finishing in seconds there.
+The kernel shapes are the device's tuning (kernels.choose_tuning, which $RWKVLAB_TUNING
+overrides); `--tunings "A;B;..."` measures several override sets in one call, each on top of
+that (e.g. `--tunings "matvec_rows=1;matvec_rows=2;matvec_rows=4,matvec_pieces=8"`), every
+line naming its set and the lanes per row (red) and rows per group (nr) the matrix got.
 """
 from __future__ import annotations
 
@@ -59,6 +63,9 @@ class KernelTiming:
     fmt: str
     rows: int
     cols: int
+    tuning: str  # the override set measured ("" = the device's tuning)
+    red: int  # lanes per row this matrix got (kernels.MatvecShape.red_for)
+    nr: int  # rows per group of lanes
     weight_bytes: int  # bytes of the matrix in its file format (what one dispatch must read)
     seconds: float  # per mat-vec (median over passes), by `clock`
     wall_seconds: float  # per mat-vec by wall clock around submit-and-wait (always measured)
@@ -74,7 +81,8 @@ class KernelTiming:
 
     def line(self) -> str:
         return (f"{self.path:7s} {self.fmt:5s} {self.rows:>6d}x{self.cols:<5d} "
-                f"{self.seconds * 1e6:10.1f} us {self.gb_per_s:9.1f} GB/s  "
+                f"{self.seconds * 1e6:10.1f} us {self.gb_per_s:9.1f} GB/s  red {self.red:<2d} nr {self.nr}  "
+                f"[{self.tuning or 'default'}] "
                 f"({self.clock} clock; wall {self.wall_seconds * 1e6:.1f} us; "
                 f"{self.dispatches} dispatches over {self.copies} copies, "
                 f"{self.checked_rows} rows checked, error {self.max_error:.2g} of tolerance)")
@@ -182,9 +190,10 @@ class _Bench:
                                         usage=wgpu.BufferUsage.UNIFORM)
         seg = kn.MatSegment(rows=M, K=K, row_words=kn.row_words(fmt, K), w_base=0, x_off=0,
                             y_off=0, y_stride=M, fmt=fmt)
-        t = kernels.tuning
-        params, self.groups, _ = kn.matmul_params([seg], max(1, t.matvec_wg // t.matvec_red))
         self.kernel = kernels.kernel(kn.MATVEC, FMT=kn.matmul_fmt([seg]))
+        shape = kn.MatvecShape.of(self.kernel, kernels.tuning.matvec_pieces)
+        self.red, self.nr = shape.red_for(seg), shape.rows
+        params, self.groups, _ = kn.matmul_params([seg], shape)
         self.bind_groups = [
             kernels.bind(kn.MATVEC, run, params, {"W": (self.w, c * self.stride, self.nbytes),
                                                   "X": self.x, "B": self.b, "Y": self.y},
@@ -252,7 +261,8 @@ class Problem:
         return np.abs(y[self.rows].astype(np.float64) - self.want) / (REL_TOL * self.scale + 1e-30)
 
 
-def bench_kernel(kernels, path: str, problem: Problem, *, size: str = "full", repeats: int = 5) -> KernelTiming:
+def bench_kernel(kernels, path: str, problem: Problem, *, size: str = "full", repeats: int = 5,
+                 tuning: str = "") -> KernelTiming:
     """Check then time the matvec kernel on one problem (see the module docstring)."""
     fmt, M, K = problem.fmt, problem.M, problem.K
     bench = _Bench(kernels, fmt, M, K, kn.rows_for_gpu(problem.raw, fmt, K), problem.x, ROTATION_BYTES[size])
@@ -277,15 +287,17 @@ def bench_kernel(kernels, path: str, problem: Problem, *, size: str = "full", re
         seconds, clock = statistics.median(gpu_times) / n, "gpu"
     else:
         seconds, clock = wall_s, "wall"
-    return KernelTiming(path=path, fmt=fmt, rows=M, cols=K, weight_bytes=problem.raw.nbytes, seconds=seconds,
+    return KernelTiming(path=path, fmt=fmt, rows=M, cols=K, tuning=tuning, red=bench.red, nr=bench.nr,
+                        weight_bytes=problem.raw.nbytes, seconds=seconds,
                         wall_seconds=wall_s, clock=clock, dispatches=n, copies=bench.copies,
                         checked_rows=len(problem.rows), max_error=float(errors.max()))
 
 
 def run(formats=FORMATS, paths=PATHS, size: str = "full", backend: str = "auto", repeats: int = 5,
-        seed: int = 0, out=None) -> tuple[list[KernelTiming], list[str]]:
-    """Every format x shape x path: (timings, failures). Prints a line per measurement to
-    `out` (default stdout). Each random matrix is made in NumPy once, then run on every path."""
+        seed: int = 0, out=None, tunings=("",)) -> tuple[list[KernelTiming], list[str]]:
+    """Every format x shape x path x tuning override set: (timings, failures). Prints a line
+    per measurement to `out` (default stdout). Each random matrix is made in NumPy once, then
+    run on every path and tuning."""
     from rwkvlab.gpu import get_gpu
 
     out = out or sys.stdout
@@ -298,18 +310,24 @@ def run(formats=FORMATS, paths=PATHS, size: str = "full", backend: str = "auto",
     devices = {}
     for path in paths:
         gpu = get_gpu(backend, native=path == "native")
-        devices[path] = kn.kernels_for(gpu, kn.choose_tuning(gpu, path))
-        print(f"# {path} path on {gpu.info.label}; tuning {devices[path].tuning.as_record()}", file=out, flush=True)
+        for text in tunings:
+            try:
+                tuning = kn._tuning_overrides(kn.choose_tuning(gpu, path), text)
+            except kn.KernelError as e:
+                raise ValueError(f"--tunings {text!r}: {e}") from None
+            devices[path, text] = kn.kernels_for(gpu, tuning)
+            print(f"# {path} path on {gpu.info.label}; [{text or 'default'}] tuning {tuning.as_record()}",
+                  file=out, flush=True)
     timings, failures = [], []
     for fmt in formats:
         for M, K in SHAPES[size]:
             problem = Problem.make(fmt, M, K, np.random.default_rng([seed, M, K, kn.GPU_FORMATS[fmt]]))
-            for path, kernels in devices.items():
+            for (path, text), kernels in devices.items():
                 try:
-                    t = bench_kernel(kernels, path, problem, size=size, repeats=repeats)
+                    t = bench_kernel(kernels, path, problem, size=size, repeats=repeats, tuning=text)
                 except (KernelCheckError, ValueError) as e:
                     failures.append(str(e))
-                    print(f"{path:7s} {fmt:5s} {M:>6d}x{K:<5d} FAILED: {e}", file=out, flush=True)
+                    print(f"{path:7s} {fmt:5s} {M:>6d}x{K:<5d} [{text or 'default'}] FAILED: {e}", file=out, flush=True)
                     continue
                 timings.append(t)
                 print(t.line(), file=out, flush=True)
@@ -323,12 +341,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paths", default=",".join(PATHS), help="webgpu, native or both")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--repeats", type=int, default=5, help="timed passes per measurement (median kept)")
+    ap.add_argument("--tunings", default="",
+                    help="';'-separated $RWKVLAB_TUNING-style override sets to compare, each on top of "
+                         "the device's tuning (an empty set is the tuning itself), e.g. "
+                         "'matvec_rows=1;matvec_rows=4,matvec_pieces=8'")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     try:
         timings, failures = run(formats=args.formats.split(","), paths=args.paths.split(","),
                                 size="small" if args.small else "full", backend=args.backend,
-                                repeats=args.repeats)
+                                repeats=args.repeats, tunings=[t.strip() for t in args.tunings.split(";")])
     except ValueError as e:
         print(f"kernel_bench: {e}", file=sys.stderr)
         return 2

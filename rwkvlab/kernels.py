@@ -12,7 +12,8 @@ same bind group), and makes bind groups with their Params uniform. The engine tu
 into a list of `Dispatch`es (its kernel plan) once at load and replays it every token.
 
 `Tuning` holds the per-device-class choices (CPU adapters like lavapipe want one row per
-thread and no barriers; real GPUs want many threads per row and a reduction).
+thread and no barriers; real GPUs want many threads per row and a reduction); `MatvecShape`
+turns it into each mat-vec segment's threads per row.
 
 `run_kernel` is a small harness that runs one kernel on NumPy arrays (used by the tests).
 """
@@ -119,7 +120,7 @@ def _spec(name, file, entry, bindings, params, libs=("common.wgsl",), **constant
 # Structs used inside Params uniforms (shaders/matseg.wgsl).
 STRUCTS: dict[str, tuple[Param, ...]] = {
     "Seg": _params("rows K row_words w_base x_off y_off y_stride act bias accum wg_start tile_start fmt "
-                   "spad0 spad1 spad2"),
+                   "red spad1 spad2"),
 }
 MAX_SEGMENTS = 8
 NO_BIAS = 0xFFFFFFFF
@@ -130,10 +131,10 @@ _MAT_LIBS = ("common.wgsl", "weights.wgsl", "quants.wgsl", "matseg.wgsl")
 _HEAD_PARAMS = "C"
 
 MATVEC = _spec("matvec", "matvec.wgsl", "matvec", _MAT_BINDINGS, _MAT_PARAMS,
-               _MAT_LIBS + ("quants_dot.wgsl", "reduce.wgsl"), WG=64, RED=1, UNROLL=1, FMT=0,
+               _MAT_LIBS + ("quants_dot.wgsl", "reduce.wgsl"), WG=64, RED=1, UNROLL=1, NR=1, FMT=0,
                LORA=False, LROWS=256)
 LORA = _spec("lora", "matvec.wgsl", "lora", _MAT_BINDINGS, _MAT_PARAMS,
-             _MAT_LIBS + ("quants_dot.wgsl", "reduce.wgsl"), WG=64, RED=1, UNROLL=1, FMT=0,
+             _MAT_LIBS + ("quants_dot.wgsl", "reduce.wgsl"), WG=64, RED=1, UNROLL=1, NR=1, FMT=0,
              LORA=True, LROWS=256)
 LORA_MAX_RANK = 512  # shaders/matvec.wgsl: the hidden vector lives in workgroup memory
 GEMM = _spec("gemm", "gemm.wgsl", "gemm", _MAT_BINDINGS, _MAT_PARAMS, _MAT_LIBS, FMT=0, ROWS=128, TK=16)
@@ -293,34 +294,79 @@ def gemm_grid(tiles: int, T: int) -> tuple[int, int, int]:
     return (tiles, -(-T // GEMM_TOKENS), 1)
 
 
-def matmul_params(segments: list[MatSegment], rows_per_wg: int,
+# Elements per mat-vec piece of each format (piece_elems of shaders/weights.wgsl): what one
+# thread reads per step of a row, which MatvecShape counts to give threads enough of them.
+PIECE_ELEMS: dict[str, int] = {"F32": 4, "F16": 8, "BF16": 8, "Q8_0": 16, **{f: qk.PIECE for f in qk.LAYOUTS}}
+
+
+@dataclass(frozen=True)
+class MatvecShape:
+    """How a matvec (or lora) pipeline splits rows among threads (shaders/matvec.wgsl): groups
+    of `red` lanes per row, `rows` rows per group, `wg` threads per workgroup. The lanes per
+    row are chosen per SEGMENT (red_for, stored in its table entry), from the segment alone, so
+    a matrix is summed in the same order in every dispatch it is stacked into (fused plans stay
+    bit-identical to unfused ones, and a matrix split over buffers to a whole one)."""
+
+    wg: int  # threads per workgroup (WG)
+    red: int  # most lanes per row (RED, the pipeline's widest group)
+    rows: int = 1  # rows per group of lanes (NR)
+    pieces: int = 0  # fewest pieces per lane wanted (Tuning.matvec_pieces); 0: every segment takes `red`
+
+    @classmethod
+    def of(cls, kernel: "Kernel", pieces: int = 0) -> "MatvecShape":
+        """The shape of a built matvec / lora pipeline (its WG, RED and NR constants)."""
+        c = dict(kernel.constants)
+        return cls(wg=c["WG"], red=c["RED"], rows=c["NR"], pieces=pieces)
+
+    def red_for(self, seg: MatSegment) -> int:
+        """Lanes per row for a segment: `red`, halved while a lane would get fewer than `pieces`
+        pieces of a row (a K-quant row of K = 2560 has 40: 8 lanes get 5 each, where 32 lanes
+        would leave most with one piece and a reduction to pay for it)."""
+        red = self.red
+        if self.pieces:
+            n = -(-seg.K // PIECE_ELEMS[seg.fmt])
+            while red > 1 and n < red * self.pieces:
+                red //= 2
+        return red
+
+    def rows_per_wg(self, red: int) -> int:
+        return self.wg // red * self.rows
+
+
+def matmul_params(segments: list[MatSegment], shape: MatvecShape,
                   tile_rows: int = GEMM.constants["ROWS"]) -> tuple[dict, int, int]:
-    """(Params values, matvec workgroups, gemm tiles) for up to MAX_SEGMENTS segments; gemm
-    tiles have `tile_rows` rows (pass gemm_tile_rows of the pipeline that will run them)."""
+    """(Params values, matvec workgroups, gemm tiles) for up to MAX_SEGMENTS segments; `shape`
+    is the matvec pipeline's, gemm tiles have `tile_rows` rows (pass gemm_tile_rows of the
+    pipeline that will run them)."""
     if not 1 <= len(segments) <= MAX_SEGMENTS:
         raise KernelError(f"a matrix-product dispatch takes 1..{MAX_SEGMENTS} segments, not {len(segments)}")
     table, wgs, tiles = [], 0, 0
     for s in segments:
         if s.K % 32 or s.x_off % 4 or s.w_base % 4:
             raise KernelError(f"segment {s}: K must be a multiple of 32 and x_off, w_base of 4")
+        red = shape.red_for(s)
         table.append(dict(rows=s.rows, K=s.K, row_words=s.row_words, w_base=s.w_base, x_off=s.x_off,
                           y_off=s.y_off, y_stride=s.y_stride, act=ACTIVATIONS[s.act],
                           bias=NO_BIAS if s.bias is None else s.bias, accum=int(s.accum),
                           wg_start=wgs, tile_start=tiles, fmt=GPU_FORMATS[s.fmt],
-                          spad0=0, spad1=0, spad2=0))
-        wgs += -(-s.rows // rows_per_wg)
+                          red=red, spad1=0, spad2=0))
+        wgs += -(-s.rows // shape.rows_per_wg(red))
         tiles += -(-s.rows // tile_rows)
     return dict(n_seg=len(segments), pad0=0, pad1=0, pad2=0, seg=table), wgs, tiles
 
 
-def lora_params(pairs: list[tuple[MatSegment, MatSegment]], lrows: int) -> tuple[dict, int]:
+def lora_params(pairs: list[tuple[MatSegment, MatSegment]], lrows: int,
+                shape: MatvecShape) -> tuple[dict, int]:
     """(Params values, workgroups) of one lora dispatch over up to MAX_SEGMENTS // 2 LoRA pairs
-    (down, up): the table alternates down and up segments; up segments count workgroups of
-    `lrows` output rows (shaders/matvec.wgsl, entry lora)."""
+    (down, up): the table alternates down and up segments, each with the lanes per row a
+    matvec dispatch of it would take (`shape`, the lora pipeline's); up segments count
+    workgroups of `lrows` output rows (shaders/matvec.wgsl, entry lora)."""
     if not 1 <= len(pairs) <= MAX_SEGMENTS // 2:
         raise KernelError(f"a lora dispatch takes 1..{MAX_SEGMENTS // 2} pairs, not {len(pairs)}")
+    if lrows % shape.rows:
+        raise KernelError(f"LROWS = {lrows} is not a multiple of the {shape.rows} rows per group")
     segs = [s for pair in pairs for s in pair]
-    params, _, _ = matmul_params(segs, 1)
+    params, _, _ = matmul_params(segs, shape)
     wgs = 0
     for j, (down, up) in enumerate(pairs):
         if down.rows != up.K or down.rows > LORA_MAX_RANK:
@@ -336,7 +382,7 @@ class Tuning:
     """Per-device-class kernel shapes (recorded with benchmarks; chosen by `choose_tuning`)."""
 
     matvec_wg: int  # threads per mat-vec workgroup
-    matvec_red: int  # threads sharing one output row (1 = a row per thread, no reduction)
+    matvec_red: int  # most threads sharing one output row (1 = a row per thread, no reduction)
     matvec_unroll: int  # pieces per loop iteration per thread (2, 4: more loads in flight)
     norm_wg: int  # threads per token in layernorm / embed
     shift_wg: int
@@ -351,6 +397,9 @@ class Tuning:
     # threads per wkv / wkv_fused workgroup (one per head): 64 x lanes per state row, each lane
     # keeping 64 / lanes floats of its row in registers (shaders/wkv.wgsl)
     wkv_wg: int = 256
+    matvec_rows: int = 1  # rows per group of threads, sharing each load of x (1, 2 or 4)
+    matvec_pieces: int = 0  # fewest pieces of a row per thread: each segment halves matvec_red
+    #                         until its threads get that many (MatvecShape.red_for); 0 = off
 
     def as_record(self) -> dict:
         return dict(self.__dict__)
@@ -362,7 +411,7 @@ TUNING_ENV = "RWKVLAB_TUNING"
 def choose_tuning(gpu, path: str, overrides: str | None = None) -> Tuning:
     """Kernel shapes for this adapter: CPU adapters (lavapipe, llvmpipe, SwiftShader) run
     register-blocked mat-vec (a row per thread: barriers are expensive there); GPUs give each
-    row 32 threads (one subgroup on NVIDIA) with a reduction, four rows per workgroup.
+    row up to 32 threads (one subgroup on NVIDIA) with a reduction.
 
     The gemm tile is the same on every adapter (lavapipe runs the shape the GPUs run): 64 rows
     x 64 tokens, 4 x 4 outputs per thread, K steps of 16 (15 KB of workgroup memory: fits
@@ -376,10 +425,12 @@ def choose_tuning(gpu, path: str, overrides: str | None = None) -> Tuning:
     16 floats are 4 vec4 FMA chains of length 4 per sum instead of 16.
 
     $RWKVLAB_TUNING overrides fields for experiments, e.g. "matvec_wg=256,matvec_red=64,
-    matvec_unroll=1,wkv_wg=512" (powers of two; matvec_red <= matvec_wg; matvec_unroll 1, 2 or
-    4; gemm_rows 32, 64 or 128; gemm_k 16 or 32; 64 <= wkv_wg <= 1024), or "trusted=0" (the
-    native path with Naga's runtime checks back on); engines record their tuning (Engine.tuning).
-    `overrides` in the same form replaces $RWKVLAB_TUNING (benchmarks sweeping tunings).
+    matvec_unroll=1,matvec_rows=4,matvec_pieces=8,wkv_wg=512" (sizes are powers of two;
+    matvec_red <= matvec_wg; matvec_unroll and matvec_rows 1, 2 or 4; matvec_pieces any count,
+    0 = every segment takes matvec_red; gemm_rows 32, 64 or 128; gemm_k 16 or 32; 64 <= wkv_wg
+    <= 1024), or "trusted=0" (the native path with Naga's runtime checks back on); engines
+    record their tuning (Engine.tuning). `overrides` in the same form replaces $RWKVLAB_TUNING
+    (benchmarks sweeping tunings).
     """
     import os
     from dataclasses import replace
@@ -395,8 +446,22 @@ def choose_tuning(gpu, path: str, overrides: str | None = None) -> Tuning:
         tuning = Tuning(matvec_wg=64, matvec_red=1, matvec_unroll=1, norm_wg=64, shift_wg=64,
                         argmax_wg=64, subgroups=subgroups, subgroup_size=sg, wkv_wg=64, **gemm)
     else:
+        # Mat-vec on an NVIDIA-class GPU (docs/perf-notes.md: the kernel streamed Q8_0 at 1 TB/s
+        # and the 4-bit formats at 0.4-0.5 TB/s, far from the ~3 TB/s of HBM). A lane's x loads
+        # from L1 are 4x (Q8_0) to 8x (4-bit) its weight bytes, and 32 lanes reading pieces
+        # 64-256 bytes apart touch 16-32 cache lines per load instruction: by that count the
+        # L1 (128 B/clk per SM) saturates before DRAM does. So each group of lanes computes 2
+        # rows per x load (matvec_rows), and a segment whose rows are short gives a row fewer
+        # lanes (at least 4 pieces each, matvec_pieces: a K = 2560 K-quant row gets 8 lanes
+        # instead of 32, and the 4 groups of a warp then read the same x addresses). Up to 32
+        # lanes per row (one warp: the reduction is shuffles on the native path) for long rows,
+        # and 128 threads per workgroup: with 2 rows per group that is 8 to 32 rows per
+        # workgroup, so a 2560-row matrix still makes 80 or more workgroups for 132 SMs and the
+        # 10240-row ones several per SM. matvec_rows=4 halves x traffic again but halves the
+        # workgroups; the lead sweeps both (rwkvlab.kernel_bench --tunings).
         tuning = Tuning(matvec_wg=128, matvec_red=32, matvec_unroll=2, norm_wg=256, shift_wg=64,
-                        argmax_wg=256, subgroups=subgroups, subgroup_size=sg, wkv_wg=256, **gemm)
+                        argmax_wg=256, subgroups=subgroups, subgroup_size=sg, wkv_wg=256,
+                        matvec_rows=2, matvec_pieces=4, **gemm)
     tuning = replace(tuning, trusted=path == "native")
     tuning = _tuning_overrides(tuning, os.environ.get(TUNING_ENV, "") if overrides is None else overrides)
     need = gemm_workgroup_bytes(tuning.gemm_rows, tuning.gemm_k)
@@ -409,25 +474,29 @@ def choose_tuning(gpu, path: str, overrides: str | None = None) -> Tuning:
 def _tuning_overrides(tuning: Tuning, text: str) -> Tuning:
     from dataclasses import replace
 
-    sizes = {"matvec_wg", "matvec_red", "matvec_unroll", "norm_wg", "shift_wg", "argmax_wg",
-             "gemm_rows", "gemm_k", "wkv_wg"}
+    sizes = {"matvec_wg", "matvec_red", "matvec_unroll", "matvec_rows", "norm_wg", "shift_wg",
+             "argmax_wg", "gemm_rows", "gemm_k", "wkv_wg"}
+    counts = {"matvec_pieces"}  # any count >= 0
     changes = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
         name, _, value = item.partition("=")
         if name == "trusted" and value in ("0", "1"):
             changes[name] = value == "1"
             continue
-        if name not in sizes or not value.isdigit() or int(value) < 1 or int(value) & (int(value) - 1):
+        ok = value.isdigit() and (name in counts or (name in sizes and int(value) >= 1
+                                                     and not int(value) & (int(value) - 1)))
+        if not ok:
             raise KernelError(f"${TUNING_ENV}: {item!r} is not <field>=<power of two> with field one "
-                              f"of {', '.join(sorted(sizes))} (or trusted=0|1)")
+                              f"of {', '.join(sorted(sizes))}, nor matvec_pieces=<count> or trusted=0|1")
         changes[name] = int(value)
     tuning = replace(tuning, **changes)
-    if (tuning.matvec_red > tuning.matvec_wg or tuning.matvec_unroll > 4 or tuning.wkv_wg < 64
+    if (tuning.matvec_red > tuning.matvec_wg or tuning.matvec_unroll > 4 or tuning.matvec_rows > 4
+            or tuning.wkv_wg < 64
             or max(tuning.matvec_wg, tuning.norm_wg, tuning.argmax_wg, tuning.wkv_wg) > 1024
             or tuning.gemm_rows not in GEMM_ROWS or tuning.gemm_k not in GEMM_K):
-        raise KernelError(f"${TUNING_ENV}: matvec_red must be <= matvec_wg, matvec_unroll 1 or 2, "
-                          f"wkv_wg >= 64 and workgroups <= 1024 threads, gemm_rows one of {GEMM_ROWS}, "
-                          f"gemm_k one of {GEMM_K}, got {tuning}")
+        raise KernelError(f"${TUNING_ENV}: matvec_red must be <= matvec_wg, matvec_unroll and "
+                          f"matvec_rows 1, 2 or 4, wkv_wg >= 64 and workgroups <= 1024 threads, "
+                          f"gemm_rows one of {GEMM_ROWS}, gemm_k one of {GEMM_K}, got {tuning}")
     return tuning
 
 
@@ -562,9 +631,11 @@ class Kernels:
         t = self.tuning
         consts = dict(spec.constants)
         tuned = {
-            "matvec": {"WG": t.matvec_wg, "RED": t.matvec_red, "UNROLL": t.matvec_unroll},
+            "matvec": {"WG": t.matvec_wg, "RED": t.matvec_red, "UNROLL": t.matvec_unroll,
+                       "NR": t.matvec_rows},
             # lora must reduce exactly like matvec: its outputs are bit-identical to matvec's
-            "lora": {"WG": t.matvec_wg, "RED": t.matvec_red, "UNROLL": t.matvec_unroll},
+            "lora": {"WG": t.matvec_wg, "RED": t.matvec_red, "UNROLL": t.matvec_unroll,
+                     "NR": t.matvec_rows},
             "embed": {"WG": t.norm_wg, "RED": t.norm_wg},
             "layernorm": {"WG": t.norm_wg, "RED": t.norm_wg},
             "norm_shift": {"WG": t.norm_wg, "RED": t.norm_wg},

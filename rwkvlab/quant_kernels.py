@@ -109,17 +109,18 @@ def piece_columns(fmt: str, K: int, i: int) -> np.ndarray:
 # The decoders alone on the GPU (shaders/dequant.wgsl)
 
 _TEST_LIBS = ("weights.wgsl", "quants.wgsl", "quants_dot.wgsl", "dequant.wgsl")
-_PIPELINES: dict[tuple[int, str, int], tuple[object, object]] = {}
+_PIPELINES: dict[tuple[int, str, int, int], tuple[object, object]] = {}
 
 
-def _pipeline(gpu, entry: str, fmt: str) -> tuple[object, object]:
-    """(pipeline, bind group layout) of dequant.wgsl's `entry` for `fmt` on this device (built
-    once). The layout is explicit: "auto" would drop X from the dequant entry, which ignores it."""
+def _pipeline(gpu, entry: str, fmt: str, nr: int = 1) -> tuple[object, object]:
+    """(pipeline, bind group layout) of dequant.wgsl's `entry` for `fmt` (and NR rows per
+    quant_dot call) on this device (built once). The layout is explicit: "auto" would drop X
+    from the dequant entry, which ignores it."""
     import wgpu
 
     from rwkvlab import kernels as kn
 
-    key = (id(gpu.device), entry, layout(fmt).fmt)
+    key = (id(gpu.device), entry, layout(fmt).fmt, nr)
     if key not in _PIPELINES:
         d = gpu.device
         code = "\n".join(f"// ---- {name} ----\n{kn.shader_source(name)}" for name in _TEST_LIBS)
@@ -131,13 +132,13 @@ def _pipeline(gpu, entry: str, fmt: str) -> tuple[object, object]:
         pipe = d.create_compute_pipeline(
             label=f"{entry}.{fmt}", layout=d.create_pipeline_layout(bind_group_layouts=[bgl]),
             compute={"module": d.create_shader_module(label="dequant.wgsl", code=code),
-                     "entry_point": entry, "constants": {"FMT": key[2]}})
+                     "entry_point": entry, "constants": {"FMT": key[2], "NR": nr}})
         _PIPELINES[key] = (pipe, bgl)
     return _PIPELINES[key]
 
 
 def _run(gpu, entry: str, fmt: str, raw: np.ndarray, K: int, x: np.ndarray | None,
-         out_cols: int, groups_x: int) -> np.ndarray:
+         out_cols: int, groups_x: int, nr: int = 1) -> np.ndarray:
     import wgpu
 
     d = gpu.device
@@ -152,14 +153,14 @@ def _run(gpu, entry: str, fmt: str, raw: np.ndarray, K: int, x: np.ndarray | Non
         d.create_buffer_with_data(data=xs.tobytes(), usage=storage),
         d.create_buffer(size=max(16, n * out_cols * 4), usage=storage | wgpu.BufferUsage.COPY_SRC),
     ]
-    pipe, bgl = _pipeline(gpu, entry, fmt)
+    pipe, bgl = _pipeline(gpu, entry, fmt, nr)
     bg = d.create_bind_group(layout=bgl, entries=[
         {"binding": b, "resource": {"buffer": buf}} for b, buf in enumerate(bufs)])
     enc = d.create_command_encoder()
     cp = enc.begin_compute_pass()
     cp.set_pipeline(pipe)
     cp.set_bind_group(0, bg)
-    cp.dispatch_workgroups(groups_x, n)
+    cp.dispatch_workgroups(groups_x, -(-n // nr))
     cp.end()
     d.queue.submit([enc.finish()])
     out = np.frombuffer(d.queue.read_buffer(bufs[3]), dtype=np.float32)[: n * out_cols]
@@ -172,8 +173,9 @@ def gpu_dequantize(gpu, raw: np.ndarray, fmt: str, K: int) -> np.ndarray:
     return _run(gpu, "dequant", fmt, raw, K, None, K, -(-K // 256))
 
 
-def gpu_piece_dots(gpu, raw: np.ndarray, fmt: str, K: int, x: np.ndarray) -> np.ndarray:
+def gpu_piece_dots(gpu, raw: np.ndarray, fmt: str, K: int, x: np.ndarray, nr: int = 1) -> np.ndarray:
     """Every mat-vec piece of every row dotted with x [K] by quant_dot: float32
-    [n, piece_count(K)]; piece i covers piece_columns(fmt, K, i)."""
+    [n, piece_count(K)]; piece i covers piece_columns(fmt, K, i). With nr = 2 or 4 each call
+    takes nr rows at once (rows r * nr .. r * nr + nr - 1), as the mat-vec does."""
     n_pieces = piece_count(K)
-    return _run(gpu, "dot_pieces", fmt, raw, K, x, n_pieces, -(-n_pieces // 64))
+    return _run(gpu, "dot_pieces", fmt, raw, K, x, n_pieces, -(-n_pieces // 64), nr)

@@ -10,9 +10,11 @@
 // Entries (one thread per 4 elements / per piece, 64 threads per workgroup):
 //   dequant     Y[r, k] = element k of row r, as f32 [rows, K].
 //               Dispatch (ceil(K / 256), rows).
-//   dot_pieces  Y[r, i] = piece i of row r dotted with X [rows, quant_pieces(K)].
-//               Dispatch (ceil(quant_pieces(K) / 64), rows).
-// Constants: FMT (weights.wgsl; 4..7 are the formats of quants.wgsl).
+//   dot_pieces  Y[r, i] = piece i of row r dotted with X [rows, quant_pieces(K)]; a thread
+//               takes piece i of NR rows in one quant_dot call (rows r0 .. r0 + NR - 1, the
+//               last row standing in for rows past the end, as the mat-vec does).
+//               Dispatch (ceil(quant_pieces(K) / 64), ceil(rows / NR)).
+// Constants: FMT (weights.wgsl; 4..7 are the formats of quants.wgsl), NR (quants_dot.wgsl).
 
 struct DequantParams {
     rows: u32,
@@ -45,13 +47,22 @@ fn dequant(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
 }
 
+override NR: u32 = 1u;
+
 @compute @workgroup_size(64)
 fn dot_pieces(@builtin(global_invocation_id) gid: vec3<u32>) {
     let i = gid.x;
-    let r = gid.y;
+    let r0 = gid.y * NR;
     let n = quant_pieces(p.K);
-    if (i >= n || r >= p.rows) {
+    if (i >= n || r0 >= p.rows) {
         return;
     }
-    Y[r * n + i] = quant_dot(FMT, r * p.row_words, i, 0u, p.K);
+    var rows = vec4<u32>(0u);
+    for (var r = 0u; r < NR; r++) {
+        rows[r] = min(r0 + r, p.rows - 1u) * p.row_words;
+    }
+    let d = quant_dot(FMT, rows, i, 0u, p.K);
+    for (var r = 0u; r < NR && r0 + r < p.rows; r++) {
+        Y[(r0 + r) * n + i] = d[r];
+    }
 }

@@ -29,8 +29,8 @@ struct Seg {
     wg_start: u32,    // first matvec workgroup of the segment
     tile_start: u32,  // first gemm tile of the segment
     fmt: u32,         // weight format (weights.wgsl), read when FMT = FMT_PER_SEGMENT
-    spad0: u32,       // (uniform arrays need a 16-byte multiple per element)
-    spad1: u32,
+    red: u32,         // matvec lanes per row (a power of two <= RED; matvec.wgsl), unused by gemm
+    spad1: u32,       // (uniform arrays need a 16-byte multiple per element)
     spad2: u32,
 }
 

@@ -1,31 +1,68 @@
 // reduce.wgsl: portable sums over groups of threads (a library, prepended by kernels.py on
-// the `webgpu` path; reduce_subgroup.wgsl is the `native` twin with the same function).
+// the `webgpu` path; reduce_subgroup.wgsl is the `native` twin with the same functions).
 //
 // group_sum(v, lid): the sum of v over the RED consecutive invocations (by local index) that
 // form lid's group, returned to every member. RED is a power of two dividing WG (both
 // override constants; WG is declared by the including kernel). RED = 1 is "no reduction",
 // which is what register-blocked kernels (one row per thread) use on CPU adapters.
-// Must be called in uniform control flow: it uses workgroup barriers.
+//
+// group_sum4(v, lid, n): the same for a vec4 (each component summed on its own) over groups of
+// n consecutive invocations, n a power of two <= RED chosen at run time but the same in the
+// whole workgroup (the mat-vec takes it from its segment table: rows of NR outputs, a group
+// width per segment). With RED = 1 it returns v.
+//
+// Both must be called in uniform control flow: they use workgroup barriers.
+//
+// How: every member writes its value, ONE barrier, then every member sums its group's values
+// itself, in index order (so every member gets the very same bits). The reads are broadcasts
+// (a group's members read the same address), and the sum is RED / 4 vec4 additions for
+// group_sum. A tree (log2(RED) rounds, each a barrier) costs a barrier per round: on an NVIDIA
+// GPU a bar.sync plus the dependent shared-memory round trip is ~50 cycles, so 5 rounds at
+// RED = 32 (the mat-vec) cost ~250 cycles where the serial sum is 8 broadcast loads. The
+// serial sum stays ahead up to RED = 256 (the norm kernels: 64 vec4 loads and adds, ~300
+// cycles, against 8 rounds); only 1024-wide groups would be better off with the tree, and
+// no kernel uses them by default.
+// A trailing barrier keeps the next call from overwriting red_v while a member still reads
+// (kernels such as wkv.wgsl rely on these barriers to separate their own phases as well).
 
 override RED: u32 = 64u;
 
-var<workgroup> red_f: array<f32, WG>;
+// Scalars at red_v[lid / 4][lid % 4] (group_sum reads 4 per load), vec4s at red_v[lid].
+var<workgroup> red_v: array<vec4<f32>, WG>;
+
+// red_v[first] + red_v[first + 1] + ... (count entries), left to right.
+fn red_sum(first: u32, count: u32) -> vec4<f32> {
+    var total = red_v[first];
+    for (var k = 1u; k < count; k++) {
+        total += red_v[first + k];
+    }
+    return total;
+}
 
 fn group_sum(v: f32, lid: u32) -> f32 {
     if (RED == 1u) {
         return v;
     }
-    red_f[lid] = v;
+    red_v[lid >> 2u][lid & 3u] = v;
     workgroupBarrier();
-    let lane = lid & (RED - 1u);
-    for (var s = RED >> 1u; s > 0u; s = s >> 1u) {
-        if (lane < s) {
-            red_f[lid] += red_f[lid + s];
-        }
-        workgroupBarrier();
+    var total: f32;
+    if (RED >= 4u) {
+        total = dot(red_sum((lid & ~(RED - 1u)) >> 2u, RED >> 2u), vec4<f32>(1.0));
+    } else {  // RED = 2: the pair shares a vec4 with another pair
+        let pair = red_v[lid >> 2u];
+        total = select(pair.x + pair.y, pair.z + pair.w, (lid & 2u) != 0u);
     }
-    let total = red_f[lid - lane];
-    // A later call overwrites red_f: everyone must have read the total first.
+    workgroupBarrier();
+    return total;
+}
+
+fn group_sum4(v: vec4<f32>, lid: u32, n: u32) -> vec4<f32> {
+    if (RED == 1u) {
+        return v;
+    }
+    red_v[lid] = v;
+    workgroupBarrier();
+    let total = red_sum(lid & ~(n - 1u), n);
     workgroupBarrier();
     return total;
 }
@@ -37,8 +74,8 @@ fn group_sum(v: f32, lid: u32) -> f32 {
 //   workgroupBarrier()        (the caller's)
 //   sum64(slot)               the sum, to every lane
 // A slot may be put again once every lane has passed one more barrier after its sum64 read.
-// Here every lane re-adds the 64 values in group_sum's tree order (pairs 32 apart first, then
-// 16, ... 1), reading them as 16 vec4s that every lane of a warp reads at once (broadcast).
+// Here every lane re-adds the 64 values exactly as group_sum does for RED = 64 (the 16 vec4s
+// left to right, then the four components with dot), reading them as broadcasts.
 const SUM64_SLOTS: u32 = 4u;
 
 var<workgroup> sum64_x: array<array<vec4<f32>, 16>, SUM64_SLOTS>;
@@ -50,21 +87,9 @@ fn sum64_put(slot: u32, v: f32, lid: u32) {
 }
 
 fn sum64(slot: u32) -> f32 {
-    // vec4 m holds lanes 4m..4m+3, so group_sum's step "lane l += lane l + s" is "vec4 m +=
-    // vec4 m + s/4" down to s = 4; then lanes 0 + 2, 1 + 3, and the two results.
-    let x = sum64_x[slot];
-    let a0 = x[0] + x[8];
-    let a1 = x[1] + x[9];
-    let a2 = x[2] + x[10];
-    let a3 = x[3] + x[11];
-    let a4 = x[4] + x[12];
-    let a5 = x[5] + x[13];
-    let a6 = x[6] + x[14];
-    let a7 = x[7] + x[15];
-    let b0 = a0 + a4;
-    let b1 = a1 + a5;
-    let b2 = a2 + a6;
-    let b3 = a3 + a7;
-    let c = (b0 + b2) + (b1 + b3);
-    return (c.x + c.z) + (c.y + c.w);
+    var total = sum64_x[slot][0];
+    for (var k = 1u; k < 16u; k++) {
+        total += sum64_x[slot][k];
+    }
+    return dot(total, vec4<f32>(1.0));
 }

@@ -302,13 +302,17 @@ def test_all_fusions_dispatch_count(engine, fmt):
         "L1.att.norm", "L1.att.shift", "L1.att.down", "L1.att.up", "L1.att.wkv_fused", "L1.att.out"]
 
 
-GPU_TUNING = "matvec_wg=128,matvec_red=32,norm_wg=256,argmax_wg=256,wkv_wg=256"  # what real GPUs get
+# What real GPUs get (kernels.choose_tuning): up to 32 lanes per mat-vec row, fewer for short
+# rows (at least 4 pieces per lane), 2 rows per group of lanes; 4 lanes per wkv state row.
+GPU_TUNING = ("matvec_wg=128,matvec_red=32,matvec_unroll=2,matvec_rows=2,matvec_pieces=4,"
+              "norm_wg=256,argmax_wg=256,wkv_wg=256")
 
 
 @pytest.mark.parametrize("path", ["webgpu", "native"])
 def test_gpu_class_tuning_on_lavapipe(engine, fixtures_dir, monkeypatch, path):
-    """The kernel shapes chosen for real GPUs (32 threads per mat-vec row, with a shared-memory
-    tree, or subgroup operations on the native path) give the same logits as lavapipe's."""
+    """The kernel shapes chosen for real GPUs (up to 32 threads per mat-vec row, 2 rows per
+    group, with a workgroup-memory sum, or subgroup operations on the native path) give the
+    same logits as lavapipe's."""
     want = engine("q8_0").logits(TOKENS)
     monkeypatch.setenv(kn.TUNING_ENV, GPU_TUNING)
     e = load(fixtures_dir / "tiny-q8_0.gguf", Options(path=path, fusions=frozenset({"all"})), progress=False)
@@ -353,6 +357,28 @@ def test_gpu_class_wkv_fusions_equal_the_unfused_plan(fixtures_dir, monkeypatch,
     for logits, steps in results[1:]:
         np.testing.assert_array_equal(logits, results[0][0])
         np.testing.assert_array_equal(steps, results[0][1])
+
+
+@pytest.mark.parametrize("fmt,path", [("q8_0", "webgpu"), ("Q4_K_M", "native")])
+def test_gpu_class_tuning_keeps_fusions_and_splits_bit_identical(fixtures_dir, monkeypatch, fmt, path):
+    """Under the GPU tuning each mat-vec segment takes its lanes per row from its own row
+    length (here 1 to 16: Q4_K rows of 256 have 4 pieces, F32 rows of 256 have 64), so a
+    matrix is summed the same way stacked with others (proj), inside the lora kernel, or split
+    over buffers by rows: every fusion and the split give the plain plan's logits bit for bit,
+    also stepped (what test_fusions_equal_the_unfused_plan asks of a real GPU)."""
+    monkeypatch.setenv(kn.TUNING_ENV, GPU_TUNING)
+    file = fixtures_dir / f"tiny-{fmt}.gguf"
+    base = load(file, Options(path=path, fusions=frozenset()), progress=False)
+    want = base.logits(TOKENS)
+    base.reset()
+    want_steps = np.stack([base.step(t) for t in TOKENS[:4]])
+    fused = load(file, Options(path=path, fusions=frozenset({"all"})), progress=False)
+    split = load(file, Options(path=path, fusions=frozenset()), progress=False, split_bytes=64 * 1024)
+    assert len({id(s.buffer) for s in split.matrices["blk.0.channel_mix_key.weight"].segments}) > 1
+    for e in (fused, split):
+        np.testing.assert_array_equal(e.logits(TOKENS), want)
+        e.reset()
+        np.testing.assert_array_equal(np.stack([e.step(t) for t in TOKENS[:4]]), want_steps)
 
 
 def test_api_encoding_equals_raw_encoding(engine, monkeypatch):

@@ -148,14 +148,19 @@ def test_every_kernel_compiles(kernels):
 def test_tuning_overrides():
     base = kn.Tuning(matvec_wg=64, matvec_red=1, matvec_unroll=1, norm_wg=64, shift_wg=64,
                      argmax_wg=64, subgroups=False, subgroup_size=0)
+    assert (base.matvec_rows, base.matvec_pieces) == (1, 0)  # one row per group, no policy
     t = kn._tuning_overrides(base, "matvec_wg=256, matvec_red=32")
     assert (t.matvec_wg, t.matvec_red, t.norm_wg) == (256, 32, 64)
+    t = kn._tuning_overrides(t, "matvec_rows=4,matvec_pieces=6")
+    assert (t.matvec_rows, t.matvec_pieces) == (4, 6)  # a count, not only powers of two
+    assert kn._tuning_overrides(t, "matvec_pieces=0").matvec_pieces == 0
     assert kn._tuning_overrides(base, "") == base
     assert kn._tuning_overrides(base, "trusted=1").trusted and not base.trusted
     t = kn._tuning_overrides(base, "gemm_rows=64,gemm_k=32")
     assert (t.gemm_rows, t.gemm_k) == (64, 32)
     assert kn._tuning_overrides(base, "wkv_wg=512").wkv_wg == 512
-    for bad in ("matvec_wg=96", "warp=32", "matvec_red=128", "matvec_unroll=8", "gemm_rows=256",
+    for bad in ("matvec_wg=96", "warp=32", "matvec_red=128", "matvec_unroll=8", "matvec_rows=8",
+                "matvec_rows=3", "matvec_pieces=-1", "matvec_pieces=x", "gemm_rows=256",
                 "gemm_rows=16", "gemm_k=8", "gemm_k=64", "trusted=2", "wkv_wg=32", "wkv_wg=2048"):
         with pytest.raises(kn.KernelError, match="RWKVLAB_TUNING"):
             kn._tuning_overrides(base, bad)
@@ -190,6 +195,32 @@ def test_gemm_tuning_fits_workgroup_memory(monkeypatch):
         kn.choose_tuning(fake_gpu(16384), "webgpu")
 
 
+def test_matvec_lanes_per_row_policy():
+    """MatvecShape.red_for: the tuning's lanes per row, halved while a lane would get fewer
+    than `pieces` pieces of the segment's row; pieces = 0 keeps the tuning's for every segment."""
+    def seg(fmt, K):
+        return kn.MatSegment(rows=8, K=K, row_words=kn.row_words(fmt, K), w_base=0, x_off=0,
+                             y_off=0, y_stride=8, fmt=fmt)
+
+    gpu = kn.MatvecShape(wg=128, red=32, rows=2, pieces=4)
+    # 2.9B shapes: a K-quant row of 2560 has 40 pieces of 64, of 10240 160; Q8_0 (16 per piece)
+    # and F32 (4) rows of 2560 have 160 and 640; a LoRA up (F32, K = 64) 16
+    assert gpu.red_for(seg("Q4_K", 2560)) == 8
+    assert gpu.red_for(seg("Q6_K", 10240)) == 32
+    assert gpu.red_for(seg("Q8_0", 2560)) == 32 and gpu.red_for(seg("F32", 2560)) == 32
+    assert gpu.red_for(seg("F32", 64)) == 4 and gpu.red_for(seg("F16", 64)) == 2
+    assert kn.MatvecShape(wg=128, red=32, rows=2, pieces=64).red_for(seg("Q8_0", 32)) == 1
+    assert kn.MatvecShape(wg=128, red=32, rows=2).red_for(seg("Q4_K", 256)) == 32  # policy off
+    assert gpu.rows_per_wg(8) == 32 and gpu.rows_per_wg(32) == 8
+    # the dispatch: each segment's lanes per row in its table entry, its workgroups of
+    # 128 / red * 2 rows
+    params, wgs, _ = kn.matmul_params([seg("Q4_K", 2560), seg("F32", 64)], gpu)
+    assert [e["red"] for e in params["seg"][:2]] == [8, 4]
+    assert (params["seg"][1]["wg_start"], wgs) == (1, 2)
+    for fmt, elems in kn.PIECE_ELEMS.items():  # weights.wgsl's piece_elems, every format
+        assert kn.MatvecShape(wg=64, red=64, pieces=1).red_for(seg(fmt, 256)) == min(64, 256 // elems)
+
+
 def test_pack_params_checks_names():
     data = kn.pack_params(kn.LAYERNORM, dict(C=256, last_only=1, eps=1e-5))
     words = np.frombuffer(data, np.uint32)
@@ -222,12 +253,14 @@ def _matmul_case(fmt: str, M: int, K: int, T: int, seed: int = 0):
 
 def run_matmul(kernels, spec, fmt: str | list[str], segments: list[tuple], X: np.ndarray,
                B: np.ndarray, Y: np.ndarray, T: int, red: int | None = None, unroll: int = 1,
-               gemm: tuple[int, int] | None = None) -> np.ndarray:
+               nr: int = 1, pieces: int = 0, gemm: tuple[int, int] | None = None) -> np.ndarray:
     """Stack the segments' weight rows in one buffer and run one matvec / gemm dispatch.
 
     segments: (raw rows, K, x_off, y_off, y_stride, act, bias offset or None, accum); fmt: one
-    format for all, or one per segment (a mixed stack: FMT_PER_SEGMENT); gemm: the tile shape
-    (rows, k step), default the tuning's (as the engine, tiles and grid from the pipeline).
+    format for all, or one per segment (a mixed stack: FMT_PER_SEGMENT). The matvec runs 64
+    threads per workgroup, at most `red` lanes per row (`pieces` > 0: fewer for short rows,
+    per segment), `nr` rows per group of lanes; gemm: the tile shape (rows, k step), default
+    the tuning's (as the engine, tiles and grid from the pipeline).
     """
     fmts = fmt if isinstance(fmt, list) else [fmt] * len(segments)
     words, table = [], []
@@ -243,12 +276,12 @@ def run_matmul(kernels, spec, fmt: str | list[str], segments: list[tuple], X: np
         base += len(data) + pad
     consts = dict(FMT=kn.matmul_fmt(table))
     if spec is kn.MATVEC:
-        consts.update(WG=64, RED=red, UNROLL=unroll)
+        consts.update(WG=64, RED=red, UNROLL=unroll, NR=nr)
     elif gemm is not None:
         consts.update(ROWS=gemm[0], TK=gemm[1])
-    rows_per_wg = 64 // (red or 1)
     tile_rows = kn.gemm_tile_rows(kernels.kernel(kn.GEMM, **consts)) if spec is kn.GEMM else 64
-    params, wgs, tiles = kn.matmul_params(table, rows_per_wg, tile_rows)
+    shape = kn.MatvecShape(wg=64, red=red or 1, rows=nr, pieces=pieces)
+    params, wgs, tiles = kn.matmul_params(table, shape, tile_rows)
     grid = (wgs, T, 1) if spec is kn.MATVEC else kn.gemm_grid(tiles, T)
     return kn.run_kernel(kernels, spec, params, dict(W=np.concatenate(words), X=X, B=B, Y=Y.copy()),
                          grid, T=T, read=("Y",), constants=consts)["Y"]
@@ -263,17 +296,23 @@ ACT_FUNCS = {
 }
 
 
+# (lanes per row, unroll, rows per group): every lanes x unroll pair with one row per group,
+# and 2 or 4 rows per group with a spread of the others (each pipeline build costs lavapipe time)
+MATVEC_SHAPES = ([(red, unroll, 1) for red in (1, 8, 32) for unroll in (1, 2, 4)]
+                 + [(1, 1, 2), (8, 2, 2), (32, 4, 2), (1, 2, 4), (8, 1, 4), (8, 4, 4), (32, 2, 4)])
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("red", [1, 8, 32])
-@pytest.mark.parametrize("unroll", [1, 2, 4])
-def test_matvec(kernels, fmt, red, unroll):
+@pytest.mark.parametrize("red,unroll,nr", MATVEC_SHAPES, ids=lambda v: str(v))
+def test_matvec(kernels, fmt, red, unroll, nr):
     """K = 96 is no multiple of the 64-thread workgroup nor of a Q8_0 / Q4_0 pair (3 blocks:
     padded); with 8 threads per row the unrolled loop ends on an odd piece (K-quants: K = 768,
-    12 pieces of 64)."""
+    12 pieces of 64). M = 37 rows leave the last group of 2 or 4 rows short (its missing rows
+    repeat the last one and must not be written: Y has exactly M columns per token)."""
     M, K, T = 37, k_for(fmt, 96), 2
     raw, wv, x = _matmul_case(fmt, M, K, T)
     out = run_matmul(kernels, kn.MATVEC, fmt, [(raw, K, 0, 0, M, "none", None, False)],
-                     x, np.zeros(4, np.float32), np.zeros((T, M), np.float32), T, red, unroll)
+                     x, np.zeros(4, np.float32), np.zeros((T, M), np.float32), T, red, unroll, nr)
     want = x.astype(np.float64) @ wv.T
     np.testing.assert_array_less(np.abs(out - want), fp32_tol(np.abs(x) @ np.abs(wv).T, K))
 
@@ -296,7 +335,10 @@ def test_matmul_segments(kernels, spec, gemm, fmt):
     residual add. Rows 130 and 40 cross gemm's row tiles (128, 64 and 32 rows: each segment's
     tiles start at its own tile_start) and end inside one; T = 67 crosses its 64-token tiles;
     K = 32 is a single K step. "mixed" stacks three formats (the pipeline reads each segment's
-    format from the table)."""
+    format from the table). The matvec
+    takes at most 8 lanes per row and gives each segment fewer when its lanes would get under
+    2 pieces each (segments of one dispatch then reduce over different lane counts: 8, 4, 2
+    or 1), 2 rows per group."""
     fmts = MIXED.get(fmt, [fmt] * 3)
     T = 67 if spec is kn.GEMM else 3
     rng = np.random.default_rng(13)
@@ -318,7 +360,7 @@ def test_matmul_segments(kernels, spec, gemm, fmt):
         tols[:, cols] = fp32_tol(np.abs(x) @ np.abs(wv).T, K) * (1 + 2 * np.abs(z)) + 1e-6 * (1 + np.abs(want[:, cols]))
         segments.append((raw, K, x_off, y_off, width, act, b_off if bias else None, accum))
         x_off, y_off, b_off = x_off + T * K, y_off + M, b_off + M
-    out = run_matmul(kernels, spec, fmts, segments, X, B, Y0, T, red=8, unroll=2, gemm=gemm)
+    out = run_matmul(kernels, spec, fmts, segments, X, B, Y0, T, red=8, unroll=2, nr=2, pieces=2, gemm=gemm)
     np.testing.assert_array_less(np.abs(out - want), tols)
     np.testing.assert_array_equal(out[:, :3], Y0[:, :3])  # outside every segment: untouched
 
@@ -378,14 +420,16 @@ def test_matmul_fmt():
 
 
 def test_matmul_params_checks():
-    seg = kn.MatSegment(rows=4, K=32, row_words=32, w_base=0, x_off=0, y_off=0, y_stride=4)
-    params, wgs, tiles = kn.matmul_params([seg, seg], rows_per_wg=3)
+    seg = kn.MatSegment(rows=5, K=32, row_words=32, w_base=0, x_off=0, y_off=0, y_stride=4)
+    shape = kn.MatvecShape(wg=64, red=16, rows=1)  # 4 rows per workgroup
+    params, wgs, tiles = kn.matmul_params([seg, seg], shape)
     assert (wgs, tiles) == (4, 2) and params["seg"][1]["wg_start"] == 2
+    assert params["seg"][0]["red"] == params["seg"][1]["red"] == 16
     with pytest.raises(kn.KernelError):
-        kn.matmul_params([seg] * (kn.MAX_SEGMENTS + 1), 1)
+        kn.matmul_params([seg] * (kn.MAX_SEGMENTS + 1), shape)
     with pytest.raises(kn.KernelError, match="multiple"):
         kn.matmul_params([kn.MatSegment(rows=4, K=48, row_words=48, w_base=0, x_off=0, y_off=0,
-                                        y_stride=4)], 1)
+                                        y_stride=4)], shape)
 
 
 # --- norms, token shift, per-head pieces, wkv ---------------------------------------------------
@@ -397,19 +441,23 @@ def _layernorm(x, w, b, eps):
     return (x - mean) / np.sqrt(var + eps) * w + b
 
 
-def test_layernorm(kernels):
+@pytest.mark.parametrize("wg", [None, 2, 4, 256, 1024])
+def test_layernorm(kernels, wg):
+    """With the tuning's workgroup, and with every group_sum width the norm kernels can be given
+    (2: the pair branch of reduce.wgsl; 1024: the longest serial sum, most threads adding 0)."""
     rng = np.random.default_rng(6)
     T, C, eps = 3, 256, 1e-5
     x = (rng.standard_normal((T, C)) * 3 + 5).astype(np.float32)  # |mean| >> std: no cancellation
     w, b = rng.standard_normal(C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
     want = _layernorm(x.astype(np.float64), w, b, eps)
     arrays = dict(X=x, NW=w, NB=b, Y=np.zeros((T, C), np.float32))
+    consts = {} if wg is None else dict(WG=wg, RED=wg)
     out = kn.run_kernel(kernels, kn.LAYERNORM, dict(C=C, last_only=0, eps=eps), arrays, (T, 1, 1),
-                        T=T, read=("Y",))["Y"]
+                        T=T, read=("Y",), constants=consts)["Y"]
     # normalised values are O(1): a few ulps each through mean, variance and rsqrt
     np.testing.assert_allclose(out, want, rtol=0, atol=2e-5 * (1 + np.abs(want)).max())
     last = kn.run_kernel(kernels, kn.LAYERNORM, dict(C=C, last_only=1, eps=eps), arrays, (1, 1, 1),
-                         T=T, read=("Y",))["Y"]
+                         T=T, read=("Y",), constants=consts)["Y"]
     np.testing.assert_allclose(last[0], want[-1], rtol=0, atol=2e-5 * (1 + np.abs(want)).max())
 
 
@@ -504,14 +552,16 @@ def test_activate_in_place(kernels):
     np.testing.assert_array_equal(res["AX"][T:], x[T:])
 
 
-@pytest.mark.parametrize("red", [1, 8])
-def test_lora_pairs_equal_two_matvecs(kernels, red):
+@pytest.mark.parametrize("red,nr,pieces", [(1, 1, 0), (8, 1, 0), (1, 4, 0), (8, 4, 2), (32, 2, 4)])
+def test_lora_pairs_equal_two_matvecs(kernels, red, nr, pieces):
     """Two LoRA pairs (Q8_0 / F32, and F16 / BF16: a mixed table) in one lora dispatch, two tokens.
     Each pair: down (rank 96 / 64 rows over K = 128) with its activation, up (C = 300 rows over
     the rank, LROWS = 256: a second, partial workgroup) with bias and activation. The result
     equals the matvec dispatches it replaces (same loop and reduction: bit-identical on lavapipe;
     an H100's driver may contract multiply-adds differently in the two pipelines, so 1e-6
-    relative is allowed) and is within 1e-4 of float64 NumPy (f32 sums over K = 128 then 96)."""
+    relative is allowed) and is within 1e-4 of float64 NumPy (f32 sums over K = 128 then 96).
+    With `pieces`, the four matrices take different lanes per row (2 to 8), as they would alone;
+    with nr rows per group the last group of a down matrix or of a workgroup's rows is short."""
     rng = np.random.default_rng(21)
     T, K, C = 2, 128, 300
     pairs = [("Q8_0", "F32", 96, "tanh", "decay"), ("F16", "BF16", 64, "sigmoid", "none")]
@@ -548,8 +598,11 @@ def test_lora_pairs_equal_two_matvecs(kernels, red):
         hidden.append((down, up, rank))
     W = np.concatenate(words)
     segs = [s for pr in table for s in pr]
-    consts = dict(FMT=kn.matmul_fmt(segs), WG=64, RED=red, UNROLL=2)
-    params, wgs = kn.lora_params(table, 256)
+    consts = dict(FMT=kn.matmul_fmt(segs), WG=64, RED=red, UNROLL=2, NR=nr)
+    shape = kn.MatvecShape(wg=64, red=red, rows=nr, pieces=pieces)
+    params, wgs = kn.lora_params(table, 256, shape)
+    if pieces:  # lanes per row of (Q8_0 down, F32 up, F16 down, BF16 up)
+        assert [e["red"] for e in params["seg"][:4]] == {8: [4, 8, 8, 4], 32: [2, 4, 4, 2]}[red]
     assert wgs == 4
     out = kn.run_kernel(kernels, kn.LORA, params, dict(W=W, X=X, B=B, Y=Y0.copy()), (wgs, T, 1), T=T,
                         read=("Y",), constants=consts)["Y"]
@@ -560,10 +613,10 @@ def test_lora_pairs_equal_two_matvecs(kernels, red):
     for down, up, rank in hidden:
         Hbuf = np.zeros((T, rank), np.float32)
         d = dict(down.__dict__, y_off=0, y_stride=rank)
-        p, n, _ = kn.matmul_params([kn.MatSegment(**d)], 64 // red)
+        p, n, _ = kn.matmul_params([kn.MatSegment(**d)], shape)
         Hbuf = kn.run_kernel(kernels, kn.MATVEC, p, dict(W=W, X=X, B=B, Y=Hbuf), (n, T, 1), T=T,
                              read=("Y",), constants=dict(consts, FMT=kn.GPU_FORMATS[down.fmt]))["Y"]
-        p, n, _ = kn.matmul_params([up], 64 // red)
+        p, n, _ = kn.matmul_params([up], shape)
         Y = kn.run_kernel(kernels, kn.MATVEC, p, dict(W=W, X=Hbuf, B=B, Y=Y), (n, T, 1), T=T,
                           read=("Y",), constants=dict(consts, FMT=kn.GPU_FORMATS[up.fmt]))["Y"]
     np.testing.assert_allclose(out, Y, rtol=1e-6, atol=1e-7)
@@ -572,10 +625,13 @@ def test_lora_pairs_equal_two_matvecs(kernels, red):
 def test_lora_params_checks():
     seg = kn.MatSegment(rows=32, K=64, row_words=64, w_base=0, x_off=0, y_off=0, y_stride=0)
     up = kn.MatSegment(rows=64, K=64, row_words=64, w_base=0, x_off=0, y_off=0, y_stride=0)
+    shape = kn.MatvecShape(wg=64, red=8, rows=4)
     with pytest.raises(kn.KernelError, match="must be equal"):
-        kn.lora_params([(seg, up)], 256)
+        kn.lora_params([(seg, up)], 256, shape)
     with pytest.raises(kn.KernelError, match="pairs"):
-        kn.lora_params([], 256)
+        kn.lora_params([], 256, shape)
+    with pytest.raises(kn.KernelError, match="multiple"):
+        kn.lora_params([(seg, seg)], 254, shape)
 
 
 # wkv_wg values (threads per head: 64 x lanes per state row). CPU adapters run 64, GPUs 256

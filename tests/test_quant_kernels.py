@@ -135,9 +135,10 @@ def check_dequant(gpu, raw: np.ndarray, fmt: str, K: int, what: str) -> None:
                            f"GPU {got[tuple(bad[0])]!r} vs gguf {want[tuple(bad[0])]!r}")
 
 
-def check_dots(gpu, raw: np.ndarray, fmt: str, K: int, rng: np.random.Generator, what: str) -> None:
+def check_dots(gpu, raw: np.ndarray, fmt: str, K: int, rng: np.random.Generator, what: str,
+               nr: int = 1) -> None:
     x = rng.standard_normal(K).astype(np.float32)
-    got = qk.gpu_piece_dots(gpu, raw, fmt, K, x).astype(np.float64)
+    got = qk.gpu_piece_dots(gpu, raw, fmt, K, x, nr).astype(np.float64)
     w = expected(raw, fmt, K).astype(np.float64)
     mag = term_magnitudes(raw, fmt, K).astype(np.float64) * np.abs(x)
     for i in range(qk.piece_count(K)):
@@ -211,11 +212,15 @@ def test_dequant_exact_random_and_corner_blocks(gpu, fmt):
         check_dequant(gpu, raw, fmt, K, f"{fmt} {what}")
 
 
+@pytest.mark.parametrize("nr", [1, 2, 4])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_piece_dots_random_and_corner_blocks(gpu, fmt):
+def test_piece_dots_random_and_corner_blocks(gpu, fmt, nr):
+    """Also with 2 or 4 rows per quant_dot call (the mat-vec's rows per group): every row must
+    come out the same whichever of a call's rows it is; 7 random rows (and 6 to 8 corner rows)
+    leave the last call short, its missing rows standing in for the last row."""
     rng = np.random.default_rng(3)
     for what, raw, K in _cases(fmt, rng):
-        check_dots(gpu, raw, fmt, K, rng, f"{fmt} {what}")
+        check_dots(gpu, raw, fmt, K, rng, f"{fmt} {what} ({nr} rows per call)", nr)
 
 
 def test_corner_blocks_reach_the_extremes():
@@ -312,3 +317,22 @@ def test_kernel_bench_falls_back_to_the_wall_clock():
     problem = kernel_bench.Problem.make("Q4_0", 64, 512, np.random.default_rng(1))
     t = kernel_bench.bench_kernel(kernels, "webgpu", problem, size="small", repeats=1)
     assert t.clock == "wall" and t.seconds == t.wall_seconds > 0
+
+
+def test_kernel_bench_compares_tunings(capsys):
+    """`--tunings`: each override set is checked and timed on every matrix, and each line says
+    which set it is and the lanes per row / rows per group the matrix got (lavapipe's own
+    tuning: one row per thread; the second set: a K = 512 Q4_K row has 8 pieces, so with at
+    least 2 per lane it gets 4 lanes, a Q8_0 row 16)."""
+    sets = ("", "matvec_red=32,matvec_rows=4,matvec_pieces=2")
+    out = io.StringIO()
+    timings, failures = kernel_bench.run(formats=("Q4_K", "Q8_0"), paths=("native",), size="small",
+                                         repeats=1, out=out, tunings=sets)
+    assert failures == [] and len(timings) == 2 * 3 * 2
+    got = {(t.fmt, t.tuning): (t.red, t.nr) for t in timings}
+    assert got == {("Q4_K", sets[0]): (1, 1), ("Q8_0", sets[0]): (1, 1),
+                   ("Q4_K", sets[1]): (4, 4), ("Q8_0", sets[1]): (16, 4)}
+    assert all(t.max_error < 1 for t in timings)
+    assert out.getvalue().count("[matvec_red=32,matvec_rows=4,matvec_pieces=2]") == 1 + 6  # header + lines
+    assert kernel_bench.main(["--small", "--formats", "Q4_0", "--tunings", "matvec_rows=3"]) == 2
+    assert "matvec_rows=3" in capsys.readouterr().err
