@@ -321,7 +321,7 @@ def test_kernel_bench_falls_back_to_the_wall_clock():
 
 def test_kernel_bench_compares_tunings(capsys):
     """`--tunings`: each override set is checked and timed on every matrix, and each line says
-    which set it is and the lanes per row / rows per group the matrix got (lavapipe's own
+    which set it is and the lanes per row / rows per group the matrix got (a CPU adapter's own
     tuning: one row per thread; the second set: a K = 512 Q4_K row has 8 pieces, so with at
     least 2 per lane it gets 4 lanes, a Q8_0 row 16)."""
     sets = ("", "matvec_red=32,matvec_rows=4,matvec_pieces=2")
@@ -330,8 +330,11 @@ def test_kernel_bench_compares_tunings(capsys):
                                          repeats=1, out=out, tunings=sets)
     assert failures == [] and len(timings) == 2 * 3 * 2
     got = {(t.fmt, t.tuning): (t.red, t.nr) for t in timings}
-    assert got == {("Q4_K", sets[0]): (1, 1), ("Q8_0", sets[0]): (1, 1),
-                   ("Q4_K", sets[1]): (4, 4), ("Q8_0", sets[1]): (16, 4)}
+    assert got[("Q4_K", sets[1])] == (4, 4) and got[("Q8_0", sets[1])] == (16, 4)
+    from rwkvlab.gpu import get_gpu
+
+    if get_gpu("auto", native=True).info.adapter_type == "CPU":  # lavapipe's tuning: a row per thread
+        assert got[("Q4_K", sets[0])] == got[("Q8_0", sets[0])] == (1, 1)
     assert all(t.max_error < 1 for t in timings)
     assert out.getvalue().count("[matvec_red=32,matvec_rows=4,matvec_pieces=2]") == 1 + 6  # header + lines
     assert kernel_bench.main(["--small", "--formats", "Q4_0", "--tunings", "matvec_rows=3"]) == 2
