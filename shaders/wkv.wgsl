@@ -13,7 +13,9 @@
 // through workgroup memory in a fixed order, so every lane of a row holds the same bits.
 // Lanes 0..63 hold rows 0..63 in order, exactly like a 64-thread kernel: that makes the head
 // sums of wkv_fused (sum64, reduce*.wgsl) reproduce kv_prep's and groupnorm_out's group_sum
-// bits on both paths, which the fused plan's bit-identity with the unfused one needs (on the
+// bits on both paths, which the fused plan's bit-identity with the unfused one needs (exact
+// on CPU adapters; a GPU compiler contracts fma per pipeline, ~1e-6 relative on the H100:
+// tests/conftest.py assert_same_plan) (on the
 // native path those are subgroupAdd over lanes 0..31 and 32..63, whose order only the driver
 // knows; putting a row's LANES lanes in one subgroup instead would save the sa barrier but cost
 // a relayout barrier per head sum). The token's r, w, k, -kk and kk*a are staged in workgroup
