@@ -551,7 +551,10 @@ class Engine:
                 bias=None if p.bias is None else self._vec_floats(p.bias) + seg.row0,
                 accum=p.accum, fmt=p.mat.fmt) for p, seg in items]
             fmt = kn.matmul_fmt(table)
-            matvec, gemm = k.kernel(kn.MATVEC, FMT=fmt), k.kernel(kn.GEMM, FMT=fmt)
+            # Rows per group of lanes per dispatch (it changes no sum: each row's pieces and
+            # reduction are the same): small products keep more workgroups with one row each.
+            nr = k.tuning.matvec_rows if sum(s.rows for s in table) >= k.tuning.matvec_rows_from else 1
+            matvec, gemm = k.kernel(kn.MATVEC, FMT=fmt, NR=nr), k.kernel(kn.GEMM, FMT=fmt)
             shape = kn.MatvecShape.of(matvec, k.tuning.matvec_pieces)
             params, wgs, tiles = kn.matmul_params(table, shape, kn.gemm_tile_rows(gemm))
             res = dict(W=seg0.buffer, X=p0.x, B=self.vecs, Y=p0.y)

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from rwkvlab import kernels as kn
-from rwkvlab.kernel_bench import (PASS_SECONDS, ROTATION_BYTES, KernelCheckError, _timestamp_period,
-                                  check_rows, dequantized_rows, random_matrix)
+from rwkvlab.kernel_bench import (PASS_SECONDS, ROTATION_BYTES, KernelCheckError, RotatedWeights,
+                                  _timestamp_period, check_rows, dequantized_rows, random_matrix)
 
 FORMATS = ("F16", "Q8_0", "Q4_K")
 SHAPES = {"full": {"att.out": (2560, 2560), "ffn.key": (10240, 2560), "ffn.value": (2560, 10240)},
@@ -104,36 +104,7 @@ class Problem:
         return np.abs(got - self.want[:T]) / (REL_TOL * self.scale[:T] + 1e-30)
 
 
-class _Weights:
-    """Copies of one matrix in one buffer, cycled through so that L2 cannot hold them."""
-
-    def __init__(self, device, limits, rows: np.ndarray, rotation_bytes: int):
-        import wgpu
-
-        self.nbytes = rows.nbytes
-        binding_limit = limits.get("max-storage-buffer-binding-size", 128 << 20)
-        if self.nbytes > binding_limit:
-            raise ValueError(f"a {self.nbytes >> 20} MiB matrix is over this device's binding limit "
-                             f"of {binding_limit >> 20} MiB (the engine would split it)")
-        align = max(256, int(limits.get("min-storage-buffer-offset-alignment", 256)))
-        self.stride = -(-self.nbytes // align) * align
-        buffer_limit = min(limits.get("max-buffer-size", 1 << 30), 2 << 30)
-        self.copies = int(max(1, min(-(-rotation_bytes // self.stride), buffer_limit // self.stride)))
-        self.buffer = device.create_buffer(size=self.stride * self.copies,
-                                           usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST)
-        src = device.create_buffer_with_data(data=np.ascontiguousarray(rows).tobytes(),
-                                             usage=wgpu.BufferUsage.COPY_SRC)
-        enc = device.create_command_encoder()
-        for c in range(self.copies):
-            enc.copy_buffer_to_buffer(src, 0, self.buffer, c * self.stride, self.nbytes)
-        device.queue.submit([enc.finish()])
-        src.destroy()
-
-    def binding(self, c: int) -> tuple:
-        return (self.buffer, c * self.stride, self.nbytes)
-
-
-def bench_gemm(kernels, path: str, problem: Problem, weights: _Weights, T: int, tuning: str,
+def bench_gemm(kernels, path: str, problem: Problem, weights: RotatedWeights, T: int, tuning: str,
                name: str = "", *, size: str = "full", repeats: int = 5) -> GemmTiming:
     """Check then time the gemm kernel of `kernels` (one tuning) on T tokens of a problem."""
     import wgpu
@@ -232,7 +203,7 @@ def run(formats=FORMATS, paths=("webgpu",), size: str = "full", tokens=None, tun
             problem = Problem.make(fmt, M, K, max(tokens), np.random.default_rng([seed, M, K, kn.GPU_FORMATS[fmt]]))
             rows = kn.rows_for_gpu(problem.raw, fmt, K)
             for path, (gpu, by_tuning) in devices.items():
-                weights = _Weights(gpu.device, gpu.limits, rows, ROTATION_BYTES[size])
+                weights = RotatedWeights(gpu.device, gpu.limits, rows, ROTATION_BYTES[size])
                 for T in tokens:
                     for tuning, kernels in by_tuning.items():
                         try:

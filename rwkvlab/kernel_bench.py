@@ -155,6 +155,39 @@ def _timestamp_period(device) -> float:
         return 1.0
 
 
+class RotatedWeights:
+    """Copies of one matrix in one buffer, each at an aligned offset, that a timed pass cycles
+    through so that the L2 cache cannot hold them (as in a real step, where gigabytes of other
+    weights pass between two uses of a matrix). One upload, then copies on the GPU."""
+
+    def __init__(self, device, limits, rows: np.ndarray, rotation_bytes: int):
+        import wgpu
+
+        self.nbytes = rows.nbytes
+        binding_limit = limits.get("max-storage-buffer-binding-size", 128 << 20)
+        if self.nbytes > binding_limit:
+            raise ValueError(f"a {self.nbytes >> 20} MiB matrix is over this device's binding limit "
+                             f"of {binding_limit >> 20} MiB (the engine would split it)")
+        align = max(256, int(limits.get("min-storage-buffer-offset-alignment", 256)))
+        self.stride = -(-self.nbytes // align) * align
+        buffer_limit = min(limits.get("max-buffer-size", 1 << 30), 2 << 30)
+        self.copies = int(max(1, min(-(-rotation_bytes // self.stride), buffer_limit // self.stride)))
+        self.buffer = device.create_buffer(size=self.stride * self.copies,
+                                           usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST)
+        # a buffer cannot be copied into itself: the rows go up once into a source buffer
+        src = device.create_buffer_with_data(data=np.ascontiguousarray(rows).tobytes(),
+                                             usage=wgpu.BufferUsage.COPY_SRC)
+        enc = device.create_command_encoder()
+        for c in range(self.copies):
+            enc.copy_buffer_to_buffer(src, 0, self.buffer, c * self.stride, self.nbytes)
+        device.queue.submit([enc.finish()])
+        src.destroy()
+
+    def binding(self, c: int) -> tuple:
+        """(buffer, offset, size) of copy c, for a bind group."""
+        return (self.buffer, c * self.stride, self.nbytes)
+
+
 class _Bench:
     """Buffers, bind groups and timing passes of one matrix on one device."""
 
@@ -164,25 +197,12 @@ class _Bench:
 
         self.kernels, self.device = kernels, kernels.device
         d = self.device
-        limits = kernels.gpu.limits
-        self.nbytes = rows.nbytes
-        binding_limit = limits.get("max-storage-buffer-binding-size", 128 << 20)
-        if self.nbytes > binding_limit:
-            raise ValueError(f"{fmt} {M}x{K} is {self.nbytes >> 20} MiB, over this device's binding "
-                             f"limit of {binding_limit >> 20} MiB (the engine would split it)")
-        align = max(256, int(limits.get("min-storage-buffer-offset-alignment", 256)))
-        self.stride = -(-self.nbytes // align) * align
-        buffer_limit = min(limits.get("max-buffer-size", 1 << 30), 2 << 30)
-        self.copies = int(max(1, min(-(-rotation_bytes // self.stride), buffer_limit // self.stride)))
+        try:
+            self.weights = RotatedWeights(d, kernels.gpu.limits, rows, rotation_bytes)
+        except ValueError as e:
+            raise ValueError(f"{fmt} {M}x{K}: {e}") from None
+        self.copies = self.weights.copies
         storage = wgpu.BufferUsage.STORAGE
-        self.w = d.create_buffer(size=self.stride * self.copies, usage=storage | wgpu.BufferUsage.COPY_DST)
-        # one upload, then copies on the GPU (a buffer cannot be copied into itself)
-        src = d.create_buffer_with_data(data=np.ascontiguousarray(rows).tobytes(), usage=wgpu.BufferUsage.COPY_SRC)
-        enc = d.create_command_encoder()
-        for c in range(self.copies):
-            enc.copy_buffer_to_buffer(src, 0, self.w, c * self.stride, self.nbytes)
-        d.queue.submit([enc.finish()])
-        src.destroy()
         self.x = d.create_buffer_with_data(data=x.astype(np.float32).tobytes(), usage=storage)
         self.b = d.create_buffer(size=16, usage=storage)
         self.y = d.create_buffer(size=max(16, 4 * M), usage=storage | wgpu.BufferUsage.COPY_SRC)
@@ -195,7 +215,7 @@ class _Bench:
         self.red, self.nr = shape.red_for(seg), shape.rows
         params, self.groups, _ = kn.matmul_params([seg], shape)
         self.bind_groups = [
-            kernels.bind(kn.MATVEC, run, params, {"W": (self.w, c * self.stride, self.nbytes),
+            kernels.bind(kn.MATVEC, run, params, {"W": self.weights.binding(c),
                                                   "X": self.x, "B": self.b, "Y": self.y},
                          label=f"bench.{fmt}.{c}")
             for c in range(self.copies)]

@@ -400,6 +400,8 @@ class Tuning:
     matvec_rows: int = 1  # rows per group of threads, sharing each load of x (1, 2 or 4)
     matvec_pieces: int = 0  # fewest pieces of a row per thread: each segment halves matvec_red
     #                         until its threads get that many (MatvecShape.red_for); 0 = off
+    matvec_rows_from: int = 0  # mat-vec dispatches with fewer rows than this use one row per
+    #                            group (more workgroups); 0 = every dispatch uses matvec_rows
 
     def as_record(self) -> dict:
         return dict(self.__dict__)
@@ -476,7 +478,7 @@ def _tuning_overrides(tuning: Tuning, text: str) -> Tuning:
 
     sizes = {"matvec_wg", "matvec_red", "matvec_unroll", "matvec_rows", "norm_wg", "shift_wg",
              "argmax_wg", "gemm_rows", "gemm_k", "wkv_wg"}
-    counts = {"matvec_pieces"}  # any count >= 0
+    counts = {"matvec_pieces", "matvec_rows_from"}  # any count >= 0
     changes = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
         name, _, value = item.partition("=")
@@ -487,7 +489,7 @@ def _tuning_overrides(tuning: Tuning, text: str) -> Tuning:
                                                      and not int(value) & (int(value) - 1)))
         if not ok:
             raise KernelError(f"${TUNING_ENV}: {item!r} is not <field>=<power of two> with field one "
-                              f"of {', '.join(sorted(sizes))}, nor matvec_pieces=<count> or trusted=0|1")
+                              f"of {', '.join(sorted(sizes))}, nor {' or '.join(sorted(counts))}=<count> or trusted=0|1")
         changes[name] = int(value)
     tuning = replace(tuning, **changes)
     if (tuning.matvec_red > tuning.matvec_wg or tuning.matvec_unroll > 4 or tuning.matvec_rows > 4

@@ -514,3 +514,19 @@ def test_load_prepares_slices_in_order_and_bounded_ahead():
             assert max(started) <= i + 3, (i, max(started))
         seen.append((item, data))
     assert seen == [(i, i * i) for i in range(40)]
+
+
+def test_small_matvec_dispatches_take_one_row_per_group(fixtures_dir, monkeypatch):
+    """matvec_rows_from: dispatches with fewer rows keep one row per group of lanes, bigger ones
+    the tuning's matvec_rows. Rows per group change no sum (each row's pieces and reduction
+    stay), so the logits are the all-matvec_rows plan's (conftest.assert_same_plan)."""
+    file = fixtures_dir / "tiny-q8_0.gguf"
+    monkeypatch.setenv(kn.TUNING_ENV, GPU_TUNING)
+    want = load(file, Options(), progress=False)
+    monkeypatch.setenv(kn.TUNING_ENV, GPU_TUNING + ",matvec_rows_from=1000")
+    e = load(file, Options(), progress=False)
+    nr = {d.label: dict(d.kernel.constants)["NR"] for d in e.plan(1, "last") if d.kernel.name == "matvec"}
+    assert nr["L0.ffn.key"] == nr["head"] == 2  # 1024 and 65536 rows
+    assert nr["L0.att.out"] == 1  # 256 rows
+    steps = [e.step(t) for t in TOKENS[:4]]
+    assert_same_plan(np.stack(steps), np.stack([want.step(t) for t in TOKENS[:4]]), e.gpu)

@@ -36,7 +36,7 @@ def test_gemm_bench_never_times_a_wrong_kernel(monkeypatch):
     kernels = kn.kernels_for(gpu, kn.choose_tuning(gpu, "webgpu", ""))
     problem = gemm_bench.Problem.make("Q8_0", 96, 256, 67, np.random.default_rng(0))
     problem.want[66, 95] += 2 * gemm_bench.REL_TOL * problem.scale[66, 95]
-    weights = gemm_bench._Weights(gpu.device, gpu.limits, kn.rows_for_gpu(problem.raw, "Q8_0", 256), 1 << 20)
+    weights = gemm_bench.RotatedWeights(gpu.device, gpu.limits, kn.rows_for_gpu(problem.raw, "Q8_0", 256), 1 << 20)
     passes, encode = [], kn.encode
     monkeypatch.setattr(kn, "encode", lambda cp, plan: (passes.append(len(plan)), encode(cp, plan)))
     with pytest.raises(gemm_bench.KernelCheckError, match="Q8_0 96x256 T=67 .*: token 66 row 95 .* not timed"):

@@ -155,6 +155,7 @@ def test_tuning_overrides():
     t = kn._tuning_overrides(t, "matvec_rows=4,matvec_pieces=6")
     assert (t.matvec_rows, t.matvec_pieces) == (4, 6)  # a count, not only powers of two
     assert kn._tuning_overrides(t, "matvec_pieces=0").matvec_pieces == 0
+    assert kn._tuning_overrides(t, "matvec_rows_from=3000").matvec_rows_from == 3000
     assert kn._tuning_overrides(base, "") == base
     assert kn._tuning_overrides(base, "trusted=1").trusted and not base.trusted
     t = kn._tuning_overrides(base, "gemm_rows=64,gemm_k=32")
