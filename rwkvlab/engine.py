@@ -524,6 +524,17 @@ class Engine:
 
     # --- the kernel plan -----------------------------------------------------------------------
 
+    def _one_row_per_group(self, table: list[kn.MatSegment], shape: kn.MatvecShape) -> bool:
+        """Whether a mat-vec dispatch runs one row per group of lanes instead of the tuning's
+        matvec_rows: when it has fewer rows than Tuning.matvec_rows_from and every row gets the
+        full group of lanes. Measured on an H100 (docs/perf-notes.md, change 12): 2560-row Q8_0
+        and F16 products run faster with the workgroups that one row per group gives; K-quant
+        rows of 2560 (8 lanes each) run faster with two rows sharing each x load. Rows per group
+        change no sum (each row keeps its pieces and its reduction)."""
+        rows = sum(s.rows for s in table)
+        return (rows < self.kernels.tuning.matvec_rows_from
+                and all(shape.red_for(s) == shape.red for s in table))
+
     def _matmul(self, label: str, products: list[_Product], fused: bool = False) -> _Op:
         """Matrix products as dispatches: unfused, one per (product, weight buffer); fused, one
         per weight buffer for all products (they must share X and Y; formats may differ).
@@ -551,10 +562,10 @@ class Engine:
                 bias=None if p.bias is None else self._vec_floats(p.bias) + seg.row0,
                 accum=p.accum, fmt=p.mat.fmt) for p, seg in items]
             fmt = kn.matmul_fmt(table)
-            # Rows per group of lanes per dispatch (it changes no sum: each row's pieces and
-            # reduction are the same): small products keep more workgroups with one row each.
-            nr = k.tuning.matvec_rows if sum(s.rows for s in table) >= k.tuning.matvec_rows_from else 1
-            matvec, gemm = k.kernel(kn.MATVEC, FMT=fmt, NR=nr), k.kernel(kn.GEMM, FMT=fmt)
+            matvec = k.kernel(kn.MATVEC, FMT=fmt)
+            if self._one_row_per_group(table, kn.MatvecShape.of(matvec, k.tuning.matvec_pieces)):
+                matvec = k.kernel(kn.MATVEC, FMT=fmt, NR=1)
+            gemm = k.kernel(kn.GEMM, FMT=fmt)
             shape = kn.MatvecShape.of(matvec, k.tuning.matvec_pieces)
             params, wgs, tiles = kn.matmul_params(table, shape, kn.gemm_tile_rows(gemm))
             res = dict(W=seg0.buffer, X=p0.x, B=self.vecs, Y=p0.y)

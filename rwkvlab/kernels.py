@@ -400,8 +400,8 @@ class Tuning:
     matvec_rows: int = 1  # rows per group of threads, sharing each load of x (1, 2 or 4)
     matvec_pieces: int = 0  # fewest pieces of a row per thread: each segment halves matvec_red
     #                         until its threads get that many (MatvecShape.red_for); 0 = off
-    matvec_rows_from: int = 0  # mat-vec dispatches with fewer rows than this use one row per
-    #                            group (more workgroups); 0 = every dispatch uses matvec_rows
+    matvec_rows_from: int = 0  # mat-vec dispatches with fewer rows than this (and all lanes on
+    #                            each row) use one row per group: more workgroups; 0 = none do
 
     def as_record(self) -> dict:
         return dict(self.__dict__)
@@ -463,7 +463,7 @@ def choose_tuning(gpu, path: str, overrides: str | None = None) -> Tuning:
         # workgroups; the lead sweeps both (rwkvlab.kernel_bench --tunings).
         tuning = Tuning(matvec_wg=128, matvec_red=32, matvec_unroll=2, norm_wg=256, shift_wg=64,
                         argmax_wg=256, subgroups=subgroups, subgroup_size=sg, wkv_wg=256,
-                        matvec_rows=2, matvec_pieces=4, **gemm)
+                        matvec_rows=2, matvec_pieces=4, matvec_rows_from=4096, **gemm)
     tuning = replace(tuning, trusted=path == "native")
     tuning = _tuning_overrides(tuning, os.environ.get(TUNING_ENV, "") if overrides is None else overrides)
     need = gemm_workgroup_bytes(tuning.gemm_rows, tuning.gemm_k)

@@ -307,7 +307,7 @@ def test_all_fusions_dispatch_count(engine, fmt):
 # What real GPUs get (kernels.choose_tuning): up to 32 lanes per mat-vec row, fewer for short
 # rows (at least 4 pieces per lane), 2 rows per group of lanes; 4 lanes per wkv state row.
 GPU_TUNING = ("matvec_wg=128,matvec_red=32,matvec_unroll=2,matvec_rows=2,matvec_pieces=4,"
-              "norm_wg=256,argmax_wg=256,wkv_wg=256")
+              "matvec_rows_from=4096,norm_wg=256,argmax_wg=256,wkv_wg=256")
 
 
 @pytest.mark.parametrize("path", ["webgpu", "native"])
@@ -517,16 +517,23 @@ def test_load_prepares_slices_in_order_and_bounded_ahead():
 
 
 def test_small_matvec_dispatches_take_one_row_per_group(fixtures_dir, monkeypatch):
-    """matvec_rows_from: dispatches with fewer rows keep one row per group of lanes, bigger ones
-    the tuning's matvec_rows. Rows per group change no sum (each row's pieces and reduction
-    stay), so the logits are the all-matvec_rows plan's (conftest.assert_same_plan)."""
+    """matvec_rows_from: dispatches with fewer rows, whose rows all get the full group of lanes,
+    keep one row per group; bigger ones (and rows given fewer lanes) the tuning's matvec_rows.
+    Rows per group change no sum (each row's pieces and reduction stay), so the logits are the
+    all-matvec_rows plan's (conftest.assert_same_plan)."""
     file = fixtures_dir / "tiny-q8_0.gguf"
-    monkeypatch.setenv(kn.TUNING_ENV, GPU_TUNING)
-    want = load(file, Options(), progress=False)
-    monkeypatch.setenv(kn.TUNING_ENV, GPU_TUNING + ",matvec_rows_from=1000")
-    e = load(file, Options(), progress=False)
-    nr = {d.label: dict(d.kernel.constants)["NR"] for d in e.plan(1, "last") if d.kernel.name == "matvec"}
+
+    def engine_with(extra):
+        monkeypatch.setenv(kn.TUNING_ENV, GPU_TUNING + extra)
+        e = load(file, Options(), progress=False)
+        return e, {d.label: dict(d.kernel.constants)["NR"] for d in e.plan(1, "last") if d.kernel.name == "matvec"}
+
+    want, _ = engine_with(",matvec_pieces=0,matvec_rows_from=0")
+    e, nr = engine_with(",matvec_pieces=0,matvec_rows_from=1000")  # every row: all 32 lanes
     assert nr["L0.ffn.key"] == nr["head"] == 2  # 1024 and 65536 rows
     assert nr["L0.att.out"] == 1  # 256 rows
-    steps = [e.step(t) for t in TOKENS[:4]]
-    assert_same_plan(np.stack(steps), np.stack([want.step(t) for t in TOKENS[:4]]), e.gpu)
+    assert_same_plan(np.stack([e.step(t) for t in TOKENS[:4]]),
+                     np.stack([want.step(t) for t in TOKENS[:4]]), e.gpu)
+    # with GPU_TUNING's matvec_pieces=4 the 256-wide Q8_0 rows get 4 lanes: two rows per group stay
+    _, nr = engine_with(",matvec_rows_from=1000")
+    assert nr["L0.att.out"] == 2
