@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from rwkvlab import kernels as kn
+from rwkvlab import quant_kernels as qk
 from rwkvlab.kernels import Dispatch
 from rwkvlab.options import Options, OptionsError
 
@@ -524,16 +525,15 @@ class Engine:
 
     # --- the kernel plan -----------------------------------------------------------------------
 
-    def _one_row_per_group(self, table: list[kn.MatSegment], shape: kn.MatvecShape) -> bool:
+    def _one_row_per_group(self, table: list[kn.MatSegment]) -> bool:
         """Whether a mat-vec dispatch runs one row per group of lanes instead of the tuning's
-        matvec_rows: when it has fewer rows than Tuning.matvec_rows_from and every row gets the
-        full group of lanes. Measured on an H100 (docs/perf-notes.md, change 12): 2560-row Q8_0
-        and F16 products run faster with the workgroups that one row per group gives; K-quant
-        rows of 2560 (8 lanes each) run faster with two rows sharing each x load. Rows per group
-        change no sum (each row keeps its pieces and its reduction)."""
+        matvec_rows: when it has fewer rows than Tuning.matvec_rows_from and no K-quant or
+        Q4_0 segment. Measured on an H100 (docs/perf-notes.md, change 12): 2560-row Q8_0, F16
+        and F32 products run faster with the workgroups one row per group gives; the 4-6 bit
+        formats run faster with two rows sharing each load of x, whatever their row length.
+        Rows per group change no sum (each row keeps its pieces and its reduction)."""
         rows = sum(s.rows for s in table)
-        return (rows < self.kernels.tuning.matvec_rows_from
-                and all(shape.red_for(s) == shape.red for s in table))
+        return rows < self.kernels.tuning.matvec_rows_from and not any(s.fmt in qk.LAYOUTS for s in table)
 
     def _matmul(self, label: str, products: list[_Product], fused: bool = False) -> _Op:
         """Matrix products as dispatches: unfused, one per (product, weight buffer); fused, one
@@ -563,7 +563,7 @@ class Engine:
                 accum=p.accum, fmt=p.mat.fmt) for p, seg in items]
             fmt = kn.matmul_fmt(table)
             matvec = k.kernel(kn.MATVEC, FMT=fmt)
-            if self._one_row_per_group(table, kn.MatvecShape.of(matvec, k.tuning.matvec_pieces)):
+            if self._one_row_per_group(table):
                 matvec = k.kernel(kn.MATVEC, FMT=fmt, NR=1)
             gemm = k.kernel(kn.GEMM, FMT=fmt)
             shape = kn.MatvecShape.of(matvec, k.tuning.matvec_pieces)

@@ -516,24 +516,34 @@ def test_load_prepares_slices_in_order_and_bounded_ahead():
     assert seen == [(i, i * i) for i in range(40)]
 
 
-def test_small_matvec_dispatches_take_one_row_per_group(fixtures_dir, monkeypatch):
-    """matvec_rows_from: dispatches with fewer rows, whose rows all get the full group of lanes,
-    keep one row per group; bigger ones (and rows given fewer lanes) the tuning's matvec_rows.
-    Rows per group change no sum (each row's pieces and reduction stay), so the logits are the
+@pytest.mark.parametrize("fmt", ["q8_0", "Q4_K_M"])
+def test_small_matvec_dispatches_take_one_row_per_group(fixtures_dir, monkeypatch, fmt):
+    """matvec_rows_from: dispatches with fewer rows and no 4-6 bit segment keep one row per
+    group of lanes; bigger ones and those of Q4_0/K-quant rows the tuning's matvec_rows. Rows
+    per group change no sum (each row's pieces and reduction stay), so the logits are the
     all-matvec_rows plan's (conftest.assert_same_plan)."""
-    file = fixtures_dir / "tiny-q8_0.gguf"
+    file = fixtures_dir / f"tiny-{fmt}.gguf"
 
     def engine_with(extra):
         monkeypatch.setenv(kn.TUNING_ENV, GPU_TUNING + extra)
         e = load(file, Options(), progress=False)
-        return e, {d.label: dict(d.kernel.constants)["NR"] for d in e.plan(1, "last") if d.kernel.name == "matvec"}
+        return e, {d.label: (dict(d.kernel.constants)["NR"], e.weight_formats.get(_product_of(d.label)))
+                   for d in e.plan(1, "last") if d.kernel.name == "matvec"}
 
-    want, _ = engine_with(",matvec_pieces=0,matvec_rows_from=0")
-    e, nr = engine_with(",matvec_pieces=0,matvec_rows_from=1000")  # every row: all 32 lanes
-    assert nr["L0.ffn.key"] == nr["head"] == 2  # 1024 and 65536 rows
-    assert nr["L0.att.out"] == 1  # 256 rows
+    want, _ = engine_with(",matvec_rows_from=0")
+    e, nr = engine_with(",matvec_rows_from=1000")
+    assert nr["head"][0] == 2  # 65536 rows
+    for label, (rows_per_group, wf) in nr.items():
+        if label.endswith(("att.out", "ffn.value")):  # 256 rows each
+            assert rows_per_group == (2 if wf in ("Q4_0", "Q4_K", "Q5_K", "Q6_K") else 1), (label, wf)
     assert_same_plan(np.stack([e.step(t) for t in TOKENS[:4]]),
                      np.stack([want.step(t) for t in TOKENS[:4]]), e.gpu)
-    # with GPU_TUNING's matvec_pieces=4 the 256-wide Q8_0 rows get 4 lanes: two rows per group stay
-    _, nr = engine_with(",matvec_rows_from=1000")
-    assert nr["L0.att.out"] == 2
+
+
+def _product_of(label: str) -> str | None:
+    """The weight tensor behind a plan label like "L0.att.out" (for its format)."""
+    names = {"att.out": "time_mix_output.weight", "ffn.value": "channel_mix_value.weight"}
+    for suffix, tensor in names.items():
+        if label.endswith(suffix):
+            return f"blk.{label.split('.')[0][1:]}.{tensor}"
+    return None
