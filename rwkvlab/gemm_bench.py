@@ -23,7 +23,6 @@ runs 256- and 1024-wide shapes (for lavapipe and the tests).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -32,7 +31,8 @@ import numpy as np
 
 from rwkvlab import kernels as kn
 from rwkvlab.kernel_bench import (PASS_SECONDS, ROTATION_BYTES, KernelCheckError, RotatedWeights,
-                                  _timestamp_period, check_rows, dequantized_rows, random_matrix)
+                                  _timestamp_period, check_rows, dequantized_rows, random_matrix,
+                                  time_passes)
 
 FORMATS = ("F16", "Q8_0", "Q4_K")
 SHAPES = {"full": {"att.out": (2560, 2560), "ffn.key": (10240, 2560), "ffn.value": (2560, 10240)},
@@ -161,18 +161,9 @@ def bench_gemm(kernels, path: str, problem: Problem, weights: RotatedWeights, T:
                                f"NumPy says {problem.want[t, i]:.6g} (tolerance {REL_TOL * problem.scale[t, i]:.3g}); "
                                "not timed")
 
-    n = max(4, weights.copies)
-    wall, gpu = run_pass(n)
-    per = (gpu or wall) / n
-    n = int(min(2000, max(n, PASS_SECONDS[size] / max(per, 1e-9))))
-    samples = [run_pass(n) for _ in range(repeats)]
-    gpu_times = [g for _, g in samples if g is not None]
-    if len(gpu_times) == len(samples):
-        seconds, clock = statistics.median(gpu_times) / n, "gpu"
-    else:
-        seconds, clock = statistics.median(w for w, _ in samples) / n, "wall"
+    t = time_passes(run_pass, max(4, weights.copies), 2000, PASS_SECONDS[size], repeats)
     return GemmTiming(path=path, fmt=fmt, name=name, rows=M, cols=K, tokens=T, tuning=tuning,
-                      seconds=seconds, clock=clock, dispatches=n, copies=weights.copies,
+                      seconds=t.seconds, clock=t.clock, dispatches=t.dispatches, copies=weights.copies,
                       max_error=float(errors.max()))
 
 

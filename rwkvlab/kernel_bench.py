@@ -295,22 +295,36 @@ def bench_kernel(kernels, path: str, problem: Problem, *, size: str = "full", re
                                f"says {problem.want[i]:.6g} (tolerance {REL_TOL} of sum|w x| = "
                                f"{REL_TOL * problem.scale[i]:.3g}); not timed")
 
-    # Calibrate the pass length on one warm pass, then time `repeats` passes.
-    n = max(8, bench.copies)
-    wall, gpu = bench.run_pass(n)
-    per = (gpu or wall) / n
-    n = int(min(4000, max(n, PASS_SECONDS[size] / max(per, 1e-9))))
-    samples = [bench.run_pass(n) for _ in range(repeats)]
+    t = time_passes(bench.run_pass, max(8, bench.copies), 4000, PASS_SECONDS[size], repeats)
+    return KernelTiming(path=path, fmt=fmt, rows=M, cols=K, tuning=tuning, red=bench.red, nr=bench.nr,
+                        weight_bytes=problem.raw.nbytes, seconds=t.seconds,
+                        wall_seconds=t.wall_seconds, clock=t.clock, dispatches=t.dispatches, copies=bench.copies,
+                        checked_rows=len(problem.rows), max_error=float(errors.max()))
+
+
+@dataclass(frozen=True)
+class PassTimes:
+    """Medians of timed passes, per dispatch."""
+
+    seconds: float  # GPU clock when every pass had timestamps, else wall clock
+    wall_seconds: float
+    clock: str  # "gpu" or "wall"
+    dispatches: int  # per timed pass
+
+
+def time_passes(run_pass, first: int, cap: int, pass_seconds: float, repeats: int) -> PassTimes:
+    """Calibrate with a pass of `first` dispatches, size the timed passes to about
+    `pass_seconds` of GPU time (at most `cap` dispatches), run `repeats` of them.
+    `run_pass(n)` returns (wall seconds, GPU seconds or None) for a pass of n dispatches."""
+    wall, gpu = run_pass(first)
+    per = (gpu or wall) / first
+    n = int(min(cap, max(first, pass_seconds / max(per, 1e-9))))
+    samples = [run_pass(n) for _ in range(repeats)]
     wall_s = statistics.median(w for w, _ in samples) / n
     gpu_times = [g for _, g in samples if g is not None]
     if len(gpu_times) == len(samples):
-        seconds, clock = statistics.median(gpu_times) / n, "gpu"
-    else:
-        seconds, clock = wall_s, "wall"
-    return KernelTiming(path=path, fmt=fmt, rows=M, cols=K, tuning=tuning, red=bench.red, nr=bench.nr,
-                        weight_bytes=problem.raw.nbytes, seconds=seconds,
-                        wall_seconds=wall_s, clock=clock, dispatches=n, copies=bench.copies,
-                        checked_rows=len(problem.rows), max_error=float(errors.max()))
+        return PassTimes(statistics.median(gpu_times) / n, wall_s, "gpu", n)
+    return PassTimes(wall_s, wall_s, "wall", n)
 
 
 def run(formats=FORMATS, paths=PATHS, size: str = "full", backend: str = "auto", repeats: int = 5,
