@@ -31,8 +31,8 @@ import numpy as np
 
 from rwkvlab import kernels as kn
 from rwkvlab.kernel_bench import (PASS_SECONDS, ROTATION_BYTES, KernelCheckError, RotatedWeights,
-                                  _timestamp_period, check_rows, dequantized_rows, random_matrix,
-                                  time_passes)
+                                  _timestamp_period, check_formats_and_paths, check_rows,
+                                  dequantized_rows, random_matrix, time_passes)
 
 FORMATS = ("F16", "Q8_0", "Q4_K")
 SHAPES = {"full": {"att.out": (2560, 2560), "ffn.key": (10240, 2560), "ffn.value": (2560, 10240)},
@@ -40,7 +40,6 @@ SHAPES = {"full": {"att.out": (2560, 2560), "ffn.key": (10240, 2560), "ffn.value
 TOKENS = {"full": (64, 256, 512), "small": (67,)}
 TUNINGS = ("gemm_rows=128,gemm_k=32", "gemm_rows=128,gemm_k=16", "gemm_rows=64,gemm_k=32",
            "gemm_rows=64,gemm_k=16", "gemm_rows=32,gemm_k=16")
-PATHS = ("webgpu", "native")
 # An output's error allowed relative to sum_k |w_k x_k|: fp32 sums of K <= 10240 products err
 # by ~1e-6 of that typically (<= K * 2^-24 = 6e-4 in the worst case); a wrong tile, row or
 # token errs by O(1).
@@ -174,12 +173,7 @@ def run(formats=FORMATS, paths=("webgpu",), size: str = "full", tokens=None, tun
 
     out = out or sys.stdout
     tokens = tuple(tokens or TOKENS[size])
-    unknown = [f for f in formats if f not in kn.GPU_FORMATS]
-    if unknown:
-        raise ValueError(f"format(s) {unknown} have no GPU kernel; the kernels read {', '.join(kn.GPU_FORMATS)}")
-    bad_paths = [p for p in paths if p not in PATHS]
-    if bad_paths:
-        raise ValueError(f"unknown path(s) {bad_paths}; choose from {', '.join(PATHS)}")
+    check_formats_and_paths(formats, paths)
     devices = {}
     for path in paths:
         gpu = get_gpu(backend, native=path == "native")

@@ -302,6 +302,16 @@ def bench_kernel(kernels, path: str, problem: Problem, *, size: str = "full", re
                         checked_rows=len(problem.rows), max_error=float(errors.max()))
 
 
+def check_formats_and_paths(formats, paths) -> None:
+    """Refuse, naming them, formats without a GPU kernel and unknown kernel paths."""
+    unknown = [f for f in formats if f not in kn.GPU_FORMATS]
+    if unknown:
+        raise ValueError(f"format(s) {unknown} have no GPU kernel; the kernels read {', '.join(kn.GPU_FORMATS)}")
+    bad_paths = [p for p in paths if p not in PATHS]
+    if bad_paths:
+        raise ValueError(f"unknown path(s) {bad_paths}; choose from {', '.join(PATHS)}")
+
+
 @dataclass(frozen=True)
 class PassTimes:
     """Medians of timed passes, per dispatch."""
@@ -335,12 +345,7 @@ def run(formats=FORMATS, paths=PATHS, size: str = "full", backend: str = "auto",
     from rwkvlab.gpu import get_gpu
 
     out = out or sys.stdout
-    unknown = [f for f in formats if f not in kn.GPU_FORMATS]
-    if unknown:
-        raise ValueError(f"format(s) {unknown} have no GPU kernel; the kernels read {', '.join(kn.GPU_FORMATS)}")
-    bad_paths = [p for p in paths if p not in PATHS]
-    if bad_paths:
-        raise ValueError(f"unknown path(s) {bad_paths}; choose from {', '.join(PATHS)}")
+    check_formats_and_paths(formats, paths)
     devices = {}
     for path in paths:
         gpu = get_gpu(backend, native=path == "native")
