@@ -36,9 +36,9 @@ import plotly.graph_objects as go
 
 from rwkvlab import plots
 from rwkvlab.bench import BenchSettings, resolve_model
-from rwkvlab.gpu import NATIVE_FEATURES, available_backends, list_adapters
+from rwkvlab.gpu import NATIVE_FEATURES, NoAdapterError, available_backends, list_adapters, resolve_options
 from rwkvlab.lab import prepare_kernel
-from rwkvlab.options import Options, OptionsError, check_available
+from rwkvlab.options import Options, OptionsError
 from rwkvlab.sweep import run_sweep
 
 prepare_kernel()  # keeps Mesa's adapter-scan noise out of cell outputs (see its docstring)
@@ -67,9 +67,9 @@ print("every adapter's backend is offered:", sorted({a.backend for a in adapters
 # NBVAL_IGNORE_OUTPUT
 # The message names this machine's system and backends.
 try:
-    check_available(Options(backend="metal"))
+    resolve_options(Options(backend="metal"))
     print("metal is available here")
-except OptionsError as err:
+except (NoAdapterError, OptionsError) as err:
     print(err)
 
 # %% [markdown]

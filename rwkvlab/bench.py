@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 
 from rwkvlab.history import HistoryWarning, RunRecord, append_run, append_sidecar, read_history
-from rwkvlab.options import Options, OptionsError, check_available, parse_fusions
+from rwkvlab.options import Options, OptionsError, parse_fusions
 from rwkvlab.quality import HASH_TOKENS, SHOWN_TOKENS, quality_hash
 
 # Written for this lab: plain English with digits, punctuation and a line break, so that
@@ -295,10 +295,11 @@ def run_bench(model: str | os.PathLike, options: Options | None = None,
     from rwkvlab.gguf import read_model
     from rwkvlab.tokenizer import Tokenizer
 
-    options = options or Options()
+    from rwkvlab.gpu import resolve_options
+
+    options = resolve_options(options)  # the record holds what ran: "auto" resolved
     settings = settings or BenchSettings()
     path = resolve_model(model)
-    check_available(options)
     host_model = read_model(path)
     prompt = prompt_tokens(Tokenizer.from_model(host_model), settings.prefill)
     cached = reference_cache_file(path, host_model, prompt) if settings.reference else None

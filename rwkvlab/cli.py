@@ -56,17 +56,25 @@ def _info(sub) -> None:
 
 
 def _model_args(p) -> None:
-    from rwkvlab.options import Options
+    from rwkvlab.options import BACKENDS, PATHS, WEIGHT_POLICIES, Options
 
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="GGUF file to run")
     src.add_argument("--preset", choices=PRESETS, help="synthetic model preset (default: tiny when no --model)")
     p.add_argument("--format", dest="synth_format", choices=SYNTH_FORMATS, default="f32",
                    help="weight format of the synthetic preset (default: f32)")
-    p.add_argument("--backend", default="auto", help="wgpu backend: auto, vulkan, metal, dx12, gl (default: auto)")
-    p.add_argument("--path", default=Options().path,
-                   help=f"kernel path: webgpu (portable WebGPU) or native (wgpu-native extras) (default: {Options().path})")
-    p.add_argument("--weights", default="native", help="native (file format on GPU) or f16 (dequantize at load)")
+    # Values are checked by Options, not argparse, so a typo gets the same one-line error (with
+    # what is available) as a value this machine cannot run.
+    default = Options()
+    p.add_argument("--backend", default=default.backend, metavar="{" + ",".join(BACKENDS) + "}",
+                   help="wgpu backend; auto = Vulkan/Metal/DX12 before OpenGL, real GPUs before software ones "
+                   f"(default: {default.backend}; `python -m rwkvlab.gpu` lists this machine's adapters)")
+    p.add_argument("--path", default=default.path, metavar="{" + ",".join(PATHS) + "}",
+                   help="kernel path: webgpu (portable WebGPU), native (also f16 / subgroups / unchecked shader "
+                   "modules), auto (native where the adapter has f16 or subgroups, else webgpu; the run "
+                   f"records which) (default: {default.path})")
+    p.add_argument("--weights", default=default.weights, metavar="{" + ",".join(WEIGHT_POLICIES) + "}",
+                   help=f"native (file format on GPU) or f16 (dequantize at load) (default: {default.weights})")
 
 
 def model_source(args) -> Path:

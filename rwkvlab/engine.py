@@ -27,7 +27,7 @@ import numpy as np
 from rwkvlab import kernels as kn
 from rwkvlab import quant_kernels as qk
 from rwkvlab.kernels import Dispatch
-from rwkvlab.options import Options, OptionsError
+from rwkvlab.options import KERNEL_PATHS, Options, OptionsError
 
 UPLOAD_SLICE = 64 << 20  # bytes per write_buffer during load (then submit([]) frees staging)
 STEPS_PER_SUBMIT = 8  # generation steps encoded into one command buffer
@@ -144,12 +144,12 @@ def load(path_or_preset: str | Path, options: Options | None = None, progress: b
     """
     from rwkvlab.gguf import read_model
 
+    from rwkvlab.gpu import get_gpu, resolve_options
+
     start = time.perf_counter()
-    options = options or Options()
+    options = resolve_options(options)
     path = _resolve(path_or_preset)
     model = read_model(path)
-    from rwkvlab.gpu import get_gpu
-
     gpu = get_gpu(options.backend, native=options.path == "native")
     engine = Engine(model, gpu, options, progress=progress, split_bytes=split_bytes)
     engine.load_seconds = time.perf_counter() - start
@@ -251,10 +251,13 @@ class Engine:
 
         from rwkvlab.tokenizer import Tokenizer
 
+        if options.path not in KERNEL_PATHS:
+            raise OptionsError(f"Engine needs a resolved kernel path, got {options.path!r}; "
+                               "load() resolves it (rwkvlab.gpu.resolve_options)")
         self.model = model
         self.spec = model.spec
         self.gpu = gpu
-        self.options = options
+        self.options = options  # resolved: what runs is what gets recorded
         self.tokenizer = Tokenizer.from_model(model)
         self.load_seconds = 0.0
         self.last_generate: GenerateStats | None = None

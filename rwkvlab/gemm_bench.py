@@ -169,13 +169,15 @@ def bench_gemm(kernels, path: str, problem: Problem, weights: RotatedWeights, T:
 def run(formats=FORMATS, paths=("webgpu",), size: str = "full", tokens=None, tunings=TUNINGS,
         backend: str = "auto", repeats: int = 5, seed: int = 0, out=None) -> tuple[list[GemmTiming], list[str]]:
     """Every format x shape x path x T x tuning: (timings, failures), a line each to `out`."""
-    from rwkvlab.gpu import get_gpu
+    from rwkvlab.gpu import get_gpu, resolve_options
+    from rwkvlab.options import Options
 
     out = out or sys.stdout
     tokens = tuple(tokens or TOKENS[size])
     check_formats_and_paths(formats, paths)
     devices = {}
     for path in paths:
+        resolve_options(Options(backend=backend, path=path))  # a path this adapter lacks: a clear error
         gpu = get_gpu(backend, native=path == "native")
         try:
             devices[path] = (gpu, {t: kn.kernels_for(gpu, kn.choose_tuning(gpu, path, t)) for t in tunings})

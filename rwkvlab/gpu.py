@@ -6,15 +6,21 @@ features) choice, cached here. Everything GPU-related asks this module for its d
 from __future__ import annotations
 
 import functools
+import os
+import platform
 import sys
+import tempfile
 from dataclasses import dataclass
 
-from rwkvlab.options import BACKENDS, OptionsError
+from rwkvlab.options import BACKENDS, Options, OptionsError
 
 # Options.backend -> wgpu's adapter.info["backend_type"]
 _BACKEND_TYPES = {"vulkan": "Vulkan", "metal": "Metal", "dx12": "D3D12", "gl": "OpenGL"}
 _BACKEND_NAMES = {v: k for k, v in _BACKEND_TYPES.items()}
 _ADAPTER_RANK = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "CPU": 3}
+# What to install when only OpenGL (or nothing) is found; said by setup.sh and every error.
+VULKAN_FIX = ("install a Vulkan driver (Debian/Ubuntu without a GPU: apt-get install mesa-vulkan-drivers; "
+              "`make setup` does it)")
 # Features the native path uses where the adapter has them. Not "cooperative-matrix": wgpu
 # marks it experimental and refuses a device that asks for it unless experimental features are
 # enabled (seen on an H100's Vulkan adapter: "EXPERIMENTAL_COOPERATIVE_MATRIX ... experimental
@@ -77,10 +83,22 @@ def _info(adapter) -> AdapterInfo:
     )
 
 
+def quiet_mesa_probe() -> None:
+    """Give Mesa's EGL platform the runtime folder it wants, once per process.
+
+    Every adapter scan that reaches Mesa's OpenGL driver prints "XDG_RUNTIME_DIR is invalid or
+    not set" when that variable is unset (containers, CI, OpenGL-only machines), on every
+    command. A private, empty folder is all it asks for; child processes inherit it.
+    """
+    if not os.environ.get("XDG_RUNTIME_DIR"):
+        os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="rwkvlab-xdg-")
+
+
 def list_adapters() -> list[AdapterInfo]:
     """Every adapter wgpu can see on this machine (empty when there is none)."""
     import wgpu
 
+    quiet_mesa_probe()
     try:
         return [_info(a) for a in wgpu.gpu.enumerate_adapters_sync()]
     except RuntimeError:
@@ -93,9 +111,13 @@ def available_backends() -> list[str]:
     return (["auto"] + found) if found else []
 
 
+@functools.lru_cache(maxsize=None)
 def _pick_adapter(backend: str):
+    """The adapter ``backend`` names (the best one for ``auto``); one choice per process, so
+    resolving options and making the device always agree."""
     import wgpu
 
+    quiet_mesa_probe()
     if backend not in BACKENDS:
         raise OptionsError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
     adapters = list(wgpu.gpu.enumerate_adapters_sync())
@@ -103,13 +125,48 @@ def _pick_adapter(backend: str):
         wanted = _BACKEND_TYPES[backend]
         adapters = [a for a in adapters if a.info["backend_type"] == wanted]
     if not adapters:
-        have = ", ".join(available_backends()) or "none (install a Vulkan driver, e.g. mesa-vulkan-drivers)"
-        raise NoAdapterError(f"no WebGPU adapter for backend {backend!r} on this machine; available: {have}")
-    # Prefer real GPUs, and among equals anything over OpenGL (no f16, no subgroups there).
+        have = available_backends()
+        if not have:
+            raise NoAdapterError(f"no WebGPU adapter on this machine; {VULKAN_FIX}")
+        hint = " (Metal is Apple's GPU API: wgpu uses it on macOS only)" if backend == "metal" else ""
+        raise NoAdapterError(f"backend {backend!r} is not available on this machine ({platform.system()}){hint}; "
+                             f"available: {', '.join(have)}; pick one with --backend (Options.backend)"
+                             + (f", or {VULKAN_FIX}" if backend == "vulkan" else ""))
+    # Vulkan / Metal / DX12 before OpenGL, then real GPUs before software ones: WebGPU on
+    # OpenGL is wgpu's downlevel backend (no f16, no subgroups), and a machine
+    # whose GPU is reachable through GL alone is rare next to one that has a software Vulkan.
     return min(
         adapters,
-        key=lambda a: (_ADAPTER_RANK.get(a.info["adapter_type"], 4), a.info["backend_type"] == "OpenGL"),
+        key=lambda a: (a.info["backend_type"] == "OpenGL", _ADAPTER_RANK.get(a.info["adapter_type"], 4)),
     )
+
+
+def has_native_features(features) -> bool:
+    """Whether an adapter with these features can take the ``native`` kernel path."""
+    return bool(set(features) & set(NATIVE_FEATURES))
+
+
+def resolve_options(options: Options | None = None) -> Options:
+    """The options as they will run on this machine: the one place defaults meet the adapter.
+
+    ``path="auto"`` becomes ``native`` where the adapter that ``options.backend`` picks has f16
+    or subgroups and ``webgpu`` otherwise; everything else is kept. A backend or path asked for
+    explicitly that this machine cannot run raises (:class:`NoAdapterError` /
+    :class:`OptionsError`) with the flag to change and what to install. The engine, bench,
+    profile, panel worker and sweeps all resolve through here, and records hold the result.
+    """
+    options = options or Options()
+    adapter = _pick_adapter(options.backend)
+    native = has_native_features(adapter.features)
+    if options.path == "auto":
+        return options.with_(path="native" if native else "webgpu")
+    if options.path == "native" and not native:
+        label = _info(adapter).label
+        raise OptionsError(
+            f"path 'native' needs one of {', '.join(NATIVE_FEATURES)}; adapter {label} has none of them; "
+            f"available paths: webgpu. Use --path webgpu or --path auto (Options(path='webgpu'|'auto')), "
+            f"or {VULKAN_FIX}")
+    return options
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,13 +181,28 @@ def get_gpu(backend: str = "auto", native: bool = False) -> GPU:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m rwkvlab.gpu [--check]``: list adapters; exit 1 when there is none."""
+    """``python -m rwkvlab.gpu [--check]``: list the adapters and what ``auto`` would pick."""
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m rwkvlab.gpu",
+        description="List the WebGPU adapters wgpu finds and the options the defaults resolve to.")
+    ap.add_argument("--check", action="store_true",
+                    help="exit 1 when there is no adapter, 3 when there is only OpenGL (scripts/setup.sh "
+                    "then installs a Vulkan driver)")
+    args = ap.parse_args(argv)
     adapters = list_adapters()
     for a in adapters:
         print(a.label, "-", a.description)
     if not adapters:
-        print("no WebGPU adapter found", file=sys.stderr)
+        print(f"no WebGPU adapter found; {VULKAN_FIX}", file=sys.stderr)
         return 1
+    resolved = resolve_options()
+    print(f"defaults: backend=auto -> {_info(_pick_adapter('auto')).label}, path=auto -> {resolved.path}")
+    if args.check and all(a.backend == "gl" for a in adapters):
+        print("only an OpenGL adapter: WebGPU on OpenGL has no f16 and no subgroups, so the lab "
+              f"runs the portable path only, slowly; {VULKAN_FIX}", file=sys.stderr)
+        return 3
     return 0
 
 

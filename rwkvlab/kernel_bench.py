@@ -36,11 +36,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from rwkvlab import kernels as kn
+from rwkvlab.options import KERNEL_PATHS, Options
 
 FORMATS = ("F16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
 SHAPES = {"full": ((2560, 2560), (10240, 2560), (65536, 2560)),  # (rows M, columns K)
           "small": ((512, 512), (2048, 512), (6400, 512))}
-PATHS = ("webgpu", "native")
 # Bytes of weight copies a timed pass cycles through: several times an H100/H200 L2 (50 MiB).
 ROTATION_BYTES = {"full": 256 << 20, "small": 4 << 20}
 PASS_SECONDS = {"full": 0.03, "small": 0.01}  # GPU time a timed pass aims at
@@ -307,9 +307,9 @@ def check_formats_and_paths(formats, paths) -> None:
     unknown = [f for f in formats if f not in kn.GPU_FORMATS]
     if unknown:
         raise ValueError(f"format(s) {unknown} have no GPU kernel; the kernels read {', '.join(kn.GPU_FORMATS)}")
-    bad_paths = [p for p in paths if p not in PATHS]
+    bad_paths = [p for p in paths if p not in KERNEL_PATHS]
     if bad_paths:
-        raise ValueError(f"unknown path(s) {bad_paths}; choose from {', '.join(PATHS)}")
+        raise ValueError(f"unknown path(s) {bad_paths}; choose from {', '.join(KERNEL_PATHS)}")
 
 
 @dataclass(frozen=True)
@@ -337,17 +337,18 @@ def time_passes(run_pass, first: int, cap: int, pass_seconds: float, repeats: in
     return PassTimes(wall_s, wall_s, "wall", n)
 
 
-def run(formats=FORMATS, paths=PATHS, size: str = "full", backend: str = "auto", repeats: int = 5,
+def run(formats=FORMATS, paths=KERNEL_PATHS, size: str = "full", backend: str = "auto", repeats: int = 5,
         seed: int = 0, out=None, tunings=("",)) -> tuple[list[KernelTiming], list[str]]:
     """Every format x shape x path x tuning override set: (timings, failures). Prints a line
     per measurement to `out` (default stdout). Each random matrix is made in NumPy once, then
     run on every path and tuning."""
-    from rwkvlab.gpu import get_gpu
+    from rwkvlab.gpu import get_gpu, resolve_options
 
     out = out or sys.stdout
     check_formats_and_paths(formats, paths)
     devices = {}
     for path in paths:
+        resolve_options(Options(backend=backend, path=path))  # a path this adapter lacks: a clear error
         gpu = get_gpu(backend, native=path == "native")
         for text in tunings:
             try:
@@ -377,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rwkvlab.kernel_bench", description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="512-column shapes (CPU adapters, tests)")
     ap.add_argument("--formats", default=",".join(FORMATS), help="comma-separated (also F32, BF16)")
-    ap.add_argument("--paths", default=",".join(PATHS), help="webgpu, native or both")
+    ap.add_argument("--paths", default=",".join(KERNEL_PATHS), help="webgpu, native or both")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--repeats", type=int, default=5, help="timed passes per measurement (median kept)")
     ap.add_argument("--tunings", default="",

@@ -35,7 +35,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -106,8 +105,9 @@ def prepare_kernel() -> None:
     forwards such low-level writes into whichever cell is running, so the same cell's output
     would depend on the machine. A private, empty runtime folder is all Mesa asks for.
     """
-    if not os.environ.get("XDG_RUNTIME_DIR"):
-        os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="rwkvlab-xdg-")
+    from rwkvlab.gpu import quiet_mesa_probe
+
+    quiet_mesa_probe()
 
 
 # --------------------------------------------------------------------------------------------
@@ -730,9 +730,10 @@ class Panel:
         self.weights = w.ToggleButtons(options=WEIGHT_POLICIES, value="native",
                                        tooltips=["each tensor in its file format on the GPU",
                                                  "every matrix dequantized to f16 at load"])
-        self.path = w.ToggleButtons(options=PATHS, value="webgpu",
-                                    tooltips=["portable WGSL only", "also subgroups / f16 / cooperative "
-                                              "matrix where the adapter has them"])
+        self.path = w.ToggleButtons(options=PATHS, value=Options().path,
+                                    tooltips=["native where the adapter has f16 or subgroups, else webgpu "
+                                              "(the run records which)", "portable WGSL only",
+                                              "also subgroups / f16 where the adapter has them"])
         self.backend = w.Dropdown(options=self._backend_options(), value="auto", layout=w.Layout(width="420px"))
         self.fusion_boxes = {name: w.Checkbox(value=False, description=name, indent=False,
                                               layout=w.Layout(width="120px")) for name in FUSIONS}

@@ -5,11 +5,13 @@ so any row of the history can be reproduced from what it wrote down.
 """
 from __future__ import annotations
 
-import platform
 from dataclasses import asdict, dataclass, field, replace
 
 BACKENDS = ("auto", "vulkan", "metal", "dx12", "gl")
-PATHS = ("webgpu", "native")
+# The two kernel paths a run can take; ``auto`` (the default) is resolved to one of them against
+# the adapter actually chosen (rwkvlab.gpu.resolve_options), and the resolved one is recorded.
+KERNEL_PATHS = ("webgpu", "native")
+PATHS = ("auto", *KERNEL_PATHS)
 WEIGHT_POLICIES = ("native", "f16")
 # Words accepted where fusion names go: "all" = every fusion the kernels define, "none" = no fusion.
 FUSION_WORDS = ("all", "none")
@@ -26,20 +28,23 @@ class Options:
     backend:  wgpu backend to run on; ``auto`` prefers a discrete GPU, then anything.
     path:     ``webgpu`` = portable WGSL only; ``native`` = also subgroups / f16 where the
               adapter has them, and shader modules built by wgpu-native without runtime bounds
-              checks (cooperative matrix: not reachable through wgpu-native yet, see gpu.py).
+              checks (cooperative matrix: not reachable through wgpu-native yet, see gpu.py);
+              ``auto`` = native where the chosen adapter has f16 or subgroups, else webgpu
+              (resolved by rwkvlab.gpu.resolve_options before anything runs).
     weights:  ``native`` keeps each tensor's file format on the GPU (quant blocks are
               dequantized inside the kernels); ``f16`` dequantizes every matrix to f16 at load.
     chunk:    tokens per prefill chunk (batched matrix products over the chunk; the engine's
               activation buffers hold this many tokens, the logits buffer chunk x vocab floats).
     Defaults: the fastest correct configuration measured on an H100 (README, "Speed on a real
-    GPU"): the native path, chunks of 512 (8x the gemm workgroups of 64), the default fusions.
+    GPU"): the native path where the adapter has it, chunks of 512 (8x the gemm workgroups of
+    64), the default fusions.
     gemm_min_tokens: below this many tokens a chunk uses the mat-vec kernels instead of GEMM.
     fusions:  names of kernel-plan rewrites to apply (see rwkvlab.kernels for the list);
               default: the fastest correct set measured (rwkvlab.kernels.DEFAULT_FUSIONS).
     """
 
     backend: str = "auto"
-    path: str = "native"
+    path: str = "auto"
     weights: str = "native"
     chunk: int = 512
     gemm_min_tokens: int = 2
@@ -132,28 +137,3 @@ def parse_fusions(text: str) -> frozenset[str]:
         return frozenset(known) if known is not None else frozenset({"all"})
     _check_fusion_names(frozenset(words))
     return frozenset(words)
-
-
-def check_available(options: Options) -> None:
-    """Raise :class:`OptionsError` if this machine cannot run ``options`` (backend or path).
-
-    Unlike the checks in ``Options`` itself this asks wgpu which adapters exist, so it is
-    called where a run is about to start (the bench runner), not whenever Options are built.
-    A backend the machine lacks (Metal on Linux) or the ``native`` path on an adapter with none
-    of the native features both fail with what is available instead.
-    """
-    from rwkvlab.gpu import NATIVE_FEATURES, available_backends, get_gpu
-
-    have = available_backends()
-    if not have:
-        raise OptionsError("no WebGPU adapter on this machine; install a Vulkan driver "
-                           "(on Debian/Ubuntu: apt-get install mesa-vulkan-drivers)")
-    if options.backend not in have:
-        hint = " (Metal is Apple's GPU API: wgpu uses it on macOS only)" if options.backend == "metal" else ""
-        raise OptionsError(f"backend {options.backend!r} is not available on this machine "
-                           f"({platform.system()}){hint}; available: {', '.join(have)}")
-    if options.path == "native":
-        gpu = get_gpu(options.backend, native=True)
-        if not gpu.features & set(NATIVE_FEATURES):
-            raise OptionsError(f"path 'native' needs one of {', '.join(NATIVE_FEATURES)}; adapter "
-                               f"{gpu.info.label} has none of them; available paths: webgpu")

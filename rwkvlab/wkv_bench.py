@@ -30,8 +30,8 @@ import numpy as np
 
 from rwkvlab import kernels as kn
 from rwkvlab.kernel_bench import _timestamp_period
+from rwkvlab.options import KERNEL_PATHS, Options
 
-PATHS = ("webgpu", "native")
 WGS = (64, 128, 256, 512, 1024)
 SIZES = {  # heads, token counts timed, bytes of state copies a pass cycles through, GPU s per pass
     "full": (40, (1, 64), 256 << 20, 0.03),
@@ -221,10 +221,10 @@ def bench(kernels, path: str, wg: int, T: int, size: str = "full", repeats: int 
                      clock="gpu" if p.timestamps else "wall", dispatches=n, copies=p.copies)
 
 
-def run(paths=PATHS, wgs=WGS, size: str = "full", backend: str = "auto", repeats: int = 5, seed: int = 0,
+def run(paths=KERNEL_PATHS, wgs=WGS, size: str = "full", backend: str = "auto", repeats: int = 5, seed: int = 0,
         out=None) -> tuple[list[WkvTiming], list[str]]:
     """Every path x wkv_wg x T: (timings, failures), a line per measurement printed to `out`."""
-    from rwkvlab.gpu import get_gpu
+    from rwkvlab.gpu import get_gpu, resolve_options
 
     out = out or sys.stdout
     bad = [wg for wg in wgs if wg not in WGS]
@@ -233,8 +233,9 @@ def run(paths=PATHS, wgs=WGS, size: str = "full", backend: str = "auto", repeats
     H, tokens, _, _ = SIZES[size]
     timings, failures = [], []
     for path in paths:
-        if path not in PATHS:
-            raise ValueError(f"unknown path {path!r}; choose from {', '.join(PATHS)}")
+        if path not in KERNEL_PATHS:
+            raise ValueError(f"unknown path {path!r}; choose from {', '.join(KERNEL_PATHS)}")
+        resolve_options(Options(backend=backend, path=path))  # a path this adapter lacks: a clear error
         gpu = get_gpu(backend, native=path == "native")
         kernels = kn.kernels_for(gpu, kn.choose_tuning(gpu, path))
         limit = int(gpu.limits.get("max-compute-invocations-per-workgroup", 256))
@@ -264,7 +265,7 @@ def run(paths=PATHS, wgs=WGS, size: str = "full", backend: str = "auto", repeats
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rwkvlab.wkv_bench", description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="4 heads, T = 1 and 8 (CPU adapters, tests)")
-    ap.add_argument("--paths", default=",".join(PATHS), help="webgpu, native or both")
+    ap.add_argument("--paths", default=",".join(KERNEL_PATHS), help="webgpu, native or both")
     ap.add_argument("--wgs", default=",".join(map(str, WGS)), help="wkv_wg values (64 x lanes per row)")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--repeats", type=int, default=5, help="timed passes per measurement (median kept)")

@@ -27,7 +27,7 @@ from rwkvlab.bench import (F16_AT_LOAD_TOLERANCE, FILE_FORMAT_TOLERANCE, NOT_CHE
 from rwkvlab.cli import main
 from rwkvlab.gguf import read_model
 from rwkvlab.history import HistoryWarning, read_history, sidecar_path
-from rwkvlab.options import (BACKENDS, PATHS, WEIGHT_POLICIES, Options, OptionsError, check_available,
+from rwkvlab.options import (BACKENDS, PATHS, WEIGHT_POLICIES, Options, OptionsError,
                              known_fusions, parse_fusions)
 from rwkvlab.quality import quality_hash
 from rwkvlab.reference import Reference
@@ -105,20 +105,21 @@ def test_parse_fusions_words():
 
 
 def test_backend_this_machine_lacks_fails_with_what_it_has():
-    from rwkvlab.gpu import available_backends
+    from rwkvlab.gpu import NoAdapterError, available_backends, resolve_options
 
     have = available_backends()
     assert "vulkan" in have  # lavapipe
-    check_available(Options())  # auto works
+    assert resolve_options(Options()).path == "native"  # auto: lavapipe has f16 and subgroups
     missing = [b for b in BACKENDS if b not in have]
     if sys.platform == "linux":
         assert "metal" in missing  # wgpu has Metal on macOS only
     for backend in missing:
-        with pytest.raises(OptionsError) as err:
-            check_available(Options(backend=backend))
+        with pytest.raises(NoAdapterError) as err:
+            resolve_options(Options(backend=backend))
         message = str(err.value)
         assert f"backend {backend!r} is not available" in message
         assert "available: " + ", ".join(have) in message
+        assert "--backend" in message
 
 
 def test_cli_metal_on_linux_fails_clearly_and_saves_nothing(tiny, tmp_path, capsys):
@@ -141,6 +142,8 @@ def test_native_path_on_an_adapter_without_native_features_fails(tiny, tmp_path)
     assert proc.returncode == 2
     assert "path 'native' needs one of shader-f16, subgroup" in proc.stderr
     assert "available paths: webgpu" in proc.stderr
+    # the message says which flag to change and what to install
+    assert "--path webgpu" in proc.stderr and "mesa-vulkan-drivers" in proc.stderr
     assert list(tmp_path.iterdir()) == []
 
 
@@ -294,8 +297,9 @@ def test_history_reads_back_every_field(bench):
     assert row["quality_tokens"] == record.quality_tokens[:16]
     default_fusions = ", ".join(sorted(Options().fusions)) or "none"  # Options' default set
     default = Options()
+    # the record holds the resolved path: auto is native on lavapipe (f16 and subgroups)
     assert (row["backend"], row["path"], row["weights"], row["fusions"]) == (
-        "vulkan", default.path, default.weights, default_fusions)
+        "vulkan", "native", default.weights, default_fusions)
     assert row["chunk"] == default.chunk and row["dispatches_token"] == record.dispatches_per_token
     assert row["commit"] == record.commit
     # A commit hash that looks like a number (digits, or 1234e56) must stay text.
@@ -311,7 +315,7 @@ def test_history_reads_back_every_field(bench):
     assert samples["load_ms"] == [record.load_ms]
     assert samples["prefill_tps"] == pytest.approx(record.prefill_tps_samples)
     side = json.loads(sidecar_path(history).read_text().splitlines()[-1])
-    assert side["options"] == Options().as_record()
+    assert side["options"] == Options(path="native").as_record()  # resolved, as above
     assert side["adapter"] == record.adapter and side["quality_tokens"] == record.quality_tokens
 
 

@@ -191,7 +191,10 @@ def test_worker_reports_progress_and_a_real_record():
     result = run_worker(cmd, on_progress=lambda n, total, stage: events.append((n, total, stage)))
     assert result.error is None and result.returncode == 0
     r = result.record
-    assert r.options == Options() and r.settings.prefill == 16 and len(r.prompt) == 16
+    # the worker records what ran: Options() with its auto path resolved for this adapter
+    from rwkvlab.gpu import resolve_options
+    assert r.options == resolve_options(Options()) != Options()
+    assert r.settings.prefill == 16 and len(r.prompt) == 16
     assert r.logit_ok and r.consistent and len(r.quality_tokens) == 32
     bench_bar = [e for e in events if e[0] >= 0]
     assert bench_bar and {total for _, total, _ in bench_bar} == {bench_steps(settings)}
@@ -235,8 +238,9 @@ def test_panel_offers_this_machines_backends_and_every_fusion(panel):
 
     assert [v for _, v in panel.backend.options] == available_backends()
     assert set(panel.fusion_boxes) == set(FUSIONS)
-    # the panel starts from the baseline (unfused plan, portable path), not Options' fastest defaults
-    assert panel.options() == Options(path="webgpu", fusions=frozenset())
+    # the panel starts from the unfused plan on Options' default path (auto: resolved by the worker
+    # against the adapter it runs on, and recorded resolved)
+    assert panel.options() == Options(fusions=frozenset()) and panel.options().path == "auto"
     assert panel.model_choice() == ModelChoice("tiny", "f32")
     with pytest.raises(LabError, match="available"):
         panel.configure(backend="metal")

@@ -28,6 +28,7 @@ from gguf.quants import dequantize
 from rwkvlab import kernel_bench
 from rwkvlab import quant_kernels as qk
 from rwkvlab.gpu import get_gpu
+from rwkvlab.options import KERNEL_PATHS
 
 U32 = 2.0 ** -24
 FORMATS = ["Q4_0", "Q4_K", "Q5_K", "Q6_K"]
@@ -266,7 +267,7 @@ def test_kernel_bench_small_checks_and_times_every_format():
     timings, failures = kernel_bench.run(size="small", repeats=2, out=out)
     assert failures == []
     got = {(t.path, t.fmt, t.rows, t.cols) for t in timings}
-    assert got == {(p, f, M, K) for p in kernel_bench.PATHS for f in kernel_bench.FORMATS
+    assert got == {(p, f, M, K) for p in KERNEL_PATHS for f in kernel_bench.FORMATS
                    for M, K in kernel_bench.SHAPES["small"]}
     for t in timings:
         assert t.clock == "gpu" and 0 < t.seconds <= 1.05 * t.wall_seconds, t

@@ -46,7 +46,7 @@ def test_fusion_values():
 
 @pytest.mark.parametrize("item, message", [
     ("colour=red", "unknown option 'colour'; available: " + ", ".join(VARIABLE)),
-    ("path=webgpu,fastest", "unknown path 'fastest'; available: webgpu, native"),
+    ("path=webgpu,fastest", "unknown path 'fastest'; available: auto, webgpu, native"),
     ("chunk=64,big", "chunk='big': expected a whole number"),
     ("fusions=nosuch", "unknown fusion 'nosuch'"),
     ("path", "expected OPTION=V1,V2"),

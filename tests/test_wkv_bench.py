@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 
 from rwkvlab import wkv_bench
+from rwkvlab.options import KERNEL_PATHS
 
 
 def test_small_run_checks_then_times_every_shape():
@@ -14,7 +15,7 @@ def test_small_run_checks_then_times_every_shape():
     timings, failures = wkv_bench.run(wgs=(64, 256), size="small", repeats=1, out=out)
     assert failures == []
     assert {(t.path, t.wg, t.T) for t in timings} == {
-        (p, wg, T) for p in wkv_bench.PATHS for wg in (64, 256) for T in (1, 8)}
+        (p, wg, T) for p in KERNEL_PATHS for wg in (64, 256) for T in (1, 8)}
     assert all(t.clock == "gpu" and t.seconds > 0 and t.heads == 4 for t in timings)
     assert out.getvalue().count("checked: ") == 4
     from rwkvlab.gpu import get_gpu
