@@ -11,6 +11,7 @@ with quant blocks running along K. See /work/shared/reference/rwkv7-gguf.md for 
 """
 from __future__ import annotations
 
+import codecs
 import math
 import sys
 import warnings
@@ -135,10 +136,37 @@ class _Truncated(Exception):
         super().__init__(offset, end, size)
         self.offset, self.end, self.size = offset, end, size
         self.where = ""  # the header item being read, filled in by the caller that knows it
+        # An array of numbers running past the end: a cut file and a corrupt count look alike
+        # (numbers carry no structure to tell them apart), so the message names both.
+        self.count: int | None = None
 
 
 class _Corrupt(Exception):
     """A header value that no GGUF writer produces; the message says which and why."""
+
+
+def _string_past_the_end(buf: np.ndarray, at: int, n: int) -> Exception:
+    """The error for a string at byte `at` declaring `n` bytes that run past the end of `buf`.
+
+    A download cut inside a string leaves a file whose last bytes are the start of that string:
+    text, valid UTF-8 up to a possibly cut last character, with no NUL bytes. A corrupt length
+    instead spans the rest of the file: the length prefixes of later strings (NUL bytes) and
+    the tensor data (binary). So the bytes the string would hold tell the two apart; they are
+    read in chunks, and the first NUL or invalid byte decides.
+    """
+    start = at + 8
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    for i in range(start, len(buf), 1 << 20):
+        chunk = buf[i:i + (1 << 20)]
+        try:
+            if not chunk.all():
+                raise UnicodeDecodeError("utf-8", b"", 0, 1, "NUL byte")
+            decoder.decode(chunk.tobytes(), final=False)
+        except UnicodeDecodeError:
+            return _Corrupt(f"a string at byte {at} declares {n} bytes, running past the end of the "
+                            f"file at byte {len(buf)}, and the bytes it would hold are not text: "
+                            "its length is corrupt")
+    return _Truncated(start, start + n, len(buf))
 
 
 @dataclass(frozen=True)
@@ -187,10 +215,13 @@ class _HeaderReader(GGUFReader):
 
     def _get_str(self, offset):
         slen = self._get(offset, np.uint64)
-        if int(slen[0]) > _MAX_STRING_BYTES:
-            raise _Corrupt(f"a string at byte {offset} declares {int(slen[0])} bytes, over the "
+        n = int(slen[0])
+        if n > _MAX_STRING_BYTES:
+            raise _Corrupt(f"a string at byte {offset} declares {n} bytes, over the "
                            f"{_MAX_STRING_BYTES} a GGUF string may hold")
-        return slen, self._get(offset + 8, np.uint8, slen[0])
+        if offset + 8 + n > len(self.data):
+            raise _string_past_the_end(self.data.view(np.ndarray), int(offset), n)
+        return slen, self._get(offset + 8, np.uint8, n)
 
     def _build_fields(self, offs, count):
         count = int(count)
@@ -248,6 +279,11 @@ class _HeaderReader(GGUFReader):
         types, offs = [GGUFValueType.ARRAY, item_type], orig_offs + 12
         scalar = self.gguf_scalar_to_np.get(item_type)
         if scalar is not None:
+            end = offs + count * np.dtype(scalar).itemsize
+            if end > len(self.data):
+                e = _Truncated(offs, end, len(self.data))
+                e.count = count
+                raise e
             values = self._get(offs, scalar, count)
             return 12 + int(values.nbytes), [raw_itype, alen, values], [2], types
         parts, idxs = [raw_itype, alen], []
@@ -265,7 +301,7 @@ class _HeaderReader(GGUFReader):
                                    f"{_MAX_STRING_BYTES} a GGUF string may hold")
                 offs = start + n
                 if offs > size:
-                    raise _Truncated(start, offs, size)
+                    raise _string_past_the_end(buf, start - 8, n)
                 idxs.append(len(parts))
                 parts.append(buf[start:offs])
             return offs - orig_offs, parts, idxs, types
@@ -364,6 +400,10 @@ def _open(path: Path) -> _HeaderReader:
         return _HeaderReader(path)
     except _Truncated as e:
         where = f" (in {e.where})" if e.where else ""
+        if e.count is not None:
+            raise GGUFError(f"{path}: the file ends at byte {e.size}{where}, whose array declares "
+                            f"{e.count} values, up to byte {e.end}: the file is truncated (download "
+                            "it again) or that count is corrupt") from None
         raise GGUFError(
             f"{path} is truncated: its header needs bytes up to offset {e.end}{where} but the "
             f"file ends at {e.size}; download or convert it again"
