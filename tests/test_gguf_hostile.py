@@ -145,6 +145,12 @@ def _child_env() -> dict[str, str]:
             "OMP_NUM_THREADS": "1"}
 
 
+def _limit_memory() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (CORPUS_MEMORY, CORPUS_MEMORY))
+
+
 def read_in_limited_child(path: Path) -> str:
     """read_model(path) in a subprocess under CORPUS_MEMORY and a timeout; the GGUFError text.
 
@@ -175,7 +181,8 @@ def test_block_count_smaller_than_the_layers_present(tmp_path):
 def test_info_on_a_corrupt_file_prints_one_line_and_exits_2(tmp_path):
     path = write(tmp_path, "layers.gguf", kv_value("f32", "rwkv7.block_count", u32(0xFFFFFFFF)))
     done = subprocess.run([sys.executable, "-m", "rwkvlab.cli", "info", str(path)],
-                          capture_output=True, text=True, timeout=60, env=_child_env())
+                          capture_output=True, text=True, timeout=60, env=_child_env(),
+                          preexec_fn=_limit_memory)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.startswith(f"rwkvlab info: {path}: ") and "block_count" in done.stderr
@@ -250,7 +257,7 @@ def test_absurd_layer_norm_epsilon(tmp_path, eps):
     ("q8_0", "blk.0.channel_mix_key.weight", 34 * 3, f16_bits(math.nan), "Q8_0: 1 block scales"),
     ("Q4_K_M", "blk.1.time_mix_output.weight", 144 * 5 + 2, f16_bits(-math.inf), "Q4_K: 1 block"),
     ("Q4_K_M", "output.weight", 210 * 9 + 208, f16_bits(math.nan), "Q6_K: 1 block scales"),
-])
+], ids=["f32", "f16", "bf16", "q8_0-scale", "q4_k-dmin", "q6_k-scale"])
 def test_nan_or_inf_weights_warn_naming_the_tensor(tmp_path, fmt, name, at, bits, kind):
     path = write(tmp_path, "nan.gguf", patched(fmt, (layout(fmt).tensors[name]["data"] + at, bits)))
     with pytest.warns(GGUFWarning) as record:
