@@ -11,13 +11,15 @@ with quant blocks running along K. See /work/shared/reference/rwkv7-gguf.md for 
 """
 from __future__ import annotations
 
+import codecs
 import math
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFReader
+from gguf import GGUFReader, ReaderField
 from gguf.constants import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType
 from gguf.quants import dequantize as _gguf_dequantize
 
@@ -26,10 +28,18 @@ SUPPORTED_TYPES: tuple[str, ...] = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K"
 K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
 # Arrays longer than this are summarised in Model.metadata (the vocab is kept in Model.vocab).
 _METADATA_ARRAY_MAX = 16
+# LayerNorm's eps only keeps a zero variance from dividing by zero: real models use 1e-12 to
+# 1e-5. One near the variance of the activations (~0.1 and up) would change what the norm
+# computes, so anything above this is a corrupt field, not a model.
+_EPS_MAX = 1e-2
 
 
 class GGUFError(ValueError):
     """A GGUF file the lab cannot use; the message names the file and what is wrong in it."""
+
+
+class GGUFWarning(UserWarning):
+    """A GGUF file the lab can run but whose output will be wrong (NaN or Inf weights)."""
 
 
 @dataclass(frozen=True)
@@ -103,28 +113,99 @@ class Model:
 
 # ----------------------------------------------------------------------------------------------
 # Parsing
+#
+# A file is either truncated (it ends before the data its header declares: a download cut
+# short) or corrupt (a value no writer produces, or values that contradict each other). Only
+# the first may tell the user to download the file again; everything else says which value is
+# wrong. The limits below are what ggml's own reader (ggml/src/gguf.cpp) accepts, so a file we
+# refuse for them is one llama.cpp refuses too.
+
+_MAX_STRING_BYTES = 1 << 30  # ggml refuses longer strings (GGUF_MAX_STRING_LENGTH)
+_MAX_ELEMENTS = 1 << 30  # ggml refuses longer arrays (GGUF_MAX_ARRAY_ELEMENTS); we cap counts too
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_MAX_NAME_BYTES = 63  # GGML_MAX_NAME is 64 bytes with the terminating NUL
+# ggml refuses arrays of arrays outright; gguf-py writes and reads them (nested lists). We read
+# what gguf-py writes a few levels deep and refuse deeper nesting: no model metadata uses it,
+# and every level costs the parser Python stack frames, so an unbounded depth is a RecursionError
+# (a 20,000-deep array was a 3,000-line traceback).
+_MAX_ARRAY_DEPTH = 3
 
 
 class _Truncated(Exception):
     def __init__(self, offset: int, end: int, size: int) -> None:
         super().__init__(offset, end, size)
         self.offset, self.end, self.size = offset, end, size
+        self.where = ""  # the header item being read, filled in by the caller that knows it
+        # An array of numbers running past the end: a cut file and a corrupt count look alike
+        # (numbers carry no structure to tell them apart), so the message names both.
+        self.count: int | None = None
+
+
+class _Corrupt(Exception):
+    """A header value that no GGUF writer produces; the message says which and why."""
+
+
+def _string_past_the_end(buf: np.ndarray, at: int, n: int) -> Exception:
+    """The error for a string at byte `at` declaring `n` bytes that run past the end of `buf`.
+
+    A download cut inside a string leaves a file whose last bytes are the start of that string:
+    text, valid UTF-8 up to a possibly cut last character, with no NUL bytes. A corrupt length
+    instead spans the rest of the file: the length prefixes of later strings (NUL bytes) and
+    the tensor data (binary). So the bytes the string would hold tell the two apart; they are
+    read in chunks, and the first NUL or invalid byte decides.
+    """
+    start = at + 8
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    for i in range(start, len(buf), 1 << 20):
+        chunk = buf[i:i + (1 << 20)]
+        try:
+            if not chunk.all():
+                raise UnicodeDecodeError("utf-8", b"", 0, 1, "NUL byte")
+            decoder.decode(chunk.tobytes(), final=False)
+        except UnicodeDecodeError:
+            return _Corrupt(f"a string at byte {at} declares {n} bytes, running past the end of the "
+                            f"file at byte {len(buf)}, and the bytes it would hold are not text: "
+                            "its length is corrupt")
+    return _Truncated(start, start + n, len(buf))
+
+
+@dataclass(frozen=True)
+class _TensorInfo:
+    index: int  # position in the header's tensor list
+    name: str
+    ne: tuple[int, ...]  # GGUF order: fastest dimension first
+    type_id: int
+    offset: int  # relative to the start of the data section, as stored
+
+
+def _value_type(raw: int) -> GGUFValueType:
+    try:
+        return GGUFValueType(int(raw))
+    except ValueError:
+        valid = len(GGUFValueType) - 1
+        raise _Corrupt(f"value type id {int(raw)} is not a GGUF type (0..{valid})") from None
 
 
 class _HeaderReader(GGUFReader):
-    """GGUFReader that parses only the header, fast, and reports reads past the end of the file.
+    """GGUFReader that parses only the header, fast, and says what is wrong with a bad one.
 
     gguf-py silently returns short arrays when a header field runs past the end of a cut-off
-    file (and then fails somewhere unrelated), and builds its tensor list in one go, raising on
-    the first odd tensor without saying which. We override three of its internal helpers:
-    `_get` (detect truncation where it happens), `_build_tensors` (keep the raw tensor infos so
-    each tensor is checked, and reported, by name) and `_get_field_parts` (read metadata arrays
-    in one pass). tests/test_gguf.py checks the result against gguf-py's own reader, so an
-    upgrade that changes those helpers fails loudly there.
+    file (and then fails somewhere unrelated), trusts every count and length it reads, recurses
+    once per level of nested arrays, and builds its tensor list in one go, raising on the first
+    odd tensor without saying which. We override its internal helpers: `_get` (detect truncation
+    where it happens), `_get_str`, `_build_fields` and `_get_field_parts` (bounded lengths,
+    counts and nesting; errors that name the key; arrays read in one pass) and
+    `_build_tensor_info` / `_build_tensors` (tensor infos checked as ggml checks them, kept raw
+    so each tensor is then checked, and reported, by name). tests/test_gguf.py checks the
+    result against gguf-py's own reader, so an upgrade that changes those helpers fails loudly.
 
     One difference in what it builds: an array of scalars is a single part holding all values,
     so `contents()` of the whole field is right but `contents(i)` is not; nothing here uses it.
     """
+
+    _array_depth = 0
+    tensor_infos: list[_TensorInfo]
+    tensor_data_start: int
 
     def _get(self, offset, dtype, count=1, override_order=None):
         end = int(offset) + np.dtype(dtype).itemsize * int(count)
@@ -132,48 +213,163 @@ class _HeaderReader(GGUFReader):
             raise _Truncated(int(offset), end, len(self.data))
         return super()._get(offset, dtype, count, override_order)
 
+    def _get_str(self, offset):
+        slen = self._get(offset, np.uint64)
+        n = int(slen[0])
+        if n > _MAX_STRING_BYTES:
+            raise _Corrupt(f"a string at byte {offset} declares {n} bytes, over the "
+                           f"{_MAX_STRING_BYTES} a GGUF string may hold")
+        if offset + 8 + n > len(self.data):
+            raise _string_past_the_end(self.data.view(np.ndarray), int(offset), n)
+        return slen, self._get(offset + 8, np.uint8, n)
+
+    def _build_fields(self, offs, count):
+        count = int(count)
+        if count > _MAX_ELEMENTS:
+            raise _Corrupt(f"the header declares {count} metadata keys, over the {_MAX_ELEMENTS} "
+                           "any GGUF file holds; the key count is corrupt")
+        for i in range(count):
+            orig_offs, key = offs, None
+            try:
+                klen, kdata = self._get_str(offs)
+                try:
+                    key = bytes(kdata).decode("utf-8")
+                except UnicodeDecodeError:
+                    raise _Corrupt(f"the name of metadata key #{i} is not valid UTF-8") from None
+                if not key:
+                    raise _Corrupt(f"metadata key #{i} has an empty name")
+                if key in self.fields:
+                    raise _Corrupt(f"metadata key {key!r} appears twice (at bytes "
+                                   f"{self.fields[key].offset} and {orig_offs})")
+                offs += 8 + int(klen[0])
+                raw_type = self._get(offs, np.uint32)
+                offs += 4
+                size, parts, idxs, types = self._get_field_parts(offs, raw_type[0])
+            except _Truncated as e:
+                e.where = f"metadata key #{i}" + (f" {key!r}" if key else "")
+                raise
+            except _Corrupt as e:
+                raise _Corrupt(f"metadata key {key!r}: {e}" if key else f"metadata key #{i}: {e}") from None
+            head = [klen, kdata, raw_type]
+            self._push_field(ReaderField(orig_offs, key, head + parts, [j + 3 for j in idxs], types),
+                             skip_sum=True)
+            offs += size
+        return offs
+
+    def _get_field_parts(self, orig_offs, raw_type):
+        gtype = _value_type(raw_type)
+        if gtype == GGUFValueType.STRING:
+            slen, sdata = self._get_str(orig_offs)
+            return 8 + int(slen[0]), [slen, sdata], [1], [gtype]
+        scalar = self.gguf_scalar_to_np.get(gtype)
+        if scalar is not None:
+            value = self._get(orig_offs, scalar)
+            return int(value.nbytes), [value], [0], [gtype]
+        # An array: item type, count, items. gguf-py makes NumPy views for every element, which
+        # takes ~1.5 s for a 65536-token vocab on a slow core: most of a model's load time
+        # before any weight moves. Arrays of scalars and of strings are read here in one pass,
+        # in the same parts layout (array of strings: one uint8 part per string) so
+        # ReaderField.contents() still works.
+        raw_itype = self._get(orig_offs, np.uint32)
+        alen = self._get(orig_offs + 4, np.uint64)
+        item_type, count = _value_type(raw_itype[0]), int(alen[0])
+        if count > _MAX_ELEMENTS:
+            raise _Corrupt(f"an array at byte {orig_offs} declares {count} elements, over the "
+                           f"{_MAX_ELEMENTS} a GGUF array may hold")
+        types, offs = [GGUFValueType.ARRAY, item_type], orig_offs + 12
+        scalar = self.gguf_scalar_to_np.get(item_type)
+        if scalar is not None:
+            end = offs + count * np.dtype(scalar).itemsize
+            if end > len(self.data):
+                e = _Truncated(offs, end, len(self.data))
+                e.count = count
+                raise e
+            values = self._get(offs, scalar, count)
+            return 12 + int(values.nbytes), [raw_itype, alen, values], [2], types
+        parts, idxs = [raw_itype, alen], []
+        if item_type == GGUFValueType.STRING:
+            buf = self.data.view(np.ndarray)  # slicing the memmap subclass itself is ~10x slower
+            size, header = len(buf), memoryview(buf)
+            order = sys.byteorder if self.byte_order == "I" else ("big" if sys.byteorder == "little" else "little")
+            for _ in range(count):
+                if offs + 8 > size:
+                    raise _Truncated(offs, offs + 8, size)
+                start = offs + 8
+                n = int.from_bytes(header[offs:start], order)
+                if n > _MAX_STRING_BYTES:
+                    raise _Corrupt(f"a string at byte {offs} declares {n} bytes, over the "
+                                   f"{_MAX_STRING_BYTES} a GGUF string may hold")
+                offs = start + n
+                if offs > size:
+                    raise _string_past_the_end(buf, start - 8, n)
+                idxs.append(len(parts))
+                parts.append(buf[start:offs])
+            return offs - orig_offs, parts, idxs, types
+        # An array of arrays, in gguf-py's layout: every sub-array's parts in turn.
+        if self._array_depth + 2 > _MAX_ARRAY_DEPTH:
+            raise _Corrupt(f"arrays are nested more than {_MAX_ARRAY_DEPTH} deep (at byte "
+                           f"{orig_offs}); no model metadata nests them (ggml refuses any nesting)")
+        self._array_depth += 1
+        try:
+            for i in range(count):
+                size, sub_parts, sub_idxs, sub_types = self._get_field_parts(offs, raw_itype[0])
+                if i == 0:
+                    types = [GGUFValueType.ARRAY, *sub_types]
+                idxs += (j + len(parts) for j in sub_idxs)
+                parts += sub_parts
+                offs += size
+        finally:
+            self._array_depth -= 1
+        return offs - orig_offs, parts, idxs, types
+
+    def _build_tensor_info(self, offs, count):
+        count = int(count)
+        if count > _MAX_ELEMENTS:
+            raise _Corrupt(f"the header declares {count} tensors, over the {_MAX_ELEMENTS} any "
+                           "GGUF file holds; the tensor count is corrupt")
+        infos: list[_TensorInfo] = []
+        seen: dict[str, int] = {}
+        for i in range(count):
+            name = None
+            try:
+                nlen, ndata = self._get_str(offs)
+                if not 0 < int(nlen[0]) <= _MAX_NAME_BYTES:
+                    raise _Corrupt(f"its name is {int(nlen[0])} bytes long; ggml allows 1 to "
+                                   f"{_MAX_NAME_BYTES}")
+                try:
+                    name = bytes(ndata).decode("utf-8")
+                except UnicodeDecodeError:
+                    raise _Corrupt(f"its name {bytes(ndata)!r} is not valid UTF-8") from None
+                if name in seen:
+                    raise _Corrupt(f"the name is used twice (tensors #{seen[name]} and #{i}); the "
+                                   "later one would silently replace the first")
+                offs += 8 + int(nlen[0])
+                n_dims = int(self._get(offs, np.uint32)[0])
+                if n_dims > _MAX_DIMS:
+                    raise _Corrupt(f"it has {n_dims} dimensions; GGUF allows at most {_MAX_DIMS}")
+                ne = tuple(int(d) for d in self._get(offs + 4, np.uint64, n_dims))
+                offs += 4 + 8 * n_dims
+                # ggml reads ne as int64 and its element count must fit one too
+                if any(d >= 1 << 63 for d in ne) or math.prod(ne) >= 1 << 63:
+                    raise _Corrupt(f"its dimensions {list(ne)} overflow a 64-bit element count")
+                type_id = int(self._get(offs, np.uint32)[0])
+                rel = int(self._get(offs + 4, np.uint64)[0])
+                offs += 12
+            except _Truncated as e:
+                e.where = f"tensor info #{i}" + (f" {name!r}" if name else "")
+                raise
+            except _Corrupt as e:
+                raise _Corrupt(f"tensor #{i}" + (f" {name!r}" if name else "") + f": {e}") from None
+            seen[name] = i
+            infos.append(_TensorInfo(index=i, name=name, ne=ne, type_id=type_id, offset=rel))
+        return offs, infos
+
     def _build_tensors(self, start_offs, fields) -> None:
         self.tensor_infos = fields
         self.tensor_data_start = int(start_offs)
 
-    def _get_field_parts(self, orig_offs, raw_type):
-        # gguf-py makes NumPy views for every element of an array, which takes ~1.5 s for a
-        # 65536-token vocab on a slow core: most of a model's load time before any weight moves.
-        # Arrays of scalars and of strings are read here in one pass, in the same parts layout
-        # (array of strings: one uint8 part per string) so ReaderField.contents() still works.
-        if raw_type != GGUFValueType.ARRAY or self.byte_order != "I":
-            return super()._get_field_parts(orig_offs, raw_type)
-        raw_itype = self._get(orig_offs, np.uint32)
-        alen = self._get(orig_offs + 4, np.uint64)
-        item_type, count = GGUFValueType(int(raw_itype[0])), int(alen[0])
-        types, offs = [GGUFValueType.ARRAY, item_type], orig_offs + 12
-        scalar = self.gguf_scalar_to_np.get(item_type)
-        if scalar is not None:
-            values = self._get(offs, scalar, count)
-            return 12 + int(values.nbytes), [raw_itype, alen, values], [2], types
-        if item_type != GGUFValueType.STRING:
-            return super()._get_field_parts(orig_offs, raw_type)
-        buf = self.data.view(np.ndarray)  # slicing the memmap subclass itself is ~10x slower
-        size, header = len(buf), memoryview(buf)
-        parts, idxs = [raw_itype, alen], []
-        for _ in range(count):
-            if offs + 8 > size:
-                raise _Truncated(offs, offs + 8, size)
-            start = offs + 8
-            offs = start + int.from_bytes(header[offs:start], sys.byteorder)
-            if offs > size:
-                raise _Truncated(start, offs, size)
-            idxs.append(len(parts))
-            parts.append(buf[start:offs])
-        return offs - orig_offs, parts, idxs, types
 
-
-@dataclass(frozen=True)
-class _TensorInfo:
-    name: str
-    ne: tuple[int, ...]  # GGUF order: fastest dimension first
-    type_id: int
-    offset: int  # absolute byte offset in the file
+_READABLE_VERSIONS = (2, 3)
 
 
 def _open(path: Path) -> _HeaderReader:
@@ -184,19 +380,36 @@ def _open(path: Path) -> _HeaderReader:
         raise GGUFError(f"{path}: is not a file (expected a .gguf model file)")
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(4)
+        head = f.read(8)
     magic = GGUF_MAGIC.to_bytes(4, "little")
-    if len(head) < 4 or head != magic:
+    if len(head) < 4 or head[:4] != magic:
         raise GGUFError(
-            f"{path} is not a GGUF file (bad magic {head!r}, expected {magic!r}; {size} bytes)"
+            f"{path} is not a GGUF file (bad magic {head[:4]!r}, expected {magic!r}; {size} bytes)"
         )
+    if len(head) == 8:
+        version = int.from_bytes(head[4:], "little")
+        if version & 0xFFFF == 0:
+            # gguf-py would switch to big-endian parsing here; every tensor byte the engine
+            # reads is little-endian, so such a file could only load as garbage.
+            raise GGUFError(f"{path}: GGUF version field reads {version:#x}: a big-endian file or a "
+                            "corrupt version; rwkvlab reads little-endian GGUF files only")
+        if version not in _READABLE_VERSIONS:
+            raise GGUFError(f"{path}: GGUF version {version} is not supported (rwkvlab reads "
+                            "versions 2 and 3); the version field is corrupt or the file is too new")
     try:
         return _HeaderReader(path)
     except _Truncated as e:
+        where = f" (in {e.where})" if e.where else ""
+        if e.count is not None:
+            raise GGUFError(f"{path}: the file ends at byte {e.size}{where}, whose array declares "
+                            f"{e.count} values, up to byte {e.end}: the file is truncated (download "
+                            "it again) or that count is corrupt") from None
         raise GGUFError(
-            f"{path} is truncated: its header needs bytes up to offset {e.end} but the file "
-            f"ends at {e.size}; download or convert it again"
+            f"{path} is truncated: its header needs bytes up to offset {e.end}{where} but the "
+            f"file ends at {e.size}; download or convert it again"
         ) from None
+    except _Corrupt as e:
+        raise GGUFError(f"{path}: corrupt GGUF header: {e}") from None
     except (ValueError, KeyError, IndexError, OverflowError, MemoryError) as e:
         raise GGUFError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
@@ -218,19 +431,6 @@ def _field_value(field) -> object:
         return f"[{len(field.data)} x STRING, not valid UTF-8]"
 
 
-def _tensor_infos(reader: _HeaderReader) -> list[_TensorInfo]:
-    infos = []
-    for field in reader.tensor_infos:
-        _len, _name, _ndims, dims, type_id, offset = field.parts
-        infos.append(_TensorInfo(
-            name=field.name,
-            ne=tuple(int(d) for d in dims),
-            type_id=int(type_id[0]),
-            offset=reader.tensor_data_start + int(offset[0]),
-        ))
-    return infos
-
-
 def _text(field) -> str:
     """A string field's value; invalid UTF-8 is replaced rather than raised (it is only shown)."""
     if field.types and field.types[0] == GGUFValueType.STRING:
@@ -243,7 +443,7 @@ def _metadata_int(path: Path, reader: _HeaderReader, key: str) -> int:
     if field is None:
         raise GGUFError(f"{path}: metadata key {key!r} is missing; an RWKV-7 GGUF file needs it "
                         "(convert the model again with llama.cpp's convert_hf_to_gguf.py)")
-    value = field.contents()
+    value = _field_value(field)  # long arrays summarised: the message stays one line
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise GGUFError(f"{path}: metadata key {key!r} should be a non-negative integer, found {value!r}")
     return value
@@ -259,10 +459,12 @@ def _read_spec(path: Path, reader: _HeaderReader, n_vocab: int) -> ModelSpec:
                         f"{head_size} ({ARCH}.wkv.head_size); the file's metadata is inconsistent")
     eps_field = reader.fields.get(f"{ARCH}.attention.layer_norm_epsilon")
     # llama.cpp silently uses 0 when the key is absent; match it so the oracle agrees with it.
-    eps = eps_field.contents() if eps_field is not None else 0.0
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise GGUFError(f"{path}: metadata key '{ARCH}.attention.layer_norm_epsilon' should be a "
-                        f"non-negative number, found {eps!r}")
+    eps = _field_value(eps_field) if eps_field is not None else 0.0
+    if (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps)
+            or not 0 <= eps <= _EPS_MAX):
+        raise GGUFError(f"{path}: metadata key '{ARCH}.attention.layer_norm_epsilon' is {eps!r}; "
+                        f"LayerNorm's eps must be a finite number from 0 to {_EPS_MAX:g} (real "
+                        "models use 1e-5), so the file's metadata is corrupt")
     eps = float(eps)
     name_field = reader.fields.get("general.name")
     name = _text(name_field) if name_field is not None else path.stem
@@ -330,6 +532,10 @@ def _read_vocab(path: Path, reader: _HeaderReader) -> list[bytes]:
     if field is None:
         raise GGUFError(f"{path}: metadata key 'tokenizer.ggml.tokens' is missing; the vocab is "
                         "needed to tokenize prompts (convert the model again with llama.cpp)")
+    if field.types[:1] != [GGUFValueType.ARRAY] or field.types[-1] != GGUFValueType.STRING:
+        kind = "/".join(t.name for t in field.types)
+        raise GGUFError(f"{path}: metadata key 'tokenizer.ggml.tokens' should be an array of "
+                        f"strings, found {kind}")
     vocab = []
     for token_id, idx in enumerate(field.data):
         raw = bytes(field.parts[idx])
@@ -348,7 +554,8 @@ def _normalised_shape(ne: tuple[int, ...]) -> tuple[int, ...]:
     return shape or (1,)
 
 
-def _make_tensor(path: Path, reader: _HeaderReader, info: _TensorInfo) -> Tensor:
+def _tensor_type(path: Path, info: _TensorInfo) -> tuple[str, int]:
+    """The tensor's ggml type name and its size in bytes; GGUFError if rwkvlab cannot run it."""
     try:
         qtype = GGMLQuantizationType(info.type_id)
         type_name = qtype.name
@@ -365,14 +572,76 @@ def _make_tensor(path: Path, reader: _HeaderReader, info: _TensorInfo) -> Tensor
         raise GGUFError(f"{path}: tensor {info.name!r} is {type_name} with rows of {k} elements "
                         f"(ne[0]); {need} rows that are a multiple of {block} (use Q8_0, Q4_0 or "
                         "a float type for this tensor)")
-    n_elements = math.prod(info.ne)  # Python ints: a corrupt ne cannot overflow
-    nbytes = n_elements // block * block_bytes
-    end = info.offset + nbytes
-    if end > len(reader.data):
-        raise GGUFError(f"{path} is truncated: tensor {info.name!r} needs bytes {info.offset}.."
-                        f"{end} but the file ends at {len(reader.data)}; download it again")
-    raw = reader.data[info.offset:end]
-    return Tensor(name=info.name, ggml_type=type_name, shape=_normalised_shape(info.ne), raw=raw)
+    return type_name, math.prod(info.ne) // block * block_bytes  # Python ints: cannot overflow
+
+
+def _check_layers(path: Path, spec: ModelSpec, names) -> None:
+    """rwkv7.block_count must match the `blk.{i}.` tensors present.
+
+    Runs before anything sized by the block count is built: a corrupt count (4294967295) would
+    otherwise make expected_shapes, and then the engine, allocate per layer without bound.
+    """
+    present: dict[int, str] = {}
+    for name in names:
+        head, _, rest = name.partition(".")
+        index = rest.partition(".")[0]
+        if head == "blk" and index.isdigit():  # isdigit: ASCII digits only after the UTF-8 decode
+            present.setdefault(int(index), name)
+    n_present = max(present) + 1 if present else 0
+    if spec.n_layer > n_present:
+        held = f"layers 0..{n_present - 1} (blk.0 .. blk.{n_present - 1})" if present else "no layers"
+        raise GGUFError(f"{path}: metadata key '{ARCH}.block_count' is {spec.n_layer}, but the file "
+                        f"holds tensors for {held}; the block count is corrupt or layers are missing")
+    if n_present > spec.n_layer:
+        raise GGUFError(f"{path}: the file holds tensors for layer {n_present - 1} (e.g. "
+                        f"{present[n_present - 1]!r}), but metadata key '{ARCH}.block_count' is "
+                        f"{spec.n_layer}; the block count or the tensor names are corrupt")
+
+
+def _check_layout(path: Path, reader: _HeaderReader, infos: list[_TensorInfo],
+                  types: list[tuple[str, int]]) -> None:
+    """Tensor data must be packed in header order, each tensor aligned, and lie in the file.
+
+    ggml's reader demands exactly this packing (each offset is the previous tensor's end,
+    rounded up to general.alignment), and it is what makes a tensor's declared type and shape
+    checkable: a type or shape corrupted into one that still fits would otherwise read the
+    wrong bytes without any error. Only when everything else agrees and the file ends before
+    the data does is the file called truncated.
+    """
+    align, start, size = int(reader.alignment), reader.tensor_data_start, len(reader.data)
+
+    def what(i: int) -> str:
+        info, (type_name, nbytes) = infos[i], types[i]
+        return f"{info.name!r} ({type_name}, ne {list(info.ne)}, {nbytes} bytes)"
+
+    expected = 0  # where the next tensor must start, relative to the data section
+    for i, info in enumerate(infos):
+        if info.offset % align:
+            raise GGUFError(f"{path}: tensor {info.name!r} starts at byte {info.offset} of the data "
+                            f"section, which is not a multiple of the alignment {align} "
+                            "(general.alignment); its offset is corrupt")
+        if info.offset < expected:
+            raise GGUFError(f"{path}: tensor {info.name!r} starts at byte {info.offset} of the data "
+                            f"section, inside tensor {what(i - 1)}, which runs to byte "
+                            f"{infos[i - 1].offset + types[i - 1][1]}: the two overlap, so a type, "
+                            "shape or offset in the header is corrupt")
+        if info.offset > expected:
+            before = (f"after tensor {what(i - 1)}: it is declared smaller than the space its "
+                      f"data takes (its type or shape is corrupt) or {info.name!r}'s offset is"
+                      if i else f"before the first tensor {info.name!r}: its offset is")
+            raise GGUFError(f"{path}: {info.offset - expected} bytes of the data section lie unused "
+                            f"{before} corrupt (tensor data must be packed in header order)")
+        expected = info.offset + types[i][1] + (-types[i][1] % align)
+    for i, info in enumerate(infos):
+        end = start + info.offset + types[i][1]
+        if end > size:
+            raise GGUFError(f"{path} is truncated: tensor {info.name!r} needs bytes "
+                            f"{start + info.offset}..{end} but the file ends at {size} (the data "
+                            f"of {len(infos) - i} of {len(infos)} tensors is cut); download it again")
+    if infos and size > start + expected:
+        raise GGUFError(f"{path}: {size - start - expected} bytes follow the last tensor "
+                        f"{what(len(infos) - 1)}: it is declared smaller than its data (its type or "
+                        "shape is corrupt), or other data was appended to the file")
 
 
 def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
@@ -415,12 +684,57 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def read_model(path: str | Path) -> Model:
+# Where a block's float16 scales sit (bytes into the block, ggml's block layouts). A block's
+# values are small integers times these scales, so the block decodes to a NaN or Inf exactly
+# when a scale is one: checking the scales covers every value of a quantized tensor while
+# reading 2 to 4 bytes of every 18 to 210.
+_SCALE_OFFSETS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+# (word dtype, exponent mask): a float is NaN or Inf exactly when all its exponent bits are set.
+_FLOAT_WORDS = {"F32": (np.uint32, 0x7F800000), "F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80)}
+_SCAN_WORDS = 1 << 22  # words tested per step: bounds the temporaries on a multi-GB tensor
+
+
+def count_nonfinite(t: Tensor) -> int:
+    """How many values of `t` are NaN or Inf (for quantized tensors: how many block scales)."""
+    if t.ggml_type in _FLOAT_WORDS:
+        dtype, mask = _FLOAT_WORDS[t.ggml_type]
+        words = t.raw.view(dtype)
+        columns = [words]
+    else:
+        dtype, mask = np.uint16, 0x7C00
+        block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[t.ggml_type]][1]
+        blocks = t.raw.view(np.uint16).reshape(-1, block_bytes // 2)
+        columns = [blocks[:, at // 2] for at in _SCALE_OFFSETS[t.ggml_type]]
+    mask = dtype(mask)
+    bad = 0
+    for col in columns:
+        for i in range(0, len(col), _SCAN_WORDS):
+            bad += int(np.count_nonzero((col[i:i + _SCAN_WORDS] & mask) == mask))
+    return bad
+
+
+def _warn_nonfinite(path: Path, tensors: dict[str, Tensor]) -> None:
+    bad = {name: n for name, t in tensors.items() if (n := count_nonfinite(t))}
+    if not bad:
+        return
+    shown = ", ".join(f"{name!r} ({tensors[name].ggml_type}: {n} "
+                      f"{'values' if tensors[name].ggml_type in _FLOAT_WORDS else 'block scales'})"
+                      for name, n in list(bad.items())[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    warnings.warn(GGUFWarning(f"{path}: {len(bad)} tensor(s) hold NaN or Inf: {shown}{more}; "
+                              "outputs that depend on them will be NaN"), stacklevel=3)
+
+
+def read_model(path: str | Path, *, check_values: bool = True) -> Model:
     """Open and validate an RWKV-7 GGUF file; tensors stay memory-mapped (nothing is copied).
 
     Raises GGUFError, naming the file and the key / tensor / type at fault, for anything the
-    engine could not run: not GGUF, truncated, another architecture, a missing metadata key or
-    tensor, a misshaped tensor, an unsupported ggml type, a K-quant row not a multiple of 256.
+    engine could not run: not GGUF, truncated, corrupt (counts, lengths, offsets, types or
+    metadata that contradict each other or the file), another architecture, a missing metadata
+    key or tensor, a misshaped tensor, an unsupported ggml type, a K-quant row not a multiple of
+    256. With `check_values`, also warns (GGUFWarning, naming the tensors) when weights hold
+    NaN or Inf: that reads every float value and quant scale once (vectorised, a fraction of
+    the time an upload of the same bytes takes).
     """
     path = Path(path)
     reader = _open(path)
@@ -434,17 +748,29 @@ def read_model(path: str | Path) -> Model:
 
     vocab = _read_vocab(path, reader)
     spec = _read_spec(path, reader, n_vocab=len(vocab))
-    tensors = {info.name: _make_tensor(path, reader, info) for info in _tensor_infos(reader)}
+    infos = reader.tensor_infos
+    _check_layers(path, spec, (info.name for info in infos))
+    types = [_tensor_type(path, info) for info in infos]
+    shapes = {info.name: _normalised_shape(info.ne) for info in infos}
 
     for name, shape in expected_shapes(spec).items():
-        t = tensors.get(name)
-        if t is None:
+        found = shapes.get(name)
+        if found is None:
             raise GGUFError(f"{path}: tensor {name!r} is missing; an RWKV-7 model with "
                             f"{spec.n_layer} layers needs it")
-        if t.shape != shape:
-            raise GGUFError(f"{path}: tensor {name!r} has shape {t.shape}, expected {shape} "
+        if found != shape:
+            raise GGUFError(f"{path}: tensor {name!r} has shape {found}, expected {shape} "
                             f"(from C={spec.n_embd}, F={spec.n_ffn}, V={spec.n_vocab} vocab tokens, LoRA ranks "
                             f"{spec.rank_decay}/{spec.rank_iclr}/{spec.rank_value}/{spec.rank_gate})")
+
+    _check_layout(path, reader, infos, types)
+    tensors = {}
+    for info, (type_name, nbytes) in zip(infos, types):
+        at = reader.tensor_data_start + info.offset
+        tensors[info.name] = Tensor(name=info.name, ggml_type=type_name, shape=shapes[info.name],
+                                    raw=reader.data[at:at + nbytes])
+    if check_values:
+        _warn_nonfinite(path, tensors)
 
     metadata = {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     return Model(path=path, spec=spec, tensors=tensors, vocab=vocab, metadata=metadata)
@@ -499,7 +825,9 @@ def format_info(model: Model) -> str:
 def cli_info(args) -> int:
     """`rwkvlab info FILE`: print the spec and tensor table; a bad file -> stderr, exit code 2."""
     try:
-        model = read_model(args.file)
+        # info shows the header; scanning every weight of a multi-GB file would make it take
+        # as long as reading the whole file (loading a model still warns).
+        model = read_model(args.file, check_values=False)
     except GGUFError as e:
         print(f"rwkvlab info: {e}", file=sys.stderr)
         return 2
