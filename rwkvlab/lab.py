@@ -961,7 +961,7 @@ class Panel:
         if n >= 0:
             self.progress.max = max(total, 1)
             self.progress.value = min(n, self.progress.max)
-        self._status(f"running: {html.escape(stage)}")
+        self._status(f"running: {stage}")
 
     def _show_result(self, record: BenchRecord) -> BenchRecord:
         baseline = self.resolve_baseline(self.baseline.value, record)
@@ -989,8 +989,11 @@ class Panel:
         return LabError(message)
 
     def _status(self, text: str, error: bool = False) -> None:
+        # Plain text only, always escaped: status lines carry model names, file paths and the
+        # worker's error lines, any of which can hold markup the widget would render (a model
+        # file's metadata could run a script). Nothing shown here needs markup of its own.
         colour = "#b01c1c" if error else "#2d3748"
-        self.status.value = f"<span style='color:{colour}'>{text if '<' in text else html.escape(text)}</span>"
+        self.status.value = f"<span style='color:{colour}'>{html.escape(text)}</span>"
 
     def _show_log(self) -> None:
         self.log_view.value = ("<pre style='font-size:11px;max-height:260px;overflow:auto'>"

@@ -316,6 +316,21 @@ def test_panel_errors_are_shown_and_leave_it_usable(panel, tmp_path):
     panel.configure(**SMALL)
 
 
+def test_panel_status_line_escapes_outside_text(panel, tmp_path):
+    """Text from outside (here a model path; as well a worker's error line or a model's
+    architecture name) reaches the status widget as text, never as markup it would render."""
+    attack = "<img src=x onerror=alert(1)>"
+    panel.configure(model=str(tmp_path / f"{attack}.gguf"))
+    with pytest.raises(LabError, match="does not exist"):
+        panel.run()
+    assert attack in panel.last_error
+    assert "<img" not in panel.status.value and "&lt;img src=x onerror=alert(1)&gt;" in panel.status.value
+    panel.configure(model="tiny")
+    # A progress stage is escaped once, like everything else (not twice: "&amp;lt;").
+    panel._on_progress(-1, 0, "prefill <b>&</b>")
+    assert panel.status.value.endswith(">running: prefill &lt;b&gt;&amp;&lt;/b&gt;</span>")
+
+
 def test_panel_displays_as_a_widget_with_a_static_snapshot(panel):
     bundle = panel._repr_mimebundle_()
     assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == panel.widget.model_id
