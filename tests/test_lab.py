@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import WORKER_KILLED_MID_BAR, WORKER_LAST_LINE
 from rwkvlab import bench
 from rwkvlab.bench import BenchRecord, BenchSettings
 from rwkvlab.history import read_history
@@ -211,6 +212,17 @@ def test_worker_failures_say_why():
     slow = run_worker([sys.executable, "-c", "import time; time.sleep(60)"], timeout=1.0)
     assert slow.record is None and "stopped after 1 s" in slow.error
     assert time.perf_counter() - start < 20
+
+
+def test_a_worker_killed_mid_bar_is_reported_by_its_last_human_line():
+    stages = []
+    killed = run_worker([sys.executable, "-c", WORKER_KILLED_MID_BAR],
+                        on_progress=lambda n, total, stage: stages.append(stage))
+    assert killed.record is None and killed.returncode == -9
+    assert "killed by signal 9" in killed.error and killed.error.endswith(f": {WORKER_LAST_LINE}")
+    assert not any(c in killed.error for c in "\x1b\r")
+    assert killed.stderr == WORKER_LAST_LINE  # the log holds the person's line, not the bars
+    assert "bench" in stages and "NumPy reference 3/40" in stages  # the bars were read as progress
 
 
 def test_default_history_dir_is_the_checkouts():
