@@ -509,20 +509,33 @@ def reference_logits(model, prompt: list[int], cache_file: Path, progress: bool 
 # Provenance and history
 # --------------------------------------------------------------------------------------------
 
+# The files that define the engine a run measured: the package, its shaders and the build
+# metadata (dependency bounds, what ships). Notebooks (JupyterLab's autosave rewrites them),
+# docs, the history and the tests do not change what runs, so edits there keep a commit clean.
+ENGINE_PATHS = ("rwkvlab", "shaders", "pyproject.toml")
+
+
 def git_commit(repo: str | os.PathLike | None = None) -> str:
-    """Short hash of the checkout the code runs from, ``-dirty`` with uncommitted changes to
-    tracked files (as ``git describe --dirty``), ``unknown`` outside git; $RWKVLAB_COMMIT wins."""
+    """Short hash of the checkout the code runs from, ``-dirty`` when the engine's files
+    (`ENGINE_PATHS`) differ from it, ``unknown`` outside git; $RWKVLAB_COMMIT wins."""
     if os.environ.get("RWKVLAB_COMMIT"):
         # A copy of the tree without its git history (a rented GPU machine) is told its commit.
         return os.environ["RWKVLAB_COMMIT"]
     where = Path(repo) if repo is not None else Path(__file__).resolve().parent
+    # Untracked files inside the engine's folders count as changes too (ignored ones such as
+    # __pycache__ do not): a new rwkvlab/<name>/ package shadows the tracked rwkvlab/<name>.py,
+    # shaders are found by file name, and a wheel ships every shaders/*.wgsl and rwkvlab/data
+    # file, so a checkout of the commit alone may not rebuild what ran. A stray file costing a
+    # needless -dirty is cheaper than a measurement credited to code that did not produce it.
+    # ":(top)" anchors the paths at the repository root whichever folder git runs in.
+    engine = [f":(top){path}" for path in ENGINE_PATHS]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True,
                               text=True, timeout=10)
         if head.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", *engine],
+                               cwd=where, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")

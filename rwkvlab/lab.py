@@ -54,6 +54,7 @@ from rwkvlab.cli import PRESETS, SYNTH_FORMATS  # the CLI's choices; importing c
 from rwkvlab.history import HistoryWarning, read_history
 from rwkvlab.options import PATHS, WEIGHT_POLICIES, Options, OptionsError
 from rwkvlab.verdicts import METRICS, Noise, estimate_noise, judge
+from rwkvlab.worker import BENCH_ERROR, TQDM_BAR, clean, last_words, split_pieces
 
 SPEED_ROWS = {"load": "load (ms)", "prefill": "prefill (tok/s)", "generation": "generation (tok/s)"}
 # Red means "output changed / wrong" everywhere in the lab; a slower run is orange, not red.
@@ -63,7 +64,6 @@ VERDICT_COLOURS = {
     "changed": "#b01c1c", "too large": "#b01c1c", "failed": "#b01c1c",
 }
 _LOG_LINES = 300  # worker stderr lines the panel keeps
-_TQDM = re.compile(r"^\s*(?P<desc>[^\r\n]*?):\s+\d+%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)")
 # Stages of bench's own progress bar (the engine's upload bar and the NumPy reference's bar
 # also write to stderr; those only update the status text).
 _BENCH_STAGES = ("bench", "load", "prefill ", "generate ", "quality tokens", "reference")
@@ -221,8 +221,8 @@ def run_worker(cmd: Sequence[str], *, timeout: float = 1800.0,
     try:
         while chunk := os.read(proc.stderr.fileno(), 4096):
             pending += decoder.decode(chunk)
-            # tqdm redraws with \r; every \r- or \n-terminated piece is one state of a bar or a line
-            *pieces, pending = re.split(r"[\r\n]", pending)
+            # every piece is one state of a bar or one line (rwkvlab.worker: \r, \n and escapes)
+            *pieces, pending = split_pieces(pending)
             for piece in pieces:
                 _stderr_piece(piece, lines, on_progress, on_line)
         _stderr_piece(pending, lines, on_progress, on_line)
@@ -250,10 +250,10 @@ def run_worker(cmd: Sequence[str], *, timeout: float = 1800.0,
 
 
 def _stderr_piece(piece: str, lines: list[str], on_progress, on_line) -> None:
-    piece = piece.strip()
+    piece = clean(piece)
     if not piece:
         return
-    bar = _TQDM.match(piece)
+    bar = TQDM_BAR.match(piece)
     if bar:
         stage = bar["desc"].strip()
         if on_progress and stage.startswith(_BENCH_STAGES):
@@ -270,10 +270,9 @@ def _stderr_piece(piece: str, lines: list[str], on_progress, on_line) -> None:
 def _failure(returncode: int | None, lines: list[str], timed_out: bool, timeout: float) -> str:
     if timed_out:
         return f"the worker was stopped after {timeout:g} s"
-    own = [ln for ln in lines if ln.startswith("rwkvlab bench:")]
-    if own:
-        return own[-1].removeprefix("rwkvlab bench:").strip()
-    last = lines[-1] if lines else "no message"
+    last = last_words(lines)
+    if last.startswith(BENCH_ERROR):
+        return last.removeprefix(BENCH_ERROR).strip()
     if returncode is not None and returncode < 0:
         return f"the worker was killed by signal {-returncode} (the notebook kernel is fine): {last}"
     return f"the worker exited with status {returncode}: {last}"
@@ -962,7 +961,7 @@ class Panel:
         if n >= 0:
             self.progress.max = max(total, 1)
             self.progress.value = min(n, self.progress.max)
-        self._status(f"running: {html.escape(stage)}")
+        self._status(f"running: {stage}")
 
     def _show_result(self, record: BenchRecord) -> BenchRecord:
         baseline = self.resolve_baseline(self.baseline.value, record)
@@ -990,8 +989,11 @@ class Panel:
         return LabError(message)
 
     def _status(self, text: str, error: bool = False) -> None:
+        # Plain text only, always escaped: status lines carry model names, file paths and the
+        # worker's error lines, any of which can hold markup the widget would render (a model
+        # file's metadata could run a script). Nothing shown here needs markup of its own.
         colour = "#b01c1c" if error else "#2d3748"
-        self.status.value = f"<span style='color:{colour}'>{text if '<' in text else html.escape(text)}</span>"
+        self.status.value = f"<span style='color:{colour}'>{html.escape(text)}</span>"
 
     def _show_log(self) -> None:
         self.log_view.value = ("<pre style='font-size:11px;max-height:260px;overflow:auto'>"

@@ -30,10 +30,11 @@ from typing import Any
 from rwkvlab.bench import (BenchError, BenchSettings, fusions_text, model_from_args, options_from_args,
                            settings_from_args)
 from rwkvlab.options import Options, OptionsError, parse_fusions
+from rwkvlab.worker import human, last_words, split_pieces
 
 # Options fields a sweep can vary, with the type of their values.
 VARIABLE = {"backend": str, "path": str, "weights": str, "fusions": str, "chunk": int, "gemm_min_tokens": int}
-_STDERR_TAIL = 4000  # characters of a failed configuration's stderr kept for its error text
+_STDERR_LINES = 300  # lines of a configuration's stderr kept for its error text (bars not counted)
 
 
 def parse_vary(items: list[str]) -> dict[str, list[str]]:
@@ -228,17 +229,25 @@ def run_config(config: Config, cmd: list[str], timeout: float) -> SweepRow:
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out: list[bytes] = []
-    tail = bytearray()
+    lines: list[str] = []
+
+    def keep(pieces: list[str]) -> None:
+        # Lines, not a byte tail: a killed worker's last redraws of a bar would fill any tail.
+        lines.extend(line for line in map(human, pieces) if line)
+        del lines[:-_STDERR_LINES]
 
     def relay() -> None:
         # Text, not sys.stderr.buffer: a notebook's stderr has no byte buffer. The incremental
         # decoder keeps a UTF-8 character split across two reads intact.
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending = ""
         while chunk := os.read(proc.stderr.fileno(), 4096):
-            sys.stderr.write(decoder.decode(chunk))
+            text = decoder.decode(chunk)
+            sys.stderr.write(text)
             sys.stderr.flush()
-            tail.extend(chunk)
-            del tail[:-_STDERR_TAIL]
+            *pieces, pending = split_pieces(pending + text)  # the last piece may be unfinished
+            keep(pieces)
+        keep([pending])
 
     threads = [threading.Thread(target=relay, daemon=True),
                threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)]
@@ -263,16 +272,11 @@ def run_config(config: Config, cmd: list[str], timeout: float) -> SweepRow:
             return SweepRow(config, json.loads(stdout.splitlines()[-1]), None, proc.returncode, seconds)
         except json.JSONDecodeError:
             pass
-    return SweepRow(config, None, _failure_text(proc.returncode, bytes(tail)), proc.returncode, seconds)
+    return SweepRow(config, None, _failure_text(proc.returncode, lines), proc.returncode, seconds)
 
 
-def _failure_text(returncode: int, stderr: bytes) -> str:
-    lines = [ln.strip() for ln in stderr.decode("utf-8", errors="replace").replace("\r", "\n").splitlines()
-             if ln.strip()]
-    # bench's own error line says what to change; a multi-line cause (a shader diagnostic)
-    # follows it. Otherwise the last line: a traceback's exception, or a driver's last words.
-    own = [ln for ln in lines if ln.startswith("rwkvlab bench:")]
-    last = own[-1] if own else lines[-1] if lines else "no message"
+def _failure_text(returncode: int, lines: list[str]) -> str:
+    last = last_words(lines)  # read as the panel reads it (rwkvlab.worker)
     how = f"killed by signal {-returncode}" if returncode < 0 else f"exit {returncode}"
     return f"{how}: {last[:300]}"
 

@@ -52,3 +52,26 @@ def assert_same_plan(actual, desired, gpu) -> None:
     else:
         atol = SAME_PLAN_RTOL_ON_GPU * max(1.0, float(np.abs(desired).max()))
         np.testing.assert_allclose(actual, desired, rtol=0, atol=atol)
+
+
+# A worker killed in the middle of its progress bars, as bench's stderr looks then: real tqdm bars
+# (a nested one moves the cursor with ESC[A, every redraw starts with \r), a warning printed while
+# a bar is open (tqdm never ends the bar's line, so the warning follows an escape code), more
+# redraws, a cursor move cut short, and SIGKILL before anything closes. WORKER_LAST_LINE is the
+# last thing in it written for a person.
+WORKER_LAST_LINE = "WARNING: adapter memory is low (512 MiB free)"
+WORKER_KILLED_MID_BAR = f"""
+import os, signal, sys
+from tqdm import tqdm
+outer = tqdm(total=10, desc="bench", unit="step", file=sys.stderr, mininterval=0)
+outer.update(2)
+inner = tqdm(total=40, desc="NumPy reference", unit="tok", file=sys.stderr, mininterval=0, leave=False)
+inner.update(3)
+print({WORKER_LAST_LINE!r}, file=sys.stderr, flush=True)
+for _ in range(200):
+    inner.refresh()
+    outer.refresh()
+sys.stderr.write("\\r\\x1b[A\\x1b[2K\\r\\x1b[")
+sys.stderr.flush()
+os.kill(os.getpid(), signal.SIGKILL)
+"""

@@ -209,6 +209,54 @@ def test_git_commit(tmp_path, monkeypatch):
     assert git_commit(tmp_path) == "abc1234"
 
 
+def test_git_commit_is_dirty_only_for_engine_files(tmp_path, monkeypatch):
+    """A repository laid out like this one: edits to notebooks, the history, docs and tests
+    (JupyterLab's autosave) keep the commit clean; edits to the package, a shader or
+    pyproject.toml, and new untracked files inside rwkvlab/ or shaders/, make it -dirty."""
+    monkeypatch.delenv("RWKVLAB_COMMIT", raising=False)
+    files = {"rwkvlab/engine.py": "x = 1\n", "shaders/wkv.wgsl": "fn f() {}\n",
+             "pyproject.toml": "[project]\nname = 'x'\n", "notebooks/lab.ipynb": "{}\n",
+             "data/benchmarks/gpu.md": "# history\n", "docs/notes.md": "notes\n",
+             "tests/test_x.py": "def test(): pass\n", "README.md": "readme\n",
+             ".gitignore": "__pycache__/\n"}
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-q", "-m", "seed")
+    head = git("rev-parse", "--short", "HEAD")
+    package = tmp_path / "rwkvlab"  # where the real function runs git by default
+    assert git_commit(package) == git_commit(tmp_path) == head
+
+    for name in ("notebooks/lab.ipynb", "data/benchmarks/gpu.md", "docs/notes.md", "tests/test_x.py",
+                 "README.md"):
+        (tmp_path / name).write_text("autosaved\n")
+    (tmp_path / "notebooks" / "new.ipynb").write_text("{}\n")  # untracked outside the engine
+    (package / "__pycache__").mkdir()
+    (package / "__pycache__" / "engine.cpython-311.pyc").write_bytes(b"\0")  # ignored
+    assert git_commit(package) == head
+
+    for name in ("rwkvlab/engine.py", "shaders/wkv.wgsl", "pyproject.toml"):
+        (tmp_path / name).write_text("changed\n")
+        assert git_commit(package) == git_commit(tmp_path) == f"{head}-dirty", name
+        git("checkout", "--", name)
+        assert git_commit(package) == head
+    for name in ("rwkvlab/engine/__init__.py", "shaders/new.wgsl"):  # untracked, not ignored
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("new\n")
+        assert git_commit(package) == f"{head}-dirty", name
+        (tmp_path / name).unlink()
+        assert git_commit(package) == head
+    git("rm", "-q", "shaders/wkv.wgsl")  # a deleted engine file is a change as well
+    assert git_commit(package) == f"{head}-dirty"
+
+
 def test_reference_cache_is_keyed_by_file_and_prompt(fixtures_dir, cache, tmp_path):
     path = tmp_path / "model.gguf"
     path.write_bytes((fixtures_dir / "tiny-f32.gguf").read_bytes())

@@ -141,6 +141,36 @@ def test_every_shader_ships_in_the_wheel():
     assert needed <= {p.name for p in (root / "shaders").glob("*.wgsl")}
 
 
+def test_wheel_builds_without_warnings_and_ships_data(tmp_path):
+    """A real `pip wheel` (isolated build, setuptools from the configured index) of a copy of
+    the project: setuptools prints no BuildBackendWarning about the packages configuration, and
+    the wheel holds every shader and every file of rwkvlab/data (the tokenizer and the chat
+    template that synth.py reads through importlib.resources)."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"  # built from a copy so build/ and *.egg-info never land in the checkout
+    for name in ("pyproject.toml", "README.md"):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / name, src / name)
+    for folder in ("rwkvlab", "shaders"):
+        shutil.copytree(root / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    run = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "-v",
+                          "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-4000:]
+    assert "BuildBackendWarning" not in log and "absent from the `packages`" not in log, log[-4000:]
+    (wheel,) = (tmp_path / "dist").glob("rwkvlab-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    data = {f"rwkvlab/data/{p.name}" for p in (root / "rwkvlab" / "data").iterdir() if p.is_file()}
+    shaders = {f"rwkvlab/shaders/{p.name}" for p in (root / "shaders").glob("*.wgsl")}
+    assert data and shaders and data | shaders <= shipped, sorted((data | shaders) - shipped)
+
+
 def test_every_kernel_compiles(kernels):
     for spec in kn.SPECS.values():
         assert kernels.kernel(spec).pipeline is not None

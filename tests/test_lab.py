@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import WORKER_KILLED_MID_BAR, WORKER_LAST_LINE
 from rwkvlab import bench
 from rwkvlab.bench import BenchRecord, BenchSettings
 from rwkvlab.history import read_history
@@ -216,6 +217,17 @@ def test_worker_failures_say_why():
     assert time.perf_counter() - start < 20
 
 
+def test_a_worker_killed_mid_bar_is_reported_by_its_last_human_line():
+    stages = []
+    killed = run_worker([sys.executable, "-c", WORKER_KILLED_MID_BAR],
+                        on_progress=lambda n, total, stage: stages.append(stage))
+    assert killed.record is None and killed.returncode == -9
+    assert "killed by signal 9" in killed.error and killed.error.endswith(f": {WORKER_LAST_LINE}")
+    assert not any(c in killed.error for c in "\x1b\r")
+    assert killed.stderr == WORKER_LAST_LINE  # the log holds the person's line, not the bars
+    assert "bench" in stages and "NumPy reference 3/40" in stages  # the bars were read as progress
+
+
 def test_default_history_dir_is_the_checkouts():
     assert default_history_dir() == REPO / "data" / "benchmarks"
 
@@ -318,6 +330,21 @@ def test_panel_errors_are_shown_and_leave_it_usable(panel, tmp_path):
     thread.join(60)
     assert "killed by signal" in panel.last_error and not panel.run_button.disabled
     panel.configure(**SMALL)
+
+
+def test_panel_status_line_escapes_outside_text(panel, tmp_path):
+    """Text from outside (here a model path; as well a worker's error line or a model's
+    architecture name) reaches the status widget as text, never as markup it would render."""
+    attack = "<img src=x onerror=alert(1)>"
+    panel.configure(model=str(tmp_path / f"{attack}.gguf"))
+    with pytest.raises(LabError, match="does not exist"):
+        panel.run()
+    assert attack in panel.last_error
+    assert "<img" not in panel.status.value and "&lt;img src=x onerror=alert(1)&gt;" in panel.status.value
+    panel.configure(model="tiny")
+    # A progress stage is escaped once, like everything else (not twice: "&amp;lt;").
+    panel._on_progress(-1, 0, "prefill <b>&</b>")
+    assert panel.status.value.endswith(">running: prefill &lt;b&gt;&amp;&lt;/b&gt;</span>")
 
 
 def test_panel_displays_as_a_widget_with_a_static_snapshot(panel):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import WORKER_KILLED_MID_BAR, WORKER_LAST_LINE
 from rwkvlab.bench import BenchSettings, options_from_args, settings_from_args
 from rwkvlab.cli import build_parser, main
 from rwkvlab.history import HistoryWarning, read_history, sidecar_path
@@ -162,6 +163,12 @@ def test_a_crash_costs_one_row():
     assert row.error == "exit 2: rwkvlab bench: shader x does not compile:"
     row = run_config(Config(Options(), "garbage"), _py("print('not json')"), timeout=60)
     assert not row.ran and row.error.startswith("exit 0")
+
+
+def test_a_worker_killed_mid_bar_names_its_last_human_line(capfd):
+    row = run_config(Config(Options(), "killed"), _py(WORKER_KILLED_MID_BAR), timeout=60)
+    assert not row.ran and row.error == f"killed by signal 9: {WORKER_LAST_LINE}"
+    assert "\x1b[A" in capfd.readouterr().err  # the terminal still gets the bars as drawn
 
 
 def test_a_hang_is_stopped():
