@@ -59,7 +59,8 @@ from typing import Any
 import numpy as np
 
 from rwkvlab.history import HistoryWarning, RunRecord, append_run, append_sidecar, read_history
-from rwkvlab.options import Options, OptionsError, parse_fusions
+from rwkvlab.options import Options, OptionsError, from_args, from_record
+from rwkvlab.synth import ModelNotFoundError, model_from_args, resolve_model
 from rwkvlab.quality import HASH_TOKENS, SHOWN_TOKENS, quality_hash
 
 # Written for this lab: plain English with digits, punctuation and a line break, so that
@@ -183,8 +184,10 @@ class BenchRecord:
             "Backend": self.adapter.get("backend", self.options.backend),
             "Path": self.options.path,
             "Weights": self.options.weights,
-            "Fusions": fusions_text(self.options.fusions),
+            # the seed files' way of writing a list in a cell
+            "Fusions": ", ".join(sorted(self.options.fusions)) or "none",
             "Chunk": self.options.chunk,
+            "Tuning": self.options.tuning or "default",
             "Dispatches/token": "n/a" if self.dispatches_per_token is None else int(self.dispatches_per_token),
             # In backticks: the history reader keeps it text (a hash like 1234e56 is not a number).
             "Commit": f"`{self.commit}`",
@@ -244,16 +247,9 @@ class BenchRecord:
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in d.items() if k in names}
         values["timestamp"] = datetime.fromisoformat(d["timestamp"])
-        opts = dict(d["options"])
-        opts["fusions"] = frozenset(opts.get("fusions", ()))
-        values["options"] = Options(**opts)
+        values["options"] = from_record(d["options"])
         values["settings"] = BenchSettings(**d["settings"])
         return cls(**values)
-
-
-def fusions_text(fusions: frozenset[str]) -> str:
-    """How a fusion set is written in a history row: ``none`` or the sorted names."""
-    return ", ".join(sorted(fusions)) or "none"
 
 
 def logit_tolerance(file_types: dict[str, str], gpu_formats: dict[str, str]) -> float:
@@ -267,22 +263,6 @@ def logit_tolerance(file_types: dict[str, str], gpu_formats: dict[str, str]) -> 
 # --------------------------------------------------------------------------------------------
 # Running the protocol
 # --------------------------------------------------------------------------------------------
-
-def resolve_model(model: str | os.PathLike, fmt: str = "f32") -> Path:
-    """A GGUF path for ``model``: an existing file, or a synthetic preset name (written on first use)."""
-    from rwkvlab.cli import PRESETS
-
-    path = Path(model)
-    if path.is_file():
-        return path
-    if str(model) in PRESETS:
-        from rwkvlab.synth import default_model_path
-
-        return default_model_path(str(model), fmt)
-    if path.exists():
-        raise BenchError(f"{path} is not a file; give a GGUF file or a preset ({', '.join(PRESETS)})")
-    raise BenchError(f"model file {path} does not exist; give a GGUF file or a preset ({', '.join(PRESETS)})")
-
 
 def run_bench(model: str | os.PathLike, options: Options | None = None,
               settings: BenchSettings | None = None, *, title: str = "", change: str = "") -> BenchRecord:
@@ -306,7 +286,7 @@ def run_bench(model: str | os.PathLike, options: Options | None = None,
     if settings.reference and not cached.exists():
         check_reference_fits(host_model)
     title = title or f"{path.stem}"
-    change = change or describe(options)
+    change = change or options.text()
     timestamp = datetime.now(timezone.utc)
 
     bar = _progress(settings)
@@ -336,12 +316,6 @@ def run_bench(model: str | os.PathLike, options: Options | None = None,
                                         timings.gpu_formats),
         dispatches_per_token=timings.dispatches_per_token, commit=git_commit(),
     )
-
-
-def describe(options: Options) -> str:
-    """A short text naming an Options' switches (the default ``change`` of a run)."""
-    return (f"path={options.path} weights={options.weights} fusions={'+'.join(sorted(options.fusions)) or 'none'} "
-            f"chunk={options.chunk} gemm_min_tokens={options.gemm_min_tokens} backend={options.backend}")
 
 
 def _progress(settings: BenchSettings):
@@ -641,8 +615,7 @@ def format_summary(record: BenchRecord, verdict: Verdict) -> str:
     lines = [
         f"rwkvlab bench  {record.model}  on {record.gpu} ({record.adapter.get('backend', '?')}, "
         f"{record.adapter.get('adapter_type', '?')})",
-        f"  options      path={o.path} weights={o.weights} fusions={fusions_text(o.fusions)} chunk={o.chunk} "
-        f"gemm_min_tokens={o.gemm_min_tokens} backend={o.backend}",
+        f"  options      {o.text()}",
         f"  protocol     prompt {len(record.prompt)} tok, generate {s.generate} tok, {s.warmup} warmup + "
         f"{s.repeat} timed rounds (median [min .. max])",
         f"  load         {record.load_ms:10.2f} ms",
@@ -667,28 +640,10 @@ def format_summary(record: BenchRecord, verdict: Verdict) -> str:
 # CLI
 # --------------------------------------------------------------------------------------------
 
-def options_from_args(args: argparse.Namespace) -> Options:
-    """The Options of a `bench`/`sweep` command line (unset numbers keep Options' defaults)."""
-    values: dict[str, Any] = {"backend": args.backend, "path": args.path, "weights": args.weights,
-                              "fusions": parse_fusions(args.fusions)}
-    if args.chunk is not None:
-        values["chunk"] = args.chunk
-    if args.gemm_min_tokens is not None:
-        values["gemm_min_tokens"] = args.gemm_min_tokens
-    return Options(**values)
-
-
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     """The BenchSettings of a `bench`/`sweep` command line."""
     return BenchSettings(prefill=args.prefill, generate=args.generate, warmup=args.warmup,
                          repeat=args.repeat, reference=not args.no_reference, progress=not args.no_progress)
-
-
-def model_from_args(args: argparse.Namespace) -> Path:
-    """The GGUF file a `bench`/`sweep` command line names (--model, or --preset/--format)."""
-    if args.model:
-        return resolve_model(args.model)
-    return resolve_model(args.preset or "tiny", args.synth_format)
 
 
 def cli_bench(args: argparse.Namespace) -> int:
@@ -700,11 +655,12 @@ def cli_bench(args: argparse.Namespace) -> int:
 
     human = sys.stderr if args.json else sys.stdout
     try:
-        options = options_from_args(args)
+        options = from_args(args)
         settings = settings_from_args(args)
         record = run_bench(model_from_args(args), options, settings, title=args.title or "",
                            change=args.change or "")
-    except (BenchError, OptionsError, GGUFError, NoAdapterError, EngineError, KernelError) as err:
+    except (BenchError, ModelNotFoundError, OptionsError, GGUFError, NoAdapterError, EngineError,
+            KernelError) as err:
         print(f"rwkvlab bench: {err}", file=sys.stderr)
         return 2
     history = history_file(record, args.history_dir, args.file)
