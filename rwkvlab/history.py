@@ -37,7 +37,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -57,8 +57,10 @@ __all__ = [
     "RunRecord",
     "append_run",
     "append_sidecar",
+    "check_appendable",
     "format_run",
     "read_history",
+    "read_sidecar",
     "sidecar_path",
     "snake_case",
 ]
@@ -619,19 +621,27 @@ def sidecar_path(path: str | os.PathLike) -> Path:
     return Path(f"{os.fspath(path)}.jsonl")
 
 
-def _join_sidecar(path: Path, rows: list[dict[str, Any]]) -> None:
+def read_sidecar(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
+    """The records of the sidecar of history file ``path``: ``(1-based line, record)`` pairs.
+
+    Only lines holding a JSON object with a ``timestamp`` and a ``change`` are returned; every
+    other non-blank line (torn, not JSON, nested too deep for the parser, a bare list, ...) is
+    skipped with a :class:`HistoryWarning` naming ``file:line``. A missing sidecar gives ``[]``.
+    Never raises.
+    """
+    return list(_sidecar_records(path))
+
+
+def _sidecar_records(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    # A generator, so a reader's warnings about a line come in line order with its own.
     side = sidecar_path(path)
     if not side.is_file():
         return
     try:
-        lines = side.read_text(encoding="utf-8", errors="replace").splitlines()
+        lines = side.read_bytes().decode("utf-8", errors="replace").splitlines()
     except OSError as exc:
         _warn(side, None, f"cannot be read ({exc.strerror}); samples not joined")
         return
-    index = {}
-    for row in rows:
-        if not pd.isna(row["timestamp"]):
-            index.setdefault((row["timestamp"].floor("s"), row["change"]), []).append(row)
     for number, text in enumerate(lines, start=1):
         if not text.strip():
             continue
@@ -640,24 +650,72 @@ def _join_sidecar(path: Path, rows: list[dict[str, Any]]) -> None:
         except json.JSONDecodeError as exc:
             _warn(side, number, f"not valid JSON ({exc.msg}); line skipped")
             continue
+        except RecursionError:
+            # The C decoder recurses once per bracket: a line of nested brackets would
+            # otherwise escape every caller that only expects bad JSON.
+            _warn(side, number, "JSON nested too deeply to read; line skipped")
+            continue
+        except ValueError as exc:  # e.g. an integer longer than Python converts from text
+            _warn(side, number, f"JSON value cannot be read ({exc}); line skipped")
+            continue
         if not isinstance(record, dict) or "timestamp" not in record or "change" not in record:
             _warn(side, number, "record needs a 'timestamp' and a 'change'; line skipped")
             continue
+        yield number, record
+
+
+def _clean_samples(samples: Any, side: Path, number: int) -> dict[str, list[float]] | None:
+    """``samples`` as metric -> list of numbers; anything else is dropped with a warning.
+
+    Report writers and notebooks walk these values recursively, so only the documented flat
+    shape gets through: a nested value could be deep enough to break them.
+    """
+    if not isinstance(samples, dict):
+        _warn(side, number, "'samples' is not a JSON object (metric -> values); not joined")
+        return None
+    clean: dict[str, list[float]] = {}
+    for key, values in samples.items():
+        if isinstance(values, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                            for v in values):
+            clean[str(key)] = values
+        else:
+            _warn(side, number, f"samples[{str(key)[:40]!r}] is not a list of numbers; that metric not joined")
+    return clean
+
+
+def _join_sidecar(path: Path, rows: list[dict[str, Any]]) -> None:
+    side = sidecar_path(path)
+    if not side.is_file():
+        return
+    index = {}
+    for row in rows:
+        if not pd.isna(row["timestamp"]):
+            index.setdefault((row["timestamp"].floor("s"), row["change"]), []).append(row)
+    joined: set[int] = set()
+    for number, record in _sidecar_records(path):
         stamp = _parse_timestamp(str(record["timestamp"]))
         key = (stamp.floor("s") if not pd.isna(stamp) else stamp, _one_line(str(record["change"])))
         matches = index.get(key, [])
         if not matches:
-            _warn(side, number, f"no run in {path.name} has timestamp {record['timestamp']} and change "
-                                f"{record['change']!r}; record not joined")
+            _warn(side, number, f"no run in {path.name} has timestamp {str(record['timestamp'])[:40]} and "
+                                f"change {str(record['change'])[:80]!r}; record not joined")
             continue
-        samples = record.get("samples", {})
-        if not isinstance(samples, dict):
-            _warn(side, number, "'samples' is not a JSON object (metric -> values); not joined")
+        for row in matches:
+            joined.add(id(row))
+        samples = _clean_samples(record.get("samples", {}), side, number)
+        if samples is None:
             continue
         for row in matches:
             if row["samples"]:
                 _warn(side, number, f"a second record for the run at {path.name}:{row['line']}; the later one is used")
             row["samples"] = samples
+    # A writer stopped between the run and its sidecar record leaves exactly this: say so
+    # once per file rather than let the run pass for one that never had samples.
+    lacking = [row["line"] for row in rows if id(row) not in joined]
+    if lacking:
+        shown = ", ".join(str(n) for n in lacking[:5]) + (", ..." if len(lacking) > 5 else "")
+        _warn(path, lacking[0], f"{len(lacking)} run(s) have no record in {side.name} (lines {shown}); "
+                                "their samples are missing (was a write interrupted?)")
 
 
 def append_sidecar(path: str | os.PathLike, record: dict[str, Any]) -> None:
@@ -780,6 +838,29 @@ def append_run(path: str | os.PathLike, record: RunRecord) -> int:
         _check_readback(path, new_text, line, record)
         _atomic_write(path, new_text.encode("utf-8", errors="surrogateescape"))
     return line
+
+
+def check_appendable(path: str | os.PathLike) -> None:
+    """Raise :class:`HistoryWriteError` when :func:`append_run` surely could not write ``path``.
+
+    ``path`` is a history file, or a folder a history file will be created in (possibly not
+    there yet). Cheap, so a caller can ask before spending minutes measuring; it cannot
+    foresee everything (a full disk, a run that would not read back), so the append itself
+    can still fail.
+    """
+    path = Path(path).resolve()
+    if path.is_file():
+        _check_writable(path)
+        folder = path.parent
+    else:
+        folder = path
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise HistoryWriteError(f"{folder} is not a folder, so no history file can be created under it")
+    # The temporary file, the lock file and os.replace all need the folder writable.
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise HistoryWriteError(f"{folder} is not writable, so no history file can be written there")
 
 
 def _check_writable(path: Path) -> None:

@@ -1,0 +1,169 @@
+"""Hostile history files: each known way to break the reader has its own test, then a corpus.
+
+Issue 12 listed inputs that crashed, hung or silently misread the history (deep JSON in a
+sidecar, quadratic regexes, NUL bytes, ANSI escapes, out-of-range timestamps, analysis tables
+read as runs, a writer killed mid-append, and sizes that made verdicts quadratic). Every one
+must now end as a HistoryWarning naming file:line (or a clear error where writing cannot
+go on), in bounded time, printing no control characters to a terminal.
+"""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from rwkvlab import bench as bench_module
+from rwkvlab import cli
+from rwkvlab.bench import BenchRecord, BenchSettings
+from rwkvlab.history import (
+    HistoryWarning,
+    HistoryWriteError,
+    RunRecord,
+    append_run,
+    check_appendable,
+    format_run,
+    read_history,
+    sidecar_path,
+)
+from rwkvlab.options import Options
+from rwkvlab.report import cli_history
+from rwkvlab.verdicts import verdicts
+from conftest import SEED_HISTORY
+
+REPO = Path(__file__).resolve().parents[1]
+LOADING = REPO / "data" / "benchmarks" / "m2max-loading.md"
+UTC = timezone.utc
+
+
+def read_warned(paths) -> tuple[pd.DataFrame, list[str]]:
+    """read_history, failing on anything but HistoryWarnings, with their messages."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        df = read_history(paths)
+    assert all(issubclass(w.category, HistoryWarning) for w in caught), [str(w.message) for w in caught]
+    return df, [str(w.message) for w in caught]
+
+
+def small_history(tmp_path: Path, n: int = 3, name: str = "h.md") -> Path:
+    """A valid history of ``n`` runs under one title, written by the writer itself."""
+    path = tmp_path / name
+    for i in range(n):
+        append_run(path, RunRecord(
+            title="T", change=f"run {i}", timestamp=datetime(2026, 3, 1, 12, 0, i, tzinfo=UTC),
+            model="m.gguf", layers=12, embedding=768, gpu="G", load_ms=1000.0 + i,
+            prefill_tps=300.0 + i, generation_tps=40.0, quality_tokens=[1, 2, 3] * 11))
+    return path
+
+
+def sidecar_line(i: int) -> str:
+    return json.dumps({"timestamp": f"2026-03-01T12:00:0{i}+00:00", "change": f"run {i}",
+                       "samples": {"prefill_tps": [300.0 + i] * 3}})
+
+
+# ------------------------------------------------------------------------------------------
+# Sidecar lines that are not records
+# ------------------------------------------------------------------------------------------
+
+def test_deeply_nested_sidecar_line_is_skipped_with_file_and_line(tmp_path):
+    path = small_history(tmp_path)
+    side = sidecar_path(path)
+    side.write_text("\n".join([sidecar_line(0), "[" * 100_000, sidecar_line(1), "{\"a\":" * 50_000,
+                               "9" * 10_000, sidecar_line(2)]) + "\n")
+    df, messages = read_warned(path)
+    assert [s["prefill_tps"][0] for s in df["samples"]] == [300.0, 301.0, 302.0]
+    assert f"{side}:2: JSON nested too deeply to read; line skipped" in messages
+    assert any(m.startswith(f"{side}:4: ") for m in messages)
+    assert any(m.startswith(f"{side}:5: ") for m in messages)
+    assert len(messages) == 3
+
+
+def test_nested_samples_are_dropped_not_joined(tmp_path):
+    """A sample value nested just below the parser's limit would break report writers later."""
+    path = small_history(tmp_path, 1)
+    deep = "[" * 500 + "]" * 500
+    sidecar_path(path).write_text(
+        f'{{"timestamp": "2026-03-01 12:00:00", "change": "run 0", '
+        f'"samples": {{"prefill_tps": [1.0, 2.0], "deep": {deep}, "flag": [true]}}}}\n')
+    df, messages = read_warned(path)
+    assert df["samples"][0] == {"prefill_tps": [1.0, 2.0]}
+    assert messages == [f"{sidecar_path(path)}:1: samples['deep'] is not a list of numbers; that metric not joined",
+                        f"{sidecar_path(path)}:1: samples['flag'] is not a list of numbers; that metric not joined"]
+
+
+def test_history_command_survives_a_bad_sidecar(tmp_path, capsys):
+    path = small_history(tmp_path)
+    sidecar_path(path).write_text("[" * 100_000 + "\n" + sidecar_line(1) + "\n")
+    with pytest.warns(HistoryWarning, match=r"h\.md\.jsonl:1: JSON nested too deeply"):
+        status = cli.main(["history", str(path)])
+    assert status == 0
+    assert capsys.readouterr().out.count("run ") == 3
+
+
+def fake_record(history_dir: Path) -> BenchRecord:
+    return BenchRecord(
+        title="T", change="bench", timestamp=datetime(2026, 3, 2, tzinfo=UTC), model="m.gguf",
+        model_path=str(history_dir / "m.gguf"), layers=12, embedding=768, gpu="G",
+        adapter={"name": "G", "backend": "vulkan"}, options=Options(), settings=BenchSettings(progress=False),
+        prompt=[1] * 8, load_ms=1000.0, engine_load_ms=900.0, prefill_seconds=[0.1] * 3,
+        generation_seconds=[0.2] * 3, warmup_prefill_seconds=[0.1], warmup_generation_seconds=[0.2],
+        quality_tokens=[1, 2, 3] * 11, consistent=True, logit_error=None, logit_tolerance=1e-3,
+        reference="not checked", dispatches_per_token=96, commit="abc1234",
+    )
+
+
+@pytest.fixture
+def fake_bench(monkeypatch, tmp_path):
+    """`rwkvlab bench` with the measurement replaced: counts how often it would have measured."""
+    measured = []
+
+    def run_bench(*args, **kwargs):
+        measured.append(1)
+        return fake_record(tmp_path)
+
+    monkeypatch.setattr(bench_module, "run_bench", run_bench)
+    monkeypatch.setattr(bench_module, "model_from_args", lambda args: tmp_path / "m.gguf")
+    return measured
+
+
+def bench_args(folder: Path, *extra: str):
+    return cli.build_parser().parse_args(
+        ["bench", "--file", "h", "--history-dir", str(folder), "--no-progress", *extra])
+
+
+def test_bench_saves_beside_a_bad_sidecar_line(tmp_path, fake_bench, capsys):
+    path = small_history(tmp_path)
+    sidecar_path(path).write_text("[" * 100_000 + "\n")
+    assert bench_module.cli_bench(bench_args(tmp_path)) == bench_module.EXIT_OK  # judge reads it quietly
+    assert fake_bench == [1]
+    df, _ = read_warned(path)
+    assert list(df["change"]) == ["run 0", "run 1", "run 2", "bench"]
+    assert df["samples"].iloc[-1]["prefill_tps"] == [80.0] * 3
+
+
+def test_bench_refuses_before_measuring_when_the_history_is_read_only(tmp_path, fake_bench, capsys):
+    path = small_history(tmp_path)
+    path.chmod(0o444)
+    assert bench_module.cli_bench(bench_args(tmp_path)) == bench_module.EXIT_NOT_RUN
+    assert fake_bench == []
+    assert "is read-only" in capsys.readouterr().err
+    with pytest.raises(HistoryWriteError, match="not a folder"):
+        check_appendable(path / "below-a-file")
+
+
+def test_bench_that_cannot_save_after_measuring_has_its_own_exit_code(tmp_path, fake_bench, capsys, monkeypatch):
+    small_history(tmp_path)
+
+    def refuse(path, record):
+        raise HistoryWriteError(f"{path}: the new run would not read back")
+
+    monkeypatch.setattr(bench_module, "append_run", refuse)
+    status = bench_module.cli_bench(bench_args(tmp_path, "--json"))
+    assert status == bench_module.EXIT_NOT_SAVED != bench_module.EXIT_LOGITS
+    out, err = capsys.readouterr()
+    assert "measured but not saved" in err and "would not read back" in err
+    assert json.loads(out.splitlines()[-1])["saved"] == {"error": f"{tmp_path / 'h.md'}: the new run would not read back"}
