@@ -39,10 +39,11 @@ import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from filelock import FileLock
 from markdown_it import MarkdownIt
@@ -194,10 +195,18 @@ _ATTACHED_UNITS = {"%", "x", "ns", "us", "µs", "μs", "ms", "s", "b", "kb", "mb
 _ABSENT = {"", MISSING, "-", "\u2014", "none", "not checked", "not measured"}
 _TOKENS_RE = re.compile(r"\[\s*(?:-?\d+\s*(?:,\s*-?\d+\s*)*,?\s*)?\]")
 _DATE_START_RE = re.compile(r"\d{4}-\d{1,2}-\d{1,2}")
-_RUN_HEADING_RE = re.compile(
-    r"(?P<ts>\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?\s*(?:Z|UTC|[+-]\d{2}:?\d{2})?)"
-    r"(?:\s+[-\u2013\u2014]\s*(?P<change>.*))?"
+# A run's timestamp. Every quantifier sits between fixed characters, so one match attempt is
+# linear in the heading's length: a heading of 20,000 spaces or tabs cannot make it backtrack
+# quadratically (the earlier single heading regex had "\s*" then "\s+" back to back).
+_STAMP_RE = re.compile(
+    r"(?P<y>\d{4})-(?P<mo>\d{2})-(?P<d>\d{2})[ T](?P<h>\d{2}):(?P<mi>\d{2})"
+    r"(?::(?P<s>\d{2})(?:\.(?P<frac>\d+))?)?"
+    r"(?:\s*(?P<zone>Z|UTC|[+-]\d{2}:?\d{2}))?"
 )
+_DASHES = "-\u2013\u2014"
+# The frame holds microseconds, not pandas' default nanoseconds, so that every year Python
+# knows (1-9999) fits; finer digits are cut.
+_TIME_FRACTION_DIGITS = 6
 
 
 def snake_case(name: str) -> str:
@@ -355,19 +364,19 @@ def _empty_row(path: Path | str, title: str, line: int, heading: str) -> dict[st
 def _parse_run(block: _Block, path: Path | str, extras: list[str]) -> dict[str, Any] | None:
     tables = _tables(block.tokens)
     metric_tables = [t for t in tables if _is_metric_table(t)]
-    heading = _RUN_HEADING_RE.fullmatch(block.heading)
+    heading = _split_run_heading(block.heading)
     if heading is None and not _DATE_START_RE.match(block.heading) and not metric_tables:
         return None  # a free-form subsection (notes, analysis): not a run
 
     row = _empty_row(path, block.title, block.line, block.heading)
     if heading is None:
-        _warn(path, block.line, f"run heading {block.heading!r} is not '<YYYY-MM-DD HH:MM:SS> - <change>'; "
+        _warn(path, block.line, f"run heading {_clip(block.heading)!r} is not '<YYYY-MM-DD HH:MM:SS> - <change>'; "
                                 "kept with no timestamp")
     else:
-        row["change"] = (heading.group("change") or "").strip()
-        row["timestamp"] = _parse_timestamp(heading.group("ts"))
-        if pd.isna(row["timestamp"]):
-            _warn(path, block.line, f"timestamp {heading.group('ts')!r} is not a valid date and time; kept as missing")
+        stamp_text, row["change"] = heading
+        row["timestamp"], problem = _parse_timestamp(stamp_text)
+        if problem:
+            _warn(path, block.line, f"timestamp {_clip(stamp_text)!r} {problem}")
 
     if not metric_tables:
         _warn(path, block.line, "run has no metric table (| Metric | Value |); its metrics are missing")
@@ -449,7 +458,7 @@ def _read_metric_table(table: _Table, row: dict[str, Any], path: Path | str, ext
     seen: dict[str, int] = {}
     for line, cells in body:
         if len(cells) < 2:
-            _warn(path, line, f"metric row {cells!r} has no value cell; expected | <metric> | <value> |")
+            _warn(path, line, f"metric row {_clip(repr(cells))} has no value cell; expected | <metric> | <value> |")
             continue
         if len(cells) > 2 and any(c.strip() for c in cells[2:]):
             _warn(path, line, f"metric row has {len(cells)} cells; only the first two are read")
@@ -457,13 +466,13 @@ def _read_metric_table(table: _Table, row: dict[str, Any], path: Path | str, ext
         metric = _METRIC_BY_LABEL.get(label.lower())
         column = metric.column if metric else snake_case(label)
         if not column:
-            _warn(path, line, f"metric row with label {label!r} has no name; row ignored")
+            _warn(path, line, f"metric row with label {_clip(label)!r} has no name; row ignored")
             continue
         if column in seen:
-            _warn(path, line, f"metric {label!r} repeated (first at line {seen[column]}); the first value is kept")
+            _warn(path, line, f"metric {_clip(label)!r} repeated (first at line {seen[column]}); the first value is kept")
             continue
         if metric is None and column in COLUMNS:
-            _warn(path, line, f"metric {label!r} would overwrite the {column!r} column; row ignored")
+            _warn(path, line, f"metric {_clip(label)!r} would overwrite the {column!r} column; row ignored")
             continue
         seen[column] = line
         if metric is None:
@@ -489,12 +498,12 @@ def _read_known(metric: _Metric, cell: str, path: Path | str, line: int) -> Any:
         value = text.lower()
         if _HASH_RE.fullmatch(value):
             return value
-        _warn(path, line, f"Quality Hash {text!r} is not 1-16 hex digits; kept as missing")
+        _warn(path, line, f"Quality Hash {_clip(text)!r} is not 1-16 hex digits; kept as missing")
         return float("nan")
     if metric.kind == "int":
         if re.fullmatch(r"[-+]?\d{1,18}", text):  # 18 digits always fit the Int64 column
             return int(text)
-        _warn(path, line, f"{metric.label} {text!r} is not a whole number; kept as missing")
+        _warn(path, line, f"{metric.label} {_clip(text)!r} is not a whole number; kept as missing")
         return pd.NA
     parsed = _number_with_unit(text)
     if parsed is not None:
@@ -505,7 +514,7 @@ def _read_known(metric: _Metric, cell: str, path: Path | str, line: int) -> Any:
             return number
         if metric.unit == "tok/s" and unit.lower() in _RATE_UNITS:
             return number
-    _warn(path, line, f"{metric.label} {text!r} is not a number in {metric.unit}; kept as missing")
+    _warn(path, line, f"{metric.label} {_clip(text)!r} is not a number in {metric.unit}; kept as missing")
     return float("nan")
 
 
@@ -548,16 +557,60 @@ def _line_of(tok: Token, default: int) -> int:
     return (tok.map[0] + 1) if tok.map else default
 
 
-def _parse_timestamp(text: str) -> pd.Timestamp:
-    """A heading or sidecar timestamp as UTC; a time without a zone is UTC (the format's rule)."""
-    cleaned = re.sub(r"\s*UTC$", "", str(text).strip())
+def _clip(text: str, limit: int = 80) -> str:
+    # Quoted input in a warning: enough to find it, not a 20,000-character line.
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _split_run_heading(heading: str) -> tuple[str, str] | None:
+    """``(timestamp text, change)`` of a ``<timestamp> - <change>`` heading, else None."""
+    match = _STAMP_RE.match(heading)
+    if match is None:
+        return None
+    # Try with the zone first; "12:00 -0130 x" may also be "12:00" then the change "0130 x".
+    ends = [match.end()] + ([match.start("zone")] if match.group("zone") else [])
+    for end in ends:
+        rest = heading[end:]
+        if not rest.strip():
+            return heading[:end].strip(), ""
+        body = rest.lstrip()
+        if len(body) < len(rest) and body[0] in _DASHES:
+            return heading[:end].strip(), body[1:].strip()
+    return None
+
+
+def _parse_timestamp(text: str) -> tuple[pd.Timestamp, str | None]:
+    """A heading or sidecar timestamp as UTC (no zone means UTC, the format's rule).
+
+    Returns the timestamp (NaT when unusable) and, when something was wrong, what, for a
+    warning. Parsed field by field rather than by pandas, whose parser turns a year 0000 into
+    1972, wraps a zone shift past year 9999 and mixes nanosecond units into the column.
+    """
+    match = _STAMP_RE.fullmatch(str(text).strip())
+    if match is None:
+        return pd.NaT, "is not a valid date and time; kept as missing"
+    frac = match.group("frac") or ""
+    note = None
+    if len(frac) > _TIME_FRACTION_DIGITS and frac[_TIME_FRACTION_DIGITS:].strip("0"):
+        note = "has digits beyond the microsecond; read to the microsecond"
+    zone = match.group("zone")
     try:
-        stamp = pd.Timestamp(cleaned)
-    except (ValueError, TypeError, OverflowError):
-        return pd.NaT
-    if pd.isna(stamp):
-        return pd.NaT
-    return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+        if zone in (None, "Z", "UTC"):
+            tz = timezone.utc
+        else:
+            sign = -1 if zone[0] == "-" else 1
+            digits = zone[1:].replace(":", "")
+            tz = timezone(sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:])))
+        local = datetime(int(match.group("y")), int(match.group("mo")), int(match.group("d")),
+                         int(match.group("h")), int(match.group("mi")), int(match.group("s") or 0),
+                         int(frac[:_TIME_FRACTION_DIGITS].ljust(_TIME_FRACTION_DIGITS, "0")), tzinfo=tz)
+    except ValueError:
+        return pd.NaT, "is not a valid date and time; kept as missing"
+    try:
+        utc = local.astimezone(timezone.utc)
+    except OverflowError:
+        return pd.NaT, "falls outside the years 1-9999 once converted to UTC; kept as missing"
+    return pd.Timestamp(utc), note
 
 
 def _warn_duplicates(path: Path | str, rows: list[dict[str, Any]]) -> None:
@@ -580,7 +633,11 @@ def _to_frame(rows: list[dict[str, Any]], extras: list[str]) -> pd.DataFrame:
         df[col] = df[col].astype("Int64")
     for col in _FLOAT_COLUMNS:
         df[col] = df[col].astype("float64")
-    df["timestamp"] = pd.to_datetime(df["timestamp"], utc=True).astype("datetime64[us, UTC]")
+    # Built at microseconds directly: pd.to_datetime would first unify the units, and one
+    # nanosecond timestamp next to a year outside 1678-2261 raised OutOfBoundsDatetime.
+    stamps = np.array([np.datetime64("NaT") if pd.isna(t) else t.tz_localize(None).to_datetime64()
+                       for t in df["timestamp"]], dtype="datetime64[us]")
+    df["timestamp"] = pd.Series(stamps, index=df.index).dt.tz_localize("UTC")
     df["line"] = df["line"].astype("int64")
     df["quality_tokens"] = df["quality_tokens"].astype(object)
     df["samples"] = [s if isinstance(s, dict) else {} for s in df["samples"]]
@@ -693,7 +750,7 @@ def _join_sidecar(path: Path, rows: list[dict[str, Any]]) -> None:
             index.setdefault((row["timestamp"].floor("s"), row["change"]), []).append(row)
     joined: set[int] = set()
     for number, record in _sidecar_records(path):
-        stamp = _parse_timestamp(str(record["timestamp"]))
+        stamp, _ = _parse_timestamp(str(record["timestamp"]))
         key = (stamp.floor("s") if not pd.isna(stamp) else stamp, _one_line(str(record["change"])))
         matches = index.get(key, [])
         if not matches:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -167,3 +168,97 @@ def test_bench_that_cannot_save_after_measuring_has_its_own_exit_code(tmp_path, 
     out, err = capsys.readouterr()
     assert "measured but not saved" in err and "would not read back" in err
     assert json.loads(out.splitlines()[-1])["saved"] == {"error": f"{tmp_path / 'h.md'}: the new run would not read back"}
+
+
+# ------------------------------------------------------------------------------------------
+# Headings: timestamps pandas cannot hold, and regexes that must stay linear
+# ------------------------------------------------------------------------------------------
+
+def with_headings(*stamps: str) -> str:
+    """The loading seed with its first run headings' timestamps replaced, in order."""
+    text = LOADING.read_text(encoding="utf-8")
+    heads = list(re.finditer(r"^### (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", text, flags=re.M))[:len(stamps)]
+    for head, stamp in reversed(list(zip(heads, stamps))):
+        text = text[:head.start(1)] + stamp + text[head.end(1):]
+    return text
+
+
+def test_nanoseconds_next_to_a_far_year_read_with_a_warning(tmp_path):
+    """pd.to_datetime unified such a column to nanoseconds and raised OutOfBoundsDatetime."""
+    path = tmp_path / "h.md"
+    path.write_text(with_headings("2026-01-04 06:02:59.123456789", "2500-01-01 00:00:00", "1500-06-01 00:00:00"))
+    df, messages = read_warned(path)
+    assert len(df) == 12 and str(df["timestamp"].dtype) == "datetime64[us, UTC]"
+    assert list(df["timestamp"][:3]) == [pd.Timestamp("2026-01-04 06:02:59.123456+00:00"),
+                                         pd.Timestamp("2500-01-01 00:00:00+00:00"),
+                                         pd.Timestamp("1500-06-01 00:00:00+00:00")]
+    assert messages == [f"{path}:18: timestamp '2026-01-04 06:02:59.123456789' has digits beyond the "
+                        "microsecond; read to the microsecond"]
+    verdicts(df)
+
+
+@pytest.mark.parametrize("stamp, problem", [
+    ("0000-01-01 00:00:00", "is not a valid date and time"),  # pandas read it as 1972
+    ("9999-12-31 23:59:59-05:00", "falls outside the years 1-9999 once converted to UTC"),  # pandas wrapped it
+    ("0001-01-01 00:00:00+05:00", "falls outside the years 1-9999 once converted to UTC"),
+    ("2026-02-30 10:00:00", "is not a valid date and time"),
+    ("2026-01-01 10:00:00+24:00", "is not a valid date and time"),
+])
+def test_impossible_timestamps_are_missing_with_a_warning(tmp_path, stamp, problem):
+    path = tmp_path / "h.md"
+    path.write_text(with_headings(stamp))
+    df, messages = read_warned(path)
+    assert len(df) == 12 and pd.isna(df["timestamp"][0]) and df["change"][0].startswith("Baseline after")
+    assert messages == [f"{path}:18: timestamp '{stamp}' {problem}; kept as missing"]
+
+
+def test_sidecar_timestamps_use_the_same_parser(tmp_path):
+    path = small_history(tmp_path, 2)
+    sidecar_path(path).write_text(
+        '{"timestamp": "2026-03-01T12:00:00.000000999Z", "change": "run 0", "samples": {"x": [1]}}\n'
+        '{"timestamp": "0000-03-01T12:00:01", "change": "run 1"}\n')
+    df, messages = read_warned(path)
+    assert df["samples"][0] == {"x": [1]}
+    assert [m.split(": ", 1)[1] for m in messages] == [
+        "no run in h.md has timestamp 0000-03-01T12:00:01 and change 'run 1'; record not joined",
+        "1 run(s) have no record in h.md.jsonl (lines 37); their samples are missing (was a write interrupted?)",
+    ]
+
+
+HOSTILE_HEADINGS = {
+    "spaces": " " * 50_000 + "x",
+    "stamp then spaces": "2026-01-04 06:02:59" + " " * 50_000 + "x",
+    "stamp then tabs and spaces": "2026-01-04 06:02:59" + "\t " * 25_000 + "x",
+    "stamp, spaces, UTC": "2026-01-04 06:02:59" + " " * 50_000 + "UTCx",
+    "stamp, spaces, dash": "2026-01-04 06:02:59" + " " * 25_000 + "-" + " " * 25_000,
+    "dashes": "2026-01-04 06:02:59 " + "- " * 25_000,
+    "digits": "2026-01-04 06:02:59." + "1" * 50_000 + "x",
+}
+HOSTILE_CELLS = {
+    "number then spaces": "1" + " " * 50_000 + "!",
+    "digits then junk": "1" * 50_000 + "x!",
+    "unit run": "1 " + "a" * 50_000 + "/",
+    "tokens": "[" + "1 " * 25_000 + "x",
+    "token commas": "[" + "1, " * 16_000 + "x",
+    "pipes": "|" * 50_000,
+    "dash row": ":" + "-" * 50_000 + "x",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_HEADINGS) + sorted(HOSTILE_CELLS))
+def test_long_hostile_lines_parse_in_linear_time(tmp_path, name):
+    """50,000-character lines: a quadratic regex takes tens of seconds here, a linear one
+    milliseconds (the old heading regex took about 8 s on 20,000 tab-space pairs)."""
+    if name in HOSTILE_HEADINGS:
+        text = f"## T\n\n### {HOSTILE_HEADINGS[name]}\n\n| Metric | Value |\n|---|---|\n| Prefill | 1 tok/s |\n"
+    else:
+        cell = HOSTILE_CELLS[name]
+        text = (f"## T\n\n### 2026-01-04 06:02:59 - a\n\n| Metric | Value |\n|---|---|\n| Prefill | {cell} |\n"
+                f"| Kernel | {cell} |\n| Metric | Value |\n| {cell}\n\n```\n{cell}\n```\n")
+    path = tmp_path / "h.md"
+    path.write_text(text)
+    started = time.perf_counter()
+    df, messages = read_warned(path)
+    verdicts(df)
+    assert time.perf_counter() - started < 2.0
+    assert len(df) == 1 and all(len(m) < 1000 for m in messages)
