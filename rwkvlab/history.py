@@ -60,6 +60,7 @@ __all__ = [
     "append_sidecar",
     "check_appendable",
     "format_run",
+    "printable",
     "read_history",
     "read_sidecar",
     "sidecar_path",
@@ -209,6 +210,25 @@ _DASHES = "-\u2013\u2014"
 _TIME_FRACTION_DIGITS = 6
 
 
+# C0 and C1 controls and DEL (ANSI escapes start with ESC or the one-byte CSI U+009B), and the
+# bidirectional overrides that reorder what a terminal shows. Tab, LF and CR are layout.
+_CONTROL_CODES = [c for c in range(0x20) if c not in (0x09, 0x0A, 0x0D)] + list(range(0x7F, 0xA0))
+_BIDI_CODES = [0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+_CONTROL_RE = re.compile("[" + "".join(f"\\u{c:04x}" for c in _CONTROL_CODES) + "]")
+_PRINTABLE = str.maketrans({c: (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}")
+                            for c in [*range(0x20), *range(0x7F, 0xA0), *_BIDI_CODES]})
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control and bidi characters as ``\\x1b``-style escapes.
+
+    History files are hand-edited and shared; text read from them must not be able to move
+    the cursor, recolour or rewrite a terminal. Tabs and newlines are escaped too, so a
+    value stays on its line of a table.
+    """
+    return text.translate(_PRINTABLE)
+
+
 def snake_case(name: str) -> str:
     """Column name for a metric row label: ``"VRAM Peak (MiB)"`` -> ``"vram_peak_mib"``."""
     return re.sub(r"[^0-9a-z]+", "_", name.strip().strip("*").lower()).strip("_")
@@ -277,7 +297,7 @@ def _warn(path: Path | str, line: int | None, message: str) -> None:
     frame, level = sys._getframe(0), 1
     while frame is not None and frame.f_code.co_filename == __file__:
         frame, level = frame.f_back, level + 1
-    warnings.warn(HistoryWarning(f"{where}: {message}"), stacklevel=level)
+    warnings.warn(HistoryWarning(printable(f"{where}: {message}")), stacklevel=level)
 
 
 def _read_file(path: Path, extras: list[str]) -> list[dict[str, Any]]:
@@ -286,6 +306,9 @@ def _read_file(path: Path, extras: list[str]) -> list[dict[str, Any]]:
     except OSError as exc:
         _warn(path, None, f"cannot be read ({exc.strerror}); no runs taken from it")
         return []
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        _warn(path, None, "is UTF-16 (byte order mark); read as such, but save it as UTF-8")
+        return parse_history_text(data.decode("utf-16", errors="replace"), path, extras)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -303,6 +326,7 @@ def parse_history_text(text: str, path: Path | str = "<text>", extras: list[str]
     given, collects the extra metric columns met, in order of first appearance.
     """
     extras = [] if extras is None else extras
+    text = _check_controls(text, path)
     try:
         tokens = _MD.parse(text)
     except Exception as exc:  # markdown-it is robust, but a reader of hand-edited files must not stop
@@ -318,7 +342,30 @@ def parse_history_text(text: str, path: Path | str = "<text>", extras: list[str]
         if row is not None:
             rows.append(row)
     _warn_duplicates(path, rows)
+    if not rows and text.strip():
+        # A file that says nothing would pass for an empty history: say what was expected.
+        _warn(path, None, "holds text but no run ('### <YYYY-MM-DD HH:MM:SS> - <change>' with a "
+                          "| Metric | Value | table); nothing read from it")
     return rows
+
+
+def _check_controls(text: str, path: Path | str) -> str:
+    """``text`` without NULs; one warning each for NULs and for other control characters."""
+    nul = text.count("\x00")
+    if nul:
+        # A NUL makes a blank line non-blank, so one before every newline leaves a code
+        # fence open to the end of the file and every run inside it: drop them instead.
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        _warn(path, line, f"{nul} NUL character(s) from here on (a UTF-16 file, or a corrupted one?); "
+                          "removed before reading")
+        text = text.replace("\x00", "")
+    found = _CONTROL_RE.search(text)
+    if found:
+        count = len(_CONTROL_RE.findall(text))
+        line = text.count("\n", 0, found.start()) + 1
+        _warn(path, line, f"{count} control character(s) from here on (first U+{ord(found.group()):04X}, "
+                          "e.g. an ANSI escape); kept, shown escaped when printed")
+    return text
 
 
 @dataclass
@@ -365,8 +412,15 @@ def _parse_run(block: _Block, path: Path | str, extras: list[str]) -> dict[str, 
     tables = _tables(block.tokens)
     metric_tables = [t for t in tables if _is_metric_table(t)]
     heading = _split_run_heading(block.heading)
-    if heading is None and not _DATE_START_RE.match(block.heading) and not metric_tables:
-        return None  # a free-form subsection (notes, analysis): not a run
+    if heading is None and not _DATE_START_RE.match(block.heading):
+        if not metric_tables:
+            return None  # a free-form subsection (notes, analysis): not a run
+        if not any(_is_run_table(t) for t in metric_tables):
+            # e.g. "### Analysis" over | Metric | Current | Target | Gap |: a table about runs,
+            # not one; reading it as a run would add a row of missing values to every plot.
+            _warn(path, block.line, f"section {_clip(block.heading)!r} is not a run (no '<timestamp> - <change>' "
+                                    "heading, and no | Metric | Value | table of run metrics); skipped")
+            return None
 
     row = _empty_row(path, block.title, block.line, block.heading)
     if heading is None:
@@ -435,6 +489,13 @@ def _split_pipe_row(line: str) -> list[str]:
 def _is_metric_table(table: _Table) -> bool:
     labels = [_plain(cells[0]).lower() for _, cells in table.rows if cells]
     return bool(labels) and (labels[0] == "metric" or any(label in _METRIC_BY_LABEL for label in labels))
+
+
+def _is_run_table(table: _Table) -> bool:
+    """A table that can only be a run's: two columns and at least one known metric row."""
+    widths = [len([c for c in cells if c.strip()]) for _, cells in table.rows[:1]]
+    labels = [_plain(cells[0]).lower() for _, cells in table.rows if cells]
+    return widths[:1] != [] and widths[0] <= 2 and any(label in _METRIC_BY_LABEL for label in labels)
 
 
 def _plain(cell: str) -> str:

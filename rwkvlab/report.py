@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from rwkvlab import plots
-from rwkvlab.history import read_history
+from rwkvlab.history import printable, read_history
 from rwkvlab.verdicts import verdicts as compute_verdicts
 
 SPEED_VERDICT_COLUMNS = (
@@ -100,6 +100,9 @@ def to_csv(df: pd.DataFrame, verdicts: pd.DataFrame) -> str:
     for column in frame.columns:
         if frame[column].map(lambda v: isinstance(v, nested)).any():
             frame[column] = frame[column].map(lambda v: json.dumps(_plain(v)) if isinstance(v, nested) else v)
+    # Text from the history goes to a terminal as often as to a spreadsheet: no escapes in it.
+    frame = frame.map(lambda v: printable(v) if isinstance(v, str) else v)
+    frame.columns = [printable(str(c)) for c in frame.columns]
     out = io.StringIO()
     frame.to_csv(out, index=False)
     return out.getvalue()
@@ -142,6 +145,7 @@ def format_table(df: pd.DataFrame, verdicts: pd.DataFrame) -> str:
             text = "" if math.isnan(value) else f"{value:.1f}"
         else:
             text = "" if value is None or (not isinstance(value, str) and pd.isna(value)) else str(value)
+        text = printable(text)
         if len(text) > width:
             text = text[: width - 1] + "…"
         return f"{text:{align}{width}}"

@@ -262,3 +262,86 @@ def test_long_hostile_lines_parse_in_linear_time(tmp_path, name):
     verdicts(df)
     assert time.perf_counter() - started < 2.0
     assert len(df) == 1 and all(len(m) < 1000 for m in messages)
+
+
+# ------------------------------------------------------------------------------------------
+# NUL, control characters, analysis tables, files that hold no run
+# ------------------------------------------------------------------------------------------
+
+def test_nul_before_every_newline_reads_every_run_with_one_warning(tmp_path):
+    path = tmp_path / "h.md"
+    path.write_bytes(LOADING.read_bytes().replace(b"\n", b"\x00\n"))
+    df, messages = read_warned(path)
+    clean, _ = read_warned(LOADING)
+    assert len(df) == len(clean) == 12
+    assert df.drop(columns="file").equals(clean.drop(columns="file"))
+    newlines = LOADING.read_bytes().count(b"\n")
+    assert messages == [f"{path}:1: {newlines} NUL character(s) from here on "
+                        "(a UTF-16 file, or a corrupted one?); removed before reading"]
+
+
+def test_utf16_file_is_read_with_a_warning(tmp_path):
+    path = tmp_path / "h.md"
+    path.write_bytes(LOADING.read_text(encoding="utf-8").encode("utf-16"))
+    df, messages = read_warned(path)
+    assert len(df) == 12 and messages == [f"{path}: is UTF-16 (byte order mark); read as such, but save it as UTF-8"]
+
+
+def test_text_without_runs_is_never_silently_empty(tmp_path):
+    path = tmp_path / "notes.md"
+    path.write_text("# Notes\n\nSome prose, a table:\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+    df, messages = read_warned(path)
+    assert df.empty and messages == [
+        f"{path}: holds text but no run ('### <YYYY-MM-DD HH:MM:SS> - <change>' with a | Metric | Value | "
+        "table); nothing read from it"]
+    (tmp_path / "blank.md").write_text("\n  \n")
+    assert read_warned(tmp_path / "blank.md")[1] == []
+
+
+ANSI = "\x1b[2J\x1b[31mred\x1b[0m\x9b1m\u202eevil"
+
+
+def test_ansi_escapes_never_reach_the_terminal(tmp_path, capsys):
+    path = tmp_path / f"h{chr(27)}[31m.md"
+    text = LOADING.read_text(encoding="utf-8")
+    text = text.replace("Baseline after", "Baseline " + ANSI, 1).replace("## Batched", "## " + ANSI + " Batched", 1)
+    text = text.replace("| GPU | Apple M2 Max |", f"| GPU | Apple {ANSI} |", 1)
+    path.write_text(text.replace("| Quality Hash |", f"| Note {ANSI} | {ANSI} |\n| Quality Hash |", 1))
+    side = sidecar_path(path)
+    side.write_text('{"timestamp": "2026-01-01T00:00:00", "change": "' + ANSI.encode("unicode_escape").decode()
+                    .replace("\\x", "\\u00") + '"}\n')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        df = read_history(path)
+        for fmt in ("table", "csv", "json"):
+            assert cli.main(["history", "--format", fmt, str(path)]) == 0
+    out, err = capsys.readouterr()
+    messages = [str(w.message) for w in caught]
+    assert df["gpu"][0] == "Apple " + ANSI  # the data keeps what the file says; printing escapes it
+    assert any(".md:16: 20 control character(s) from here on (first U+001B" in m for m in messages)
+    for shown in [out, err, *messages]:
+        assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e]", shown), shown[:200]
+    assert "\\x1b[31mred" in out
+
+
+def test_analysis_table_under_a_heading_is_not_a_run(tmp_path):
+    text = LOADING.read_text(encoding="utf-8")
+    text += ("\n### Analysis\n\n| Metric | Current | Target | Gap |\n|---|---|---|---|\n"
+             "| Speedup | 1.2x | 2x | 0.8x |\n| Prefill | 150 | 200 | 50 |\n\n### Notes\n\nprose\n")
+    path = tmp_path / "h.md"
+    path.write_text(text)
+    df, messages = read_warned(path)
+    line = text.splitlines().index("### Analysis") + 1
+    assert len(df) == 12
+    assert messages == [f"{path}:{line}: section 'Analysis' is not a run (no '<timestamp> - <change>' heading, "
+                        "and no | Metric | Value | table of run metrics); skipped"]
+    # An undated heading over a real run table is still a run, as before, with its warning.
+    path.write_text(text.replace("### 2025-12-31 02:16:41 - Baseline", "### Baseline", 1))
+    df, messages = read_warned(path)
+    assert len(df) == 12 and pd.isna(df["timestamp"][0]) and df["prefill_tps"][0] == 151.74
+    assert any(":18: run heading 'Baseline after" in m for m in messages)
+
+
+def test_seed_files_still_read_cleanly():
+    df, messages = read_warned(SEED_HISTORY)
+    assert len(df) == 86 and messages == []
