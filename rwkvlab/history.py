@@ -40,6 +40,7 @@ import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from glob import escape as glob_escape
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -875,6 +876,7 @@ def append_sidecar(path: str | os.PathLike, record: dict[str, Any]) -> None:
     side = sidecar_path(path)
     _check_writable(side)
     with FileLock(f"{path}.lock", timeout=LOCK_TIMEOUT_S):
+        _remove_stale_temporaries(path)
         old = side.read_bytes() if side.exists() else b""
         if old and not old.endswith(b"\n"):
             old += b"\n"  # a torn last line stays on its own line, so this record stays readable
@@ -966,6 +968,7 @@ def append_run(path: str | os.PathLike, record: RunRecord) -> int:
     path = Path(path).resolve()
     _check_writable(path)
     with FileLock(f"{path}.lock", timeout=LOCK_TIMEOUT_S):
+        _remove_stale_temporaries(path)
         old = path.read_bytes() if path.exists() else b""
         # surrogateescape keeps undecodable bytes byte-exact through the text round trip
         text = old.decode("utf-8", errors="surrogateescape")
@@ -1103,6 +1106,25 @@ def _same(got: Any, want: Any) -> bool:
     if want is pd.NA:
         return got is pd.NA
     return type(got) is type(want) and got == want
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete temporary files of ``path`` and its sidecar left by a writer that was killed.
+
+    Call only while holding ``<path>.lock``: every writer holds it for as long as its
+    temporary file exists, so any such file seen under the lock belongs to a dead writer.
+    """
+    for target in (path, sidecar_path(path)):
+        pattern = re.compile(re.escape(f".{target.name}.") + r"\d+\.\d+\.tmp")
+        for leftover in path.parent.glob(f".{glob_escape(target.name)}.*.tmp"):
+            if pattern.fullmatch(leftover.name):
+                try:
+                    leftover.unlink()
+                except OSError as exc:
+                    _warn(leftover, None, f"temporary file of an interrupted write cannot be removed ({exc.strerror})")
+                else:
+                    _warn(leftover, None, f"temporary file of an interrupted write to {target.name} removed "
+                                          "(its writer stopped before replacing the file; the file itself is whole)")
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

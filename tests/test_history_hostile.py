@@ -9,6 +9,9 @@ go on), in bounded time, printing no control characters to a terminal.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import re
 import time
 import warnings
@@ -346,3 +349,53 @@ def test_analysis_table_under_a_heading_is_not_a_run(tmp_path):
 def test_seed_files_still_read_cleanly():
     df, messages = read_warned(SEED_HISTORY)
     assert len(df) == 86 and messages == []
+
+
+# ------------------------------------------------------------------------------------------
+# A writer killed inside append_run / between the run and its samples
+# ------------------------------------------------------------------------------------------
+
+KILLED_WRITER = """
+import os, sys
+from datetime import datetime, timezone
+from rwkvlab import history
+from rwkvlab.history import RunRecord, append_run, append_sidecar
+
+path, where = sys.argv[1], sys.argv[2]
+stamp = datetime(2026, 3, 1, 13, tzinfo=timezone.utc)
+record = RunRecord(title="T", change=f"killed {where}", timestamp=stamp, model="m.gguf", prefill_tps=1.0)
+if where == "replace":
+    # The temporary file is written and synced; the process dies before it replaces the file.
+    history.os.replace = lambda *args: os._exit(9)
+append_run(path, record)
+if where == "between":
+    os._exit(9)  # the run is in the file, its samples never reach the sidecar
+append_sidecar(path, {"timestamp": stamp, "change": record.change, "samples": {"prefill_tps": [1.0]}})
+"""
+
+
+def kill_writer(path: Path, where: str) -> None:
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(path), where], capture_output=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert proc.returncode == 9, proc.stderr.decode()
+
+
+def test_killed_writer_leaves_no_silent_damage(tmp_path):
+    path = small_history(tmp_path, 2)
+    sidecar_path(path).write_text(sidecar_line(0) + "\n" + sidecar_line(1) + "\n")
+    before = path.read_bytes()
+    kill_writer(path, "replace")
+    leftovers = sorted(p.name for p in tmp_path.glob(".h.md.*.tmp"))
+    assert len(leftovers) == 1 and path.read_bytes() == before  # the file is whole, a temp is left
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        append_run(path, RunRecord(title="T", change="next", timestamp=datetime(2026, 3, 1, 14, tzinfo=UTC)))
+    assert [str(w.message) for w in caught] == [
+        f"{tmp_path / leftovers[0]}: temporary file of an interrupted write to h.md removed (its writer stopped "
+        "before replacing the file; the file itself is whole)"]
+    assert not list(tmp_path.glob(".h.md.*.tmp"))
+    kill_writer(path, "between")
+    df, messages = read_warned(path)
+    assert list(df["change"]) == ["run 0", "run 1", "next", "killed between"]
+    assert messages == [f"{path}:60: 2 run(s) have no record in h.md.jsonl (lines 60, 83); their samples "
+                        "are missing (was a write interrupted?)"]
