@@ -848,8 +848,12 @@ def _join_sidecar(path: Path, rows: list[dict[str, Any]]) -> None:
                 _warn(side, number, f"a second record for the run at {path.name}:{row['line']}; the later one is used")
             row["samples"] = samples
     # A writer stopped between the run and its sidecar record leaves exactly this: say so
-    # once per file rather than let the run pass for one that never had samples.
-    lacking = [row["line"] for row in rows if id(row) not in joined]
+    # once per file rather than let the run pass for one that never had samples. Runs older
+    # than the first recorded one predate the sidecar (hand-written, or seed runs): expected.
+    recorded = [row["timestamp"] for row in rows if id(row) in joined]
+    since = min(recorded) if recorded else None
+    lacking = [row["line"] for row in rows if id(row) not in joined and row["timestamp"] is not pd.NaT
+               and (since is None or row["timestamp"] > since)]
     if lacking:
         shown = ", ".join(str(n) for n in lacking[:5]) + (", ..." if len(lacking) > 5 else "")
         _warn(path, lacking[0], f"{len(lacking)} run(s) have no record in {side.name} (lines {shown}); "
