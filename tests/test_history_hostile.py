@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import re
 import time
 import warnings
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -36,7 +36,7 @@ from rwkvlab.history import (
     sidecar_path,
 )
 from rwkvlab.options import Options
-from rwkvlab.report import cli_history
+from rwkvlab.report import format_table, summarize, summary_text, to_csv, to_json
 from rwkvlab.verdicts import verdicts
 from conftest import SEED_HISTORY
 
@@ -103,9 +103,11 @@ def test_nested_samples_are_dropped_not_joined(tmp_path):
 def test_history_command_survives_a_bad_sidecar(tmp_path, capsys):
     path = small_history(tmp_path)
     sidecar_path(path).write_text("[" * 100_000 + "\n" + sidecar_line(1) + "\n")
-    with pytest.warns(HistoryWarning, match=r"h\.md\.jsonl:1: JSON nested too deeply"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         status = cli.main(["history", str(path)])
     assert status == 0
+    assert f"{sidecar_path(path)}:1: JSON nested too deeply to read; line skipped" in [str(w.message) for w in caught]
     assert capsys.readouterr().out.count("run ") == 3
 
 
@@ -399,3 +401,124 @@ def test_killed_writer_leaves_no_silent_damage(tmp_path):
     assert list(df["change"]) == ["run 0", "run 1", "next", "killed between"]
     assert messages == [f"{path}:60: 2 run(s) have no record in h.md.jsonl (lines 60, 83); their samples "
                         "are missing (was a write interrupted?)"]
+
+
+# ------------------------------------------------------------------------------------------
+# The corpus: hundreds of damaged files, built the same way on every run
+# ------------------------------------------------------------------------------------------
+
+SMALL_VALID = format_run(RunRecord(
+    title="", change="small", timestamp=datetime(2026, 4, 1, tzinfo=UTC), model="m.gguf", layers=2,
+    embedding=64, gpu="G", load_ms=10.0, prefill_tps=100.0, generation_tps=10.0, quality_tokens=[5] * 32,
+    extra={"Backend": "vulkan"}))
+BASES = {p.stem: p.read_text(encoding="utf-8") for p in SEED_HISTORY}
+BASES["small"] = "# Benchmark Results\n\n## Small\n\n" + SMALL_VALID + "\n" + SMALL_VALID.replace("small", "again")
+INJECTIONS = ["\x00", "\x1b[2J\x1b[31m", "\x9b31m", "\u202e", "\x07\x08\x7f", "\r", "\u2028", "\ufeff",
+              "[" * 20_000, "|" * 20_000, " " * 20_000, "\t " * 10_000, "1" * 20_000, "*_`" * 5_000,
+              "```", "<details>", "<!--", "### ", "## ", "| Metric | Value |", "|---|---|", "\\"]
+BAD_STAMPS = ["0000-00-00 00:00:00", "9999-12-31 23:59:59-05:00", "2026-01-04 06:02:59.123456789",
+              "2500-01-01 00:00:00", "1500-01-01 00:00:00", "2026-02-30 25:61:61", "2026-01-04T06:02:59Z",
+              "2026-01-04 06:02", "99999-01-01 00:00:00", "2026-01-04 06:02:59 UTC", "2026-01-04 06:02:59+99:99"]
+GARBAGE_ROWS = ["| Prefill | ∞ tok/s |", "| Layers | 1e400 |", "| **Load Time** | **-0 ms** |", "| | |",
+                "| Quality Hash | `" + "f" * 40 + "` |", "| Generation | nan |", "| a | b | c | d | e |",
+                "|:-:|", "| Model |", "| Metric | Current | Target | Gap |", "[1, 2, 3", "[" + ", ".join(["7"] * 5000) + "]"]
+SIDECARS = [
+    "[" * 100_000, "{" * 10, '{"timestamp": "x", "change": 1}', "9" * 5_000, "\x00\x1b[31m{}\n",
+    '{"timestamp": "2025-12-31T02:16:41Z", "change": "Baseline after removing per-layer GPU sync", '
+    '"samples": {"prefill_tps": [' + "[" * 900 + "]" * 900 + '], "x": "\x1b[31m"}}',
+    '{"timestamp": "2025-12-31T02:16:41Z", "change": "Baseline after removing per-layer GPU sync", '
+    '"samples": {"prefill_tps": [1e999, -1, 0]}}',
+    '{"timestamp": "0000-01-01T00:00:00", "change": "\\u001b[2J"}', "\ud800".encode("utf-8", "surrogatepass").decode("latin-1"),
+]
+# Anything a terminal acts on: C0 but newline, DEL, C1, bidi overrides.
+TERMINAL_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def mutate(text: str, rng: random.Random, kind: str) -> str:
+    """One kind of damage, placed at random (seeded) points of ``text``."""
+    lines = text.splitlines(keepends=True)
+    if kind == "truncate":
+        return text[: rng.randrange(len(text) + 1)]
+    if kind == "byte flips":
+        data = bytearray(text.encode("utf-8"))
+        for _ in range(rng.randint(1, 40)):
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        return data.decode("utf-8", errors="surrogateescape")
+    if kind == "inject":
+        for _ in range(rng.randint(1, 6)):
+            at = rng.randrange(len(text) + 1)
+            text = text[:at] + rng.choice(INJECTIONS) + text[at:]
+        return text
+    if kind == "nul lines":
+        return text.replace("\n", "\x00\n")
+    if kind == "crlf":
+        return text.replace("\n", "\r\n")
+    if kind == "bad dates":
+        heads = list(re.finditer(r"^### (\S+ \S+)", text, flags=re.M))
+        for head in sorted(rng.sample(heads, min(len(heads), 3)), key=lambda m: -m.start()):
+            text = text[:head.start(1)] + rng.choice(BAD_STAMPS) + text[head.end(1):]
+        return text
+    if kind == "duplicate headings":
+        heads = [i for i, line in enumerate(lines) if line.startswith("##")]
+        for i in sorted(rng.sample(heads, min(len(heads), 4)), reverse=True):
+            lines[i:i] = [lines[i]] * rng.randint(1, 3)
+        return "".join(lines)
+    if kind == "table garbage":
+        for _ in range(rng.randint(1, 8)):
+            lines.insert(rng.randrange(len(lines) + 1), rng.choice(GARBAGE_ROWS) + "\n")
+        return "".join(lines)
+    if kind == "shuffle":
+        rng.shuffle(lines)
+        return "".join(lines)
+    if kind == "huge line":
+        lines.insert(rng.randrange(len(lines) + 1), "### 2026-01-04 06:02:59" + rng.choice(INJECTIONS[8:14]) * 2 + "\n")
+        return "".join(lines)
+    raise ValueError(kind)
+
+
+KINDS = ["truncate", "byte flips", "inject", "nul lines", "crlf", "bad dates", "duplicate headings",
+         "table garbage", "shuffle", "huge line"]
+
+
+def corpus() -> list[tuple[str, bytes, str | None]]:
+    """(name, file bytes, sidecar text or None): 5 bases x 10 kinds x 5 seeds, every fifth
+    with a hostile sidecar, plus a few whole-file oddities."""
+    cases = []
+    for base_name, base in BASES.items():
+        for kind in KINDS:
+            for seed in range(5):
+                rng = random.Random(f"{base_name}/{kind}/{seed}")
+                text = mutate(base, rng, kind)
+                side = "\n".join(rng.sample(SIDECARS, 3)) if seed == 4 else None
+                cases.append((f"{base_name}-{kind}-{seed}", text.encode("utf-8", errors="surrogateescape"), side))
+    cases += [("utf16", BASES["small"].encode("utf-16"), None), ("empty", b"", None),
+              ("binary", bytes(range(256)) * 40, None), ("only-nul", b"\x00" * 5000, SIDECARS[0])]
+    return cases
+
+
+CORPUS = corpus()
+
+
+@pytest.mark.parametrize("name, data, side", CORPUS, ids=[c[0] for c in CORPUS])
+def test_hostile_corpus(tmp_path, name, data, side):
+    """Reading, judging and printing a damaged file: only HistoryWarnings, in bounded time,
+    and nothing on the terminal that a terminal would act on."""
+    path = tmp_path / "h.md"
+    path.write_bytes(data)
+    if side is not None:
+        sidecar_path(path).write_text(side, encoding="utf-8", errors="surrogateescape")
+    started = time.perf_counter()
+    df, messages = read_warned(path)
+    judged = verdicts(df)
+    printed = [to_csv(df, judged), to_json(df, judged), format_table(df, judged)]
+    if len(df):
+        printed.append(summary_text(summarize(df, judged)))
+    assert time.perf_counter() - started < 10, name
+    assert len(judged) == len(df)
+    for text in printed:
+        assert not TERMINAL_CONTROL.search(text.replace("\r\n", "\n")), (name, TERMINAL_CONTROL.search(text))
+    for message in messages:
+        assert not TERMINAL_CONTROL.search(message), (name, message[:200])
+        assert len(message) < 2000, (name, message[:200])
+    if data.strip(b" \t\r\n"):
+        assert len(df) or messages, f"{name}: a non-empty file read as zero runs without a warning"

@@ -10,7 +10,6 @@ import warnings
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
-import pytest
 
 from rwkvlab import cli
 from rwkvlab.history import HistoryWarning, RunRecord, format_run, read_history
