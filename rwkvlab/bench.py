@@ -547,17 +547,17 @@ def _prompt_lengths(history: str | os.PathLike) -> dict[tuple[Any, str], int]:
     """(timestamp to the second, change) -> prompt tokens of each run the sidecar describes."""
     import pandas as pd
 
-    from rwkvlab.history import sidecar_path
+    from rwkvlab.history import read_sidecar
 
     lengths = {}
-    side = sidecar_path(history)
-    if side.is_file():
-        for text in side.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                rec = json.loads(text)
-                lengths[(pd.Timestamp(rec["timestamp"]).floor("s"), rec["change"])] = int(rec["prompt_tokens"])
-            except (ValueError, KeyError, TypeError):
-                continue  # a record without the field (or a torn line): its prompt is unknown
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HistoryWarning)  # read_history has said it already
+        records = read_sidecar(history)
+    for _, rec in records:
+        try:
+            lengths[(pd.Timestamp(rec["timestamp"]).floor("s"), rec["change"])] = int(rec["prompt_tokens"])
+        except (ValueError, KeyError, TypeError, OverflowError):
+            continue  # a record without the field: its prompt is unknown
     return lengths
 
 
@@ -646,14 +646,31 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
                          repeat=args.repeat, reference=not args.no_reference, progress=not args.no_progress)
 
 
+# Exit status of `rwkvlab bench` (and the worker the lab and sweep start): 1 is reserved for a
+# failed logit check, whose run is saved, so a run that could not be saved needs its own code.
+EXIT_OK, EXIT_LOGITS, EXIT_NOT_RUN, EXIT_NOT_SAVED = 0, 1, 2, 3
+
+
 def cli_bench(args: argparse.Namespace) -> int:
-    """`rwkvlab bench`: run, print, append to the history; exit 1 when the logit check fails."""
+    """`rwkvlab bench`: run, print, append to the history. Exit 0 done, 1 the logit check failed
+    (run saved), 2 it could not run (nothing saved), 3 measured but the history could not be
+    written (the measurement is printed, nothing saved)."""
     from rwkvlab.engine import EngineError
     from rwkvlab.gguf import GGUFError
     from rwkvlab.gpu import NoAdapterError
+    from rwkvlab.history import HistoryWriteError, check_appendable
     from rwkvlab.kernels import KernelError
 
     human = sys.stderr if args.json else sys.stdout
+    if not args.no_save:
+        # Find out before minutes of measuring whether there is anywhere to save the run. The
+        # file name can depend on the GPU, so without --file only the folder can be checked.
+        target = Path(args.history_dir) / f"{args.file}.md" if args.file else Path(args.history_dir)
+        try:
+            check_appendable(target)
+        except HistoryWriteError as err:
+            print(f"rwkvlab bench: {err}; nothing measured", file=sys.stderr)
+            return EXIT_NOT_RUN
     try:
         options = from_args(args)
         settings = settings_from_args(args)
@@ -662,20 +679,29 @@ def cli_bench(args: argparse.Namespace) -> int:
     except (BenchError, ModelNotFoundError, OptionsError, GGUFError, NoAdapterError, EngineError,
             KernelError) as err:
         print(f"rwkvlab bench: {err}", file=sys.stderr)
-        return 2
+        return EXIT_NOT_RUN
     history = history_file(record, args.history_dir, args.file)
     verdict = judge(record, history)
     print(format_summary(record, verdict), file=human)
     saved: dict[str, Any] = {}
+    failed = None
     if not args.no_save:
-        line = save_bench(record, history)
-        saved = {"file": str(history), "line": line}
-        print(f"saved        {history}:{line} (samples in {history.name}.jsonl)", file=human)
+        try:
+            line = save_bench(record, history)
+        except (HistoryWriteError, OSError) as err:  # OSError covers filelock.Timeout too
+            failed = f"rwkvlab bench: the run was measured but not saved to {history}: {err}"
+            saved = {"error": str(err)}
+        else:
+            saved = {"file": str(history), "line": line}
+            print(f"saved        {history}:{line} (samples in {history.name}.jsonl)", file=human)
     if args.json:
         out = record.to_dict()
         out.update(verdict=asdict(verdict), saved=saved)
         print(json.dumps(out, default=_json_default))
-    return 1 if record.logit_ok is False else 0
+    if failed:
+        print(failed, file=sys.stderr)
+        return EXIT_NOT_SAVED
+    return EXIT_LOGITS if record.logit_ok is False else EXIT_OK
 
 
 def _json_default(value: Any) -> Any:

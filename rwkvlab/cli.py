@@ -137,7 +137,8 @@ def _bench(sub) -> None:
         description="Load a model (a GGUF file, or a synthetic preset; default: tiny), time load, "
         "prefill and greedy generation, check the output (quality hash and logits against the NumPy "
         "reference) and append the run to the benchmark history. Exit status: 0 done, 1 the logit "
-        "check failed (the run is still saved), 2 it could not run (nothing saved).",
+        "check failed (the run is still saved), 2 it could not run (nothing saved), 3 it was measured "
+        "but the history could not be written (nothing saved; the numbers are printed).",
         epilog=BENCH_PROTOCOL,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
