@@ -38,8 +38,8 @@ pio.renderers.default = "notebook"
 import plotly.graph_objects as go
 
 from rwkvlab import plots
-from rwkvlab.options import FUSIONS
 from rwkvlab.lab import Panel, prepare_kernel
+from rwkvlab.options import FUSIONS
 
 prepare_kernel()  # keeps Mesa's adapter-scan noise out of cell outputs (see its docstring)
 
