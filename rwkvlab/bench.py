@@ -51,6 +51,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -270,12 +271,14 @@ def logit_tolerance(file_types: dict[str, str], gpu_formats: dict[str, str]) -> 
 # --------------------------------------------------------------------------------------------
 
 def run_bench(model: str | os.PathLike, options: Options | None = None,
-              settings: BenchSettings | None = None, *, title: str = "", change: str = "") -> BenchRecord:
+              settings: BenchSettings | None = None, *, title: str = "", change: str = "",
+              on_progress: Callable[[int, int, str], None] | None = None) -> BenchRecord:
     """Run the benchmark protocol (module docstring) on ``model`` and return its record.
 
     ``model`` is a GGUF path or a preset name (f32). Nothing is written to any history; see
     :func:`save_bench`. Raises :class:`BenchError` / ``OptionsError`` / ``GGUFError`` with a
     message a user can act on before any GPU work when the setup cannot run.
+    ``on_progress(step, steps, stage)`` follows the protocol's steps (:func:`bench_steps`).
     """
     from rwkvlab.gguf import fingerprint, read_model
     from rwkvlab.gpu import resolve_options
@@ -293,7 +296,7 @@ def run_bench(model: str | os.PathLike, options: Options | None = None,
     change = change or options.text()
     timestamp = datetime.now(timezone.utc)
 
-    bar = _progress(settings)
+    bar = _Progress(settings, on_progress)
     try:
         timings = _measure(path, options, settings, prompt, bar)
         bar.set_description("reference")
@@ -324,13 +327,40 @@ def run_bench(model: str | os.PathLike, options: Options | None = None,
     )
 
 
-def _progress(settings: BenchSettings):
-    from tqdm import tqdm
+def bench_steps(settings: BenchSettings) -> int:
+    """Steps of the protocol: load, warmup and timed rounds (prefill + generation each), the
+    quality run, the reference."""
+    return 1 + 2 * (settings.warmup + settings.repeat) + 1 + 1
 
-    # load, warmup and timed rounds (prefill + generation each), the quality run, the reference
-    total = 1 + 2 * (settings.warmup + settings.repeat) + 1 + 1
-    return tqdm(total=total, desc="bench", unit="step", file=sys.stderr, disable=not settings.progress,
-                leave=False)
+
+class _Progress:
+    """The protocol's progress: a tqdm bar on stderr for people, and ``on_progress(step, steps,
+    stage)`` for programs (``--events``: the worker reads these, never the bar's redraws)."""
+
+    def __init__(self, settings: BenchSettings, on_progress: Callable[[int, int, str], None] | None) -> None:
+        from tqdm import tqdm
+
+        self.total, self.n, self.stage = bench_steps(settings), 0, "bench"
+        self.bar = tqdm(total=self.total, desc=self.stage, unit="step", file=sys.stderr,
+                        disable=not settings.progress, leave=False)
+        self.on_progress = on_progress
+
+    def set_description(self, stage: str) -> None:
+        self.stage = stage
+        self.bar.set_description(stage)
+        self._tell()
+
+    def update(self, steps: int = 1) -> None:
+        self.n += steps
+        self.bar.update(steps)
+        self._tell()
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def _tell(self) -> None:
+        if self.on_progress:
+            self.on_progress(self.n, self.total, self.stage)
 
 
 @dataclass
@@ -674,7 +704,7 @@ def cli_bench(args: argparse.Namespace) -> int:
         options = from_args(args)
         settings = settings_from_args(args)
         record = run_bench(model_from_args(args), options, settings, title=args.title or "",
-                           change=args.change or "")
+                           change=args.change or "", on_progress=_event_printer() if args.events else None)
     except (BenchError, ModelNotFoundError, OptionsError, GGUFError, NoAdapterError, EngineError,
             KernelError) as err:
         print(f"rwkvlab bench: {err}", file=sys.stderr)
@@ -706,6 +736,14 @@ def cli_bench(args: argparse.Namespace) -> int:
     for why in gate:
         print(f"rwkvlab bench: --fail-on: {why}", file=sys.stderr)
     return EXIT_GATE if gate else EXIT_OK
+
+
+def _event_printer() -> Callable[[int, int, str], None]:
+    """``--events``: each progress step as one JSON line on stdout, for the worker runner
+    (rwkvlab.worker); the record, with ``--json``, stays the last line."""
+    def tell(step: int, steps: int, stage: str) -> None:
+        print(json.dumps({"event": "progress", "step": step, "steps": steps, "stage": stage}), flush=True)
+    return tell
 
 
 def _json_default(value: Any) -> Any:
