@@ -171,6 +171,10 @@ def _bench(sub) -> None:
                    "its history's runs), or both joined by ','; the verdicts are rwkvlab.verdicts', as "
                    "`rwkvlab history` and reports show them (for CI)")
     p.add_argument("--json", action="store_true", help="print the record as JSON on stdout (the summary goes to stderr)")
+    p.add_argument("--replay", metavar="FILE.md:LINE",
+                   help="run again exactly what a recorded run ran, from its record alone: its model file "
+                   "(checked by content), resolved options and tuning, lengths and rounds; other engine flags "
+                   "are ignored")
     p.add_argument("--events", action="store_true",
                    help="print each step of the protocol as a JSON line on stdout before the record: "
                    '{"event": "progress", "step": N, "steps": M, "stage": TEXT} (what the lab\'s worker reads)')

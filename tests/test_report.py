@@ -159,3 +159,34 @@ def test_folder_without_runs_is_exit_2(tmp_path, capsys):
     (tmp_path / "notes.md").write_text("# Just notes\n\nNo runs here.\n")
     assert main(["report", str(tmp_path), "-o", str(tmp_path / "r.html")]) == 2
     assert "no benchmark runs" in capsys.readouterr().err
+
+
+# The history tools on a machine without wgpu: a finder that refuses the GPU packages stands in
+# for their absence, so any import of them on the way fails the command.
+_NO_GPU = """
+import sys
+class NoGPU:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("wgpu", "wgpudawn"):
+            raise ImportError(f"{name} is not installed here")
+sys.meta_path.insert(0, NoGPU())
+from rwkvlab.cli import main
+code = main(sys.argv[1:])
+assert not any(m.split(".")[0] in ("wgpu", "wgpudawn") for m in sys.modules), "a GPU package was imported"
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("command", [
+    ["history", "--format", "csv"],
+    ["report", "-o", "{tmp}/r.html"],
+    ["compare", "title=Baseline 1", "title=Baseline 2"],
+])
+def test_history_tools_run_without_wgpu(command, tmp_path):
+    import subprocess
+    import sys
+
+    argv = [c.format(tmp=tmp_path) for c in command] + [str(p) for p in SEED_HISTORY]
+    done = subprocess.run([sys.executable, "-c", _NO_GPU, *argv], capture_output=True, text=True, timeout=300,
+                          cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
