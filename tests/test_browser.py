@@ -190,7 +190,7 @@ def test_notebook_report_plots_draw_offline(browser, tmp_path):
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.cells = [nbformat.v4.new_code_cell(
-        "import plotly.io as pio\npio.renderers.default = 'notebook'\nimport plotly.graph_objects as go\n"
+        "import plotly.io as pio\npio.renderers.default = 'plotly_mimetype'\nimport plotly.graph_objects as go\n"
         f"go.Figure(go.Bar(x=['a', 'b'], y=[{i}, 4], name='bars {i}')).show()") for i in (1, 2)]
     nbformat.write(nb, str(tmp_path / "figures.ipynb"))
     out, runs = write_notebook_report([tmp_path / "figures.ipynb"], tmp_path / "lab-report.html")

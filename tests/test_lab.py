@@ -366,8 +366,11 @@ def _notebook(path: Path, *sources: str) -> Path:
     return path
 
 
-FIGURE = ("import plotly.io as pio\npio.renderers.default = 'notebook'\nimport plotly.graph_objects as go\n"
+# The lab's notebooks store figures as plotly JSON; a notebook on the "notebook" renderer
+# carries its own plotly.js, which the page must drop in favour of its single copy.
+FIGURE = ("import plotly.io as pio\npio.renderers.default = 'plotly_mimetype'\nimport plotly.graph_objects as go\n"
           "go.Figure(go.Bar(x=[1, 2], y=[3, 4])).show()")
+FIGURE_WITH_PLOTLY_JS = FIGURE.replace("'plotly_mimetype'", "'notebook'")
 
 
 def test_notebook_report_is_one_offline_page(tmp_path):
@@ -376,7 +379,7 @@ def test_notebook_report_is_one_offline_page(tmp_path):
 
     a = _notebook(tmp_path / "a.ipynb", FIGURE, "import ipywidgets\nipywidgets.IntSlider(value=3)",
                   f"from rwkvlab.lab import Panel\nPanel(history_dir={str(tmp_path / 'h')!r})")
-    b = _notebook(tmp_path / "b.ipynb", FIGURE, "print('hello from b')")
+    b = _notebook(tmp_path / "b.ipynb", FIGURE_WITH_PLOTLY_JS, "print('hello from b')")
     before = a.read_bytes()
     out, runs = write_notebook_report([a, b], tmp_path / "lab-report.html")
     assert a.read_bytes() == before  # notebooks are executed as copies
@@ -384,6 +387,7 @@ def test_notebook_report_is_one_offline_page(tmp_path):
     page = out.read_text()
     assert page.count("* plotly.js v") == 1  # the library once, for both notebooks
     assert page.count('class="plotly-graph-div"') == 2
+    assert "application/vnd.plotly.v1+json" not in page  # every JSON figure became HTML
     assert "IntSlider(value=3)" in page and "widgets need a running kernel" in page
     assert "rwkvlab-snapshot" in page  # the panel's own static picture
     assert "hello from b" in page and "href='#nb-a'" in page and "href='#nb-b'" in page
