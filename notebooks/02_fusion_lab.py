@@ -39,7 +39,7 @@ pio.renderers.default = "plotly_mimetype"
 import plotly.graph_objects as go
 
 from rwkvlab import plots
-from rwkvlab.kernels import FUSIONS
+from rwkvlab.options import FUSIONS
 from rwkvlab.lab import Panel, prepare_kernel
 
 prepare_kernel()  # keeps Mesa's adapter-scan noise out of cell outputs (see its docstring)

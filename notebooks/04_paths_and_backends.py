@@ -36,7 +36,8 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from rwkvlab import plots
-from rwkvlab.bench import BenchSettings, resolve_model
+from rwkvlab.bench import BenchSettings
+from rwkvlab.synth import resolve_model
 from rwkvlab.gpu import NATIVE_FEATURES, NoAdapterError, available_backends, list_adapters, resolve_options
 from rwkvlab.lab import prepare_kernel
 from rwkvlab.options import Options, OptionsError

@@ -59,7 +59,8 @@ from typing import Any
 import numpy as np
 
 from rwkvlab.history import HistoryWarning, RunRecord, append_run, append_sidecar, read_history
-from rwkvlab.options import Options, OptionsError, parse_fusions
+from rwkvlab.options import Options, OptionsError, from_args, from_record
+from rwkvlab.synth import ModelNotFoundError, model_from_args, resolve_model
 from rwkvlab.quality import HASH_TOKENS, SHOWN_TOKENS, quality_hash
 
 # Written for this lab: plain English with digits, punctuation and a line break, so that
@@ -183,8 +184,10 @@ class BenchRecord:
             "Backend": self.adapter.get("backend", self.options.backend),
             "Path": self.options.path,
             "Weights": self.options.weights,
-            "Fusions": fusions_text(self.options.fusions),
+            # the seed files' way of writing a list in a cell
+            "Fusions": ", ".join(sorted(self.options.fusions)) or "none",
             "Chunk": self.options.chunk,
+            "Tuning": self.options.tuning or "default",
             "Dispatches/token": "n/a" if self.dispatches_per_token is None else int(self.dispatches_per_token),
             # In backticks: the history reader keeps it text (a hash like 1234e56 is not a number).
             "Commit": f"`{self.commit}`",
@@ -244,16 +247,9 @@ class BenchRecord:
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in d.items() if k in names}
         values["timestamp"] = datetime.fromisoformat(d["timestamp"])
-        opts = dict(d["options"])
-        opts["fusions"] = frozenset(opts.get("fusions", ()))
-        values["options"] = Options(**opts)
+        values["options"] = from_record(d["options"])
         values["settings"] = BenchSettings(**d["settings"])
         return cls(**values)
-
-
-def fusions_text(fusions: frozenset[str]) -> str:
-    """How a fusion set is written in a history row: ``none`` or the sorted names."""
-    return ", ".join(sorted(fusions)) or "none"
 
 
 def logit_tolerance(file_types: dict[str, str], gpu_formats: dict[str, str]) -> float:
@@ -267,22 +263,6 @@ def logit_tolerance(file_types: dict[str, str], gpu_formats: dict[str, str]) -> 
 # --------------------------------------------------------------------------------------------
 # Running the protocol
 # --------------------------------------------------------------------------------------------
-
-def resolve_model(model: str | os.PathLike, fmt: str = "f32") -> Path:
-    """A GGUF path for ``model``: an existing file, or a synthetic preset name (written on first use)."""
-    from rwkvlab.cli import PRESETS
-
-    path = Path(model)
-    if path.is_file():
-        return path
-    if str(model) in PRESETS:
-        from rwkvlab.synth import default_model_path
-
-        return default_model_path(str(model), fmt)
-    if path.exists():
-        raise BenchError(f"{path} is not a file; give a GGUF file or a preset ({', '.join(PRESETS)})")
-    raise BenchError(f"model file {path} does not exist; give a GGUF file or a preset ({', '.join(PRESETS)})")
-
 
 def run_bench(model: str | os.PathLike, options: Options | None = None,
               settings: BenchSettings | None = None, *, title: str = "", change: str = "") -> BenchRecord:
@@ -306,7 +286,7 @@ def run_bench(model: str | os.PathLike, options: Options | None = None,
     if settings.reference and not cached.exists():
         check_reference_fits(host_model)
     title = title or f"{path.stem}"
-    change = change or describe(options)
+    change = change or options.text()
     timestamp = datetime.now(timezone.utc)
 
     bar = _progress(settings)
@@ -336,12 +316,6 @@ def run_bench(model: str | os.PathLike, options: Options | None = None,
                                         timings.gpu_formats),
         dispatches_per_token=timings.dispatches_per_token, commit=git_commit(),
     )
-
-
-def describe(options: Options) -> str:
-    """A short text naming an Options' switches (the default ``change`` of a run)."""
-    return (f"path={options.path} weights={options.weights} fusions={'+'.join(sorted(options.fusions)) or 'none'} "
-            f"chunk={options.chunk} gemm_min_tokens={options.gemm_min_tokens} backend={options.backend}")
 
 
 def _progress(settings: BenchSettings):
@@ -573,17 +547,17 @@ def _prompt_lengths(history: str | os.PathLike) -> dict[tuple[Any, str], int]:
     """(timestamp to the second, change) -> prompt tokens of each run the sidecar describes."""
     import pandas as pd
 
-    from rwkvlab.history import sidecar_path
+    from rwkvlab.history import read_sidecar
 
     lengths = {}
-    side = sidecar_path(history)
-    if side.is_file():
-        for text in side.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                rec = json.loads(text)
-                lengths[(pd.Timestamp(rec["timestamp"]).floor("s"), rec["change"])] = int(rec["prompt_tokens"])
-            except (ValueError, KeyError, TypeError):
-                continue  # a record without the field (or a torn line): its prompt is unknown
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HistoryWarning)  # read_history has said it already
+        records = read_sidecar(history)
+    for _, rec in records:
+        try:
+            lengths[(pd.Timestamp(rec["timestamp"]).floor("s"), rec["change"])] = int(rec["prompt_tokens"])
+        except (ValueError, KeyError, TypeError, OverflowError):
+            continue  # a record without the field: its prompt is unknown
     return lengths
 
 
@@ -641,8 +615,7 @@ def format_summary(record: BenchRecord, verdict: Verdict) -> str:
     lines = [
         f"rwkvlab bench  {record.model}  on {record.gpu} ({record.adapter.get('backend', '?')}, "
         f"{record.adapter.get('adapter_type', '?')})",
-        f"  options      path={o.path} weights={o.weights} fusions={fusions_text(o.fusions)} chunk={o.chunk} "
-        f"gemm_min_tokens={o.gemm_min_tokens} backend={o.backend}",
+        f"  options      {o.text()}",
         f"  protocol     prompt {len(record.prompt)} tok, generate {s.generate} tok, {s.warmup} warmup + "
         f"{s.repeat} timed rounds (median [min .. max])",
         f"  load         {record.load_ms:10.2f} ms",
@@ -667,59 +640,68 @@ def format_summary(record: BenchRecord, verdict: Verdict) -> str:
 # CLI
 # --------------------------------------------------------------------------------------------
 
-def options_from_args(args: argparse.Namespace) -> Options:
-    """The Options of a `bench`/`sweep` command line (unset numbers keep Options' defaults)."""
-    values: dict[str, Any] = {"backend": args.backend, "path": args.path, "weights": args.weights,
-                              "fusions": parse_fusions(args.fusions)}
-    if args.chunk is not None:
-        values["chunk"] = args.chunk
-    if args.gemm_min_tokens is not None:
-        values["gemm_min_tokens"] = args.gemm_min_tokens
-    return Options(**values)
-
-
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     """The BenchSettings of a `bench`/`sweep` command line."""
     return BenchSettings(prefill=args.prefill, generate=args.generate, warmup=args.warmup,
                          repeat=args.repeat, reference=not args.no_reference, progress=not args.no_progress)
 
 
-def model_from_args(args: argparse.Namespace) -> Path:
-    """The GGUF file a `bench`/`sweep` command line names (--model, or --preset/--format)."""
-    if args.model:
-        return resolve_model(args.model)
-    return resolve_model(args.preset or "tiny", args.synth_format)
+# Exit status of `rwkvlab bench` (and the worker the lab and sweep start): 1 is reserved for a
+# failed logit check, whose run is saved, so a run that could not be saved needs its own code.
+EXIT_OK, EXIT_LOGITS, EXIT_NOT_RUN, EXIT_NOT_SAVED = 0, 1, 2, 3
 
 
 def cli_bench(args: argparse.Namespace) -> int:
-    """`rwkvlab bench`: run, print, append to the history; exit 1 when the logit check fails."""
+    """`rwkvlab bench`: run, print, append to the history. Exit 0 done, 1 the logit check failed
+    (run saved), 2 it could not run (nothing saved), 3 measured but the history could not be
+    written (the measurement is printed, nothing saved)."""
     from rwkvlab.engine import EngineError
     from rwkvlab.gguf import GGUFError
     from rwkvlab.gpu import NoAdapterError
+    from rwkvlab.history import HistoryWriteError, check_appendable
     from rwkvlab.kernels import KernelError
 
     human = sys.stderr if args.json else sys.stdout
+    if not args.no_save:
+        # Find out before minutes of measuring whether there is anywhere to save the run. The
+        # file name can depend on the GPU, so without --file only the folder can be checked.
+        target = Path(args.history_dir) / f"{args.file}.md" if args.file else Path(args.history_dir)
+        try:
+            check_appendable(target)
+        except HistoryWriteError as err:
+            print(f"rwkvlab bench: {err}; nothing measured", file=sys.stderr)
+            return EXIT_NOT_RUN
     try:
-        options = options_from_args(args)
+        options = from_args(args)
         settings = settings_from_args(args)
         record = run_bench(model_from_args(args), options, settings, title=args.title or "",
                            change=args.change or "")
-    except (BenchError, OptionsError, GGUFError, NoAdapterError, EngineError, KernelError) as err:
+    except (BenchError, ModelNotFoundError, OptionsError, GGUFError, NoAdapterError, EngineError,
+            KernelError) as err:
         print(f"rwkvlab bench: {err}", file=sys.stderr)
-        return 2
+        return EXIT_NOT_RUN
     history = history_file(record, args.history_dir, args.file)
     verdict = judge(record, history)
     print(format_summary(record, verdict), file=human)
     saved: dict[str, Any] = {}
+    failed = None
     if not args.no_save:
-        line = save_bench(record, history)
-        saved = {"file": str(history), "line": line}
-        print(f"saved        {history}:{line} (samples in {history.name}.jsonl)", file=human)
+        try:
+            line = save_bench(record, history)
+        except (HistoryWriteError, OSError) as err:  # OSError covers filelock.Timeout too
+            failed = f"rwkvlab bench: the run was measured but not saved to {history}: {err}"
+            saved = {"error": str(err)}
+        else:
+            saved = {"file": str(history), "line": line}
+            print(f"saved        {history}:{line} (samples in {history.name}.jsonl)", file=human)
     if args.json:
         out = record.to_dict()
         out.update(verdict=asdict(verdict), saved=saved)
         print(json.dumps(out, default=_json_default))
-    return 1 if record.logit_ok is False else 0
+    if failed:
+        print(failed, file=sys.stderr)
+        return EXIT_NOT_SAVED
+    return EXIT_LOGITS if record.logit_ok is False else EXIT_OK
 
 
 def _json_default(value: Any) -> Any:

@@ -9,10 +9,9 @@ import argparse
 import importlib
 import os
 import sys
-from pathlib import Path
 
-PRESETS = ("tiny", "0.1b", "0.4b", "1.5b", "2.9b", "7.2b")
-SYNTH_FORMATS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
+from rwkvlab import options as opts
+from rwkvlab.synth import FORMATS, PRESETS  # the one source of presets and formats (no wgpu)
 
 
 def _history(sub) -> None:
@@ -63,41 +62,14 @@ def _info(sub) -> None:
 
 
 def _model_args(p) -> None:
-    from rwkvlab.options import BACKENDS, PATHS, WEIGHT_POLICIES, Options
-
+    """The model (--model, or --preset with --format) and every Options field, for each command
+    that runs the engine: they all start from the same defaults and honour every field."""
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="GGUF file to run")
-    src.add_argument("--preset", choices=PRESETS, help="synthetic model preset (default: tiny when no --model)")
-    p.add_argument("--format", dest="synth_format", choices=SYNTH_FORMATS, default="f32",
+    src.add_argument("--preset", choices=list(PRESETS), help="synthetic model preset (default: tiny when no --model)")
+    p.add_argument("--format", dest="synth_format", choices=list(FORMATS), default="f32",
                    help="weight format of the synthetic preset (default: f32)")
-    # Values are checked by Options, not argparse, so a typo gets the same one-line error (with
-    # what is available) as a value this machine cannot run.
-    default = Options()
-    p.add_argument("--backend", default=default.backend, metavar="{" + ",".join(BACKENDS) + "}",
-                   help="wgpu backend; auto = Vulkan/Metal/DX12 before OpenGL, real GPUs before software ones "
-                   f"(default: {default.backend}; `python -m rwkvlab.gpu` lists this machine's adapters)")
-    p.add_argument("--path", default=default.path, metavar="{" + ",".join(PATHS) + "}",
-                   help="kernel path: webgpu (portable WebGPU), native (also f16 / subgroups / unchecked shader "
-                   "modules), auto (native where the adapter has f16 or subgroups, else webgpu; the run "
-                   f"records which) (default: {default.path})")
-    p.add_argument("--weights", default=default.weights, metavar="{" + ",".join(WEIGHT_POLICIES) + "}",
-                   help=f"native (file format on GPU) or f16 (dequantize at load) (default: {default.weights})")
-
-
-def model_source(args) -> Path:
-    """The GGUF file that `_model_args` options name: --model (always a path, never read as a
-    preset name), else the synthetic --preset (default tiny) in --format, cached on first use."""
-    if args.model:
-        return Path(args.model)
-    from rwkvlab.synth import default_model_path
-
-    return default_model_path(args.preset or "tiny", fmt=args.synth_format)
-
-
-def _fusions_arg(p) -> None:
-    p.add_argument("--fusions", default="default",
-                   help="kernel-plan fusions: default (the fastest correct set), none, all, or names "
-                   "joined by , or + (default: default)")
+    opts.add_arguments(p)
 
 
 def _generate(sub) -> None:
@@ -121,8 +93,8 @@ def _synth(sub) -> None:
         "shapes of the chosen size, every metadata key and the tokenizer as llama.cpp writes them). "
         "Deterministic from --seed.",
     )
-    p.add_argument("--preset", choices=PRESETS, required=True, help="model size")
-    p.add_argument("--format", choices=SYNTH_FORMATS, default="f16", help="tensor format mix (default: f16)")
+    p.add_argument("--preset", choices=list(PRESETS), required=True, help="model size")
+    p.add_argument("--format", choices=list(FORMATS), default="f16", help="tensor format mix (default: f16)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("-o", "--output", required=True, help="GGUF file to write")
     p.set_defaults(handler="rwkvlab.synth:cli_synth")
@@ -150,14 +122,7 @@ protocol:
 
 
 def _bench_run_args(p) -> None:
-    """Engine options and bench settings shared by `bench` and `sweep`."""
-    from rwkvlab.options import Options
-
-    default = Options()
-    _fusions_arg(p)
-    p.add_argument("--chunk", type=int, help=f"tokens per prefill chunk (default: {default.chunk})")
-    p.add_argument("--gemm-min-tokens", type=int,
-                   help=f"fewest tokens a chunk needs for GEMM instead of mat-vec (default: {default.gemm_min_tokens})")
+    """Bench settings and history flags shared by `bench` and `sweep`."""
     p.add_argument("--title", help="## section of the history the run goes under (default: the model file's stem)")
     p.add_argument("--change", help="what changed, the run's ### heading (default: the options)")
     p.add_argument("--file", help="history file name without .md (default: the GPU name, slugified)")
@@ -179,7 +144,8 @@ def _bench(sub) -> None:
         description="Load a model (a GGUF file, or a synthetic preset; default: tiny), time load, "
         "prefill and greedy generation, check the output (quality hash and logits against the NumPy "
         "reference) and append the run to the benchmark history. Exit status: 0 done, 1 the logit "
-        "check failed (the run is still saved), 2 it could not run (nothing saved).",
+        "check failed (the run is still saved), 2 it could not run (nothing saved), 3 it was measured "
+        "but the history could not be written (nothing saved; the numbers are printed).",
         epilog=BENCH_PROTOCOL,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -205,7 +171,8 @@ def _sweep(sub) -> None:
     _model_args(p)
     _bench_run_args(p)
     p.add_argument("--vary", action="append", default=[], metavar="OPTION=V1,V2",
-                   help="an option and its values (backend, path, weights, fusions, chunk, gemm_min_tokens); "
+                   help="an option and its values (backend, path, weights, fusions, chunk, gemm_min_tokens, tuning; "
+                   "tuning sets are separated by ';'); "
                    "repeatable; fusions values: none, all, a name, or names joined by +")
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds one configuration may take before it is stopped (default: 1800)")
@@ -221,7 +188,6 @@ def _profile(sub) -> None:
         "timestamp support it says so and reports the wall time per token.",
     )
     _model_args(p)
-    _fusions_arg(p)
     p.add_argument("--tokens", type=int, default=16, help="generation steps to profile (default: 16)")
     p.add_argument("--top", type=int, default=None, help="show only the N most expensive kernels")
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="T",

@@ -4,7 +4,7 @@ Read top to bottom: `load` opens a GGUF file (or a synthetic preset), uploads th
 (chunked, with a progress bar; a block's small matrices stacked in shared buffers, matrices
 over the binding limit split by rows), allocates activations and the recurrent state on the
 GPU and builds every bind group once. The forward pass is a list of ops (`_layer_ops`; with
-no fusion, one per kernel dispatch; each fusion of kernels.FUSIONS swaps a run of them for
+no fusion, one per kernel dispatch; each fusion of options.FUSIONS swaps a run of them for
 one); a plan for T tokens is that list turned into dispatches (mat-vec kernels below
 Options.gemm_min_tokens tokens, GEMM from there). A token is one compute pass and one submit;
 `generate` encodes several steps per submit and keeps the sampled ids on the GPU (argmax
@@ -145,25 +145,16 @@ def load(path_or_preset: str | Path, options: Options | None = None, progress: b
     from rwkvlab.gguf import read_model
 
     from rwkvlab.gpu import get_gpu, resolve_options
+    from rwkvlab.synth import resolve_model
 
     start = time.perf_counter()
     options = resolve_options(options)
-    path = _resolve(path_or_preset)
+    path = resolve_model(path_or_preset)  # a file, or a preset name (f32, written on first use)
     model = read_model(path)
     gpu = get_gpu(options.backend, native=options.path == "native")
     engine = Engine(model, gpu, options, progress=progress, split_bytes=split_bytes)
     engine.load_seconds = time.perf_counter() - start
     return engine
-
-
-def _resolve(path_or_preset: str | Path) -> Path:
-    from rwkvlab.cli import PRESETS
-
-    if isinstance(path_or_preset, str) and path_or_preset in PRESETS and not Path(path_or_preset).exists():
-        from rwkvlab.synth import default_model_path
-
-        return default_model_path(path_or_preset)
-    return Path(path_or_preset)
 
 
 def _gpu_format(ggml_type: str, policy: str) -> str:
@@ -265,7 +256,7 @@ class Engine:
         self._device = gpu.device
         self._queue = gpu.device.queue
         self._wgpu = wgpu
-        self.fusions = self._resolve_fusions(options.fusions)
+        self.fusions = options.fusions  # Options expands 'all' and checks the names
         self._check_model()
 
         limit = int(gpu.limits.get("max-storage-buffer-binding-size", 128 << 20))
@@ -278,7 +269,7 @@ class Engine:
                 f"({self.spec.n_vocab} vocab), over this device's {limit >> 20} MiB binding limit; "
                 f"use a chunk of at most {limit // (self.spec.n_vocab * 4)}")
 
-        self.tuning = kn.choose_tuning(gpu, options.path)
+        self.tuning = kn.choose_tuning(gpu, options.path, options.tuning)
         self.kernels = kn.kernels_for(gpu, self.tuning)
         self.weight_formats: dict[str, str] = {}
         self._upload_weights(progress)
@@ -291,16 +282,6 @@ class Engine:
 
     # --- checks --------------------------------------------------------------------------------
 
-    def _resolve_fusions(self, names: frozenset[str]) -> frozenset[str]:
-        names = set(names)
-        if "all" in names:
-            names = (names - {"all"}) | set(kn.FUSIONS)
-        names.discard("none")
-        unknown = sorted(names - set(kn.FUSIONS))
-        if unknown:
-            raise OptionsError(f"unknown fusion(s) {unknown}; the engine has "
-                               f"{sorted(kn.FUSIONS) or 'none yet'}")
-        return frozenset(names)
 
     def _check_model(self) -> None:
         s = self.spec
@@ -991,15 +972,16 @@ class Engine:
 def cli_generate(args) -> int:
     """`rwkvlab generate`: load, prefill the prompt, generate greedily; text to stdout, speeds
     to stderr. Bad options, no adapter or a bad file: one line on stderr, exit code 2."""
-    from rwkvlab.cli import model_source
+    from rwkvlab.options import from_args
+    from rwkvlab.synth import model_from_args
     from rwkvlab.gguf import GGUFError
     from rwkvlab.gpu import NoAdapterError
 
     try:
-        options = Options(backend=args.backend, path=args.path, weights=args.weights)
+        options = from_args(args)
         if args.n < 0:
             raise OptionsError(f"-n must be >= 0, got {args.n}")
-        engine = load(model_source(args), options, progress=True)
+        engine = load(model_from_args(args), options, progress=True)
         prompt = engine.tokenizer.encode(args.prompt)
         if not prompt:
             prompt = [0]  # an empty prompt starts from <s>

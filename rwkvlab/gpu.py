@@ -12,7 +12,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-from rwkvlab.options import BACKENDS, Options, OptionsError
+from rwkvlab.options import BACKENDS, Options, OptionsError, tuning_from_environment
 
 # Options.backend -> wgpu's adapter.info["backend_type"]
 _BACKEND_TYPES = {"vulkan": "Vulkan", "metal": "Metal", "dx12": "D3D12", "gl": "OpenGL"}
@@ -150,12 +150,13 @@ def resolve_options(options: Options | None = None) -> Options:
     """The options as they will run on this machine: the one place defaults meet the adapter.
 
     ``path="auto"`` becomes ``native`` where the adapter that ``options.backend`` picks has f16
-    or subgroups and ``webgpu`` otherwise; everything else is kept. A backend or path asked for
+    or subgroups and ``webgpu`` otherwise; an empty tuning takes ``$RWKVLAB_TUNING`` where set;
+    everything else is kept. A backend or path asked for
     explicitly that this machine cannot run raises (:class:`NoAdapterError` /
     :class:`OptionsError`) with the flag to change and what to install. The engine, bench,
     profile, panel worker and sweeps all resolve through here, and records hold the result.
     """
-    options = options or Options()
+    options = tuning_from_environment(options or Options())
     adapter = _pick_adapter(options.backend)
     native = has_native_features(adapter.features)
     if options.path == "auto":

@@ -31,18 +31,22 @@ readers. Records are added with :func:`append_sidecar`.
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
 import re
 import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from glob import escape as glob_escape
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from filelock import FileLock
 from markdown_it import MarkdownIt
@@ -57,8 +61,11 @@ __all__ = [
     "RunRecord",
     "append_run",
     "append_sidecar",
+    "check_appendable",
     "format_run",
+    "printable",
     "read_history",
+    "read_sidecar",
     "sidecar_path",
     "snake_case",
 ]
@@ -192,10 +199,37 @@ _ATTACHED_UNITS = {"%", "x", "ns", "us", "µs", "μs", "ms", "s", "b", "kb", "mb
 _ABSENT = {"", MISSING, "-", "\u2014", "none", "not checked", "not measured"}
 _TOKENS_RE = re.compile(r"\[\s*(?:-?\d+\s*(?:,\s*-?\d+\s*)*,?\s*)?\]")
 _DATE_START_RE = re.compile(r"\d{4}-\d{1,2}-\d{1,2}")
-_RUN_HEADING_RE = re.compile(
-    r"(?P<ts>\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?\s*(?:Z|UTC|[+-]\d{2}:?\d{2})?)"
-    r"(?:\s+[-\u2013\u2014]\s*(?P<change>.*))?"
+# A run's timestamp. Every quantifier sits between fixed characters, so one match attempt is
+# linear in the heading's length: a heading of 20,000 spaces or tabs cannot make it backtrack
+# quadratically (the earlier single heading regex had "\s*" then "\s+" back to back).
+_STAMP_RE = re.compile(
+    r"(?P<y>\d{4})-(?P<mo>\d{2})-(?P<d>\d{2})[ T](?P<h>\d{2}):(?P<mi>\d{2})"
+    r"(?::(?P<s>\d{2})(?:\.(?P<frac>\d+))?)?"
+    r"(?:\s*(?P<zone>Z|UTC|[+-]\d{2}:?\d{2}))?"
 )
+_DASHES = "-\u2013\u2014"
+# The frame holds microseconds, not pandas' default nanoseconds, so that every year Python
+# knows (1-9999) fits; finer digits are cut.
+_TIME_FRACTION_DIGITS = 6
+
+
+# C0 and C1 controls and DEL (ANSI escapes start with ESC or the one-byte CSI U+009B), and the
+# bidirectional overrides that reorder what a terminal shows. Tab, LF and CR are layout.
+_CONTROL_CODES = [c for c in range(0x20) if c not in (0x09, 0x0A, 0x0D)] + list(range(0x7F, 0xA0))
+_BIDI_CODES = [0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+_CONTROL_RE = re.compile("[" + "".join(f"\\u{c:04x}" for c in _CONTROL_CODES) + "]")
+_PRINTABLE = str.maketrans({c: (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}")
+                            for c in [*range(0x20), *range(0x7F, 0xA0), *_BIDI_CODES]})
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control and bidi characters as ``\\x1b``-style escapes.
+
+    History files are hand-edited and shared; text read from them must not be able to move
+    the cursor, recolour or rewrite a terminal. Tabs and newlines are escaped too, so a
+    value stays on its line of a table.
+    """
+    return text.translate(_PRINTABLE)
 
 
 def snake_case(name: str) -> str:
@@ -223,7 +257,9 @@ def _one_line(text: str) -> str:
 # Reading
 # --------------------------------------------------------------------------------------------
 
-_MD = MarkdownIt("commonmark").enable("table")
+# Only the block structure is used (an inline token's raw content, never its children), so the
+# inline pass, about half of the parse time of a large history, is switched off.
+_MD = MarkdownIt("commonmark").enable("table").disable("inline")
 
 
 def read_history(paths_or_dir: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.DataFrame:
@@ -266,7 +302,7 @@ def _warn(path: Path | str, line: int | None, message: str) -> None:
     frame, level = sys._getframe(0), 1
     while frame is not None and frame.f_code.co_filename == __file__:
         frame, level = frame.f_back, level + 1
-    warnings.warn(HistoryWarning(f"{where}: {message}"), stacklevel=level)
+    warnings.warn(HistoryWarning(printable(f"{where}: {message}")), stacklevel=level)
 
 
 def _read_file(path: Path, extras: list[str]) -> list[dict[str, Any]]:
@@ -275,6 +311,9 @@ def _read_file(path: Path, extras: list[str]) -> list[dict[str, Any]]:
     except OSError as exc:
         _warn(path, None, f"cannot be read ({exc.strerror}); no runs taken from it")
         return []
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        _warn(path, None, "is UTF-16 (byte order mark); read as such, but save it as UTF-8")
+        return parse_history_text(data.decode("utf-16", errors="replace"), path, extras)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -292,22 +331,61 @@ def parse_history_text(text: str, path: Path | str = "<text>", extras: list[str]
     given, collects the extra metric columns met, in order of first appearance.
     """
     extras = [] if extras is None else extras
-    try:
-        tokens = _MD.parse(text)
-    except Exception as exc:  # markdown-it is robust, but a reader of hand-edited files must not stop
-        _warn(path, None, f"Markdown parser failed ({exc!r}); no runs taken from this file")
-        return []
-    rows = []
-    for block in _run_blocks(tokens):
+    text = _check_controls(text, path)
+    with _no_cyclic_gc():
         try:
-            row = _parse_run(block, path, extras)
-        except Exception as exc:  # a bug here must cost one run's values, never the run itself
-            _warn(path, block.line, f"internal error while reading this run ({exc!r}); kept with missing values")
-            row = _empty_row(path, block.title, block.line, block.heading)
-        if row is not None:
-            rows.append(row)
+            tokens = _MD.parse(text)
+        except Exception as exc:  # markdown-it is robust, but a reader of hand-edited files must not stop
+            _warn(path, None, f"Markdown parser failed ({exc!r}); no runs taken from this file")
+            return []
+        rows = []
+        for block in _run_blocks(tokens):
+            try:
+                row = _parse_run(block, path, extras)
+            except Exception as exc:  # a bug here must cost one run's values, never the run itself
+                _warn(path, block.line, f"internal error while reading this run ({exc!r}); kept with missing values")
+                row = _empty_row(path, block.title, block.line, block.heading)
+            if row is not None:
+                rows.append(row)
     _warn_duplicates(path, rows)
+    if not rows and text.strip():
+        # A file that says nothing would pass for an empty history: say what was expected.
+        _warn(path, None, "holds text but no run ('### <YYYY-MM-DD HH:MM:SS> - <change>' with a "
+                          "| Metric | Value | table); nothing read from it")
     return rows
+
+
+def _check_controls(text: str, path: Path | str) -> str:
+    """``text`` without NULs; one warning each for NULs and for other control characters."""
+    nul = text.count("\x00")
+    if nul:
+        # A NUL makes a blank line non-blank, so one before every newline leaves a code
+        # fence open to the end of the file and every run inside it: drop them instead.
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        _warn(path, line, f"{nul} NUL character(s) from here on (a UTF-16 file, or a corrupted one?); "
+                          "removed before reading")
+        text = text.replace("\x00", "")
+    found = _CONTROL_RE.search(text)
+    if found:
+        count = len(_CONTROL_RE.findall(text))
+        line = text.count("\n", 0, found.start()) + 1
+        _warn(path, line, f"{count} control character(s) from here on (first U+{ord(found.group()):04X}, "
+                          "e.g. an ANSI escape); kept, shown escaped when printed")
+    return text
+
+
+@contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    # A 5 MB history is a million tokens. Each collection pass walks every live object, and
+    # passes come every few hundred allocations, so parsing became quadratic (8.8 s instead of
+    # 2.8 s for 10,000 runs). Tokens form no reference cycles: reference counting frees them.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @dataclass
@@ -353,19 +431,26 @@ def _empty_row(path: Path | str, title: str, line: int, heading: str) -> dict[st
 def _parse_run(block: _Block, path: Path | str, extras: list[str]) -> dict[str, Any] | None:
     tables = _tables(block.tokens)
     metric_tables = [t for t in tables if _is_metric_table(t)]
-    heading = _RUN_HEADING_RE.fullmatch(block.heading)
-    if heading is None and not _DATE_START_RE.match(block.heading) and not metric_tables:
-        return None  # a free-form subsection (notes, analysis): not a run
+    heading = _split_run_heading(block.heading)
+    if heading is None and not _DATE_START_RE.match(block.heading):
+        if not metric_tables:
+            return None  # a free-form subsection (notes, analysis): not a run
+        if not any(_is_run_table(t) for t in metric_tables):
+            # e.g. "### Analysis" over | Metric | Current | Target | Gap |: a table about runs,
+            # not one; reading it as a run would add a row of missing values to every plot.
+            _warn(path, block.line, f"section {_clip(block.heading)!r} is not a run (no '<timestamp> - <change>' "
+                                    "heading, and no | Metric | Value | table of run metrics); skipped")
+            return None
 
     row = _empty_row(path, block.title, block.line, block.heading)
     if heading is None:
-        _warn(path, block.line, f"run heading {block.heading!r} is not '<YYYY-MM-DD HH:MM:SS> - <change>'; "
+        _warn(path, block.line, f"run heading {_clip(block.heading)!r} is not '<YYYY-MM-DD HH:MM:SS> - <change>'; "
                                 "kept with no timestamp")
     else:
-        row["change"] = (heading.group("change") or "").strip()
-        row["timestamp"] = _parse_timestamp(heading.group("ts"))
-        if pd.isna(row["timestamp"]):
-            _warn(path, block.line, f"timestamp {heading.group('ts')!r} is not a valid date and time; kept as missing")
+        stamp_text, row["change"] = heading
+        row["timestamp"], problem = _parse_timestamp(stamp_text)
+        if problem:
+            _warn(path, block.line, f"timestamp {_clip(stamp_text)!r} {problem}")
 
     if not metric_tables:
         _warn(path, block.line, "run has no metric table (| Metric | Value |); its metrics are missing")
@@ -426,6 +511,13 @@ def _is_metric_table(table: _Table) -> bool:
     return bool(labels) and (labels[0] == "metric" or any(label in _METRIC_BY_LABEL for label in labels))
 
 
+def _is_run_table(table: _Table) -> bool:
+    """A table that can only be a run's: two columns and at least one known metric row."""
+    widths = [len([c for c in cells if c.strip()]) for _, cells in table.rows[:1]]
+    labels = [_plain(cells[0]).lower() for _, cells in table.rows if cells]
+    return widths[:1] != [] and widths[0] <= 2 and any(label in _METRIC_BY_LABEL for label in labels)
+
+
 def _plain(cell: str) -> str:
     """A cell without its Markdown emphasis: ``**7519.07 ms**`` -> ``7519.07 ms``."""
     text = cell.strip()
@@ -447,7 +539,7 @@ def _read_metric_table(table: _Table, row: dict[str, Any], path: Path | str, ext
     seen: dict[str, int] = {}
     for line, cells in body:
         if len(cells) < 2:
-            _warn(path, line, f"metric row {cells!r} has no value cell; expected | <metric> | <value> |")
+            _warn(path, line, f"metric row {_clip(repr(cells))} has no value cell; expected | <metric> | <value> |")
             continue
         if len(cells) > 2 and any(c.strip() for c in cells[2:]):
             _warn(path, line, f"metric row has {len(cells)} cells; only the first two are read")
@@ -455,13 +547,13 @@ def _read_metric_table(table: _Table, row: dict[str, Any], path: Path | str, ext
         metric = _METRIC_BY_LABEL.get(label.lower())
         column = metric.column if metric else snake_case(label)
         if not column:
-            _warn(path, line, f"metric row with label {label!r} has no name; row ignored")
+            _warn(path, line, f"metric row with label {_clip(label)!r} has no name; row ignored")
             continue
         if column in seen:
-            _warn(path, line, f"metric {label!r} repeated (first at line {seen[column]}); the first value is kept")
+            _warn(path, line, f"metric {_clip(label)!r} repeated (first at line {seen[column]}); the first value is kept")
             continue
         if metric is None and column in COLUMNS:
-            _warn(path, line, f"metric {label!r} would overwrite the {column!r} column; row ignored")
+            _warn(path, line, f"metric {_clip(label)!r} would overwrite the {column!r} column; row ignored")
             continue
         seen[column] = line
         if metric is None:
@@ -487,12 +579,12 @@ def _read_known(metric: _Metric, cell: str, path: Path | str, line: int) -> Any:
         value = text.lower()
         if _HASH_RE.fullmatch(value):
             return value
-        _warn(path, line, f"Quality Hash {text!r} is not 1-16 hex digits; kept as missing")
+        _warn(path, line, f"Quality Hash {_clip(text)!r} is not 1-16 hex digits; kept as missing")
         return float("nan")
     if metric.kind == "int":
         if re.fullmatch(r"[-+]?\d{1,18}", text):  # 18 digits always fit the Int64 column
             return int(text)
-        _warn(path, line, f"{metric.label} {text!r} is not a whole number; kept as missing")
+        _warn(path, line, f"{metric.label} {_clip(text)!r} is not a whole number; kept as missing")
         return pd.NA
     parsed = _number_with_unit(text)
     if parsed is not None:
@@ -503,7 +595,7 @@ def _read_known(metric: _Metric, cell: str, path: Path | str, line: int) -> Any:
             return number
         if metric.unit == "tok/s" and unit.lower() in _RATE_UNITS:
             return number
-    _warn(path, line, f"{metric.label} {text!r} is not a number in {metric.unit}; kept as missing")
+    _warn(path, line, f"{metric.label} {_clip(text)!r} is not a number in {metric.unit}; kept as missing")
     return float("nan")
 
 
@@ -546,22 +638,66 @@ def _line_of(tok: Token, default: int) -> int:
     return (tok.map[0] + 1) if tok.map else default
 
 
-def _parse_timestamp(text: str) -> pd.Timestamp:
-    """A heading or sidecar timestamp as UTC; a time without a zone is UTC (the format's rule)."""
-    cleaned = re.sub(r"\s*UTC$", "", str(text).strip())
+def _clip(text: str, limit: int = 80) -> str:
+    # Quoted input in a warning: enough to find it, not a 20,000-character line.
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _split_run_heading(heading: str) -> tuple[str, str] | None:
+    """``(timestamp text, change)`` of a ``<timestamp> - <change>`` heading, else None."""
+    match = _STAMP_RE.match(heading)
+    if match is None:
+        return None
+    # Try with the zone first; "12:00 -0130 x" may also be "12:00" then the change "0130 x".
+    ends = [match.end()] + ([match.start("zone")] if match.group("zone") else [])
+    for end in ends:
+        rest = heading[end:]
+        if not rest.strip():
+            return heading[:end].strip(), ""
+        body = rest.lstrip()
+        if len(body) < len(rest) and body[0] in _DASHES:
+            return heading[:end].strip(), body[1:].strip()
+    return None
+
+
+def _parse_timestamp(text: str) -> tuple[pd.Timestamp, str | None]:
+    """A heading or sidecar timestamp as UTC (no zone means UTC, the format's rule).
+
+    Returns the timestamp (NaT when unusable) and, when something was wrong, what, for a
+    warning. Parsed field by field rather than by pandas, whose parser turns a year 0000 into
+    1972, wraps a zone shift past year 9999 and mixes nanosecond units into the column.
+    """
+    match = _STAMP_RE.fullmatch(str(text).strip())
+    if match is None:
+        return pd.NaT, "is not a valid date and time; kept as missing"
+    frac = match.group("frac") or ""
+    note = None
+    if len(frac) > _TIME_FRACTION_DIGITS and frac[_TIME_FRACTION_DIGITS:].strip("0"):
+        note = "has digits beyond the microsecond; read to the microsecond"
+    zone = match.group("zone")
     try:
-        stamp = pd.Timestamp(cleaned)
-    except (ValueError, TypeError, OverflowError):
-        return pd.NaT
-    if pd.isna(stamp):
-        return pd.NaT
-    return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+        if zone in (None, "Z", "UTC"):
+            tz = timezone.utc
+        else:
+            sign = -1 if zone[0] == "-" else 1
+            digits = zone[1:].replace(":", "")
+            tz = timezone(sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:])))
+        local = datetime(int(match.group("y")), int(match.group("mo")), int(match.group("d")),
+                         int(match.group("h")), int(match.group("mi")), int(match.group("s") or 0),
+                         int(frac[:_TIME_FRACTION_DIGITS].ljust(_TIME_FRACTION_DIGITS, "0")), tzinfo=tz)
+    except ValueError:
+        return pd.NaT, "is not a valid date and time; kept as missing"
+    try:
+        utc = local.astimezone(timezone.utc)
+    except OverflowError:
+        return pd.NaT, "falls outside the years 1-9999 once converted to UTC; kept as missing"
+    return pd.Timestamp(utc), note
 
 
 def _warn_duplicates(path: Path | str, rows: list[dict[str, Any]]) -> None:
     first: dict[tuple, int] = {}
     for row in rows:
-        if pd.isna(row["timestamp"]):
+        if row["timestamp"] is pd.NaT:  # identity: pd.isna costs 50 us a call
             continue
         key = (row["timestamp"], row["change"])
         if key in first:
@@ -578,7 +714,11 @@ def _to_frame(rows: list[dict[str, Any]], extras: list[str]) -> pd.DataFrame:
         df[col] = df[col].astype("Int64")
     for col in _FLOAT_COLUMNS:
         df[col] = df[col].astype("float64")
-    df["timestamp"] = pd.to_datetime(df["timestamp"], utc=True).astype("datetime64[us, UTC]")
+    # Built at microseconds directly: pd.to_datetime would first unify the units, and one
+    # nanosecond timestamp next to a year outside 1678-2261 raised OutOfBoundsDatetime.
+    stamps = np.array([np.datetime64("NaT") if pd.isna(t) else t.tz_localize(None).to_datetime64()
+                       for t in df["timestamp"]], dtype="datetime64[us]")
+    df["timestamp"] = pd.Series(stamps, index=df.index).dt.tz_localize("UTC")
     df["line"] = df["line"].astype("int64")
     df["quality_tokens"] = df["quality_tokens"].astype(object)
     df["samples"] = [s if isinstance(s, dict) else {} for s in df["samples"]]
@@ -619,19 +759,27 @@ def sidecar_path(path: str | os.PathLike) -> Path:
     return Path(f"{os.fspath(path)}.jsonl")
 
 
-def _join_sidecar(path: Path, rows: list[dict[str, Any]]) -> None:
+def read_sidecar(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
+    """The records of the sidecar of history file ``path``: ``(1-based line, record)`` pairs.
+
+    Only lines holding a JSON object with a ``timestamp`` and a ``change`` are returned; every
+    other non-blank line (torn, not JSON, nested too deep for the parser, a bare list, ...) is
+    skipped with a :class:`HistoryWarning` naming ``file:line``. A missing sidecar gives ``[]``.
+    Never raises.
+    """
+    return list(_sidecar_records(path))
+
+
+def _sidecar_records(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    # A generator, so a reader's warnings about a line come in line order with its own.
     side = sidecar_path(path)
     if not side.is_file():
         return
     try:
-        lines = side.read_text(encoding="utf-8", errors="replace").splitlines()
+        lines = side.read_bytes().decode("utf-8", errors="replace").splitlines()
     except OSError as exc:
         _warn(side, None, f"cannot be read ({exc.strerror}); samples not joined")
         return
-    index = {}
-    for row in rows:
-        if not pd.isna(row["timestamp"]):
-            index.setdefault((row["timestamp"].floor("s"), row["change"]), []).append(row)
     for number, text in enumerate(lines, start=1):
         if not text.strip():
             continue
@@ -640,24 +788,76 @@ def _join_sidecar(path: Path, rows: list[dict[str, Any]]) -> None:
         except json.JSONDecodeError as exc:
             _warn(side, number, f"not valid JSON ({exc.msg}); line skipped")
             continue
+        except RecursionError:
+            # The C decoder recurses once per bracket: a line of nested brackets would
+            # otherwise escape every caller that only expects bad JSON.
+            _warn(side, number, "JSON nested too deeply to read; line skipped")
+            continue
+        except ValueError as exc:  # e.g. an integer longer than Python converts from text
+            _warn(side, number, f"JSON value cannot be read ({exc}); line skipped")
+            continue
         if not isinstance(record, dict) or "timestamp" not in record or "change" not in record:
             _warn(side, number, "record needs a 'timestamp' and a 'change'; line skipped")
             continue
-        stamp = _parse_timestamp(str(record["timestamp"]))
+        yield number, record
+
+
+def _clean_samples(samples: Any, side: Path, number: int) -> dict[str, list[float]] | None:
+    """``samples`` as metric -> list of numbers; anything else is dropped with a warning.
+
+    Report writers and notebooks walk these values recursively, so only the documented flat
+    shape gets through: a nested value could be deep enough to break them.
+    """
+    if not isinstance(samples, dict):
+        _warn(side, number, "'samples' is not a JSON object (metric -> values); not joined")
+        return None
+    clean: dict[str, list[float]] = {}
+    for key, values in samples.items():
+        if isinstance(values, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                            for v in values):
+            clean[str(key)] = values
+        else:
+            _warn(side, number, f"samples[{str(key)[:40]!r}] is not a list of numbers; that metric not joined")
+    return clean
+
+
+def _join_sidecar(path: Path, rows: list[dict[str, Any]]) -> None:
+    side = sidecar_path(path)
+    if not side.is_file():
+        return
+    index = {}
+    for row in rows:
+        if row["timestamp"] is not pd.NaT:
+            index.setdefault((row["timestamp"].floor("s"), row["change"]), []).append(row)
+    joined: set[int] = set()
+    for number, record in _sidecar_records(path):
+        stamp, _ = _parse_timestamp(str(record["timestamp"]))
         key = (stamp.floor("s") if not pd.isna(stamp) else stamp, _one_line(str(record["change"])))
         matches = index.get(key, [])
         if not matches:
-            _warn(side, number, f"no run in {path.name} has timestamp {record['timestamp']} and change "
-                                f"{record['change']!r}; record not joined")
+            _warn(side, number, f"no run in {path.name} has timestamp {str(record['timestamp'])[:40]} and "
+                                f"change {str(record['change'])[:80]!r}; record not joined")
             continue
-        samples = record.get("samples", {})
-        if not isinstance(samples, dict):
-            _warn(side, number, "'samples' is not a JSON object (metric -> values); not joined")
+        for row in matches:
+            joined.add(id(row))
+        samples = _clean_samples(record.get("samples", {}), side, number)
+        if samples is None:
             continue
         for row in matches:
             if row["samples"]:
                 _warn(side, number, f"a second record for the run at {path.name}:{row['line']}; the later one is used")
             row["samples"] = samples
+    # A writer stopped between the run and its sidecar record leaves exactly this: say so
+    # once per file rather than let the run pass for one that never had samples. Runs older
+    # than the first recorded one predate the sidecar (hand-written, or seed runs): expected.
+    recorded = [row["timestamp"] for row in rows if id(row) in joined]
+    since = min(recorded) if recorded else None
+    lacking = [row["line"] for row in rows if id(row) not in joined and row["timestamp"] is not pd.NaT
+               and (since is None or row["timestamp"] > since)]
+    if lacking:
+        shown = ", ".join(str(n) for n in lacking[:5]) + (", ..." if len(lacking) > 5 else "")
+        _warn(path, lacking[0], f"{len(lacking)} run(s) have no record in {side.name} (lines {shown}); "
+                                "their samples are missing (was a write interrupted?)")
 
 
 def append_sidecar(path: str | os.PathLike, record: dict[str, Any]) -> None:
@@ -680,6 +880,7 @@ def append_sidecar(path: str | os.PathLike, record: dict[str, Any]) -> None:
     side = sidecar_path(path)
     _check_writable(side)
     with FileLock(f"{path}.lock", timeout=LOCK_TIMEOUT_S):
+        _remove_stale_temporaries(path)
         old = side.read_bytes() if side.exists() else b""
         if old and not old.endswith(b"\n"):
             old += b"\n"  # a torn last line stays on its own line, so this record stays readable
@@ -771,6 +972,7 @@ def append_run(path: str | os.PathLike, record: RunRecord) -> int:
     path = Path(path).resolve()
     _check_writable(path)
     with FileLock(f"{path}.lock", timeout=LOCK_TIMEOUT_S):
+        _remove_stale_temporaries(path)
         old = path.read_bytes() if path.exists() else b""
         # surrogateescape keeps undecodable bytes byte-exact through the text round trip
         text = old.decode("utf-8", errors="surrogateescape")
@@ -780,6 +982,29 @@ def append_run(path: str | os.PathLike, record: RunRecord) -> int:
         _check_readback(path, new_text, line, record)
         _atomic_write(path, new_text.encode("utf-8", errors="surrogateescape"))
     return line
+
+
+def check_appendable(path: str | os.PathLike) -> None:
+    """Raise :class:`HistoryWriteError` when :func:`append_run` surely could not write ``path``.
+
+    ``path`` is a history file, or a folder a history file will be created in (possibly not
+    there yet). Cheap, so a caller can ask before spending minutes measuring; it cannot
+    foresee everything (a full disk, a run that would not read back), so the append itself
+    can still fail.
+    """
+    path = Path(path).resolve()
+    if path.is_file():
+        _check_writable(path)
+        folder = path.parent
+    else:
+        folder = path
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise HistoryWriteError(f"{folder} is not a folder, so no history file can be created under it")
+    # The temporary file, the lock file and os.replace all need the folder writable.
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise HistoryWriteError(f"{folder} is not writable, so no history file can be written there")
 
 
 def _check_writable(path: Path) -> None:
@@ -885,6 +1110,25 @@ def _same(got: Any, want: Any) -> bool:
     if want is pd.NA:
         return got is pd.NA
     return type(got) is type(want) and got == want
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete temporary files of ``path`` and its sidecar left by a writer that was killed.
+
+    Call only while holding ``<path>.lock``: every writer holds it for as long as its
+    temporary file exists, so any such file seen under the lock belongs to a dead writer.
+    """
+    for target in (path, sidecar_path(path)):
+        pattern = re.compile(re.escape(f".{target.name}.") + r"\d+\.\d+\.tmp")
+        for leftover in path.parent.glob(f".{glob_escape(target.name)}.*.tmp"):
+            if pattern.fullmatch(leftover.name):
+                try:
+                    leftover.unlink()
+                except OSError as exc:
+                    _warn(leftover, None, f"temporary file of an interrupted write cannot be removed ({exc.strerror})")
+                else:
+                    _warn(leftover, None, f"temporary file of an interrupted write to {target.name} removed "
+                                          "(its writer stopped before replacing the file; the file itself is whole)")
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -29,31 +29,9 @@ from types import MappingProxyType
 import numpy as np
 
 from rwkvlab import quant_kernels as qk
+from rwkvlab.options import normalize_tuning
 
 SHADER_PACKAGE = "rwkvlab.shaders"
-
-# Names of kernel-plan rewrites (Options.fusions) -> what each replaces. Every fused plan is
-# tested against the unfused one, which stays the reference.
-FUSIONS: dict[str, str] = {
-    "proj": "per block, the r, k, v and LoRA-down products (7 dispatches) become one dispatch, "
-            "and the LoRA-up products (4) another: the matrices are stacked in one buffer at "
-            "load either way (formats may mix), the fusion only changes the plan",
-    "lora": "each LoRA pair (down, activation, up, bias + activation: 2 dispatches) becomes one "
-            "lora kernel for one-token steps (with proj: one dispatch for all of a block's pairs)",
-    "kv": "the key/value pack (kk normalise, k update, value residual: 3 dispatches per block) "
-          "becomes one kv_prep dispatch (with wkv: part of wkv_fused)",
-    "wkv": "wkv + groupnorm_out (WKV state update, then GroupNorm, bonus and gate: 2 dispatches "
-           "per block) become wkv_fused, one workgroup per head for every token of the chunk "
-           "(with kv it also does the key/value pack)",
-    "norm_shift": "layernorm + shift_mix (2 dispatches, twice per block) become norm_shift for "
-                  "one-token steps: one kernel normalises the token and writes the mixes",
-    "ffn": "channel mix: the key product applies relu^2 in its epilogue and the value product "
-           "reads it directly (2 dispatches instead of key, activate, value)",
-}
-# Options' default (the fastest correct plan measured on an H100, docs/perf-notes.md): every
-# fusion but lora, whose kernel recomputes a LoRA's down product in every workgroup (cheap on
-# tiny models, 33 ms per token on a 2.9B one).
-DEFAULT_FUSIONS = frozenset(FUSIONS) - {"lora"}
 
 # Weight formats the kernels read directly (FMT override constant, see shaders/weights.wgsl;
 # Q4_0, Q4_K, Q5_K and Q6_K are decoded by shaders/quants.wgsl, laid out by quant_kernels).
@@ -407,10 +385,7 @@ class Tuning:
         return dict(self.__dict__)
 
 
-TUNING_ENV = "RWKVLAB_TUNING"
-
-
-def choose_tuning(gpu, path: str, overrides: str | None = None) -> Tuning:
+def choose_tuning(gpu, path: str, overrides: str = "") -> Tuning:
     """Kernel shapes for this adapter: CPU adapters (lavapipe, llvmpipe, SwiftShader) run
     register-blocked mat-vec (a row per thread: barriers are expensive there); GPUs give each
     row up to 32 threads (one subgroup on NVIDIA) with a reduction.
@@ -426,15 +401,13 @@ def choose_tuning(gpu, path: str, overrides: str | None = None) -> Tuning:
     warps per SM instead of 2 give every scheduler two warps to switch between, and a lane's
     16 floats are 4 vec4 FMA chains of length 4 per sum instead of 16.
 
-    $RWKVLAB_TUNING overrides fields for experiments, e.g. "matvec_wg=256,matvec_red=64,
-    matvec_unroll=1,matvec_rows=4,matvec_pieces=8,wkv_wg=512" (sizes are powers of two;
-    matvec_red <= matvec_wg; matvec_unroll and matvec_rows 1, 2 or 4; matvec_pieces any count,
-    0 = every segment takes matvec_red; gemm_rows 32, 64 or 128; gemm_k 16 or 32; 64 <= wkv_wg
-    <= 1024), or "trusted=0" (the native path with Naga's runtime checks back on); engines
-    record their tuning (Engine.tuning). `overrides` in the same form replaces $RWKVLAB_TUNING
-    (benchmarks sweeping tunings).
+    `overrides` (Options.tuning, which $RWKVLAB_TUNING can fill) changes fields for
+    experiments, e.g. "matvec_wg=256,matvec_red=64,matvec_unroll=1,matvec_rows=4,
+    matvec_pieces=8,wkv_wg=512" (sizes are powers of two; matvec_red <= matvec_wg; matvec_unroll
+    and matvec_rows 1, 2 or 4; matvec_pieces any count, 0 = every segment takes matvec_red;
+    gemm_rows 32, 64 or 128; gemm_k 16 or 32; 64 <= wkv_wg <= 1024), or "trusted=0" (the native
+    path with Naga's runtime checks back on); engines record their tuning (Engine.tuning).
     """
-    import os
     from dataclasses import replace
 
     subgroups = path == "native" and gpu.has("subgroup")
@@ -465,38 +438,34 @@ def choose_tuning(gpu, path: str, overrides: str | None = None) -> Tuning:
                         argmax_wg=256, subgroups=subgroups, subgroup_size=sg, wkv_wg=256,
                         matvec_rows=2, matvec_pieces=4, matvec_rows_from=4096, **gemm)
     tuning = replace(tuning, trusted=path == "native")
-    tuning = _tuning_overrides(tuning, os.environ.get(TUNING_ENV, "") if overrides is None else overrides)
+    tuning = _tuning_overrides(tuning, overrides)
     need = gemm_workgroup_bytes(tuning.gemm_rows, tuning.gemm_k)
     if need > wg_bytes:
-        raise KernelError(f"${TUNING_ENV}: gemm_rows={tuning.gemm_rows}, gemm_k={tuning.gemm_k} "
+        raise KernelError(f"tuning: gemm_rows={tuning.gemm_rows}, gemm_k={tuning.gemm_k} "
                           f"needs {need} bytes of workgroup memory, this device has {wg_bytes}")
     return tuning
 
 
 def _tuning_overrides(tuning: Tuning, text: str) -> Tuning:
+    """`tuning` with the fields `text` (Options.tuning syntax) names; checks how they combine."""
     from dataclasses import replace
 
-    sizes = {"matvec_wg", "matvec_red", "matvec_unroll", "matvec_rows", "norm_wg", "shift_wg",
-             "argmax_wg", "gemm_rows", "gemm_k", "wkv_wg"}
-    counts = {"matvec_pieces", "matvec_rows_from"}  # any count >= 0
-    changes = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
+    from rwkvlab.options import OptionsError
+
+    try:
+        text = normalize_tuning(text)
+    except OptionsError as e:
+        raise KernelError(str(e)) from None
+    changes: dict[str, int | bool] = {}
+    for item in filter(None, text.split(",")):
         name, _, value = item.partition("=")
-        if name == "trusted" and value in ("0", "1"):
-            changes[name] = value == "1"
-            continue
-        ok = value.isdigit() and (name in counts or (name in sizes and int(value) >= 1
-                                                     and not int(value) & (int(value) - 1)))
-        if not ok:
-            raise KernelError(f"${TUNING_ENV}: {item!r} is not <field>=<power of two> with field one "
-                              f"of {', '.join(sorted(sizes))}, nor {' or '.join(sorted(counts))}=<count> or trusted=0|1")
-        changes[name] = int(value)
+        changes[name] = value == "1" if name == "trusted" else int(value)
     tuning = replace(tuning, **changes)
     if (tuning.matvec_red > tuning.matvec_wg or tuning.matvec_unroll > 4 or tuning.matvec_rows > 4
             or tuning.wkv_wg < 64
             or max(tuning.matvec_wg, tuning.norm_wg, tuning.argmax_wg, tuning.wkv_wg) > 1024
             or tuning.gemm_rows not in GEMM_ROWS or tuning.gemm_k not in GEMM_K):
-        raise KernelError(f"${TUNING_ENV}: matvec_red must be <= matvec_wg, matvec_unroll and "
+        raise KernelError(f"tuning: matvec_red must be <= matvec_wg, matvec_unroll and "
                           f"matvec_rows 1, 2 or 4, wkv_wg >= 64 and workgroups <= 1024 threads, "
                           f"gemm_rows one of {GEMM_ROWS}, gemm_k one of {GEMM_K}, got {tuning}")
     return tuning

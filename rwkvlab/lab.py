@@ -49,10 +49,11 @@ import numpy as np
 import pandas as pd
 
 from rwkvlab import bench
-from rwkvlab.bench import BenchRecord, BenchSettings, fusions_text
-from rwkvlab.cli import PRESETS, SYNTH_FORMATS  # the CLI's choices; importing cli loads no wgpu
+from rwkvlab.bench import BenchRecord, BenchSettings
 from rwkvlab.history import HistoryWarning, read_history
-from rwkvlab.options import PATHS, WEIGHT_POLICIES, Options, OptionsError
+from rwkvlab.options import FUSIONS, PATHS, WEIGHT_POLICIES, Options, OptionsError, fusions_text, to_args
+from rwkvlab.synth import FORMATS as SYNTH_FORMATS
+from rwkvlab.synth import PRESETS
 from rwkvlab.verdicts import METRICS, Noise, estimate_noise, judge
 from rwkvlab.worker import BENCH_ERROR, TQDM_BAR, clean, last_words, split_pieces
 
@@ -150,10 +151,7 @@ def worker_command(model: ModelChoice, options: Options, settings: BenchSettings
     ``--history-dir`` only lets bench name the previous run of the model in its summary;
     nothing is written (the panel saves explicitly).
     """
-    cmd = [python, "-m", "rwkvlab.cli", "bench", *model.cli_args(),
-           "--backend", options.backend, "--path", options.path, "--weights", options.weights,
-           "--fusions", ",".join(sorted(options.fusions)) or "none",
-           "--chunk", str(options.chunk), "--gemm-min-tokens", str(options.gemm_min_tokens),
+    cmd = [python, "-m", "rwkvlab.cli", "bench", *model.cli_args(), *to_args(options),
            "--prefill", str(settings.prefill), "--generate", str(settings.generate),
            "--warmup", str(settings.warmup), "--repeat", str(settings.repeat),
            "--history-dir", str(history_dir), "--json", "--no-save"]
@@ -361,7 +359,7 @@ def baseline_from_record(record: BenchRecord, key: str, label: str) -> Baseline:
         samples={"prefill_tps": record.prefill_tps_samples, "generation_tps": record.generation_tps_samples},
         quality_hash=record.quality_hash, logit_error=record.logit_error,
         dispatches_per_token=record.dispatches_per_token,
-        options=f"path={o.path} weights={o.weights} fusions={fusions_text(o.fusions)}",
+        options=o.text(),
     )
 
 
@@ -502,7 +500,7 @@ def _result_table(record: BenchRecord, baseline: Baseline | None, speed: dict[st
     rows = {
         "model": (record.model, b.model if b else "", "", ""),
         "GPU": (f"{record.gpu} ({record.adapter.get('backend', o.backend)})", b.gpu if b else "", "", ""),
-        "options": (f"path={o.path} weights={o.weights} fusions={fusions_text(o.fusions)}",
+        "options": (o.text(),
                     b.options if b else "", "", ""),
     }
     for name, (column, _, _) in METRICS.items():
@@ -625,8 +623,8 @@ class SessionRun:
     @property
     def label(self) -> str:
         o = self.record.options
-        return (f"this session #{self.number}: {self.record.model} path={o.path} weights={o.weights} "
-                f"fusions={fusions_text(o.fusions)} ({self.record.generation_tps:.1f} tok/s gen)")
+        return (f"this session #{self.number}: {self.record.model} {o.text()} "
+                f"({self.record.generation_tps:.1f} tok/s gen)")
 
 
 class Panel:
@@ -713,8 +711,6 @@ class Panel:
     def _build(self, model: str) -> None:
         import ipywidgets as w
 
-        from rwkvlab.kernels import FUSIONS
-
         def row(label: str, *children, tip: str = "") -> w.HBox:
             return w.HBox([w.HTML(f"<span title='{html.escape(tip, quote=True)}'>{label}</span>",
                                   layout=w.Layout(width="110px")), *children])
@@ -722,20 +718,26 @@ class Panel:
         is_file = model not in PRESETS
         self.source = w.ToggleButtons(options=[("synthetic preset", "preset"), ("GGUF file", "file")],
                                       value="file" if is_file else "preset", style={"button_width": "130px"})
-        self.preset = w.Dropdown(options=PRESETS, value="tiny" if is_file else model, layout=w.Layout(width="110px"))
-        self.fmt = w.Dropdown(options=SYNTH_FORMATS, value="f32", layout=w.Layout(width="110px"))
+        self.preset = w.Dropdown(options=list(PRESETS), value="tiny" if is_file else model, layout=w.Layout(width="110px"))
+        self.fmt = w.Dropdown(options=list(SYNTH_FORMATS), value="f32", layout=w.Layout(width="110px"))
         self.gguf = w.Text(value=model if is_file else "", placeholder="path/to/model.gguf",
                            layout=w.Layout(width="340px"))
-        self.weights = w.ToggleButtons(options=WEIGHT_POLICIES, value="native",
+        d = Options()  # the panel starts from the defaults every command starts from
+        self.weights = w.ToggleButtons(options=WEIGHT_POLICIES, value=d.weights,
                                        tooltips=["each tensor in its file format on the GPU",
                                                  "every matrix dequantized to f16 at load"])
-        self.path = w.ToggleButtons(options=PATHS, value=Options().path,
+        self.path = w.ToggleButtons(options=PATHS, value=d.path,
                                     tooltips=["native where the adapter has f16 or subgroups, else webgpu "
                                               "(the run records which)", "portable WGSL only",
                                               "also subgroups / f16 where the adapter has them"])
-        self.backend = w.Dropdown(options=self._backend_options(), value="auto", layout=w.Layout(width="420px"))
-        self.fusion_boxes = {name: w.Checkbox(value=False, description=name, indent=False,
+        self.backend = w.Dropdown(options=self._backend_options(), value=d.backend, layout=w.Layout(width="420px"))
+        self.fusion_boxes = {name: w.Checkbox(value=name in d.fusions, description=name, indent=False,
                                               layout=w.Layout(width="120px")) for name in FUSIONS}
+        self.chunk = w.BoundedIntText(value=d.chunk, min=1, max=1 << 16, layout=w.Layout(width="80px"))
+        self.gemm_min_tokens = w.BoundedIntText(value=d.gemm_min_tokens, min=1, max=1 << 16,
+                                                layout=w.Layout(width="80px"))
+        self.tuning = w.Text(value=d.tuning, placeholder="device's own, e.g. matvec_rows=4,wkv_wg=512",
+                             layout=w.Layout(width="340px"))
         # A block-level div: ipywidgets' HTML line height (one widget row) would space the
         # description's lines a row apart.
         fusion_rows = [w.HBox([box, w.HTML(f"<div style='font-size:11px;color:#5a6473;line-height:1.3;"
@@ -781,6 +783,9 @@ class Panel:
             row("kernel path", self.path, tip="Options.path"),
             row("backend", self.backend, tip="wgpu backend (only those this machine offers)"),
             w.HTML("<b>fusions</b> (kernel-plan rewrites; each has its unfused equivalent)"), *fusion_rows,
+            row("chunk", self.chunk, w.HTML("&nbsp;GEMM from&nbsp;"), self.gemm_min_tokens,
+                tip="Options.chunk (tokens per prefill chunk), Options.gemm_min_tokens"),
+            row("tuning", self.tuning, tip="Options.tuning: kernel-shape overrides (empty: the device's own)"),
             row("prefill", self.prefill, w.HTML("&nbsp;generate&nbsp;"), self.generate, tip="tokens"),
             row("warmup", self.warmup, w.HTML("&nbsp;repeat&nbsp;"), self.repeat, tip="rounds"),
             self.reference,
@@ -830,12 +835,12 @@ class Panel:
 
     def configure(self, **values: Any) -> "Panel":
         """Set widgets from code: ``model`` (a preset name or a GGUF path), ``fmt``, ``weights``,
-        ``path``, ``backend``, ``fusions`` (names, "all" or "none"), ``prefill``, ``generate``,
+        ``path``, ``backend``, ``fusions`` (names, "all" or "none"), ``chunk``, ``gemm_min_tokens``,
+        ``tuning``, ``prefill``, ``generate``,
         ``warmup``, ``repeat``, ``reference``, ``baseline`` (a key of :meth:`baseline_choices`),
         ``title``, ``change``. Returns the panel."""
-        from rwkvlab.kernels import FUSIONS
-
         simple = {"fmt": self.fmt, "weights": self.weights, "path": self.path, "backend": self.backend,
+                  "chunk": self.chunk, "gemm_min_tokens": self.gemm_min_tokens, "tuning": self.tuning,
                   "prefill": self.prefill, "generate": self.generate, "warmup": self.warmup,
                   "repeat": self.repeat, "reference": self.reference, "baseline": self.baseline,
                   "title": self.title_box, "change": self.change_box}
@@ -876,7 +881,8 @@ class Panel:
         """The engine options the widgets name (validated by ``Options``)."""
         fusions = frozenset(name for name, box in self.fusion_boxes.items() if box.value)
         return Options(backend=self.backend.value, path=self.path.value, weights=self.weights.value,
-                       fusions=fusions)
+                       fusions=fusions, chunk=int(self.chunk.value), gemm_min_tokens=int(self.gemm_min_tokens.value),
+                       tuning=self.tuning.value)
 
     def settings(self) -> BenchSettings:
         """The benchmark lengths the widgets name."""
@@ -938,8 +944,7 @@ class Panel:
             self.run_button.disabled, self.stop_button.disabled = True, False
             self.save_button.disabled = True
             self.progress.value, self.progress.max, self.progress.bar_style = 0, bench_steps(settings), ""
-            self._status(f"running {self.model_choice().label} ({self.options().path}, "
-                         f"fusions={fusions_text(self.options().fusions)}) in a worker process ...")
+            self._status(f"running {self.model_choice().label} ({self.options().text()}) in a worker process ...")
             self.log = []
             result = run_worker(cmd, timeout=self.timeout, on_progress=self._on_progress,
                                 on_line=self.log.append, on_start=self._set_proc)
@@ -1065,8 +1070,7 @@ class Panel:
             model = str(err)
         o = self.options()
         s = self.settings()
-        settings = (f"model {model} · weights={o.weights} · path={o.path} · backend="
-                    f"{self.backend.label} · fusions={fusions_text(o.fusions)} · prefill {s.prefill}, generate "
+        settings = (f"model {model} · {o.text()} ({self.backend.label}) · prefill {s.prefill}, generate "
                     f"{s.generate}, {s.warmup} warmup + {s.repeat} timed rounds · baseline: {self.baseline.label}")
         result = (result_html(self.last_comparison, len(self.runs)) if self.last_comparison
                   else "<em>No run yet.</em>")

@@ -179,14 +179,12 @@ def cli_profile(args) -> int:
     """`rwkvlab profile`: load a model and print its per-kernel step profile."""
     import sys
 
-    from rwkvlab.cli import model_source
     from rwkvlab.engine import load
-    from rwkvlab.options import Options, OptionsError, parse_fusions
+    from rwkvlab.options import OptionsError, from_args
+    from rwkvlab.synth import model_from_args
 
     try:
-        options = Options(backend=args.backend, path=args.path, weights=args.weights,
-                          fusions=parse_fusions(args.fusions))
-        engine = load(model_source(args), options, progress=not args.no_progress)
+        engine = load(model_from_args(args), from_args(args), progress=not args.no_progress)
         t0 = time.perf_counter()
         result = profile(engine, n_tokens=args.tokens, chunk=args.prefill_chunk)
     except (OptionsError, OSError, ValueError, RuntimeError) as e:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from rwkvlab import plots
-from rwkvlab.history import read_history
+from rwkvlab.history import printable, read_history
 from rwkvlab.verdicts import verdicts as compute_verdicts
 
 SPEED_VERDICT_COLUMNS = (
@@ -90,7 +90,10 @@ def history_frame(df: pd.DataFrame, verdicts: pd.DataFrame) -> pd.DataFrame:
     """Runs and all their verdict columns in one frame, timestamps as ISO 8601 strings."""
     extra = [c for c in verdicts.columns if c not in df.columns]
     frame = df.join(verdicts[extra])
-    frame["timestamp"] = frame["timestamp"].map(lambda t: t.isoformat() if pd.notna(t) else None)
+    # Built as objects: mapping an all-NaT column gave back a datetime column of NaT, which
+    # the CSV writer's checks could not handle (a file whose every heading date was broken).
+    frame["timestamp"] = pd.Series([t.isoformat() if pd.notna(t) else None for t in frame["timestamp"]],
+                                   index=frame.index, dtype=object)
     return frame
 
 
@@ -99,8 +102,11 @@ def to_csv(df: pd.DataFrame, verdicts: pd.DataFrame) -> str:
     frame = history_frame(df, verdicts)
     nested = (list, tuple, dict)
     for column in frame.columns:
-        if frame[column].map(lambda v: isinstance(v, nested)).any():
+        if any(isinstance(v, nested) for v in frame[column].tolist()):
             frame[column] = frame[column].map(lambda v: json.dumps(_plain(v)) if isinstance(v, nested) else v)
+    # Text from the history goes to a terminal as often as to a spreadsheet: no escapes in it.
+    frame = frame.map(lambda v: printable(v) if isinstance(v, str) else v)
+    frame.columns = [printable(str(c)) for c in frame.columns]
     out = io.StringIO()
     frame.to_csv(out, index=False)
     return out.getvalue()
@@ -143,6 +149,7 @@ def format_table(df: pd.DataFrame, verdicts: pd.DataFrame) -> str:
             text = "" if math.isnan(value) else f"{value:.1f}"
         else:
             text = "" if value is None or (not isinstance(value, str) and pd.isna(value)) else str(value)
+        text = printable(text)
         if len(text) > width:
             text = text[: width - 1] + "…"
         return f"{text:{align}{width}}"

@@ -27,13 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rwkvlab.bench import (BenchError, BenchSettings, fusions_text, model_from_args, options_from_args,
-                           settings_from_args)
-from rwkvlab.options import Options, OptionsError, parse_fusions
+from rwkvlab.bench import BenchError, BenchSettings, settings_from_args
+from rwkvlab.options import Options, OptionsError, from_args, parse_fusions, to_args
+from rwkvlab.synth import ModelNotFoundError, model_from_args
 from rwkvlab.worker import human, last_words, split_pieces
 
 # Options fields a sweep can vary, with the type of their values.
-VARIABLE = {"backend": str, "path": str, "weights": str, "fusions": str, "chunk": int, "gemm_min_tokens": int}
+VARIABLE = {"backend": str, "path": str, "weights": str, "fusions": str, "chunk": int, "gemm_min_tokens": int,
+            "tuning": str}
 _STDERR_LINES = 300  # lines of a configuration's stderr kept for its error text (bars not counted)
 
 
@@ -53,7 +54,9 @@ def parse_vary(items: list[str]) -> dict[str, list[str]]:
             raise OptionsError(f"--vary {item!r}: unknown option {key!r}; available: {', '.join(VARIABLE)}")
         if key in vary:
             raise OptionsError(f"--vary {key} given twice; list all its values in one --vary")
-        vary[key] = [v.strip() for v in values.split(",") if v.strip()]
+        # a tuning is itself a comma-separated list: its sets are separated by ';' ("" = default)
+        sep = ";" if key == "tuning" else ","
+        vary[key] = [v.strip() for v in values.split(sep) if v.strip() or key == "tuning"]
         for v in vary[key]:
             _with(Options(), key, v)
     return vary
@@ -206,10 +209,7 @@ def pick_best(result: SweepResult) -> SweepRow | None:
 def bench_command(model: Path, options: Options, settings: BenchSettings, *, title: str, change: str,
                   file: str | None, history_dir: str, save: bool, python: str = sys.executable) -> list[str]:
     """The `rwkvlab bench --json` command line that runs one configuration."""
-    cmd = [python, "-m", "rwkvlab.cli", "bench", "--model", str(model),
-           "--backend", options.backend, "--path", options.path, "--weights", options.weights,
-           "--fusions", ",".join(sorted(options.fusions)) or "none",
-           "--chunk", str(options.chunk), "--gemm-min-tokens", str(options.gemm_min_tokens),
+    cmd = [python, "-m", "rwkvlab.cli", "bench", "--model", str(model), *to_args(options),
            "--prefill", str(settings.prefill), "--generate", str(settings.generate),
            "--warmup", str(settings.warmup), "--repeat", str(settings.repeat),
            "--title", title, "--change", change, "--history-dir", str(history_dir), "--json"]
@@ -287,7 +287,7 @@ def run_sweep(model: str | os.PathLike, base: Options, vary: dict[str, list[str]
               timeout: float = 1800.0, log=print) -> SweepResult:
     """Bench every configuration of ``vary`` over ``base`` in fresh subprocesses (module docstring).
 
-    ``model`` is a GGUF path (resolve presets first with ``rwkvlab.bench.resolve_model``).
+    ``model`` is a GGUF path (resolve presets first with ``rwkvlab.synth.resolve_model``).
     ``log`` receives one line as each configuration starts.
     """
     settings = settings or BenchSettings()
@@ -312,10 +312,10 @@ def cli_sweep(args: argparse.Namespace) -> int:
     """`rwkvlab sweep`: exit 0 when every configuration ran and one is correct, else 1 (2: bad arguments)."""
     try:
         vary = parse_vary(args.vary)
-        base = options_from_args(args)
+        base = from_args(args)
         settings = settings_from_args(args)
         model = model_from_args(args)
-    except (BenchError, OptionsError) as err:
+    except (BenchError, ModelNotFoundError, OptionsError) as err:
         print(f"rwkvlab sweep: {err}", file=sys.stderr)
         return 2
     result = run_sweep(model, base, vary, settings, title=args.title or "", change=args.change or "",

@@ -517,6 +517,34 @@ def default_model_path(preset: str = "tiny", fmt: str = "f32", seed: int = 0) ->
     return path
 
 
+class ModelNotFoundError(FileNotFoundError):
+    """A model given by path that is not a file, with what could be given instead."""
+
+
+def resolve_model(model: str | os.PathLike, fmt: str = "f32") -> Path:
+    """A GGUF path for ``model``: an existing file, or a synthetic preset name (written on first
+    use, in format ``fmt``). The one place a model argument becomes a file, for every command."""
+    path = Path(model)
+    if path.is_file():
+        return path
+    if str(model) in PRESETS:
+        return default_model_path(str(model), fmt)
+    what = f"{path} is not a file" if path.exists() else f"model file {path} does not exist"
+    raise ModelNotFoundError(f"{what}; give a GGUF file or a preset ({', '.join(PRESETS)})")
+
+
+def model_from_args(args) -> Path:
+    """The GGUF file a command line names: ``--model FILE`` (a path, never read as a preset
+    name), else ``--preset`` (default tiny) in ``--format``, cached on first use."""
+    if getattr(args, "model", None):
+        path = Path(args.model)
+        if not path.is_file():
+            what = f"{path} is not a file" if path.exists() else f"model file {path} does not exist"
+            raise ModelNotFoundError(f"{what}; give a GGUF file, or --preset ({', '.join(PRESETS)})")
+        return path
+    return default_model_path(args.preset or "tiny", args.synth_format)
+
+
 def cli_synth(args) -> int:
     """`rwkvlab synth`: write a synthetic model file (args.preset, args.format, args.seed, args.output)."""
     start = time.perf_counter()

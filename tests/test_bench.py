@@ -23,14 +23,14 @@ import pytest
 
 from rwkvlab.bench import (F16_AT_LOAD_TOLERANCE, FILE_FORMAT_TOLERANCE, NOT_CHECKED, PROMPT_TEXT, BenchError, BenchRecord,
                            BenchSettings, git_commit, history_file, judge, logit_tolerance, prompt_tokens,
-                           reference_cache_file, reference_logits, resolve_model, run_bench, save_bench, slug)
+                           reference_cache_file, reference_logits, run_bench, save_bench, slug)
 from rwkvlab.cli import main
 from rwkvlab.gguf import read_model
 from rwkvlab.history import HistoryWarning, read_history, sidecar_path
-from rwkvlab.options import (BACKENDS, PATHS, WEIGHT_POLICIES, Options, OptionsError,
-                             known_fusions, parse_fusions)
+from rwkvlab.options import BACKENDS, FUSIONS, PATHS, WEIGHT_POLICIES, Options, OptionsError, parse_fusions
 from rwkvlab.quality import quality_hash
 from rwkvlab.reference import Reference
+from rwkvlab.synth import ModelNotFoundError, resolve_model
 from rwkvlab.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,8 +83,7 @@ def test_unknown_option_value_lists_what_is_available(field, value, available):
 
 
 def test_unknown_fusion_lists_the_kernels_fusions():
-    known = known_fusions()
-    assert known is not None, "rwkvlab.kernels.FUSIONS should exist now that the engine is in"
+    known = tuple(FUSIONS)
     with pytest.raises(OptionsError) as err:
         Options(fusions={"no_such_fusion"})
     message = str(err.value)
@@ -94,10 +93,42 @@ def test_unknown_fusion_lists_the_kernels_fusions():
         parse_fusions("typo")
 
 
+def test_tuning_is_an_option_kept_in_one_spelling():
+    o = Options(tuning=" wkv_wg=512, matvec_rows=4,wkv_wg=256")  # a later repeat wins
+    assert o.tuning == "matvec_rows=4,wkv_wg=256"
+    assert o == Options(tuning="wkv_wg=256,matvec_rows=4")  # equal overrides, equal records
+    for bad in ("wkv_wg=300", "nonsense=1", "trusted=2", "matvec_rows"):
+        with pytest.raises(OptionsError, match="tuning"):
+            Options(tuning=bad)
+
+
+def test_options_round_trip_through_the_record_and_the_command_line():
+    from rwkvlab.cli import build_parser
+    from rwkvlab.options import from_args, from_record, to_args
+
+    o = Options(backend="gl", path="webgpu", weights="f16", chunk=64, gemm_min_tokens=3,
+                fusions=frozenset({"kv"}), tuning="matvec_rows_from=0,trusted=0")
+    assert from_record(json.loads(json.dumps(o.as_record()))) == o
+    args = build_parser().parse_args(["generate", *to_args(o)])
+    assert from_args(args) == o
+    assert from_record({"path": "native", "fusions": []}) == Options(path="native", fusions=frozenset())
+
+
+def test_environment_tuning_is_folded_into_the_resolved_options(monkeypatch):
+    from rwkvlab.gpu import resolve_options
+
+    monkeypatch.setenv("RWKVLAB_TUNING", "wkv_wg=128")
+    assert resolve_options(Options()).tuning == "wkv_wg=128"  # recorded, so a replay needs no env
+    assert resolve_options(Options(tuning="wkv_wg=64")).tuning == "wkv_wg=64"  # explicit wins
+    monkeypatch.setenv("RWKVLAB_TUNING", "wkv_wg=3")
+    with pytest.raises(OptionsError, match=r"\$RWKVLAB_TUNING"):
+        resolve_options(Options())
+
+
 def test_parse_fusions_words():
     assert parse_fusions("none") == frozenset()
     assert parse_fusions("") == frozenset()
-    assert parse_fusions("all") == frozenset(known_fusions())
+    assert parse_fusions("all") == frozenset(tuple(FUSIONS))
     with pytest.raises(OptionsError, match="mixes 'none'"):
         parse_fusions("none,all")
     with pytest.raises(OptionsError, match="set of names"):
@@ -181,9 +212,9 @@ def test_models_resolve_to_files(tiny, tmp_path, monkeypatch):
     assert resolve_model(tiny) == tiny
     preset = resolve_model("tiny", "q8_0")  # a synthetic preset is written on first use
     assert preset.parent == tmp_path and preset.is_file() and "tiny-q8_0" in preset.name
-    with pytest.raises(BenchError, match=r"missing.gguf does not exist; give a GGUF file or a preset \(tiny, 0.1b"):
+    with pytest.raises(ModelNotFoundError, match=r"missing.gguf does not exist; give a GGUF file or a preset \(tiny, 0.1b"):
         resolve_model(tmp_path / "missing.gguf")
-    with pytest.raises(BenchError, match="is not a file"):
+    with pytest.raises(ModelNotFoundError, match="is not a file"):
         resolve_model(tmp_path)
 
 

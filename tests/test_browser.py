@@ -30,7 +30,7 @@ import nbformat
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from rwkvlab.kernels import FUSIONS
+from rwkvlab.options import FUSIONS
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"

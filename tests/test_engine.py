@@ -20,6 +20,7 @@ import pytest
 from conftest import assert_same_plan
 from rwkvlab import engine as engine_mod
 from rwkvlab import kernels as kn
+from rwkvlab import options as options_mod
 from rwkvlab.cli import main as cli_main
 from rwkvlab.engine import Engine, EngineError, load
 from rwkvlab.gguf import read_model
@@ -230,7 +231,7 @@ def test_quant_gpu_class_tuning_and_fusions(engine, fixtures_dir, monkeypatch, f
     want = base.logits(TOKENS)
     base.reset()
     want_steps = np.stack([base.step(t) for t in TOKENS[:4]])
-    monkeypatch.setenv(kn.TUNING_ENV, GPU_TUNING)
+    monkeypatch.setenv(options_mod.TUNING_ENV, GPU_TUNING)
     e = load(fixtures_dir / f"tiny-{fmt}.gguf", Options(path=path, fusions=frozenset({"all"})), progress=False)
     assert (e.tuning.matvec_red, e.tuning.subgroups) == (32, path == "native")
     assert np.abs(e.logits(TOKENS) - want).max() <= 1e-4
@@ -260,12 +261,12 @@ def test_split_weights_give_identical_logits(engine, monkeypatch):
 # Each fusion alone, the pairs whose kernels depend on each other (lora + proj: one lora
 # dispatch per block; kv + wkv: wkv_fused does the key/value pack too), and all of them.
 FUSION_SETS = [{"proj"}, {"lora"}, {"kv"}, {"wkv"}, {"norm_shift"}, {"ffn"}, {"lora", "proj"},
-               {"kv", "wkv"}, set(kn.FUSIONS), set(kn.DEFAULT_FUSIONS)]
+               {"kv", "wkv"}, set(options_mod.FUSIONS), set(options_mod.DEFAULT_FUSIONS)]
 
 
 def test_default_options_take_the_default_fusions():
     """Options() runs the fastest correct plan measured (every fusion but lora)."""
-    assert Options().fusions == kn.DEFAULT_FUSIONS == frozenset(kn.FUSIONS) - {"lora"}
+    assert Options().fusions == options_mod.DEFAULT_FUSIONS == frozenset(options_mod.FUSIONS) - {"lora"}
 
 
 @pytest.mark.parametrize("fmt", ["f32", "q8_0"])
@@ -316,7 +317,7 @@ def test_gpu_class_tuning_on_lavapipe(engine, fixtures_dir, monkeypatch, path):
     group, with a workgroup-memory sum, or subgroup operations on the native path) give the
     same logits as lavapipe's."""
     want = engine("q8_0").logits(TOKENS)
-    monkeypatch.setenv(kn.TUNING_ENV, GPU_TUNING)
+    monkeypatch.setenv(options_mod.TUNING_ENV, GPU_TUNING)
     e = load(fixtures_dir / "tiny-q8_0.gguf", Options(path=path, fusions=frozenset({"all"})), progress=False)
     assert (e.tuning.matvec_red, e.tuning.subgroups) == (32, path == "native")
     assert np.abs(e.logits(TOKENS) - want).max() <= 1e-4  # other summation orders only
@@ -334,7 +335,7 @@ def test_gemm_tile_shapes_give_identical_logits(engine, reference, fixtures_dir,
     test_matches_reference_on_same_weights)."""
     base = engine("q8_0", chunk=150, fusions=frozenset({"all"}))
     want = base.logits(LONG_PROMPT)
-    monkeypatch.setenv(kn.TUNING_ENV, tuning)
+    monkeypatch.setenv(options_mod.TUNING_ENV, tuning)
     e = load(fixtures_dir / "tiny-q8_0.gguf", Options(chunk=150, fusions=frozenset({"all"})), progress=False)
     assert f"gemm_rows={e.tuning.gemm_rows},gemm_k={e.tuning.gemm_k}" == tuning
     assert {d.kernel.name for d in e.plan(150, "all")} >= {"gemm"}
@@ -348,7 +349,7 @@ def test_gpu_class_wkv_fusions_equal_the_unfused_plan(fixtures_dir, monkeypatch,
     fusion, alone and with "kv", gives the unfused plan's logits bit for bit, chunked and
     stepped: wkv_fused's head sums reproduce kv_prep's and groupnorm_out's group_sum (subgroup
     operations on the native path) and its state update is wkv's."""
-    monkeypatch.setenv(kn.TUNING_ENV, GPU_TUNING)
+    monkeypatch.setenv(options_mod.TUNING_ENV, GPU_TUNING)
     results = []
     for fusions in (set(), {"wkv"}, {"kv", "wkv"}):
         e = load(fixtures_dir / "tiny-q8_0.gguf", Options(path=path, fusions=frozenset(fusions)), progress=False)
@@ -368,7 +369,7 @@ def test_gpu_class_tuning_keeps_fusions_and_splits_bit_identical(fixtures_dir, m
     matrix is summed the same way stacked with others (proj), inside the lora kernel, or split
     over buffers by rows: every fusion and the split give the plain plan's logits bit for bit,
     also stepped (what test_fusions_equal_the_unfused_plan asks of a real GPU)."""
-    monkeypatch.setenv(kn.TUNING_ENV, GPU_TUNING)
+    monkeypatch.setenv(options_mod.TUNING_ENV, GPU_TUNING)
     file = fixtures_dir / f"tiny-{fmt}.gguf"
     base = load(file, Options(path=path, fusions=frozenset()), progress=False)
     want = base.logits(TOKENS)
@@ -473,7 +474,7 @@ def test_cli_generate_file_and_zero_tokens(fixtures_dir, capsys):
 
 
 @pytest.mark.parametrize("argv, says", [
-    (["--model", "/nonexistent.gguf"], "no such file"),
+    (["--model", "/nonexistent.gguf"], "does not exist"),
     (["--path", "warp"], "unknown path"),
     (["--weights", "int3"], "unknown weights"),
     (["--backend", "dx12"], "dx12"),
@@ -525,7 +526,7 @@ def test_small_matvec_dispatches_take_one_row_per_group(fixtures_dir, monkeypatc
     file = fixtures_dir / f"tiny-{fmt}.gguf"
 
     def engine_with(extra):
-        monkeypatch.setenv(kn.TUNING_ENV, GPU_TUNING + extra)
+        monkeypatch.setenv(options_mod.TUNING_ENV, GPU_TUNING + extra)
         e = load(file, Options(), progress=False)
         return e, {d.label: (dict(d.kernel.constants)["NR"], e.weight_formats.get(_product_of(d.label)))
                    for d in e.plan(1, "last") if d.kernel.name == "matvec"}

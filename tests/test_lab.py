@@ -25,6 +25,7 @@ from rwkvlab.history import read_history
 from rwkvlab.lab import (Baseline, LabError, ModelChoice, Panel, SESSION_TRACE, baseline_from_history,
                          baseline_from_record, bench_steps, compare, default_history_dir, prepare_kernel,
                          repeat_sigma, run_worker, speed_noise, worker_command)
+from rwkvlab import options as options_mod
 from rwkvlab.options import Options
 from rwkvlab.verdicts import DEFAULT_SIGMA, Z, estimate_noise
 
@@ -167,12 +168,12 @@ def test_worker_command_parses_back_to_the_same_options_and_settings():
     from rwkvlab.cli import build_parser
 
     options = Options(backend="vulkan", path="native", weights="f16", chunk=32, gemm_min_tokens=4,
-                      fusions=frozenset({"proj", "wkv"}))
+                      fusions=frozenset({"proj", "wkv"}), tuning="wkv_wg=512,matvec_rows=4")
     settings = BenchSettings(prefill=20, generate=10, warmup=0, repeat=5, reference=False)
     cmd = worker_command(ModelChoice("0.1b", "q8_0"), options, settings, "/tmp/h", python="py")
     assert cmd[:3] == ["py", "-m", "rwkvlab.cli"] and "--no-save" in cmd and "--json" in cmd
     args = build_parser().parse_args(cmd[3:])
-    assert bench.options_from_args(args) == options
+    assert options_mod.from_args(args) == options
     back = bench.settings_from_args(args)
     assert (back.prefill, back.generate, back.warmup, back.repeat, back.reference) == (20, 10, 0, 5, False)
     assert (args.preset, args.synth_format, args.history_dir) == ("0.1b", "q8_0", "/tmp/h")
@@ -246,13 +247,13 @@ def panel(tmp_path_factory):
 
 def test_panel_offers_this_machines_backends_and_every_fusion(panel):
     from rwkvlab.gpu import available_backends
-    from rwkvlab.kernels import FUSIONS
+    from rwkvlab.options import FUSIONS
 
     assert [v for _, v in panel.backend.options] == available_backends()
     assert set(panel.fusion_boxes) == set(FUSIONS)
-    # the panel starts from the unfused plan on Options' default path (auto: resolved by the worker
-    # against the adapter it runs on, and recorded resolved)
-    assert panel.options() == Options(fusions=frozenset()) and panel.options().path == "auto"
+    # the panel starts from the defaults every command starts from (path auto: resolved by the
+    # worker against the adapter it runs on, and recorded resolved)
+    assert panel.options() == Options() and panel.options().path == "auto"
     assert panel.model_choice() == ModelChoice("tiny", "f32")
     with pytest.raises(LabError, match="available"):
         panel.configure(backend="metal")
@@ -261,6 +262,7 @@ def test_panel_offers_this_machines_backends_and_every_fusion(panel):
 
 
 def test_panel_runs_compares_plots_and_saves(panel):
+    panel.configure(fusions="none")
     first = panel.run()
     assert panel.last_record is first and first.logit_ok
     assert panel.last_comparison.output.verdict == "first run"  # empty history, first run

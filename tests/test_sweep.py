@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from conftest import WORKER_KILLED_MID_BAR, WORKER_LAST_LINE
-from rwkvlab.bench import BenchSettings, options_from_args, settings_from_args
+from rwkvlab.bench import BenchSettings, settings_from_args
 from rwkvlab.cli import build_parser, main
 from rwkvlab.history import HistoryWarning, read_history, sidecar_path
-from rwkvlab.options import Options, OptionsError, known_fusions
+from rwkvlab.options import FUSIONS, Options, OptionsError, from_args
 from rwkvlab.sweep import (VARIABLE, Config, SweepResult, SweepRow, baseline_options, bench_command,
                            configurations, parse_vary, pick_best, run_config, with_baseline)
 
@@ -41,7 +41,7 @@ def test_parse_vary_and_cross_product():
 
 def test_fusion_values():
     configs = configurations(Options(), parse_vary(["fusions=none,all"]))
-    assert [c.options.fusions for c in configs] == [frozenset(), frozenset(known_fusions())]
+    assert [c.options.fusions for c in configs] == [frozenset(), frozenset(tuple(FUSIONS))]
     assert [c.label for c in configs] == ["fusions=none", "fusions=all"]
 
 
@@ -76,13 +76,13 @@ def test_baseline_is_added_only_when_missing():
 
 def test_bench_command_reproduces_the_configuration(tmp_path):
     options = Options(backend="vulkan", path="native", weights="f16", chunk=16, gemm_min_tokens=4,
-                      fusions=frozenset(known_fusions()))
+                      fusions=frozenset(tuple(FUSIONS)))
     settings = BenchSettings(prefill=20, generate=10, warmup=1, repeat=5, reference=False, progress=False)
     cmd = bench_command(tmp_path / "m.gguf", options, settings, title="T", change="C", file="f",
                         history_dir=str(tmp_path), save=False)
     assert cmd[1:4] == ["-m", "rwkvlab.cli", "bench"] and "--json" in cmd
     args = build_parser().parse_args(cmd[3:])
-    assert options_from_args(args) == options
+    assert from_args(args) == options
     assert settings_from_args(args) == settings
     assert (args.title, args.change, args.file, args.no_save, args.model) == ("T", "C", "f", True, str(tmp_path / "m.gguf"))
 
