@@ -279,7 +279,7 @@ def report_html(df: pd.DataFrame, verdicts: pd.DataFrame, sources: list[str],
     gpus = _gpus(df)
     newest = pd.to_datetime(df["timestamp"], utc=True).max()
     contents = "".join(
-        [f"<li><a href='#summary'>Summary</a></li><li><a href='#changes'>What changed</a></li>"]
+        ["<li><a href='#summary'>Summary</a></li><li><a href='#changes'>What changed</a></li>"]
         + [f"<li><a href='#{_gpu_anchor(g)}'>{html.escape(g)}</a> ({int((_gpu_of(df) == g).sum())} runs)</li>"
            for g in gpus]
         + ["<li><a href='#runs'>Every run</a></li>"])

@@ -19,10 +19,10 @@ import pandas as pd
 import pytest
 
 from conftest import WORKER_KILLED_MID_BAR, WORKER_LAST_LINE
-from rwkvlab import bench
+from rwkvlab import bench, plots
 from rwkvlab.bench import BenchRecord, BenchSettings
 from rwkvlab.history import read_history
-from rwkvlab.lab import (Baseline, LabError, ModelChoice, Panel, SESSION_TRACE, baseline_from_history,
+from rwkvlab.lab import (Baseline, LabError, ModelChoice, Panel, baseline_from_history,
                          baseline_from_record, bench_steps, compare, default_history_dir, prepare_kernel,
                          repeat_sigma, run_worker, speed_noise, worker_command)
 from rwkvlab import options as options_mod
@@ -283,10 +283,13 @@ def test_panel_runs_compares_plots_and_saves(panel):
     assert table.loc["dispatches/token", "this run"] == str(fused.dispatches_per_token)
     assert int(table.loc["dispatches/token", "baseline"]) > fused.dispatches_per_token
     assert table.loc["quality hash", "this run"] == first.quality_hash
-    session = [t for t in panel.plot.data if t.name == SESSION_TRACE]
-    assert [list(t.y) for t in session] == [[first.prefill_tps, fused.prefill_tps],
-                                            [first.generation_tps, fused.generation_tps]]
-    assert panel.plot.layout.title.text.endswith("this session: 2 runs")
+    # The live plot shows both runs: what the Output widget holds is the whole current figure.
+    (shown,) = panel.plot.outputs
+    figure = shown["data"][plots.PLOTLY_JSON]
+    session = [t for t in figure["data"] if t["name"] == plots.SESSION_NAME]
+    assert [t["y"] for t in session] == [[first.prefill_tps, fused.prefill_tps],
+                                         [first.generation_tps, fused.generation_tps]]
+    assert figure["layout"]["title"]["text"].endswith("this session: 2 runs")
     assert list(panel.session_table()["output"]) == ["first run", "same"]
 
     where = panel.save(title="Lab panel test", change="all fusions")
