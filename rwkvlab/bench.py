@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from rwkvlab.history import HistoryWarning, RunRecord, append_run, append_sidecar, read_history
 from rwkvlab.options import Options, OptionsError, from_args, from_record
@@ -148,6 +149,8 @@ class BenchRecord:
     reference: str  # "computed", "cached" or "not checked"
     dispatches_per_token: int | None
     commit: str
+    fingerprint: str = ""  # the model file's content (rwkvlab.gguf.fingerprint); "" unknown
+    environment: dict[str, str] = field(default_factory=dict)  # rwkvlab.gpu.environment + commit
 
     @property
     def quality_hash(self) -> str:
@@ -229,6 +232,8 @@ class BenchRecord:
             "reference": self.reference,
             "dispatches_per_token": self.dispatches_per_token,
             "commit": self.commit,
+            "fingerprint": self.fingerprint,
+            "environment": self.environment,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -272,10 +277,9 @@ def run_bench(model: str | os.PathLike, options: Options | None = None,
     :func:`save_bench`. Raises :class:`BenchError` / ``OptionsError`` / ``GGUFError`` with a
     message a user can act on before any GPU work when the setup cannot run.
     """
-    from rwkvlab.gguf import read_model
-    from rwkvlab.tokenizer import Tokenizer
-
+    from rwkvlab.gguf import fingerprint, read_model
     from rwkvlab.gpu import resolve_options
+    from rwkvlab.tokenizer import Tokenizer
 
     options = resolve_options(options)  # the record holds what ran: "auto" resolved
     settings = settings or BenchSettings()
@@ -302,6 +306,7 @@ def run_bench(model: str | os.PathLike, options: Options | None = None,
         bar.close()
 
     info = timings.adapter
+    commit = git_commit()
     return BenchRecord(
         title=title, change=change, timestamp=timestamp, model=path.name, model_path=str(path),
         layers=host_model.spec.n_layer, embedding=host_model.spec.n_embd, gpu=info["name"],
@@ -314,7 +319,8 @@ def run_bench(model: str | os.PathLike, options: Options | None = None,
         logit_error=error, reference=source,
         logit_tolerance=logit_tolerance({n: t.ggml_type for n, t in host_model.tensors.items()},
                                         timings.gpu_formats),
-        dispatches_per_token=timings.dispatches_per_token, commit=git_commit(),
+        dispatches_per_token=timings.dispatches_per_token, commit=commit,
+        fingerprint=fingerprint(path), environment={**timings.environment, "commit": commit},
     )
 
 
@@ -341,12 +347,13 @@ class _Timings:
     adapter: dict[str, str] = field(default_factory=dict)
     dispatches_per_token: int | None = None
     gpu_formats: dict[str, str] = field(default_factory=dict)  # tensor -> format the GPU reads
+    environment: dict[str, str] = field(default_factory=dict)
 
 
 def _measure(path: Path, options: Options, settings: BenchSettings, prompt: list[int], bar) -> _Timings:
     """Load, warm up and time the engine; the engine is released before this returns."""
     from rwkvlab.engine import load
-    from rwkvlab.gpu import get_gpu
+    from rwkvlab.gpu import environment, get_gpu
 
     # The device is per process and cached; make it outside the clock so load time is the model's.
     get_gpu(options.backend, native=options.path == "native")
@@ -385,6 +392,7 @@ def _measure(path: Path, options: Options, settings: BenchSettings, prompt: list
     info = engine.gpu.info
     t.adapter = {"name": info.name, "backend": info.backend, "adapter_type": info.adapter_type,
                  "description": info.description}
+    t.environment = environment(engine.gpu)
     dpt = getattr(engine, "dispatches_per_token", None)
     t.dispatches_per_token = None if dpt is None else int(dpt)
     t.gpu_formats = dict(engine.weight_formats)
@@ -531,61 +539,46 @@ def history_file(record: BenchRecord, history_dir: str | os.PathLike = "data/ben
 
 @dataclass(frozen=True)
 class Verdict:
-    """Is the output still right? Against the previous run of the same model file, and the reference."""
+    """Is the output still right, and is it slower? The lab's verdict rule
+    (:mod:`rwkvlab.verdicts`) on this run as if appended to the history, and the logit check."""
 
     output: str  # "first run", "same", "changed"
     output_reason: str
     logits: str  # "ok", "too large", "not checked"
     logits_reason: str
+    judged: dict[str, Any] = field(default_factory=dict)  # the run's row of rwkvlab.verdicts.verdicts
 
     @property
     def ok(self) -> bool:
         return self.output != "changed" and self.logits != "too large"
 
 
-def _prompt_lengths(history: str | os.PathLike) -> dict[tuple[Any, str], int]:
-    """(timestamp to the second, change) -> prompt tokens of each run the sidecar describes."""
-    import pandas as pd
+def history_frame(record: BenchRecord, file: str = "<this run>"):
+    """The run as :func:`rwkvlab.history.read_history` would read it back once saved."""
+    from rwkvlab.history import frame_of_run
 
-    from rwkvlab.history import read_sidecar
-
-    lengths = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", HistoryWarning)  # read_history has said it already
-        records = read_sidecar(history)
-    for _, rec in records:
-        try:
-            lengths[(pd.Timestamp(rec["timestamp"]).floor("s"), rec["change"])] = int(rec["prompt_tokens"])
-        except (ValueError, KeyError, TypeError, OverflowError):
-            continue  # a record without the field: its prompt is unknown
-    return lengths
+    return frame_of_run(record.to_run_record(), record.sidecar_record(), file)
 
 
 def judge(record: BenchRecord, history: str | os.PathLike) -> Verdict:
-    """Compare ``record`` with the latest run of the same model file and prompt length already in
-    ``history`` (the greedy tokens depend on the prompt; runs whose prompt length the sidecar
-    does not record, like the seed files', count as comparable)."""
-    previous = None
-    if Path(history).is_file():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", HistoryWarning)
-            df = read_history(history)
-        same = df[(df["model"] == record.model) & df["quality_hash"].notna() & (df["quality_hash"] != "nan")]
-        lengths = _prompt_lengths(history)
-        n = len(record.prompt)
-        same = same[[lengths.get((row.timestamp.floor("s"), row.change), n) == n for row in same.itertuples()]]
-        if len(same):
-            previous = same.sort_values("line").iloc[-1]
-    if previous is None:
-        output, why = "first run", f"first run of {record.model} in {Path(history).name}: this hash is its baseline"
+    """The verdicts of ``record`` as if appended to ``history`` (a .md file): the output against
+    the baseline of its output key (model fingerprint, prompt and generation lengths) across
+    every history file in that folder, the speeds against its title and its history
+    (:mod:`rwkvlab.verdicts`, the rule the panel, ``history`` and reports apply), and the logits
+    against the NumPy reference."""
+    from rwkvlab.verdicts import judge_new
+
+    folder = Path(history).parent
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HistoryWarning)  # `rwkvlab history` reports those
+        df = read_history(folder) if folder.is_dir() else pd.DataFrame()
+    judged = judge_new(df, history_frame(record, Path(history).name)).iloc[0]
+    if judged["output"] == "baseline":
+        output, why = "first run", f"first run of its kind: {judged['output_reason']}"
+    elif judged["output"] == "changed":
+        output, why = "changed", f"OUTPUT CHANGED: {judged['output_reason']}"
     else:
-        when = f"{previous['timestamp']:%Y-%m-%d %H:%M:%S} - {previous['change']}"
-        if previous["quality_hash"] == record.quality_hash:
-            output, why = "same", f"same as the previous run of {record.model} ({when})"
-        else:
-            output, why = "changed", (f"OUTPUT CHANGED: hash {record.quality_hash}, the previous run of "
-                                      f"{record.model} with a {len(record.prompt)}-token prompt ({when}) "
-                                      f"had {previous['quality_hash']}")
+        output, why = str(judged["output"]), str(judged["output_reason"])
     if record.logit_error is None:
         logits, lwhy = "not checked", "logits not checked against the NumPy reference (--no-reference)"
     elif record.logit_ok:
@@ -594,7 +587,7 @@ def judge(record: BenchRecord, history: str | os.PathLike) -> Verdict:
     else:
         logits, lwhy = "too large", (f"LOGIT ERROR {record.logit_error:.3g} vs the NumPy reference exceeds "
                                      f"tolerance {record.logit_tolerance:g}: the output is wrong")
-    return Verdict(output, why, logits, lwhy)
+    return Verdict(output, why, logits, lwhy, judged.to_dict())
 
 
 def save_bench(record: BenchRecord, history: str | os.PathLike) -> int:
@@ -648,18 +641,20 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
 # Exit status of `rwkvlab bench` (and the worker the lab and sweep start): 1 is reserved for a
 # failed logit check, whose run is saved, so a run that could not be saved needs its own code.
-EXIT_OK, EXIT_LOGITS, EXIT_NOT_RUN, EXIT_NOT_SAVED = 0, 1, 2, 3
+EXIT_OK, EXIT_LOGITS, EXIT_NOT_RUN, EXIT_NOT_SAVED, EXIT_GATE = 0, 1, 2, 3, 4
 
 
 def cli_bench(args: argparse.Namespace) -> int:
     """`rwkvlab bench`: run, print, append to the history. Exit 0 done, 1 the logit check failed
     (run saved), 2 it could not run (nothing saved), 3 measured but the history could not be
-    written (the measurement is printed, nothing saved)."""
+    written (the measurement is printed, nothing saved), 4 a ``--fail-on`` gate failed (run
+    saved)."""
     from rwkvlab.engine import EngineError
     from rwkvlab.gguf import GGUFError
     from rwkvlab.gpu import NoAdapterError
     from rwkvlab.history import HistoryWriteError, check_appendable
     from rwkvlab.kernels import KernelError
+    from rwkvlab.verdicts import GATES, gate_failures
 
     human = sys.stderr if args.json else sys.stdout
     if not args.no_save:
@@ -672,6 +667,10 @@ def cli_bench(args: argparse.Namespace) -> int:
             print(f"rwkvlab bench: {err}; nothing measured", file=sys.stderr)
             return EXIT_NOT_RUN
     try:
+        gates = {g.strip() for g in (args.fail_on or "").split(",") if g.strip()}
+        unknown = sorted(gates - set(GATES))
+        if unknown:
+            raise OptionsError(f"--fail-on {', '.join(unknown)}: available: {', '.join(GATES)}")
         options = from_args(args)
         settings = settings_from_args(args)
         record = run_bench(model_from_args(args), options, settings, title=args.title or "",
@@ -701,7 +700,12 @@ def cli_bench(args: argparse.Namespace) -> int:
     if failed:
         print(failed, file=sys.stderr)
         return EXIT_NOT_SAVED
-    return EXIT_LOGITS if record.logit_ok is False else EXIT_OK
+    if record.logit_ok is False:
+        return EXIT_LOGITS
+    gate = gate_failures(pd.Series(verdict.judged), gates)
+    for why in gate:
+        print(f"rwkvlab bench: --fail-on: {why}", file=sys.stderr)
+    return EXIT_GATE if gate else EXIT_OK
 
 
 def _json_default(value: Any) -> Any:

@@ -50,6 +50,26 @@ def _report(sub) -> None:
     p.set_defaults(handler="rwkvlab.report:cli_report")
 
 
+def _compare(sub) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="two runs, titles or option sets side by side, with verdicts (like asv compare)",
+        description="Compare two sets of runs of the benchmark history: B's medians against A's, per "
+        "model, GPU and lengths both ran, with the lab's verdicts (noise from the history).",
+        epilog="selectors: FILE.md:LINE (one run), title=TEXT (the runs under ## TEXT), FIELD=VALUE[,...] "
+        "(runs whose recorded options or columns match: path=native,fusions=none or change=...)\n"
+        "example: rwkvlab compare 'fusions=none' 'fusions=default' data/benchmarks/nvidia-h100-80gb-hbm3.md",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("a", metavar="A", help="the runs compared with (a selector)")
+    p.add_argument("b", metavar="B", help="the runs judged (a selector)")
+    p.add_argument("paths", nargs="*", default=["data/benchmarks"], help="history files or folders (default: data/benchmarks)")
+    p.add_argument("--fail-on-regression", action="store_true",
+                   help="exit 1 when B regressed beyond noise on any metric or its output differs from A's")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print why each verdict was given")
+    p.set_defaults(handler="rwkvlab.compare:cli_compare")
+
+
 def _info(sub) -> None:
     p = sub.add_parser(
         "info",
@@ -145,12 +165,18 @@ def _bench(sub) -> None:
         "prefill and greedy generation, check the output (quality hash and logits against the NumPy "
         "reference) and append the run to the benchmark history. Exit status: 0 done, 1 the logit "
         "check failed (the run is still saved), 2 it could not run (nothing saved), 3 it was measured "
-        "but the history could not be written (nothing saved; the numbers are printed).",
+        "but the history could not be written (nothing saved; the numbers are printed), 4 a --fail-on "
+        "gate failed (the run is saved).",
         epilog=BENCH_PROTOCOL,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _model_args(p)
     _bench_run_args(p)
+    p.add_argument("--fail-on", metavar="GATES", default="",
+                   help="exit 4 (after saving) when the run fails a gate: 'output' (its quality hash differs "
+                   "from its baseline's), 'regression' (a speed beyond noise slower than its title's or "
+                   "its history's runs), or both joined by ','; the verdicts are rwkvlab.verdicts', as "
+                   "`rwkvlab history` and reports show them (for CI)")
     p.add_argument("--json", action="store_true", help="print the record as JSON on stdout (the summary goes to stderr)")
     p.set_defaults(handler="rwkvlab.bench:cli_bench")
 
@@ -202,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="rwkvlab: did my change make the RWKV-7 engine faster, and is its output still right?",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_history, _report, _info, _generate, _synth, _profile, _bench, _sweep):
+    for add in (_history, _report, _compare, _info, _generate, _synth, _profile, _bench, _sweep):
         add(sub)
     return parser
 

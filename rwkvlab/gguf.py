@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import math
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -833,3 +834,55 @@ def cli_info(args) -> int:
         return 2
     print(format_info(model))
     return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Identity
+
+
+_FINGERPRINTS: dict[tuple[str, int, int], str] = {}
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """The content fingerprint of a model file: BLAKE2b (8 bytes, hex) of every byte.
+
+    Runs are matched by what the file holds, not by its name: ``q8.gguf`` and ``q8_0.gguf``
+    with the same bytes are one model, and a regenerated file under an old name is another.
+    Hashing is ~1 s per GB on one core, so results are kept per (path, size, mtime) for the
+    process and in ``<cache>/fingerprints.json`` across processes.
+    """
+    import hashlib
+    import json
+
+    from rwkvlab.synth import cache_dir
+
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key in _FINGERPRINTS:
+        return _FINGERPRINTS[key]
+    store = cache_dir() / "fingerprints.json"
+    text_key = f"{key[0]}|{key[1]}|{key[2]}"
+    try:
+        known = json.loads(store.read_text())
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    digest = known.get(text_key)
+    if not (isinstance(digest, str) and len(digest) == 16):
+        h = hashlib.blake2b(digest_size=8)
+        with open(p, "rb") as f:
+            while chunk := f.read(16 << 20):
+                h.update(chunk)
+        digest = h.hexdigest()
+        known[text_key] = digest
+        try:
+            store.parent.mkdir(parents=True, exist_ok=True)
+            tmp = store.with_name(f"{store.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known))
+            os.replace(tmp, store)  # a reader sees the old or the new file, never half of one
+        except OSError:
+            pass  # a read-only cache only costs the hashing again
+    _FINGERPRINTS[key] = digest
+    return digest

@@ -181,6 +181,21 @@ def get_gpu(backend: str = "auto", native: bool = False) -> GPU:
     return GPU(adapter, device, _info(adapter), frozenset(features), limits)
 
 
+def environment(gpu: GPU) -> dict[str, str]:
+    """Where a run ran, for its record (like asv's machine.json): the adapter, its driver, the
+    WebGPU implementation's versions, Python and the OS."""
+    import wgpu
+
+    try:
+        from wgpu.backends.wgpu_native import lib_version_info
+        native = ".".join(map(str, lib_version_info))
+    except ImportError:
+        native = "unknown"
+    return {"gpu": gpu.info.name, "backend": gpu.info.backend, "adapter_type": gpu.info.adapter_type,
+            "driver": gpu.info.description, "wgpu": wgpu.__version__, "wgpu_native": native,
+            "python": platform.python_version(), "os": platform.platform(), "machine": platform.machine()}
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m rwkvlab.gpu [--check]``: list the adapters and what ``auto`` would pick."""
     import argparse

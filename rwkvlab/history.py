@@ -63,6 +63,7 @@ __all__ = [
     "append_sidecar",
     "check_appendable",
     "format_run",
+    "frame_of_run",
     "printable",
     "read_history",
     "read_sidecar",
@@ -74,9 +75,13 @@ __all__ = [
 COLUMNS = [
     "file", "title", "timestamp", "change", "model", "version", "layers", "embedding", "gpu",
     "load_ms", "prefill_tps", "generation_tps", "quality_hash", "quality_tokens", "line", "samples",
+    # From the run's sidecar record (missing for runs without one, such as the seed files'):
+    # the prompt and generation lengths, the model file's content fingerprint, the resolved
+    # options (Options.as_record) and the environment it ran in (GPU, driver, versions, OS).
+    "prompt_tokens", "generate_tokens", "fingerprint", "options", "environment",
 ]
-_STR_COLUMNS = ["file", "title", "change", "model", "version", "gpu", "quality_hash"]
-_INT_COLUMNS = ["layers", "embedding"]
+_STR_COLUMNS = ["file", "title", "change", "model", "version", "gpu", "quality_hash", "fingerprint"]
+_INT_COLUMNS = ["layers", "embedding", "prompt_tokens", "generate_tokens"]
 _FLOAT_COLUMNS = ["load_ms", "prefill_tps", "generation_tps"]
 
 MISSING = "n/a"  # written where a value was not measured; read back as missing, silently
@@ -424,7 +429,8 @@ def _empty_row(path: Path | str, title: str, line: int, heading: str) -> dict[st
         "model": float("nan"), "version": float("nan"), "layers": pd.NA, "embedding": pd.NA,
         "gpu": float("nan"), "load_ms": float("nan"), "prefill_tps": float("nan"),
         "generation_tps": float("nan"), "quality_hash": float("nan"), "quality_tokens": [],
-        "line": line, "samples": {},
+        "line": line, "samples": {}, "prompt_tokens": None, "generate_tokens": None,
+        "fingerprint": None, "options": {}, "environment": {},
     }
 
 
@@ -721,7 +727,8 @@ def _to_frame(rows: list[dict[str, Any]], extras: list[str]) -> pd.DataFrame:
     df["timestamp"] = pd.Series(stamps, index=df.index).dt.tz_localize("UTC")
     df["line"] = df["line"].astype("int64")
     df["quality_tokens"] = df["quality_tokens"].astype(object)
-    df["samples"] = [s if isinstance(s, dict) else {} for s in df["samples"]]
+    for col in ("samples", "options", "environment"):
+        df[col] = [s if isinstance(s, dict) else {} for s in df[col]]
     units = {m.column: m.unit for m in _METRICS if m.unit}
     for col in extras:
         df[col], unit = _extra_column(df[col])
@@ -802,6 +809,50 @@ def _sidecar_records(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, A
         yield number, record
 
 
+def _described(record: dict[str, Any], side: Path, number: int) -> dict[str, Any]:
+    """The columns a sidecar record adds to its run: lengths, fingerprint, options, environment.
+
+    Only flat values get through (numbers, text, lists of text), for the reason
+    :func:`_clean_samples` gives; a field of the wrong shape is left missing, with a warning.
+    """
+    out: dict[str, Any] = {}
+    settings = record.get("settings") if isinstance(record.get("settings"), dict) else {}
+    for column, value in (("prompt_tokens", record.get("prompt_tokens")), ("generate_tokens", settings.get("generate"))):
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 31:
+            out[column] = value
+        elif value is not None:
+            _warn(side, number, f"{column} {str(value)[:40]!r} is not a token count; not joined")
+    fingerprint = record.get("fingerprint")
+    if isinstance(fingerprint, str) and 0 < len(fingerprint) <= 128 and fingerprint.isalnum():
+        out["fingerprint"] = fingerprint
+    elif fingerprint not in (None, ""):  # "": the run's model content was not fingerprinted
+        _warn(side, number, "fingerprint is not a hex string; not joined")
+    for column in ("options", "environment"):
+        value = record.get(column)
+        if value is None:
+            continue
+        flat = isinstance(value, dict) and all(
+            isinstance(v, (str, int, float, bool)) or v is None
+            or (isinstance(v, list) and all(isinstance(x, str) for x in v)) for v in value.values())
+        if flat:
+            out[column] = {str(k): v for k, v in value.items()}
+        else:
+            _warn(side, number, f"{column!r} is not an object of plain values; not joined")
+    return out
+
+
+def frame_of_run(record: RunRecord, sidecar: dict[str, Any], file: str = "<new run>") -> pd.DataFrame:
+    """The one-row DataFrame :func:`read_history` would give for ``record`` once written with
+    ``sidecar`` beside it: how a run not yet saved is judged by the same rule as saved ones."""
+    extras: list[str] = []
+    rows = parse_history_text(f"## {_one_line(record.title)}\n\n{format_run(record)}", file, extras)
+    for row in rows:
+        row.update(_described(json.loads(json.dumps(sidecar, default=_json_default)), Path(file), 0))
+        samples = sidecar.get("samples")
+        row["samples"] = dict(samples) if isinstance(samples, dict) else {}
+    return _to_frame(rows, extras)
+
+
 def _clean_samples(samples: Any, side: Path, number: int) -> dict[str, list[float]] | None:
     """``samples`` as metric -> list of numbers; anything else is dropped with a warning.
 
@@ -840,6 +891,9 @@ def _join_sidecar(path: Path, rows: list[dict[str, Any]]) -> None:
             continue
         for row in matches:
             joined.add(id(row))
+        described = _described(record, side, number)
+        for row in matches:
+            row.update(described)
         samples = _clean_samples(record.get("samples", {}), side, number)
         if samples is None:
             continue

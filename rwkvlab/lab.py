@@ -421,31 +421,31 @@ def speed_noise(column: str, gpu: str, history_noise: dict[str, dict] | None,
 
 
 def compare(record: BenchRecord, baseline: Baseline | None,
-            history_noise: dict[str, dict] | None = None) -> Comparison:
-    """Verdicts of ``record`` against ``baseline`` (None: nothing to compare with).
+            history_noise: dict[str, dict] | None = None, history: pd.DataFrame | None = None) -> Comparison:
+    """Verdicts of ``record``: its output by the lab's one rule, its speed against ``baseline``.
 
-    Speed (load, prefill, generation): ``rwkvlab.verdicts.judge`` of this run's median against
-    the baseline's, with the noise of :func:`speed_noise`; "not comparable" when the baseline
-    ran another model file or GPU, and a run whose output changed has its speed flagged (a speed
-    reached with wrong output is not a speed-up). Output: "same" or "changed" quality hash as the
-    baseline (the same model file only). Logits: max |logit error| against the NumPy reference,
-    within bench's tolerance ("ok"), beyond it ("too large"), or "not checked".
+    Output: what ``rwkvlab bench`` says of the same run (:func:`rwkvlab.bench.judge`'s rule,
+    ``rwkvlab.verdicts.judge_new``): the quality hash against the earliest run in ``history``
+    (the panel passes the history and this session's unsaved runs) with the same model content,
+    prompt and generation lengths; "first run" when there is none. Speed (load, prefill,
+    generation): ``rwkvlab.verdicts.judge`` of this run's median against the chosen baseline's,
+    with the noise of :func:`speed_noise`; "not comparable" when the baseline ran another model
+    file or GPU, and a run whose output changed has its speed flagged (a speed reached with wrong
+    output is not a speed-up). Logits: max |logit error| against the NumPy reference, within
+    bench's tolerance ("ok"), beyond it ("too large"), or "not checked".
     """
+    from rwkvlab.verdicts import judge_new
+
     comparable = baseline is not None and baseline.model == record.model
     same_gpu = comparable and baseline.gpu == record.gpu
 
-    if baseline is None:
-        output = Check("first run", f"no earlier run of {record.model} on {record.gpu} to compare with; "
-                                    f"hash {record.quality_hash} is the reference from here on")
-    elif not comparable:
-        output = Check("not comparable", f"the baseline ran {baseline.model}, this run {record.model}")
-    elif baseline.quality_hash is None:
-        output = Check("unknown", f"the baseline {baseline.label} has no quality hash")
-    elif baseline.quality_hash == record.quality_hash:
-        output = Check("same", f"hash {record.quality_hash} equals the baseline's ({baseline.label})")
+    judged = judge_new(history if history is not None else pd.DataFrame(), bench.history_frame(record)).iloc[0]
+    if judged["output"] == "baseline":
+        output = Check("first run", f"first run of its kind: {judged['output_reason']}")
+    elif judged["output"] == "changed":
+        output = Check("changed", f"OUTPUT CHANGED: {judged['output_reason']}")
     else:
-        output = Check("changed", f"OUTPUT CHANGED: hash {record.quality_hash}, the baseline "
-                                  f"({baseline.label}) had {baseline.quality_hash}")
+        output = Check(str(judged["output"]), str(judged["output_reason"]))
     if not record.consistent:
         output = Check(output.verdict, output.reason + "; the timed generations did not all give the "
                                                        "same tokens: the engine is not deterministic")
@@ -925,9 +925,16 @@ class Panel:
             self.progress.value = min(n, self.progress.max)
         self._status(f"running: {stage}")
 
+    def judged_runs(self) -> pd.DataFrame:
+        """The runs a new one's output is judged against: the history and this session's
+        unsaved runs (saved ones are in the history already)."""
+        frames = [bench.history_frame(r.record, "this session") for r in self.runs if not r.saved]
+        frames = [f for f in [self.history, *frames] if len(f)]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
     def _show_result(self, record: BenchRecord) -> BenchRecord:
         baseline = self.resolve_baseline(self.baseline.value, record)
-        comparison = compare(record, baseline, self.history_noise)
+        comparison = compare(record, baseline, self.history_noise, self.judged_runs())
         run = SessionRun(len(self.runs) + 1, record, comparison)
         self.runs.append(run)
         self.last_record, self.last_comparison, self.result_table = record, comparison, comparison.table

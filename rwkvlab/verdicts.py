@@ -3,22 +3,31 @@
 Input is :func:`rwkvlab.history.read_history`'s DataFrame; :func:`verdicts` returns a frame
 with the same index. Every verdict comes with a reason string that names what it compared.
 
+This module is the one verdict rule of the lab: ``rwkvlab bench``, the panel, ``rwkvlab
+history``, reports, sweeps and ``rwkvlab compare`` all ask it (a run not yet saved is judged
+with :func:`judge_new`, as if appended to the history).
+
 Output (``output``, ``output_reason``)
-    The quality hash covers the first 32 greedy tokens, so equal hashes mean equal output.
-    Each model file (the ``model`` column, across all files: the same model and prompt must
-    give the same tokens whichever history file a run was logged in) has one baseline run:
-    the earliest run filed under a ``##`` title containing "Baseline" when there is one, since
-    that is the author saying "this is the reference state", else the model's earliest run.
-    Other runs are "same" or "changed" against it; runs without a hash or model are "unknown".
-    A per-file baseline would let a file that starts with a broken run bless it. GPUs share
-    the baseline too: greedy tokens should not depend on the GPU, and when they do (float
-    rounding flipping an argmax) that is worth seeing; the reason names the baseline's file.
+    The quality hash covers the first 32 greedy tokens after the prompt, so equal hashes mean
+    equal output for the same model and prompt. Runs are grouped by their *output key*: the
+    model (its content fingerprint where the run recorded one, else its file name), the prompt
+    length and the generation length (from the sidecar; unknown for the seed files' runs, which
+    then group by model alone). Each group has one baseline run: the earliest run filed under a
+    ``##`` title containing "Baseline" when there is one, since that is the author saying "this
+    is the reference state", else the group's earliest run. Other runs are "same" or "changed"
+    against it; runs without a hash or model are "unknown". The groups span history files: a
+    per-file baseline would let a file that starts with a broken run bless it. GPUs share the
+    baseline too: greedy tokens should not depend on the GPU, and when they do (float rounding
+    flipping an argmax) that is worth seeing; the reason names the baseline's file.
 
 Speed (``{m}_vs_title``, ``{m}_vs_history`` for m in prefill, generation, load)
-    Each run's value is compared with the median of a reference set of earlier runs of the
-    same model and GPU; load time is better when lower, throughput when higher.
+    Each run's value is compared with the median of a reference set of earlier runs with the
+    same *speed key*: output key, GPU, and the options that change the work itself rather than
+    how it is done, the weight policy (f16 at load reads other bytes) and the backend; load
+    time is better when lower, throughput when higher. Fusions, kernel path, chunk and tuning
+    are what experiments vary, so runs differing in them are compared: that is the question.
     ``vs_title``: earlier runs under the same ``##`` title of the same file (the before/after
-    workflow). ``vs_history``: the earlier runs of the current regime of the model + GPU
+    workflow). ``vs_history``: the earlier runs of the current regime of the speed-key
     series, i.e. those since the last change point before this run (at most
     ``HISTORY_WINDOW``). Runs whose output changed are never part of a reference or of the
     series: a speed reached with wrong output is not a state anyone can keep, and measuring a
@@ -43,7 +52,7 @@ Noise (``sigma``, relative standard deviation of one run)
     possible p-value is 0.1, so it can never confirm anything at this sample size.
 
 Change points (``{m}_change_point``)
-    Found with Pelt (ruptures' recursion, vectorised here) on the log of each model + GPU
+    Found with Pelt (ruptures' recursion, vectorised here) on the log of each speed-key
     series (correct-output runs, time order), L1 cost (a median fit, as asv's step detection,
     so one wild run does not become a step), segments of at least 2 runs (a step must persist:
     the newest run becomes a change point once the next run confirms it), penalty
@@ -68,7 +77,8 @@ import pandas as pd
 
 __all__ = [
     "DEFAULT_SIGMA", "HISTORY_WINDOW", "METRICS", "MIN_PAIRS", "PELT_WINDOW", "SIGMA_FLOOR", "Z",
-    "Noise", "change_points", "estimate_noise", "judge", "output_verdicts", "verdicts",
+    "GATES", "Noise", "change_points", "describe_key", "estimate_noise", "gate_failures", "judge", "judge_new",
+    "output_verdicts", "speed_keys", "verdicts",
 ]
 
 # metric name -> (column, +1 when higher is better / -1 when lower is better, unit)
@@ -133,6 +143,45 @@ def verdicts(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def judge_new(history: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """Verdicts of the runs in ``new`` (same columns as :func:`rwkvlab.history.read_history`'s,
+    e.g. :func:`rwkvlab.history.frame_of_run`) as if appended to ``history``: the rule
+    :func:`verdicts` applies to saved runs, applied before saving. Index: ``new``'s."""
+    both = pd.concat([history, new], ignore_index=True) if len(history) else new.reset_index(drop=True)
+    judged = verdicts(both).iloc[len(both) - len(new):]
+    judged.index = new.index
+    return judged
+
+
+def speed_keys(df: pd.DataFrame) -> list[tuple]:
+    """Each run's speed key (module docstring): runs with equal keys are compared for speed."""
+    return _Columns.of(df.reset_index(drop=True)).speed_key
+
+
+# What `--fail-on` can name, and the verdict columns each one reads.
+GATES = {
+    "output": ("output",),
+    "regression": tuple(f"{m}_vs_{ref}" for m in METRICS for ref in ("title", "history")),
+}
+
+
+def gate_failures(judged: pd.Series, gates: set[str]) -> list[str]:
+    """Why one judged run (a row of :func:`verdicts` / :func:`judge_new`) fails the gates named
+    in ``gates`` ("output": its output changed; "regression": a speed regressed beyond noise
+    against its title or its history); empty when it passes."""
+    unknown = sorted(set(gates) - set(GATES))
+    if unknown:
+        raise ValueError(f"unknown gate(s) {unknown}; available: {', '.join(GATES)}")
+    failed = []
+    if "output" in gates and judged["output"] == "changed":
+        failed.append(f"output changed: {judged['output_reason']}")
+    if "regression" in gates:
+        for column in GATES["regression"]:
+            if judged[column] == "regression":
+                failed.append(f"{column.replace('_vs_', ' vs ')} regression: {judged[column + '_reason']}")
+    return failed
+
+
 @dataclass
 class _Columns:
     """The columns verdicts read, as plain lists and masks, taken from the frame once.
@@ -153,17 +202,31 @@ class _Columns:
     no_hash: np.ndarray
     model_key: list  # str() of the value, as the series and title keys use it
     gpu_key: list
+    output_key: list  # (model identity, prompt tokens, generated tokens): see the module docstring
+    speed_key: list  # output key + GPU, weight policy and backend
     labels: dict
 
     @classmethod
     def of(cls, runs: pd.DataFrame) -> "_Columns":
         model, gpu = runs["model"].tolist(), runs["gpu"].tolist()
+        n = len(runs)
+
+        def column(name: str, default) -> list:
+            return runs[name].tolist() if name in runs.columns else [default] * n
+
+        output_key = [describe_key(m, f, p, g) for m, f, p, g in zip(
+            model, column("fingerprint", None), column("prompt_tokens", None), column("generate_tokens", None))]
+        options = column("options", {})
+        speed_key = [(*k, str(g), str(o.get("weights", "?")) if isinstance(o, dict) else "?",
+                      str(o.get("backend", "?")) if isinstance(o, dict) else "?")
+                     for k, g, o in zip(output_key, gpu, options)]
         return cls(
             file=runs["file"].tolist(), title=runs["title"].tolist(), model=model, gpu=gpu,
             quality_hash=runs["quality_hash"].tolist(), line=runs["line"].tolist(),
             timestamp=runs["timestamp"].tolist(), no_time=runs["timestamp"].isna().to_numpy(),
             no_model=runs["model"].isna().to_numpy(), no_hash=runs["quality_hash"].isna().to_numpy(),
-            model_key=[str(m) for m in model], gpu_key=[str(g) for g in gpu], labels={},
+            model_key=[str(m) for m in model], gpu_key=[str(g) for g in gpu],
+            output_key=output_key, speed_key=speed_key, labels={},
         )
 
     def label(self, i: int) -> str:
@@ -172,6 +235,26 @@ class _Columns:
             stamp = "no timestamp" if self.no_time[i] else self.timestamp[i].strftime("%Y-%m-%d %H:%M:%S")
             self.labels[i] = f"{self.file[i]} '{self.title[i]}' {stamp} (line {self.line[i]})"
         return self.labels[i]
+
+
+def describe_key(model, fingerprint, prompt_tokens, generate_tokens) -> tuple[str, str, str]:
+    """A run's output key as text: (model identity, prompt length, generation length); "?" for
+    what the run did not record. The identity is the fingerprint where there is one."""
+    def known(value) -> bool:
+        return value is not None and not (isinstance(value, float) and math.isnan(value)) and value is not pd.NA \
+            and str(value) not in ("", "nan", "<NA>")
+
+    identity = f"#{fingerprint}" if known(fingerprint) else str(model)
+    return (identity, str(int(prompt_tokens)) if known(prompt_tokens) else "?",
+            str(int(generate_tokens)) if known(generate_tokens) else "?")
+
+
+def _key_text(key: tuple, model: object) -> str:
+    """How a reason names a group: the model (and its content), then the lengths it recorded."""
+    identity, prompt, generate = key[:3]
+    name = f"{model} (content {identity[1:]})" if identity.startswith("#") else identity
+    lengths = "" if (prompt, generate) == ("?", "?") else f", prompt {prompt} / generate {generate} tokens"
+    return name + lengths
 
 
 def _chronological(runs: pd.DataFrame) -> list[int]:
@@ -195,16 +278,16 @@ def _output_verdicts(c: _Columns, order: list[int]) -> tuple[list[str], list[str
     baselines = _baselines(c, order)
     verdict, reason = [], []
     for i in range(len(c.file)):
-        h, model = c.quality_hash[i], c.model[i]
+        h = c.quality_hash[i]
         if c.no_hash[i] or c.no_model[i]:
             verdict.append("unknown")
             reason.append("no quality hash recorded" if c.no_hash[i] else "no model recorded, so no baseline")
             continue
-        b, why = baselines[model]
+        b, why = baselines[c.output_key[i]]
         h0 = c.quality_hash[b]
         if i == b:
             verdict.append("baseline")
-            reason.append(f"baseline of {model}: {why}; hash {h}")
+            reason.append(f"baseline of {_key_text(c.output_key[i], c.model[i])}: {why}; hash {h}")
         elif h == h0:
             verdict.append("same")
             reason.append(f"hash {h} equals hash {h0} of baseline {c.label(b)}")
@@ -214,14 +297,14 @@ def _output_verdicts(c: _Columns, order: list[int]) -> tuple[list[str], list[str
     return verdict, reason
 
 
-def _baselines(c: _Columns, order: list[int]) -> dict[str, tuple[int, str]]:
-    """Per model: the baseline row position and why it was chosen."""
-    chosen: dict[str, tuple[int, str]] = {}
-    fallback: dict[str, int] = {}
+def _baselines(c: _Columns, order: list[int]) -> dict[tuple, tuple[int, str]]:
+    """Per output key: the baseline row position and why it was chosen."""
+    chosen: dict[tuple, tuple[int, str]] = {}
+    fallback: dict[tuple, int] = {}
     for i in order:
         if c.no_model[i] or c.no_hash[i]:
             continue
-        model = c.model[i]
+        model = c.output_key[i]
         fallback.setdefault(model, i)
         if model not in chosen and _BASELINE_WORD in str(c.title[i]).lower():
             chosen[model] = (i, f"its earliest run under a title containing 'Baseline', {c.label(i)}")
@@ -368,11 +451,11 @@ def _pelt_l1(x: np.ndarray, penalty: float) -> list[int]:
 
 
 def _series(c: _Columns, order: list[int], usable: np.ndarray, values: np.ndarray) -> list[list[int]]:
-    """Row positions of each model + GPU series in time order: correct output, timed, positive."""
+    """Row positions of each speed-key series in time order: correct output, timed, positive."""
     groups: dict[tuple, list[int]] = {}
     for i in order:
         if usable[i] and not c.no_time[i] and values[i] > 0:
-            groups.setdefault((c.model_key[i], c.gpu_key[i]), []).append(i)
+            groups.setdefault(c.speed_key[i], []).append(i)
     return list(groups.values())
 
 
@@ -423,7 +506,7 @@ def _missing(c: _Columns, values: np.ndarray, i: int, column: str) -> str | None
 
 
 def _compare_vs_title(c: _Columns, order, usable, values, column, sign, unit, noise) -> tuple[list[str], list[str]]:
-    """Each run against the earlier correct runs under its title (same file, model and GPU)."""
+    """Each run against the earlier correct runs under its title (same file and speed key)."""
     verdict = ["no reference"] * len(values)
     reason = [""] * len(values)
     # Per title key: the earlier usable runs (the first one, and their values kept sorted for
@@ -432,7 +515,7 @@ def _compare_vs_title(c: _Columns, order, usable, values, column, sign, unit, no
     ordered: dict[tuple, list[float]] = {}
     excluded: dict[tuple, int] = {}
     for i in order:
-        key = (str(c.file[i]), str(c.title[i]), c.model_key[i], c.gpu_key[i])
+        key = (str(c.file[i]), str(c.title[i]), c.speed_key[i])
         refs = ordered.setdefault(key, [])
         dropped = excluded.setdefault(key, 0)
         why = _missing(c, values, i, column)
@@ -440,7 +523,7 @@ def _compare_vs_title(c: _Columns, order, usable, values, column, sign, unit, no
             reason[i] = why
             continue
         if not refs:
-            reason[i] = (f"no earlier run of this model and GPU under '{c.title[i]}' in "
+            reason[i] = (f"no earlier run of this model, GPU and lengths under '{c.title[i]}' in "
                          f"{c.file[i]}" + (f" with unchanged output ({dropped} changed excluded)" if dropped else ""))
         else:
             nz = _noise_for(noise, c.gpu[i])
@@ -461,17 +544,17 @@ def _compare_vs_title(c: _Columns, order, usable, values, column, sign, unit, no
 
 def _compare_vs_history(c: _Columns, order, usable, values, column, sign, unit, noise, cp, segment
                         ) -> tuple[list[str], list[str]]:
-    """Each run against the current regime of its model + GPU series, or, at a change point,
+    """Each run against the current regime of its speed-key series, or, at a change point,
     the step between the regimes on either side (``segment``: regime number per series run)."""
     verdict = ["no reference"] * len(values)
     reason = [""] * len(values)
-    series: dict[tuple, list[int]] = {}  # usable runs of each model + GPU seen so far, in time order
+    series: dict[tuple, list[int]] = {}  # usable runs of each speed key seen so far, in time order
     members: dict[tuple, dict[int, list[int]]] = {}  # all series members per segment, for steps
     for i in order:
         if segment[i] >= 0:
-            members.setdefault((c.model_key[i], c.gpu_key[i]), {}).setdefault(int(segment[i]), []).append(i)
+            members.setdefault(c.speed_key[i], {}).setdefault(int(segment[i]), []).append(i)
     for i in order:
-        key = (c.model_key[i], c.gpu_key[i])
+        key = c.speed_key[i]
         seen = series.setdefault(key, [])
         why = _missing(c, values, i, column)
         if why:
@@ -479,7 +562,7 @@ def _compare_vs_history(c: _Columns, order, usable, values, column, sign, unit, 
             continue
         nz = _noise_for(noise, c.gpu[i])
         if not seen:
-            reason[i] = f"no earlier run of {key[0]} on {key[1]} with unchanged output"
+            reason[i] = f"no earlier run of {_key_text(key, c.model[i])} on {key[3]} with unchanged output"
         elif cp[i]:
             before = members[key][int(segment[i]) - 1][-HISTORY_WINDOW:]
             after = members[key][int(segment[i])]

@@ -404,31 +404,62 @@ def test_record_round_trips_through_json(bench):
     assert back == record
 
 
-def test_output_verdict_against_the_previous_run_of_the_model(bench, tmp_path):
+def test_output_verdict_is_the_lab_rule(bench, tmp_path):
+    """bench judges a run by rwkvlab.verdicts' rule: against the earliest run with the same
+    model content, prompt length and generation length, in any history file of the folder."""
     record, history, _ = bench
+    assert record.fingerprint and len(record.fingerprint) == 16
     assert judge(record, tmp_path / "none.md").output == "first run"
     same = judge(record, history)
-    assert same.output == "same" and "module fixture run" in same.output_reason
+    assert same.output == "same" and "of baseline runs.md 'Bench test'" in same.output_reason
     changed = replace(record, quality_tokens=list(reversed(record.quality_tokens)))
     verdict = judge(changed, history)
     assert verdict.output == "changed" and not verdict.ok
     assert record.quality_hash in verdict.output_reason and changed.quality_hash in verdict.output_reason
-    # The previous run counts, not the first: save the changed run, and it becomes the baseline.
+    # The earliest run is the baseline: a changed run saved after it does not become one.
     copy = tmp_path / "copy.md"
     copy.write_bytes(history.read_bytes())
     Path(f"{copy}.jsonl").write_bytes(Path(f"{history}.jsonl").read_bytes())
     save_bench(replace(changed, timestamp=record.timestamp + timedelta(seconds=5)), copy)
-    assert judge(record, copy).output == "changed"
-    assert judge(replace(record, model="other.gguf"), copy).output == "first run"
-    # Greedy tokens depend on the prompt: a run with another prompt length is not compared
-    # with these (the sidecar records each run's prompt length).
+    assert judge(record, copy).output == "same"
+    assert judge(replace(changed, timestamp=record.timestamp + timedelta(seconds=6)), copy).output == "changed"
+    # The model is its content: another file name with the same bytes shares the baseline,
+    # other bytes under the same name do not.
+    assert judge(replace(changed, model="renamed.gguf"), copy).output == "changed"
+    assert judge(replace(changed, fingerprint="0123456789abcdef"), copy).output == "first run"
+    # Greedy tokens depend on the prompt: a run with another prompt or generation length has
+    # its own baseline (the sidecar records both).
     shorter = replace(changed, prompt=record.prompt[:-1], timestamp=record.timestamp + timedelta(seconds=9))
     assert judge(shorter, copy).output == "first run"
     save_bench(shorter, copy)
-    assert judge(record, copy).output == "changed"  # still against the last run of its own length
     assert judge(replace(shorter, timestamp=shorter.timestamp + timedelta(seconds=1)), copy).output == "same"
+    longer = replace(changed, settings=replace(record.settings, generate=record.settings.generate + 1))
+    assert judge(longer, copy).output == "first run"
     wrong = replace(record, logit_error=0.5)
     assert judge(wrong, history).logits == "too large" and not judge(wrong, history).ok
+
+
+def test_fail_on_gates_exit_4_after_saving(bench, tiny, tmp_path, capsys):
+    """`--fail-on output,regression` (for CI): a run whose output differs from its baseline's or
+    whose speed regressed beyond noise exits 4 once saved, naming why; without gates, 0."""
+    record, _, _ = bench
+    quick = ["--prefill", str(SETTINGS.prefill), "--generate", str(SETTINGS.generate), "--warmup", "0",
+             "--repeat", "1", "--no-progress", "--no-reference"]
+    # The baseline this file holds: the same model content and lengths, another output, and a
+    # generation rate a hundred times this machine's.
+    earlier = replace(record, title="Gate", quality_tokens=list(reversed(record.quality_tokens)),
+                      generation_seconds=[s / 100 for s in record.generation_seconds],
+                      timestamp=record.timestamp - timedelta(days=1))
+    save_bench(earlier, tmp_path / "gate.md")
+    args = ["bench", "--model", str(tiny), "--history-dir", str(tmp_path), "--file", "gate", "--title", "Gate", *quick]
+    assert main([*args, "--fail-on", "output,regression"]) == 4
+    err = capsys.readouterr().err
+    assert "--fail-on: output changed" in err and "generation vs title regression" in err
+    assert len(read_history(tmp_path / "gate.md")) == 2  # saved all the same
+    assert main([*args, "--fail-on", "output"]) == 4
+    assert main(args) == 0  # no gate named: the verdicts are printed, the exit is 0
+    assert main([*args, "--fail-on", "speed"]) == 2
+    assert "--fail-on speed: available: output, regression" in capsys.readouterr().err
 
 
 def test_history_file_defaults_to_the_gpu_name(bench):
@@ -448,7 +479,7 @@ def test_cli_bench_json_and_saved_run(tiny, cache, tmp_path, capsys):
     assert main(args) == 0
     out, err = capsys.readouterr()
     result = json.loads(out)  # stdout is the JSON record alone; the summary went to stderr
-    assert "tokens  first run of tiny-f32.gguf" in err and "logits  max |logit error|" in err
+    assert "tokens  first run of its kind: baseline of tiny-f32.gguf" in err and "logits  max |logit error|" in err
     assert result["saved"] == {"file": str(tmp_path / "cli.md"), "line": result["saved"]["line"]}
     assert result["verdict"]["output"] == "first run" and result["logit_ok"] is True
     df = read(tmp_path / "cli.md")
@@ -458,7 +489,7 @@ def test_cli_bench_json_and_saved_run(tiny, cache, tmp_path, capsys):
     # (another change text: two runs in one second with one change would share a heading)
     assert main(args[:-len(SMALL) - 3] + ["--change", "second run", *SMALL]) == 0
     out, _ = capsys.readouterr()
-    assert "OK   tokens  same as the previous run of tiny-f32.gguf" in out
+    assert "OK   tokens  hash " in out
     assert len(read(tmp_path / "cli.md")) == 2
 
 

@@ -62,6 +62,11 @@ def as_baseline(record: BenchRecord, key: str = "session:1") -> Baseline:
 # Verdict maths
 # --------------------------------------------------------------------------------------------
 
+def history_of(*records: BenchRecord) -> pd.DataFrame:
+    """The history these runs make once saved (what the output rule reads)."""
+    return pd.concat([bench.history_frame(r) for r in records], ignore_index=True)
+
+
 def test_repeat_sigma_is_the_pooled_spread_of_log_repeats():
     a, b = [100.0, 104.0, 97.0], [50.0, 51.0]
     # pooled variance of log values, weighted by degrees of freedom (2 + 1)
@@ -74,7 +79,7 @@ def test_repeat_sigma_is_the_pooled_spread_of_log_repeats():
 def test_a_faster_run_with_the_same_output_is_an_improvement_beyond_noise():
     base = make_record()
     new = make_record(generation_tps=[130.0, 131.0, 129.0], timestamp=base.timestamp + timedelta(minutes=5))
-    c = compare(new, as_baseline(base))
+    c = compare(new, as_baseline(base), history=history_of(base))
     gen = c.speed["generation"]
     # No history: the noise is verdicts' default 2% (the repeats' own spread, ~1%, is smaller);
     # two single runs compared: band = Z * sigma * sqrt(1 + 1).
@@ -88,6 +93,27 @@ def test_a_faster_run_with_the_same_output_is_an_improvement_beyond_noise():
     assert t.loc["generation (tok/s)", "change"] == "+30.0%"
     assert t.loc["quality hash", "this run"] == t.loc["quality hash", "baseline"] == new.quality_hash
     assert t.loc["quality hash", "verdict"] == "same"
+
+
+@pytest.mark.parametrize("tokens, verdict", [(None, "same"), ([1] * 32, "changed")])
+def test_bench_panel_and_report_give_a_run_one_output_verdict(tmp_path, tokens, verdict):
+    """The one rule (rwkvlab.verdicts): bench before saving, the panel with the history in hand,
+    and the history/report after saving all say the same of the same run, for the same reason."""
+    from rwkvlab.verdicts import verdicts
+
+    base = make_record(title="T", change="before")
+    run = make_record(title="T", change="after", timestamp=base.timestamp + timedelta(minutes=5),
+                      **({"quality_tokens": tokens} if tokens else {}))
+    history = tmp_path / "gpu-a.md"
+    bench.save_bench(base, history)
+    from_bench = bench.judge(run, history)
+    from_panel = compare(run, None, history=read_history(tmp_path)).output
+    bench.save_bench(run, history)
+    saved = read_history(tmp_path)
+    from_report = verdicts(saved).iloc[int((saved["change"] == "after").to_numpy().argmax())]
+    assert from_bench.output == from_panel.verdict == from_report["output"] == verdict
+    assert from_report["output_reason"] in from_bench.output_reason
+    assert from_report["output_reason"] in from_panel.reason
 
 
 def test_noisy_repeats_widen_the_band():
@@ -110,7 +136,7 @@ def test_slower_load_is_a_regression():
 def test_changed_output_is_flagged_and_its_speed_does_not_count():
     base = make_record()
     wrong = make_record(quality_tokens=[1] * 32, generation_tps=[300.0, 301.0, 299.0])
-    c = compare(wrong, as_baseline(base))
+    c = compare(wrong, as_baseline(base), history=history_of(base))
     assert c.output.verdict == "changed" and base.quality_hash in c.output.reason
     assert c.speed["generation"].verdict == "improvement"
     assert "does not count" in c.speed["generation"].reason
@@ -124,10 +150,10 @@ def test_logit_error_beyond_tolerance_is_too_large_and_unchecked_is_said():
 
 def test_other_model_or_gpu_is_not_comparable_and_no_baseline_is_a_first_run():
     base = make_record()
-    other_model = compare(make_record(model="other.gguf"), as_baseline(base))
-    assert other_model.output.verdict == "not comparable"
+    other_model = compare(make_record(model="other.gguf"), as_baseline(base), history=history_of(base))
+    assert other_model.output.verdict == "first run"  # its own baseline, by the one output rule
     assert other_model.speed["generation"].verdict == "not comparable"
-    other_gpu = compare(make_record(gpu="GPU B"), as_baseline(base))
+    other_gpu = compare(make_record(gpu="GPU B"), as_baseline(base), history=history_of(base))
     assert other_gpu.output.verdict == "same"  # greedy tokens should not depend on the GPU
     assert other_gpu.speed["prefill"].verdict == "not comparable"
     first = compare(make_record(), None)
@@ -313,7 +339,10 @@ def test_panel_runs_a_gguf_file_against_a_chosen_baseline(panel, fixtures_dir):
     assert panel.last_comparison.output.verdict == "first run"
     panel.configure(baseline="session:1")
     panel.run()
-    assert panel.last_comparison.output.verdict == "not comparable"  # session 1 ran another file
+    # the output by the one rule: the same as this file's first run above (unsaved runs of the
+    # session count); the speed against the chosen baseline, which ran another file
+    assert panel.last_comparison.output.verdict == "same"
+    assert panel.last_comparison.speed["generation"].verdict == "not comparable"
     panel.configure(model="tiny", baseline="auto")
 
 

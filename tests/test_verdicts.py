@@ -265,3 +265,20 @@ def test_change_points_on_synthetic_series():
     assert not change_points(np.array([100.0, 150.0, 150.0]), 0.004).any()  # too short to tell
     assert not change_points(noise, 0.0).any()  # sigma is floored at SIGMA_FLOOR
     assert SIGMA_FLOOR > 0
+
+
+def test_the_committed_h100_history_has_no_false_output_change():
+    """Its 32- and 64-token checked runs (lines 75, 2095, 2127) were once judged against 128- and
+    512-token runs and marked "changed"; grouped by prompt and generation length they are the
+    baselines of their own lengths. Every run committed so far has the output of its baseline
+    (later runs are appended after line 2160 and cannot change these verdicts: baselines are
+    the earliest runs)."""
+    path = Path(__file__).resolve().parents[1] / "data" / "benchmarks" / "nvidia-h100-80gb-hbm3.md"
+    df = read_history(path)
+    v = verdicts(df)
+    early = (df["line"] <= 2160).to_numpy()
+    assert early.sum() == 69
+    assert not (v["output"][early] == "changed").any(), v[early & (v["output"] == "changed").to_numpy()]
+    for line in (75, 2095, 2127):
+        row = v[(df["line"] == line).to_numpy()].iloc[0]
+        assert row["output"] == "baseline" and "prompt " in row["output_reason"], row["output_reason"]
