@@ -39,8 +39,8 @@ pio.renderers.default = "plotly_mimetype"
 import plotly.graph_objects as go
 
 from rwkvlab import plots
-from rwkvlab.options import FUSIONS
 from rwkvlab.lab import Panel, prepare_kernel
+from rwkvlab.options import FUSIONS
 
 prepare_kernel()  # keeps Mesa's adapter-scan noise out of cell outputs (see its docstring)
 

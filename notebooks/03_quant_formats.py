@@ -48,7 +48,7 @@ import plotly.graph_objects as go
 import rwkvlab
 from rwkvlab import plots
 from rwkvlab.bench import BenchSettings, prompt_tokens, run_bench
-from rwkvlab.cli import SYNTH_FORMATS
+from rwkvlab.synth import FORMATS as SYNTH_FORMATS
 from rwkvlab.gguf import read_model
 from rwkvlab.lab import prepare_kernel
 from rwkvlab.reference import Reference

@@ -37,11 +37,11 @@ import plotly.graph_objects as go
 
 from rwkvlab import plots
 from rwkvlab.bench import BenchSettings
-from rwkvlab.synth import resolve_model
 from rwkvlab.gpu import NATIVE_FEATURES, NoAdapterError, available_backends, list_adapters, resolve_options
 from rwkvlab.lab import prepare_kernel
 from rwkvlab.options import Options, OptionsError
 from rwkvlab.sweep import run_sweep
+from rwkvlab.synth import resolve_model
 
 prepare_kernel()  # keeps Mesa's adapter-scan noise out of cell outputs (see its docstring)
 

@@ -7,10 +7,13 @@ subprocess appends its own run to the history as it finishes, so runs done befor
 are kept.
 
 "Best" means the fastest generation among *correct* configurations. A configuration is
-correct when its logit error is within tolerance (or was not checked) and its quality hash
-equals the baseline's: the unfused, portable (``webgpu``) configuration with the file's own
-weights (``native``), i.e. the plan every fusion and fast path must reproduce. The baseline is
-added to the sweep when the cross product does not contain it.
+correct when its logit error is within tolerance (or was not checked) and the lab's output rule
+(:mod:`rwkvlab.verdicts`, as bench, the panel and reports apply it) does not call its output
+changed: its quality hash equals that of the earliest run with the same model content, prompt
+and generation lengths, in the history or earlier in the sweep. The sweep runs the unfused,
+portable (``webgpu``) configuration with the file's own weights (``native``) first, adding it
+when the cross product lacks it, so on a fresh history that plain plan is the baseline every
+fusion and fast path must reproduce.
 """
 from __future__ import annotations
 
@@ -133,14 +136,18 @@ class SweepResult:
     baseline: SweepRow | None
     baseline_added: bool = False
     best: SweepRow | None = field(default=None)
+    # row position -> (output verdict, reason) by rwkvlab.verdicts' rule
+    judged: dict[int, tuple[str, str]] = field(default_factory=dict)
+
+    def output(self, row: SweepRow) -> tuple[str, str]:
+        """The row's output verdict by the lab's rule and its reason (``unknown`` if not run)."""
+        return self.judged.get(self.rows.index(row), ("unknown", "did not run"))
 
     def correct(self, row: SweepRow) -> bool:
-        """Ran, logit error within tolerance (or not checked), same hash as the baseline."""
-        if not row.ran or self.baseline is None or not self.baseline.ran:
+        """Ran, logit error within tolerance (or not checked), output not changed (module docstring)."""
+        if not row.ran or row.get("logit_ok") is False:
             return False
-        if row.get("logit_ok") is False:
-            return False
-        return row.get("quality_hash") == self.baseline.get("quality_hash")
+        return self.output(row)[0] in ("baseline", "same")
 
     def status(self, row: SweepRow) -> str:
         """One word or phrase for the table's output column."""
@@ -148,13 +155,12 @@ class SweepResult:
             return "FAILED"
         if row.get("logit_ok") is False:
             return "WRONG (logits)"
-        if self.baseline is None or not self.baseline.ran:
-            return "unknown (baseline failed)"
-        if row is self.baseline:
-            return "baseline" + ("" if row.get("logit_ok") else " (logits not checked)")
-        if row.get("quality_hash") != self.baseline.get("quality_hash"):
+        verdict = self.output(row)[0]
+        if verdict == "changed":
             return "WRONG (tokens)"
-        return "same"
+        if verdict == "baseline":
+            return "baseline" + ("" if row.get("logit_ok") else " (logits not checked)")
+        return verdict
 
     def table(self) -> str:
         """The sweep as a plain-text table, the best configuration marked with ``*``."""
@@ -188,15 +194,13 @@ class SweepResult:
         if failed:
             out.append(f"{len(failed)} configuration(s) failed to run: " + "; ".join(r.config.label for r in failed))
         if self.best is None:
-            if self.baseline is None or not self.baseline.ran:
-                out.append("no best configuration: the baseline did not run, so correctness cannot be judged")
-            else:
-                out.append("no best configuration: no configuration ran with correct output")
+            out.append("no best configuration: no configuration ran with correct output")
         else:
             b = self.best
+            versus = (f"; plain plan {self.baseline.get('generation_tps'):.2f} tok/s generation"
+                      if self.baseline is not None and self.baseline.ran else "")
             out.append(f"best correct configuration: {b.config.label}  ({b.get('generation_tps'):.2f} tok/s "
-                       f"generation, {b.get('prefill_tps'):.2f} tok/s prefill; baseline "
-                       f"{self.baseline.get('generation_tps'):.2f} tok/s generation)")
+                       f"generation, {b.get('prefill_tps'):.2f} tok/s prefill{versus})")
         return "\n".join(out)
 
 
@@ -303,9 +307,46 @@ def run_sweep(model: str | os.PathLike, base: Options, vary: dict[str, list[str]
         rows.append(run_config(config, cmd, timeout))
     wanted = baseline_options(base)
     baseline = next(r for r in rows if r.config.options == wanted)
-    result = SweepResult(rows, baseline, added)
+    result = SweepResult(rows, baseline, added, judged=judge_rows(rows, history_dir, save))
     result.best = pick_best(result)
     return result
+
+
+def judge_rows(rows: list[SweepRow], history_dir: str | os.PathLike, saved: bool) -> dict[int, tuple[str, str]]:
+    """Each run's output verdict by the lab's rule: saved runs as the history now holds them,
+    unsaved ones as if appended after the history in the order they ran."""
+    import warnings
+
+    import pandas as pd
+
+    from rwkvlab.bench import BenchRecord, history_frame
+    from rwkvlab.history import HistoryWarning, read_history
+    from rwkvlab.verdicts import judge_new, verdicts
+
+    folder = Path(history_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HistoryWarning)  # `rwkvlab history` reports those
+        history = read_history(folder) if folder.is_dir() else pd.DataFrame()
+    ran = [(i, r) for i, r in enumerate(rows) if r.ran]
+    out: dict[int, tuple[str, str]] = {}
+    if saved:
+        judged = verdicts(history) if len(history) else pd.DataFrame()
+        for i, r in ran:
+            where = r.get("saved") or {}
+            match = history[(history["file"] == Path(str(where.get("file", ""))).name)
+                            & (history["line"] == where.get("line", -1))] if len(history) else history
+            if len(match):
+                row = judged.loc[match.index[0]]
+                out[i] = (str(row["output"]), str(row["output_reason"]))
+            else:
+                out[i] = ("unknown", f"not found in the history: {where.get('error', 'not saved')}")
+        return out
+    frames = [history_frame(BenchRecord.from_dict(r.result), "this sweep") for _, r in ran]
+    if frames:
+        judged = judge_new(history, pd.concat(frames, ignore_index=True))
+        for (i, _), (_, row) in zip(ran, judged.iterrows()):
+            out[i] = (str(row["output"]), str(row["output_reason"]))
+    return out
 
 
 def cli_sweep(args: argparse.Namespace) -> int:

@@ -100,6 +100,13 @@ def _row(label: str, gen: float | None, hash_: str = "abc", logit_ok: bool | Non
     return SweepRow(config, result, None, 0, 1.0)
 
 
+def _said(rows: list[SweepRow]) -> dict[int, tuple[str, str]]:
+    """What the output rule says of these rows when the first is the earliest of its kind."""
+    first = rows[0].get("quality_hash")
+    return {i: ("baseline" if i == 0 else "same" if r.get("quality_hash") == first else "changed", "test")
+            for i, r in enumerate(rows) if r.ran}
+
+
 def test_best_is_the_fastest_correct_row():
     base = _row("base", 10.0)
     rows = [base,
@@ -108,7 +115,7 @@ def test_best_is_the_fastest_correct_row():
             _row("crashed", None, chunk=8),
             _row("right", 20.0, path="native", weights="f16"),
             _row("right, slower", 15.0, chunk=16)]
-    result = SweepResult(rows, base)
+    result = SweepResult(rows, base, judged=_said(rows))
     result.best = pick_best(result)
     assert result.best.config.label == "right"
     assert [result.status(r) for r in rows] == ["baseline", "WRONG (tokens)", "WRONG (logits)", "FAILED",
@@ -123,17 +130,21 @@ def test_best_is_the_fastest_correct_row():
 def test_unchecked_logits_still_need_the_baselines_tokens():
     base = _row("base", 10.0, logit_ok=None)
     rows = [base, _row("other", 30.0, logit_ok=None, path="native")]
-    result = SweepResult(rows, base)
+    result = SweepResult(rows, base, judged=_said(rows))
     assert pick_best(result).config.label == "other"
     assert result.status(base) == "baseline (logits not checked)"
 
 
-def test_no_best_without_a_baseline():
+def test_the_first_run_of_its_kind_is_the_baseline_when_the_plain_plan_failed():
+    """The output rule, not the sweep, picks the baseline: with the plain plan crashed, the next
+    run of the model and lengths is the earliest of its kind, so it is judged "baseline"."""
     base = _row("base", None)
-    result = SweepResult([base, _row("other", 30.0, path="native")], base)
-    assert pick_best(result) is None
-    assert result.status(result.rows[1]) == "unknown (baseline failed)"
-    assert "the baseline did not run" in result.summary()
+    rows = [base, _row("other", 30.0, path="native")]
+    result = SweepResult(rows, base, judged={1: ("baseline", "its earliest run")})
+    assert pick_best(result).config.label == "other"
+    assert result.status(rows[0]) == "FAILED" and result.status(rows[1]) == "baseline"
+    assert "plain plan" not in result.summary()
+    assert result.output(rows[0]) == ("unknown", "did not run")
 
 
 # --------------------------------------------------------------------------------------------
