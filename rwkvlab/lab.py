@@ -17,7 +17,8 @@ What Run does:
 3. The record is compared with a baseline: by default the latest earlier run of the same model
    file on the same GPU, from this session or from the history. See :func:`compare` for the
    verdicts (speed beyond noise, output same or changed, logit error).
-4. The new point lands on the live history plot (a ``go.FigureWidget``); "Save to history"
+4. The new point lands on the live history plot (``rwkvlab.plots.live_figure``, redrawn whole
+   by ``plots.show_live`` after every run); "Save to history"
    appends the run, with the title and change typed in, through ``bench.save_bench``.
 
 The widget logic is plain methods (:meth:`Panel.run`, :meth:`Panel.save`,
@@ -31,7 +32,6 @@ import html
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -39,14 +39,13 @@ import traceback
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from rwkvlab import bench
+from rwkvlab import bench, plots
 from rwkvlab.bench import BenchRecord, BenchSettings
 from rwkvlab.history import HistoryWarning, read_history
 from rwkvlab.options import FUSIONS, PATHS, WEIGHT_POLICIES, Options, OptionsError, fusions_text
@@ -413,67 +412,6 @@ def result_html(comparison: Comparison, run_number: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# The live plot: the history's timeline plus this session's runs
-# --------------------------------------------------------------------------------------------
-
-SESSION_TRACE = "this session"
-
-
-def history_figure(history: pd.DataFrame, judged: pd.DataFrame | None):
-    """A ``go.FigureWidget``: prefill and generation over time for the whole history
-    (``rwkvlab.plots.timeline``, red X: output changed) plus an empty "this session" trace per
-    panel that :func:`add_session_point` extends."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    from rwkvlab import plots
-
-    if len(history) and judged is not None:
-        fig = go.FigureWidget(plots.timeline(history, judged))
-        fig.update_layout(title_text="The history and this session's runs (★); red X: output changed")
-    else:
-        fig = go.FigureWidget(make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.09,
-                                            subplot_titles=["Prefill speed (tok/s)", "Generation speed (tok/s)"]))
-        fig.update_layout(title="This session's runs (no history yet)", height=600, template="plotly_white")
-    # A fixed width: inside a widget box plotly cannot measure its container and falls back to 700 px.
-    fig.update_layout(width=1150)
-    for row in (1, 2):
-        fig.add_trace(go.Scatter(
-            x=[], y=[], text=[], mode="markers", name=SESSION_TRACE, legendgroup=SESSION_TRACE,
-            showlegend=row == 1, hovertemplate="%{text}<extra>" + SESSION_TRACE + "</extra>",
-            marker=dict(symbol="star", size=16, color="#111111", line=dict(width=1, color="#ffffff")),
-        ), row=row, col=1)
-    return fig
-
-
-def add_session_point(fig, record: BenchRecord, comparison: Comparison, n_runs: int) -> None:
-    """Put ``record`` on the figure's session traces (red X when its output changed)."""
-    when = record.timestamp.astimezone(timezone.utc).replace(tzinfo=None)
-    wrong = comparison.output.verdict == "changed" or comparison.logits.verdict == "too large"
-    text = (f"<b>{html.escape(record.change)}</b><br>{html.escape(record.model)} on {html.escape(record.gpu)}"
-            f"<br>hash {record.quality_hash} (output: {comparison.output.verdict}; logits: {comparison.logits.verdict})"
-            f"<br>prefill {record.prefill_tps:.2f} tok/s · generation {record.generation_tps:.2f} tok/s")
-    traces = [t for t in fig.data if t.name == SESSION_TRACE]
-    with fig.batch_update():
-        for trace, column in zip(traces, ("prefill_tps", "generation_tps")):
-            n = 0 if trace.x is None else len(trace.x)
-            symbols = list(trace.marker.symbol) if isinstance(trace.marker.symbol, (list, tuple)) else ["star"] * n
-            colours = list(trace.marker.color) if isinstance(trace.marker.color, (list, tuple)) else ["#111111"] * n
-            trace.x = _as_list(trace.x) + [when]
-            trace.y = _as_list(trace.y) + [float(getattr(record, column))]
-            trace.text = _as_list(trace.text) + [text]
-            trace.marker.symbol = symbols + ["x" if wrong else "star"]
-            trace.marker.color = colours + ["#d62728" if wrong else "#111111"]
-        title = fig.layout.title.text or ""
-        fig.layout.title.text = re.sub(r" · this session: \d+ runs?$", "", title) + \
-            f" · this session: {n_runs} run{'s' if n_runs != 1 else ''}"
-
-
-def _as_list(values) -> list:
-    return [] if values is None else list(values)
-
-
-# --------------------------------------------------------------------------------------------
 # The panel
 # --------------------------------------------------------------------------------------------
 
@@ -638,7 +576,8 @@ class Panel:
         self.save_button = w.Button(description="Save to history", icon="save", disabled=True)
         self.save_status = w.HTML("")
         self.log_view = w.HTML("")
-        self.plot = history_figure(self.history, self.history_verdicts)
+        self.plot = plots.live_widget()
+        self._draw_plot()
 
         self.source.observe(self._on_source, names="value")
         self.run_button.on_click(lambda _: self.start())
@@ -679,6 +618,24 @@ class Panel:
         self.widget = w.VBox([header, body, self.plot, log])
         self.widget.add_class("rwkvlab-panel")
         self._on_source({"new": self.source.value})
+
+    def session_points(self) -> pd.DataFrame:
+        """This session's runs as the live plot draws them (``plots.SESSION_COLUMNS``)."""
+        rows = [{
+            "number": r.number, "timestamp": r.record.timestamp, "model": r.record.model, "gpu": r.record.gpu,
+            "change": r.record.change, "quality_hash": r.record.quality_hash,
+            "output": r.comparison.output.verdict, "logits": r.comparison.logits.verdict,
+            "prefill_tps": r.record.prefill_tps, "generation_tps": r.record.generation_tps,
+            "wrong": r.comparison.output.verdict == "changed" or r.comparison.logits.verdict == "too large",
+        } for r in self.runs]
+        return pd.DataFrame(rows, columns=list(plots.SESSION_COLUMNS))
+
+    def plot_figure(self):
+        """The live plot's figure now: the history and this session's runs."""
+        return plots.live_figure(self.history, self.history_verdicts, self.session_points())
+
+    def _draw_plot(self) -> None:
+        plots.show_live(self.plot, self.plot_figure())
 
     def _backend_options(self) -> list[tuple[str, str]]:
         by_backend: dict[str, list[str]] = {}
@@ -854,7 +811,7 @@ class Panel:
         self.runs.append(run)
         self.last_record, self.last_comparison, self.result_table = record, comparison, comparison.table
         self.result.value = result_html(comparison, run.number)
-        add_session_point(self.plot, record, comparison, len(self.runs))
+        self._draw_plot()
         chosen = self.baseline.value
         self.baseline.options = self.baseline_choices()
         self.baseline.value = chosen
@@ -960,8 +917,7 @@ class Panel:
 
     def show_snapshot(self) -> None:
         """Display the snapshot and a static copy of the live plot (for exported HTML reports)."""
-        import plotly.graph_objects as go
         from IPython.display import HTML, display
 
         display(HTML(self.snapshot_html()))
-        go.Figure(self.plot).show()
+        self.plot_figure().show()
