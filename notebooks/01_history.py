@@ -31,12 +31,11 @@
 # plotly release.
 
 # %%
-# The "notebook" renderer puts plotly.js into the notebook once (with the first figure), so
-# the figures also show in HTML exported with nbconvert, offline. plotly's default in a kernel,
-# plotly_mimetype, shows nothing there.
+# Figures are stored as plotly's JSON (a few kB each; JupyterLab draws them with its own
+# plotly.js). `rwkvlab report --notebooks` turns them into offline HTML with plotly.js once.
 import plotly.io as pio
 
-pio.renderers.default = "notebook"
+pio.renderers.default = "plotly_mimetype"
 
 from pathlib import Path
 
@@ -113,8 +112,8 @@ for metric in ("prefill", "generation"):
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-# Figure JSON is plotly-version specific (and this first figure's output also carries the
-# plotly.js bundle), so nbval skips it; the cell below prints what the figure draws.
+# Figure JSON is plotly-version specific, so nbval skips it; the cell below prints what the
+# figure draws.
 fig = plots.timeline(runs, judged)
 fig.show()
 

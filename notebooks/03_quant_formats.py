@@ -32,10 +32,11 @@
 #   compared by the notebook test).
 
 # %%
-# The "notebook" renderer inlines plotly.js once, so figures also show in exported HTML, offline.
+# Figures are stored as plotly's JSON (a few kB each; JupyterLab draws them with its own
+# plotly.js). `rwkvlab report --notebooks` turns them into offline HTML with plotly.js once.
 import plotly.io as pio
 
-pio.renderers.default = "notebook"
+pio.renderers.default = "plotly_mimetype"
 
 import warnings
 from collections import Counter

@@ -51,7 +51,8 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,7 @@ class BenchRecord:
     commit: str
     fingerprint: str = ""  # the model file's content (rwkvlab.gguf.fingerprint); "" unknown
     environment: dict[str, str] = field(default_factory=dict)  # rwkvlab.gpu.environment + commit
+    kernel_tuning: dict[str, Any] = field(default_factory=dict)  # every kernel shape the engine used
 
     @property
     def quality_hash(self) -> str:
@@ -210,7 +212,7 @@ class BenchRecord:
         """Every raw sample and the full configuration, for the history's JSON-lines sidecar."""
         return {
             "timestamp": self.timestamp, "change": self.change, "title": self.title,
-            "model": self.model,
+            "model": self.model, "model_path": self.model_path,
             "samples": {
                 "load_ms": [self.load_ms],
                 "prefill_tps": self.prefill_tps_samples,
@@ -234,6 +236,7 @@ class BenchRecord:
             "commit": self.commit,
             "fingerprint": self.fingerprint,
             "environment": self.environment,
+            "kernel_tuning": self.kernel_tuning,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -270,12 +273,14 @@ def logit_tolerance(file_types: dict[str, str], gpu_formats: dict[str, str]) -> 
 # --------------------------------------------------------------------------------------------
 
 def run_bench(model: str | os.PathLike, options: Options | None = None,
-              settings: BenchSettings | None = None, *, title: str = "", change: str = "") -> BenchRecord:
+              settings: BenchSettings | None = None, *, title: str = "", change: str = "",
+              on_progress: Callable[[int, int, str], None] | None = None) -> BenchRecord:
     """Run the benchmark protocol (module docstring) on ``model`` and return its record.
 
     ``model`` is a GGUF path or a preset name (f32). Nothing is written to any history; see
     :func:`save_bench`. Raises :class:`BenchError` / ``OptionsError`` / ``GGUFError`` with a
     message a user can act on before any GPU work when the setup cannot run.
+    ``on_progress(step, steps, stage)`` follows the protocol's steps (:func:`bench_steps`).
     """
     from rwkvlab.gguf import fingerprint, read_model
     from rwkvlab.gpu import resolve_options
@@ -293,7 +298,7 @@ def run_bench(model: str | os.PathLike, options: Options | None = None,
     change = change or options.text()
     timestamp = datetime.now(timezone.utc)
 
-    bar = _progress(settings)
+    bar = _Progress(settings, on_progress)
     try:
         timings = _measure(path, options, settings, prompt, bar)
         bar.set_description("reference")
@@ -321,16 +326,44 @@ def run_bench(model: str | os.PathLike, options: Options | None = None,
                                         timings.gpu_formats),
         dispatches_per_token=timings.dispatches_per_token, commit=commit,
         fingerprint=fingerprint(path), environment={**timings.environment, "commit": commit},
+        kernel_tuning=timings.kernel_tuning,
     )
 
 
-def _progress(settings: BenchSettings):
-    from tqdm import tqdm
+def bench_steps(settings: BenchSettings) -> int:
+    """Steps of the protocol: load, warmup and timed rounds (prefill + generation each), the
+    quality run, the reference."""
+    return 1 + 2 * (settings.warmup + settings.repeat) + 1 + 1
 
-    # load, warmup and timed rounds (prefill + generation each), the quality run, the reference
-    total = 1 + 2 * (settings.warmup + settings.repeat) + 1 + 1
-    return tqdm(total=total, desc="bench", unit="step", file=sys.stderr, disable=not settings.progress,
-                leave=False)
+
+class _Progress:
+    """The protocol's progress: a tqdm bar on stderr for people, and ``on_progress(step, steps,
+    stage)`` for programs (``--events``: the worker reads these, never the bar's redraws)."""
+
+    def __init__(self, settings: BenchSettings, on_progress: Callable[[int, int, str], None] | None) -> None:
+        from tqdm import tqdm
+
+        self.total, self.n, self.stage = bench_steps(settings), 0, "bench"
+        self.bar = tqdm(total=self.total, desc=self.stage, unit="step", file=sys.stderr,
+                        disable=not settings.progress, leave=False)
+        self.on_progress = on_progress
+
+    def set_description(self, stage: str) -> None:
+        self.stage = stage
+        self.bar.set_description(stage)
+        self._tell()
+
+    def update(self, steps: int = 1) -> None:
+        self.n += steps
+        self.bar.update(steps)
+        self._tell()
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def _tell(self) -> None:
+        if self.on_progress:
+            self.on_progress(self.n, self.total, self.stage)
 
 
 @dataclass
@@ -348,6 +381,7 @@ class _Timings:
     dispatches_per_token: int | None = None
     gpu_formats: dict[str, str] = field(default_factory=dict)  # tensor -> format the GPU reads
     environment: dict[str, str] = field(default_factory=dict)
+    kernel_tuning: dict[str, Any] = field(default_factory=dict)
 
 
 def _measure(path: Path, options: Options, settings: BenchSettings, prompt: list[int], bar) -> _Timings:
@@ -393,6 +427,7 @@ def _measure(path: Path, options: Options, settings: BenchSettings, prompt: list
     t.adapter = {"name": info.name, "backend": info.backend, "adapter_type": info.adapter_type,
                  "description": info.description}
     t.environment = environment(engine.gpu)
+    t.kernel_tuning = engine.tuning.as_record()
     dpt = getattr(engine, "dispatches_per_token", None)
     t.dispatches_per_token = None if dpt is None else int(dpt)
     t.gpu_formats = dict(engine.weight_formats)
@@ -644,6 +679,38 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 EXIT_OK, EXIT_LOGITS, EXIT_NOT_RUN, EXIT_NOT_SAVED, EXIT_GATE = 0, 1, 2, 3, 4
 
 
+def replay_of(where: str) -> tuple[Path, Options, BenchSettings, pd.Series]:
+    """What a recorded run (``FILE.md:LINE``) ran, from its record alone: the model file (checked
+    against the recorded content fingerprint), the resolved options with their tuning, and the
+    bench settings. Raises :class:`BenchError` naming what the record lacks."""
+    from rwkvlab.gguf import fingerprint
+
+    file, _, line = where.rpartition(":")
+    if not file or not line.isdigit():
+        raise BenchError(f"--replay {where!r}: expected FILE.md:LINE (a run's ### heading line)")
+    if not Path(file).is_file():
+        raise BenchError(f"--replay {where!r}: {file} is not a file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HistoryWarning)
+        df = read_history(file)
+    rows = df[df["line"] == int(line)]
+    if rows.empty:
+        raise BenchError(f"--replay {where!r}: no run heading on line {line} of {file}")
+    row = rows.iloc[0]
+    if not row["options"] or not row["settings"] or pd.isna(row["model_path"]):
+        raise BenchError(f"--replay {where!r}: the run has no sidecar record with its options, settings and "
+                         f"model path ({Path(file).name}.jsonl), so it cannot be replayed")
+    model = Path(row["model_path"])
+    if not model.is_file():
+        raise BenchError(f"--replay {where!r}: the run's model {model} is not on this machine")
+    if not pd.isna(row["fingerprint"]) and fingerprint(model) != row["fingerprint"]:
+        raise BenchError(f"--replay {where!r}: {model} is not the file the run measured (content "
+                         f"{fingerprint(model)}, recorded {row['fingerprint']})")
+    known = {f.name for f in fields(BenchSettings)}
+    settings = BenchSettings(**{k: v for k, v in row["settings"].items() if k in known})
+    return model, from_record(row["options"]), settings, row
+
+
 def cli_bench(args: argparse.Namespace) -> int:
     """`rwkvlab bench`: run, print, append to the history. Exit 0 done, 1 the logit check failed
     (run saved), 2 it could not run (nothing saved), 3 measured but the history could not be
@@ -671,10 +738,16 @@ def cli_bench(args: argparse.Namespace) -> int:
         unknown = sorted(gates - set(GATES))
         if unknown:
             raise OptionsError(f"--fail-on {', '.join(unknown)}: available: {', '.join(GATES)}")
-        options = from_args(args)
-        settings = settings_from_args(args)
-        record = run_bench(model_from_args(args), options, settings, title=args.title or "",
-                           change=args.change or "")
+        if args.replay:
+            model, options, settings, row = replay_of(args.replay)
+            settings = replace(settings, progress=not args.no_progress)
+            title = args.title or str(row["title"])
+            change = args.change or f"replay of {Path(args.replay).name}: {row['change']}"
+        else:
+            model, options, settings = model_from_args(args), from_args(args), settings_from_args(args)
+            title, change = args.title or "", args.change or ""
+        record = run_bench(model, options, settings, title=title, change=change,
+                           on_progress=_event_printer() if args.events else None)
     except (BenchError, ModelNotFoundError, OptionsError, GGUFError, NoAdapterError, EngineError,
             KernelError) as err:
         print(f"rwkvlab bench: {err}", file=sys.stderr)
@@ -706,6 +779,14 @@ def cli_bench(args: argparse.Namespace) -> int:
     for why in gate:
         print(f"rwkvlab bench: --fail-on: {why}", file=sys.stderr)
     return EXIT_GATE if gate else EXIT_OK
+
+
+def _event_printer() -> Callable[[int, int, str], None]:
+    """``--events``: each progress step as one JSON line on stdout, for the worker runner
+    (rwkvlab.worker); the record, with ``--json``, stays the last line."""
+    def tell(step: int, steps: int, stage: str) -> None:
+        print(json.dumps({"event": "progress", "step": step, "steps": steps, "stage": stage}), flush=True)
+    return tell
 
 
 def _json_default(value: Any) -> Any:

@@ -31,8 +31,12 @@ def _report(sub) -> None:
     p = sub.add_parser(
         "report",
         help="write a standalone HTML report (summary, verdicts, plots) of the history",
-        description="Write one self-contained HTML file with a summary, the verdict table and the "
-        "plots of the benchmark history. plotly.js is inlined, so it renders offline.",
+        description="Write one self-contained HTML file: the summary and what changed first, then one "
+        "section per GPU with its plots, then every run in a table that sorts and filters in the page. "
+        "plotly.js and the table's script are inlined, so it works offline. \"What changed\" lists the "
+        "runs newer than the newest run of the report being overwritten (-o; the page records it), or "
+        "those after --since; with neither (a first report), the last day of recording: the runs within "
+        "24 hours of the newest run.",
     )
     p.add_argument("paths", nargs="*", default=["data/benchmarks"], help="files or folders (default: data/benchmarks)")
     p.add_argument("-o", "--output", help="HTML file to write (default: report.html; lab-report.html with --notebooks)")
@@ -40,6 +44,9 @@ def _report(sub) -> None:
                    help="instead: execute the lab's notebooks (default: all of notebooks/*.ipynb) and write them "
                    "as one offline HTML page; the history report links to it when it sits beside it")
     p.add_argument("--timeout", type=float, default=600.0, help="with --notebooks: seconds one cell may take (default: 600)")
+    p.add_argument("--since", metavar="WHEN", help="\"what changed\" lists the runs after this ISO 8601 date or "
+                   "time (UTC unless it names a zone), e.g. 2026-01-03 or 2026-01-03T14:00 (default: runs newer "
+                   "than the report being overwritten)")
     p.set_defaults(handler="rwkvlab.report:cli_report")
 
 
@@ -171,6 +178,13 @@ def _bench(sub) -> None:
                    "its history's runs), or both joined by ','; the verdicts are rwkvlab.verdicts', as "
                    "`rwkvlab history` and reports show them (for CI)")
     p.add_argument("--json", action="store_true", help="print the record as JSON on stdout (the summary goes to stderr)")
+    p.add_argument("--replay", metavar="FILE.md:LINE",
+                   help="run again exactly what a recorded run ran, from its record alone: its model file "
+                   "(checked by content), resolved options and tuning, lengths and rounds; other engine flags "
+                   "are ignored")
+    p.add_argument("--events", action="store_true",
+                   help="print each step of the protocol as a JSON line on stdout before the record: "
+                   '{"event": "progress", "step": N, "steps": M, "stage": TEXT} (what the lab\'s worker reads)')
     p.set_defaults(handler="rwkvlab.bench:cli_bench")
 
 

@@ -77,10 +77,11 @@ COLUMNS = [
     "load_ms", "prefill_tps", "generation_tps", "quality_hash", "quality_tokens", "line", "samples",
     # From the run's sidecar record (missing for runs without one, such as the seed files'):
     # the prompt and generation lengths, the model file's content fingerprint, the resolved
-    # options (Options.as_record) and the environment it ran in (GPU, driver, versions, OS).
-    "prompt_tokens", "generate_tokens", "fingerprint", "options", "environment",
+    # options (Options.as_record), the environment it ran in (GPU, driver, versions, OS), the
+    # bench settings and the model file's path: what `rwkvlab bench --replay` needs.
+    "prompt_tokens", "generate_tokens", "fingerprint", "options", "environment", "settings", "model_path",
 ]
-_STR_COLUMNS = ["file", "title", "change", "model", "version", "gpu", "quality_hash", "fingerprint"]
+_STR_COLUMNS = ["file", "title", "change", "model", "version", "gpu", "quality_hash", "fingerprint", "model_path"]
 _INT_COLUMNS = ["layers", "embedding", "prompt_tokens", "generate_tokens"]
 _FLOAT_COLUMNS = ["load_ms", "prefill_tps", "generation_tps"]
 
@@ -430,7 +431,7 @@ def _empty_row(path: Path | str, title: str, line: int, heading: str) -> dict[st
         "gpu": float("nan"), "load_ms": float("nan"), "prefill_tps": float("nan"),
         "generation_tps": float("nan"), "quality_hash": float("nan"), "quality_tokens": [],
         "line": line, "samples": {}, "prompt_tokens": None, "generate_tokens": None,
-        "fingerprint": None, "options": {}, "environment": {},
+        "fingerprint": None, "options": {}, "environment": {}, "settings": {}, "model_path": None,
     }
 
 
@@ -727,7 +728,7 @@ def _to_frame(rows: list[dict[str, Any]], extras: list[str]) -> pd.DataFrame:
     df["timestamp"] = pd.Series(stamps, index=df.index).dt.tz_localize("UTC")
     df["line"] = df["line"].astype("int64")
     df["quality_tokens"] = df["quality_tokens"].astype(object)
-    for col in ("samples", "options", "environment"):
+    for col in ("samples", "options", "environment", "settings"):
         df[col] = [s if isinstance(s, dict) else {} for s in df[col]]
     units = {m.column: m.unit for m in _METRICS if m.unit}
     for col in extras:
@@ -827,7 +828,10 @@ def _described(record: dict[str, Any], side: Path, number: int) -> dict[str, Any
         out["fingerprint"] = fingerprint
     elif fingerprint not in (None, ""):  # "": the run's model content was not fingerprinted
         _warn(side, number, "fingerprint is not a hex string; not joined")
-    for column in ("options", "environment"):
+    model_path = record.get("model_path")
+    if isinstance(model_path, str) and 0 < len(model_path) <= 4096:
+        out["model_path"] = model_path
+    for column in ("options", "environment", "settings"):
         value = record.get(column)
         if value is None:
             continue

@@ -17,7 +17,8 @@ What Run does:
 3. The record is compared with a baseline: by default the latest earlier run of the same model
    file on the same GPU, from this session or from the history. See :func:`compare` for the
    verdicts (speed beyond noise, output same or changed, logit error).
-4. The new point lands on the live history plot (a ``go.FigureWidget``); "Save to history"
+4. The new point lands on the live history plot (``rwkvlab.plots.live_figure``, redrawn whole
+   by ``plots.show_live`` after every run); "Save to history"
    appends the run, with the title and change typed in, through ``bench.save_bench``.
 
 The widget logic is plain methods (:meth:`Panel.run`, :meth:`Panel.save`,
@@ -26,36 +27,33 @@ The widget logic is plain methods (:meth:`Panel.run`, :meth:`Panel.save`,
 """
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import html
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import threading
-import time
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from rwkvlab import bench
+from rwkvlab import bench, plots
 from rwkvlab.bench import BenchRecord, BenchSettings
 from rwkvlab.history import HistoryWarning, read_history
-from rwkvlab.options import FUSIONS, PATHS, WEIGHT_POLICIES, Options, OptionsError, fusions_text, to_args
+from rwkvlab.options import FUSIONS, PATHS, WEIGHT_POLICIES, Options, OptionsError, fusions_text
 from rwkvlab.synth import FORMATS as SYNTH_FORMATS
 from rwkvlab.synth import PRESETS
 from rwkvlab.verdicts import RUN_METRICS, Noise, estimate_noise, judge
-from rwkvlab.worker import BENCH_ERROR, TQDM_BAR, clean, last_words, split_pieces
+from rwkvlab.bench import bench_steps
+from rwkvlab.worker import KEPT_LINES, bench_command, run_worker, worker_env
 
 SPEED_ROWS = {"load": "load (ms)", "prefill": "prefill (tok/s)", "generation": "generation (tok/s)"}
 # Red means "output changed / wrong" everywhere in the lab; a slower run is orange, not red.
@@ -64,10 +62,6 @@ VERDICT_COLOURS = {
     "same": "#22863a", "ok": "#22863a", "first run": "#5a6473",
     "changed": "#b01c1c", "too large": "#b01c1c", "failed": "#b01c1c",
 }
-_LOG_LINES = 300  # worker stderr lines the panel keeps
-# Stages of bench's own progress bar (the engine's upload bar and the NumPy reference's bar
-# also write to stderr; those only update the status text).
-_BENCH_STAGES = ("bench", "load", "prefill ", "generate ", "quality tokens", "reference")
 
 
 class LabError(RuntimeError):
@@ -146,134 +140,9 @@ class ModelChoice:
 
 def worker_command(model: ModelChoice, options: Options, settings: BenchSettings,
                    history_dir: str | os.PathLike, python: str = sys.executable) -> list[str]:
-    """The `python -m rwkvlab.cli bench ... --json --no-save` line that runs one panel run.
-
-    ``--history-dir`` only lets bench name the previous run of the model in its summary;
-    nothing is written (the panel saves explicitly).
-    """
-    cmd = [python, "-m", "rwkvlab.cli", "bench", *model.cli_args(), *to_args(options),
-           "--prefill", str(settings.prefill), "--generate", str(settings.generate),
-           "--warmup", str(settings.warmup), "--repeat", str(settings.repeat),
-           "--history-dir", str(history_dir), "--json", "--no-save"]
-    if not settings.reference:
-        cmd.append("--no-reference")
-    return cmd
-
-
-def bench_steps(settings: BenchSettings) -> int:
-    """Steps of bench's progress bar: load, warmup and timed rounds (two each), quality, reference."""
-    return 1 + 2 * (settings.warmup + settings.repeat) + 1 + 1
-
-
-@dataclass
-class WorkerResult:
-    """What one worker run gave: the record (None when it failed) and its stderr."""
-
-    record: BenchRecord | None
-    raw: dict[str, Any] | None  # bench's JSON, with its own verdict against the history file
-    returncode: int | None
-    error: str | None
-    stderr: str
-    seconds: float
-
-
-def _worker_env() -> dict[str, str]:
-    """The kernel's environment, with this package importable in the worker (a bare checkout
-    imported through sys.path, not installed, must still be found by ``python -m``)."""
-    env = dict(os.environ)
-    here = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-def run_worker(cmd: Sequence[str], *, timeout: float = 1800.0,
-               on_progress: Callable[[int, int, str], None] | None = None,
-               on_line: Callable[[str], None] | None = None,
-               on_start: Callable[[subprocess.Popen], None] | None = None) -> WorkerResult:
-    """Run ``cmd`` (a bench ``--json`` line) and read its record.
-
-    ``on_progress(n, total, stage)`` follows bench's progress bar, ``on_line`` receives every
-    other stderr line (bench's summary, warnings), ``on_start`` the process (to stop it).
-    Exit 0 or 1 (1: the logit check failed, the record is still valid) with a JSON line on
-    stdout is a result; anything else is a failure described by bench's own error line, or
-    by how the worker died.
-    """
-    start = time.perf_counter()
-    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_worker_env())
-    if on_start:
-        on_start(proc)
-    out: list[bytes] = []
-    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
-    reader.start()
-    timed_out = threading.Event()
-
-    def stop() -> None:
-        timed_out.set()
-        proc.kill()  # our own child, by its handle
-
-    timer = threading.Timer(timeout, stop)
-    timer.start()
-    lines: list[str] = []
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    pending = ""
-    try:
-        while chunk := os.read(proc.stderr.fileno(), 4096):
-            pending += decoder.decode(chunk)
-            # every piece is one state of a bar or one line (rwkvlab.worker: \r, \n and escapes)
-            *pieces, pending = split_pieces(pending)
-            for piece in pieces:
-                _stderr_piece(piece, lines, on_progress, on_line)
-        _stderr_piece(pending, lines, on_progress, on_line)
-        proc.wait()
-    finally:
-        timer.cancel()
-        if proc.poll() is None:  # interrupted while reading: never leave the worker running
-            proc.kill()
-            proc.wait()
-    reader.join()
-    proc.stdout.close()
-    proc.stderr.close()
-    seconds = time.perf_counter() - start
-    stderr = "\n".join(lines)
-    stdout = b"".join(out).decode("utf-8", errors="replace").strip()
-    if proc.returncode in (0, 1) and stdout:
-        try:
-            raw = json.loads(stdout.splitlines()[-1])
-            return WorkerResult(BenchRecord.from_dict(raw), raw, proc.returncode, None, stderr, seconds)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            return WorkerResult(None, None, proc.returncode, f"the worker's JSON could not be read ({err})",
-                                stderr, seconds)
-    return WorkerResult(None, None, proc.returncode, _failure(proc.returncode, lines, timed_out.is_set(), timeout),
-                        stderr, seconds)
-
-
-def _stderr_piece(piece: str, lines: list[str], on_progress, on_line) -> None:
-    piece = clean(piece)
-    if not piece:
-        return
-    bar = TQDM_BAR.match(piece)
-    if bar:
-        stage = bar["desc"].strip()
-        if on_progress and stage.startswith(_BENCH_STAGES):
-            on_progress(int(bar["n"]), int(bar["total"]), stage)
-        elif on_progress:
-            on_progress(-1, -1, f"{stage} {bar['n']}/{bar['total']}")
-        return
-    lines.append(piece)
-    del lines[:-_LOG_LINES]
-    if on_line:
-        on_line(piece)
-
-
-def _failure(returncode: int | None, lines: list[str], timed_out: bool, timeout: float) -> str:
-    if timed_out:
-        return f"the worker was stopped after {timeout:g} s"
-    last = last_words(lines)
-    if last.startswith(BENCH_ERROR):
-        return last.removeprefix(BENCH_ERROR).strip()
-    if returncode is not None and returncode < 0:
-        return f"the worker was killed by signal {-returncode} (the notebook kernel is fine): {last}"
-    return f"the worker exited with status {returncode}: {last}"
+    """The worker line of one panel run (:func:`rwkvlab.worker.bench_command`): nothing is
+    saved (the panel saves explicitly); ``--history-dir`` lets bench judge it."""
+    return bench_command(model.cli_args(), options, settings, history_dir=history_dir, python=python)
 
 
 def probe_adapters(python: str = sys.executable, timeout: float = 120.0) -> tuple[list[dict[str, str]], str | None]:
@@ -283,7 +152,7 @@ def probe_adapters(python: str = sys.executable, timeout: float = 120.0) -> tupl
               "print(json.dumps([dataclasses.asdict(a) for a in list_adapters()]))")
     try:
         done = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=timeout,
-                              env=_worker_env())
+                              env=worker_env())
     except (OSError, subprocess.TimeoutExpired) as err:
         return [], f"listing adapters failed: {err}"
     if done.returncode != 0 or not done.stdout.strip():
@@ -543,67 +412,6 @@ def result_html(comparison: Comparison, run_number: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# The live plot: the history's timeline plus this session's runs
-# --------------------------------------------------------------------------------------------
-
-SESSION_TRACE = "this session"
-
-
-def history_figure(history: pd.DataFrame, judged: pd.DataFrame | None):
-    """A ``go.FigureWidget``: prefill and generation over time for the whole history
-    (``rwkvlab.plots.timeline``, red X: output changed) plus an empty "this session" trace per
-    panel that :func:`add_session_point` extends."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    from rwkvlab import plots
-
-    if len(history) and judged is not None:
-        fig = go.FigureWidget(plots.timeline(history, judged))
-        fig.update_layout(title_text="The history and this session's runs (★); red X: output changed")
-    else:
-        fig = go.FigureWidget(make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.09,
-                                            subplot_titles=["Prefill speed (tok/s)", "Generation speed (tok/s)"]))
-        fig.update_layout(title="This session's runs (no history yet)", height=600, template="plotly_white")
-    # A fixed width: inside a widget box plotly cannot measure its container and falls back to 700 px.
-    fig.update_layout(width=1150)
-    for row in (1, 2):
-        fig.add_trace(go.Scatter(
-            x=[], y=[], text=[], mode="markers", name=SESSION_TRACE, legendgroup=SESSION_TRACE,
-            showlegend=row == 1, hovertemplate="%{text}<extra>" + SESSION_TRACE + "</extra>",
-            marker=dict(symbol="star", size=16, color="#111111", line=dict(width=1, color="#ffffff")),
-        ), row=row, col=1)
-    return fig
-
-
-def add_session_point(fig, record: BenchRecord, comparison: Comparison, n_runs: int) -> None:
-    """Put ``record`` on the figure's session traces (red X when its output changed)."""
-    when = record.timestamp.astimezone(timezone.utc).replace(tzinfo=None)
-    wrong = comparison.output.verdict == "changed" or comparison.logits.verdict == "too large"
-    text = (f"<b>{html.escape(record.change)}</b><br>{html.escape(record.model)} on {html.escape(record.gpu)}"
-            f"<br>hash {record.quality_hash} (output: {comparison.output.verdict}; logits: {comparison.logits.verdict})"
-            f"<br>prefill {record.prefill_tps:.2f} tok/s · generation {record.generation_tps:.2f} tok/s")
-    traces = [t for t in fig.data if t.name == SESSION_TRACE]
-    with fig.batch_update():
-        for trace, column in zip(traces, ("prefill_tps", "generation_tps")):
-            n = 0 if trace.x is None else len(trace.x)
-            symbols = list(trace.marker.symbol) if isinstance(trace.marker.symbol, (list, tuple)) else ["star"] * n
-            colours = list(trace.marker.color) if isinstance(trace.marker.color, (list, tuple)) else ["#111111"] * n
-            trace.x = _as_list(trace.x) + [when]
-            trace.y = _as_list(trace.y) + [float(getattr(record, column))]
-            trace.text = _as_list(trace.text) + [text]
-            trace.marker.symbol = symbols + ["x" if wrong else "star"]
-            trace.marker.color = colours + ["#d62728" if wrong else "#111111"]
-        title = fig.layout.title.text or ""
-        fig.layout.title.text = re.sub(r" · this session: \d+ runs?$", "", title) + \
-            f" · this session: {n_runs} run{'s' if n_runs != 1 else ''}"
-
-
-def _as_list(values) -> list:
-    return [] if values is None else list(values)
-
-
-# --------------------------------------------------------------------------------------------
 # The panel
 # --------------------------------------------------------------------------------------------
 
@@ -768,7 +576,8 @@ class Panel:
         self.save_button = w.Button(description="Save to history", icon="save", disabled=True)
         self.save_status = w.HTML("")
         self.log_view = w.HTML("")
-        self.plot = history_figure(self.history, self.history_verdicts)
+        self.plot = plots.live_widget()
+        self._draw_plot()
 
         self.source.observe(self._on_source, names="value")
         self.run_button.on_click(lambda _: self.start())
@@ -809,6 +618,24 @@ class Panel:
         self.widget = w.VBox([header, body, self.plot, log])
         self.widget.add_class("rwkvlab-panel")
         self._on_source({"new": self.source.value})
+
+    def session_points(self) -> pd.DataFrame:
+        """This session's runs as the live plot draws them (``plots.SESSION_COLUMNS``)."""
+        rows = [{
+            "number": r.number, "timestamp": r.record.timestamp, "model": r.record.model, "gpu": r.record.gpu,
+            "change": r.record.change, "quality_hash": r.record.quality_hash,
+            "output": r.comparison.output.verdict, "logits": r.comparison.logits.verdict,
+            "prefill_tps": r.record.prefill_tps, "generation_tps": r.record.generation_tps,
+            "wrong": r.comparison.output.verdict == "changed" or r.comparison.logits.verdict == "too large",
+        } for r in self.runs]
+        return pd.DataFrame(rows, columns=list(plots.SESSION_COLUMNS))
+
+    def plot_figure(self):
+        """The live plot's figure now: the history and this session's runs."""
+        return plots.live_figure(self.history, self.history_verdicts, self.session_points())
+
+    def _draw_plot(self) -> None:
+        plots.show_live(self.plot, self.plot_figure())
 
     def _backend_options(self) -> list[tuple[str, str]]:
         by_backend: dict[str, list[str]] = {}
@@ -949,11 +776,13 @@ class Panel:
             result = run_worker(cmd, timeout=self.timeout, on_progress=self._on_progress,
                                 on_line=self.log.append, on_start=self._set_proc)
             self._proc = None
-            self.log = result.stderr.splitlines()
+            self.log = list(result.stderr)
             self._show_log()
             if result.record is None:
                 self.progress.bar_style = "danger"
-                raise self._fail(result.error or "the worker gave no result")
+                crashed = result.returncode is not None and result.returncode < 0
+                raise self._fail(f"the worker failed ({result.error or 'no result'})"
+                                 + ("; the notebook kernel is fine" if crashed else ""))
             return self._show_result(result.record)
         finally:
             self.run_button.disabled, self.stop_button.disabled = False, True
@@ -982,7 +811,7 @@ class Panel:
         self.runs.append(run)
         self.last_record, self.last_comparison, self.result_table = record, comparison, comparison.table
         self.result.value = result_html(comparison, run.number)
-        add_session_point(self.plot, record, comparison, len(self.runs))
+        self._draw_plot()
         chosen = self.baseline.value
         self.baseline.options = self.baseline_choices()
         self.baseline.value = chosen
@@ -1009,7 +838,7 @@ class Panel:
 
     def _show_log(self) -> None:
         self.log_view.value = ("<pre style='font-size:11px;max-height:260px;overflow:auto'>"
-                               + html.escape("\n".join(self.log[-_LOG_LINES:])) + "</pre>")
+                               + html.escape("\n".join(self.log[-KEPT_LINES:])) + "</pre>")
 
     # --- saving -----------------------------------------------------------------------------
 
@@ -1088,8 +917,7 @@ class Panel:
 
     def show_snapshot(self) -> None:
         """Display the snapshot and a static copy of the live plot (for exported HTML reports)."""
-        import plotly.graph_objects as go
         from IPython.display import HTML, display
 
         display(HTML(self.snapshot_html()))
-        go.Figure(self.plot).show()
+        self.plot_figure().show()

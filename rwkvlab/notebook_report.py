@@ -4,9 +4,13 @@ Each notebook is executed afresh (nbclient, its own kernel, working directory = 
 folder, so relative paths resolve as in JupyterLab); the notebook files are never written. The
 results become one self-contained page that works offline:
 
-- plotly.js is inlined once. Each notebook that pins ``plotly.io.renderers.default =
-  "notebook"`` emits the ~4.8 MB bundle with its first figure; the page keeps the first copy
-  and drops the rest (every figure calls ``window.Plotly``, which that copy defines).
+- Figures are stored in the notebooks as plotly's JSON mime bundle
+  (``application/vnd.plotly.v1+json``, the ``plotly_mimetype`` renderer the notebooks pin):
+  a few kB each, where the ``notebook`` renderer put the ~4.8 MB plotly.js into every
+  notebook. nbconvert's HTML cannot draw that bundle, so each one becomes an inline plotly
+  figure here, and the page inlines plotly.js exactly once, before the first notebook. (A
+  notebook that still uses the ``notebook`` renderer brings its own copy of plotly.js: it is
+  dropped, the page's copy serves its figures too.)
 - Script tags that load from a CDN (require.js, MathJax) are left out: nothing on the page
   fetches anything.
 - Widgets need a kernel. Widget state is not stored, so an output that also carries an HTML
@@ -35,6 +39,9 @@ import nbformat
 DEFAULT_OUTPUT = "lab-report.html"
 HISTORY_REPORT = "report.html"  # rwkvlab report's default output name
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+PLOTLY_JSON = "application/vnd.plotly.v1+json"
+# Figures fill the page's width and follow it when the window is resized.
+FIGURE_CONFIG = {"displaylogo": False, "responsive": True}
 _CDN_SCRIPT = re.compile(r"<script[^>]*\bsrc=[\"']https?://[^\"']*[\"'][^>]*>\s*</script>", re.IGNORECASE)
 _STYLE = re.compile(r"<style[^>]*>.*?</style>", re.DOTALL | re.IGNORECASE)
 _MAIN = re.compile(r"<main>(.*)</main>", re.DOTALL)
@@ -101,24 +108,42 @@ def _is_plotly_bundle(html_text: str) -> bool:
     return "window.PlotlyConfig" in html_text and "plotly.js v" in html_text[:2000] and len(html_text) > 100_000
 
 
-def prepare_for_page(nb: nbformat.NotebookNode, source: str) -> tuple[nbformat.NotebookNode, str | None]:
-    """A copy of ``nb`` ready for the page, and the plotly.js bundle it carried (or None).
+def figure_html(figure: dict) -> str:
+    """A plotly JSON mime bundle as an HTML ``<div>`` that draws it with the page's plotly.js."""
+    import plotly.io as pio
 
-    The bundle output is taken out (the page inlines one copy); widget outputs without an
-    HTML form get a note instead; stored widget state is dropped (it cannot run offline).
+    return pio.to_html(figure, include_plotlyjs=False, full_html=False, config=FIGURE_CONFIG,
+                       default_height="450px", validate=False)
+
+
+def prepare_for_page(nb: nbformat.NotebookNode, source: str) -> tuple[nbformat.NotebookNode, bool]:
+    """A copy of ``nb`` ready for the page, and whether it draws any plotly figure.
+
+    Plotly JSON outputs become inline figures (they need the page's plotly.js); a plotly.js
+    bundle some notebook carried itself is taken out; widget outputs without an HTML form get
+    a note instead; stored widget state is dropped (it cannot run offline).
     """
     nb = copy.deepcopy(nb)
     nb.metadata.pop("widgets", None)
-    bundle = None
+    figures = False
     for cell in nb.cells:
         kept = []
         for out in cell.get("outputs", []):
             data = out.get("data", {})
+            if PLOTLY_JSON in data:
+                # The JSON is what the page draws; a PNG JupyterLab cached beside it would only
+                # be a stale picture of the same figure.
+                figure = data.pop(PLOTLY_JSON)
+                data.pop("image/png", None)
+                data["text/html"] = figure_html(figure)
+                figures = True
             text = data.get("text/html", "")
             text = "".join(text) if isinstance(text, list) else text
             if text and _is_plotly_bundle(text):
-                bundle = bundle or text
+                figures = True
                 continue
+            if "plotly-graph-div" in text:
+                figures = True
             if WIDGET_VIEW in data and "text/html" not in data:
                 plain = data.get("text/plain", "a widget")
                 plain = "".join(plain) if isinstance(plain, list) else plain
@@ -129,7 +154,7 @@ def prepare_for_page(nb: nbformat.NotebookNode, source: str) -> tuple[nbformat.N
             kept.append(out)
         if cell.cell_type == "code":
             cell.outputs = kept
-    return nb, bundle
+    return nb, figures
 
 
 def _export(nb: nbformat.NotebookNode) -> tuple[list[str], str]:
@@ -148,12 +173,12 @@ def report_page(runs: list[NotebookRun], *, history_report: str | None = None) -
     from rwkvlab.bench import git_commit
 
     styles: list[str] = []
-    bundle = None
+    figures = False
     sections = []
     for run in runs:
         source = _display_path(run.path)
         nb, found = prepare_for_page(run.notebook, source)
-        bundle = bundle or found
+        figures = figures or found
         nb_styles, cells = _export(nb)
         styles = styles or nb_styles
         state = (f"<span class='failed'>FAILED at {html.escape(run.error)}</span>" if run.error
@@ -168,7 +193,7 @@ def report_page(runs: list[NotebookRun], *, history_report: str | None = None) -
     back = (f"<p>History report: <a href='{html.escape(history_report, quote=True)}'>"
             f"{html.escape(history_report)}</a></p>") if history_report else ""
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    plotly_js = bundle or "<!-- no plotly figures in these notebooks -->"
+    plotly_js = _plotly_js() if figures else "<!-- no plotly figures in these notebooks -->"
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -193,6 +218,13 @@ work offline; widgets are static snapshots (the live panel needs a kernel: <code
 </body>
 </html>
 """
+
+
+def _plotly_js() -> str:
+    """plotly.js (the copy the installed plotly ships) as one inline script."""
+    from plotly.offline import get_plotlyjs
+
+    return f'<script type="text/javascript">{get_plotlyjs()}</script>'
 
 
 def _title(nb: nbformat.NotebookNode) -> str | None:

@@ -1,8 +1,10 @@
-"""Figures of the benchmark history: speed over time, before/after per title, load-time spread.
+"""Figures of the benchmark history: speed per model and GPU in run order, before/after per
+title, load-time spread, and the lab panel's live plot (the history plus this session's runs).
 
 Input is the DataFrame of `rwkvlab.history.read_history` and, where output correctness is shown,
 the frame of `rwkvlab.verdicts.verdicts` (same index). Nothing here parses Markdown or touches
-the GPU; every function returns a plain `plotly.graph_objects.Figure`.
+the GPU; every figure function returns a plain `plotly.graph_objects.Figure`, and the live plot
+is such a figure shown again, whole, in an ipywidgets ``Output`` (see :func:`show_live`).
 
 A run whose greedy output changed must never pass for a speed-up, so every speed figure draws
 those runs with one unmistakable mark (a large red X, legend entry "output changed") on top of
@@ -49,29 +51,51 @@ def run_id(df: pd.DataFrame) -> pd.Series:
     return df["file"].map(lambda f: Path(str(f)).name) + ":" + df["line"].astype(int).astype(str)
 
 
-def timeline(df: pd.DataFrame, verdicts: pd.DataFrame) -> go.Figure:
-    """Prefill and generation tok/s over time, one line per history file.
+def run_order(df: pd.DataFrame) -> pd.Series:
+    """Each run's position, 1..n, in time order (runs without a time last, in file order).
 
-    Two stacked subplots share the time axis. Runs whose output changed get a red X, runs with
-    no usable quality hash a grey ring, and detected speed change points a black diamond.
+    The timeline's x axis: a day of back-to-back runs spreads out instead of collapsing into
+    one vertical line, and a speed regression shows as a step between neighbouring runs.
     """
-    runs = _with_verdicts(df, verdicts).sort_values("timestamp", kind="stable")
-    x = _naive_utc(runs["timestamp"])
+    keys = pd.DataFrame({"t": pd.to_datetime(df["timestamp"], utc=True), "file": df["file"].astype(str),
+                         "line": df["line"].astype(int)}, index=df.index)
+    ordered = keys.sort_values(["t", "file", "line"], kind="stable", na_position="last").index
+    return pd.Series(range(1, len(df) + 1), index=ordered).reindex(df.index)
+
+
+def series_name(df: pd.DataFrame) -> pd.Series:
+    """The timeline's series of each run: its model file and GPU (speeds differ by both)."""
+    gpu = df["gpu"].fillna("unknown GPU").astype(str)
+    return (df["model"].astype(str) + " · " + gpu).astype(object)
+
+
+def timeline(df: pd.DataFrame, verdicts: pd.DataFrame, title: str | None = None) -> go.Figure:
+    """Prefill and generation tok/s against run order, one line per model and GPU.
+
+    Two stacked subplots share the run axis (:func:`run_order`; the hover names the time).
+    Speeds are on a log axis, so a 0.1b model at 1,500 tok/s and a 2.9B one at 300 (or a CPU
+    adapter at 20) are all readable and a 10% step looks the same size at any speed. Runs
+    whose output changed get a red X, runs with no usable quality hash a grey ring, and
+    detected speed change points a black diamond.
+    """
+    runs = _with_verdicts(df, verdicts)
+    runs = runs.assign(_order=run_order(runs), _series=series_name(runs)).sort_values("_order", kind="stable")
+    x = runs["_order"]
     hover = _hover_text(runs)
     ids = run_id(runs)
-    colours = _file_colours(runs)
+    colours = _series_colours(runs["_series"])
 
     fig = make_subplots(
         rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.09,
-        subplot_titles=[f"{label} speed ({SPEED_UNIT})" for _, _, label in SPEED_METRICS],
+        subplot_titles=[f"{label} speed ({SPEED_UNIT}, log scale)" for _, _, label in SPEED_METRICS],
     )
     shown: set[str] = set()  # legend entries already added, so each appears once
     for row, (metric, column, label) in enumerate(SPEED_METRICS, start=1):
-        for stem, colour in colours.items():
-            mine = (runs["file_stem"] == stem).to_numpy()
+        for name, colour in colours.items():
+            mine = (runs["_series"] == name).to_numpy()
             fig.add_trace(go.Scatter(
                 x=x[mine], y=runs[column][mine], ids=ids[mine], text=hover[mine],
-                mode="lines+markers", name=stem, legendgroup=stem, showlegend=_first(shown, stem),
+                mode="lines+markers", name=name, legendgroup=name, showlegend=_first(shown, name),
                 line=dict(color=colour, width=1.5), marker=dict(color=colour, size=6),
                 hovertemplate="%{text}<extra></extra>",
             ), row=row, col=1)
@@ -81,12 +105,12 @@ def timeline(df: pd.DataFrame, verdicts: pd.DataFrame) -> go.Figure:
                 mode="markers", name=name, legendgroup=name, showlegend=_first(shown, name),
                 marker=marker, hovertemplate="%{text}<extra>" + name + "</extra>",
             ), row=row, col=1)
-        fig.update_yaxes(title_text=f"{label.lower()} ({SPEED_UNIT})", rangemode="tozero", row=row, col=1)
-    fig.update_xaxes(title_text="run time (UTC)", row=2, col=1)
+        fig.update_yaxes(title_text=f"{label.lower()} ({SPEED_UNIT})", type="log", row=row, col=1)
+    fig.update_xaxes(title_text="run, in time order (hover for its time)", row=2, col=1)
     fig.update_layout(
         font=FONT, hovermode="closest", template="plotly_white",
-        **_header("Prefill and generation speed over time (red X: output changed, not comparable)",
-                  height=740, left=70),
+        **_header(title or "Prefill and generation speed per model and GPU (red X: output changed, not comparable)",
+                  height=720, left=70),
     )
     return fig
 
@@ -144,7 +168,7 @@ def before_after(df: pd.DataFrame, verdicts: pd.DataFrame, min_runs: int = 2) ->
     fig.update_layout(
         font=FONT, template="plotly_white", bargap=0.25,
         **_header(f"Before / after per title ({n_titles} titles with at least {min_runs} runs)",
-                  height=max(380, 190 + 24 * len(runs)), left=20),
+                  height=max(360, 190 + 17 * len(runs)), left=20),
     )
     return fig
 
@@ -181,6 +205,90 @@ def load_spread(df: pd.DataFrame, by: str = "model") -> go.Figure:
     return fig
 
 
+# -- the lab panel's live plot -----------------------------------------------------------------
+
+SESSION_NAME = "this session"
+SESSION_MARKER = dict(symbol="star", size=16, color="#111111", line=dict(width=1, color="#ffffff"))
+SESSION_COLUMNS = ("number", "timestamp", "model", "gpu", "change", "quality_hash", "output", "logits",
+                   "prefill_tps", "generation_tps", "wrong")
+PLOTLY_JSON = "application/vnd.plotly.v1+json"
+LIVE_CONFIG = {"displaylogo": False, "responsive": True}
+
+
+def live_figure(history: pd.DataFrame, verdicts: pd.DataFrame | None, session: pd.DataFrame) -> go.Figure:
+    """The history's :func:`timeline` with this session's runs after it: a star each, a red X
+    where the run's output or logits are wrong.
+
+    ``session`` has the columns of :data:`SESSION_COLUMNS`, one row per run of the panel in
+    order (``wrong`` is the panel's judgement, ``output`` and ``logits`` its verdict words for
+    the hover). Session runs take the run numbers after the history's last, past a dotted line.
+    """
+    missing = [c for c in SESSION_COLUMNS if c not in session.columns]
+    if missing:
+        raise ValueError(f"session frame lacks column(s) {', '.join(missing)}; columns: {', '.join(SESSION_COLUMNS)}")
+    n = len(session)
+    title = f"The history and this session's runs (★); red X: output changed · this session: {n} run{'s' if n != 1 else ''}"
+    if len(history) and verdicts is not None:
+        fig = timeline(history, verdicts, title=title)
+    else:
+        fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.09,
+                            subplot_titles=[f"{label} speed ({SPEED_UNIT}, log scale)" for _, _, label in SPEED_METRICS])
+        for row, (_, _, label) in enumerate(SPEED_METRICS, start=1):
+            fig.update_yaxes(title_text=f"{label.lower()} ({SPEED_UNIT})", type="log", row=row, col=1)
+        fig.update_xaxes(title_text="run, in time order (hover for its time)", row=2, col=1)
+        fig.update_layout(font=FONT, template="plotly_white", **_header(title, height=640, left=70))
+    start = len(history)
+    x = list(range(start + 1, start + n + 1))
+    wrong = session["wrong"].astype(bool).tolist()
+    hover = [_session_hover(r) for _, r in session.iterrows()]
+    for row, (_, column, _) in enumerate(SPEED_METRICS, start=1):
+        fig.add_trace(go.Scatter(
+            x=x, y=session[column].astype(float).tolist(), text=hover, mode="markers", name=SESSION_NAME,
+            legendgroup=SESSION_NAME, showlegend=row == 1, hovertemplate="%{text}<extra>" + SESSION_NAME + "</extra>",
+            marker=dict(SESSION_MARKER, symbol=["x" if w else "star" for w in wrong],
+                        color=[CHANGED_MARKER["color"] if w else SESSION_MARKER["color"] for w in wrong]),
+        ), row=row, col=1)
+    if start and n:
+        fig.add_vline(x=start + 0.5, line=dict(dash="dot", width=1, color="#5a6473"))
+    return fig
+
+
+def _session_hover(r: pd.Series) -> str:
+    when = pd.Timestamp(r["timestamp"]).strftime("%Y-%m-%d %H:%M:%S UTC") if pd.notna(r["timestamp"]) else "no time"
+    return (f"<b>run {int(r['number'])}: {html.escape(str(r['change']))}</b><br>"
+            f"{when} · {html.escape(str(r['model']))} on {html.escape(str(r['gpu']))}<br>"
+            f"hash {html.escape(str(r['quality_hash']))} (output: {html.escape(str(r['output']))}; "
+            f"logits: {html.escape(str(r['logits']))})<br>"
+            f"prefill {_num(r['prefill_tps'])} tok/s · generation {_num(r['generation_tps'])} tok/s")
+
+
+def live_widget():
+    """An empty ipywidgets ``Output`` for :func:`show_live` to draw into, as wide as its cell."""
+    import ipywidgets as w
+
+    out = w.Output(layout=w.Layout(width="100%"))
+    out.add_class("rwkvlab-live-plot")
+    return out
+
+
+def show_live(widget, fig: go.Figure) -> None:
+    """Replace what ``widget`` (from :func:`live_widget`) shows with ``fig``, whole.
+
+    Why not a ``go.FigureWidget``: it syncs only the figure it was built with; every later
+    change travels as a one-off message to the views open at that moment. A view made later
+    (the page reloaded, the notebook reopened) or one whose frontend model was not yet
+    listening draws the old figure, and then applies restyles meant for traces it lacks. The
+    ``Output``'s outputs are its whole state, so every view draws the current figure; each is
+    a plotly JSON bundle that JupyterLab draws with its own plotly.js and resizes with the
+    page. Assigning ``outputs`` (never ``with widget:``) is safe from the Run button's thread.
+    """
+    import json
+
+    bundle = {PLOTLY_JSON: {**json.loads(fig.to_json()), "config": LIVE_CONFIG}, "text/plain": describe(fig)}
+    widget.outputs = ({"output_type": "display_data", "data": bundle, "metadata": {}},)
+
+
+
 def describe(fig: go.Figure) -> str:
     """A short, deterministic text summary of a figure: title, axis titles, points per trace.
 
@@ -205,8 +313,9 @@ def describe(fig: go.Figure) -> str:
 
 # -- helpers -------------------------------------------------------------------------------
 
-# Line colours per history file. Red is left out on purpose: it means "output changed".
-FILE_COLOURS = ("#1f77b4", "#9467bd", "#17becf", "#8c564b", "#bcbd22", "#e377c2", "#7f7f7f", "#2ca02c")
+# Line colours per series. Red is left out on purpose: it means "output changed".
+SERIES_COLOURS = ("#1f77b4", "#9467bd", "#17becf", "#8c564b", "#bcbd22", "#e377c2", "#7f7f7f", "#2ca02c",
+                  "#393b79", "#637939", "#8c6d31", "#7b4173", "#3182bd", "#e6550d")
 
 
 def _header(title: str, height: int, left: int, top: int = 140, bottom: int = 60) -> dict:
@@ -265,7 +374,7 @@ def _hover_text(runs: pd.DataFrame) -> pd.Series:
         return (
             f"<b>{html.escape(str(r['change']))}</b><br>"
             f"title: {html.escape(str(r['title']))} · {html.escape(Path(str(r['file'])).name)}:{r['line']}<br>"
-            f"{when} · {html.escape(str(r['model']))}<br>"
+            f"{when} · {html.escape(str(r['model']))} on {html.escape(str(r.get('gpu', '')))}<br>"
             f"hash {html.escape(str(r['quality_hash']))}{output}<br>"
             f"prefill {_num(r['prefill_tps'])} tok/s · generation {_num(r['generation_tps'])} tok/s"
             f" · load {_num(r['load_ms'])} ms"
@@ -277,15 +386,8 @@ def _num(value) -> str:
     return "n/a" if pd.isna(value) else f"{value:.2f}"
 
 
-def _naive_utc(ts: pd.Series) -> pd.Series:
-    """UTC wall-clock times without a zone: plotly.js ignores zone offsets in date strings."""
-    ts = pd.to_datetime(ts, utc=True)
-    return ts.dt.tz_localize(None)
-
-
-def _file_colours(runs: pd.DataFrame) -> dict[str, str]:
-    stems = sorted(runs["file_stem"].unique())
-    return {s: FILE_COLOURS[i % len(FILE_COLOURS)] for i, s in enumerate(stems)}
+def _series_colours(names: pd.Series) -> dict[str, str]:
+    return {s: SERIES_COLOURS[i % len(SERIES_COLOURS)] for i, s in enumerate(sorted(names.unique()))}
 
 
 def _title_labels(runs: pd.DataFrame) -> pd.Series:

@@ -11,6 +11,7 @@ import html
 import io
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -185,104 +186,280 @@ def load(paths: list[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     return df, compute_verdicts(df)
 
 
-def write_report(paths: list[str | Path], output: str | Path) -> Path:
-    """Read the history at `paths`, write a standalone HTML report to `output`, return its path."""
+# The report records the newest run it shows here, so the next report over the same file can
+# say what is new since.
+NEWEST_RUN_META = "rwkvlab-newest-run"
+_NEWEST_RUN = re.compile(r'<meta name="' + NEWEST_RUN_META + r'" content="([^"]*)"')
+LAST_DAY = pd.Timedelta(hours=24)
+
+
+def previous_newest_run(report: str | Path) -> pd.Timestamp | None:
+    """The newest run time a report written by :func:`write_report` recorded (None if the file
+    is missing or was not written by it)."""
+    try:
+        head = Path(report).read_text(encoding="utf-8", errors="replace")[:4000]
+    except OSError:
+        return None
+    found = _NEWEST_RUN.search(head)
+    if not found or not found.group(1):
+        return None
+    try:
+        return pd.Timestamp(found.group(1)).tz_convert("UTC")
+    except (ValueError, TypeError):
+        return None
+
+
+def parse_since(text: str) -> pd.Timestamp:
+    """``--since``: an ISO 8601 date or date and time; UTC unless it names a zone."""
+    try:
+        when = pd.Timestamp(text)
+    except (ValueError, TypeError):
+        raise ValueError(f"--since {text!r}: give a date or time such as 2026-01-03 or 2026-01-03T14:00") from None
+    return when.tz_localize("UTC") if when.tzinfo is None else when.tz_convert("UTC")
+
+
+@dataclass(frozen=True)
+class Changes:
+    """The runs a report lists as new, and the rule that chose them (said in the page)."""
+
+    mask: pd.Series  # bool, aligned with the runs
+    since: pd.Timestamp | None
+    rule: str
+
+
+def changes_since(df: pd.DataFrame, since: pd.Timestamp | None, rule: str | None = None) -> Changes:
+    """Runs recorded after ``since``; without it, the last day of recording (the runs within
+    24 hours of the newest run) so a first report still says what happened last."""
+    times = pd.to_datetime(df["timestamp"], utc=True)
+    if since is None:
+        newest = times.max()
+        if pd.isna(newest):
+            return Changes(pd.Series(False, index=df.index), None, "no run has a time")
+        since = newest - LAST_DAY
+        rule = rule or f"the last day of recording: runs after {since:%Y-%m-%d %H:%M} UTC (24 h before the newest run)"
+    rule = rule or f"runs after {since:%Y-%m-%d %H:%M} UTC"
+    return Changes((times > since).fillna(False), since, rule)
+
+
+def write_report(paths: list[str | Path], output: str | Path, since: pd.Timestamp | None = None) -> Path:
+    """Read the history at `paths`, write a standalone HTML report to `output`, return its path.
+
+    "What changed" lists the runs after ``since``; without it, the runs newer than the newest
+    run of the report being overwritten at ``output``; without that, the last day of recording.
+    """
     from rwkvlab.notebook_report import notebook_report_beside
 
     df, verdicts = load(paths)
     output = Path(output)
+    if since is not None:
+        changes = changes_since(df, since, f"runs after {since:%Y-%m-%d %H:%M} UTC (--since)")
+    else:
+        previous = previous_newest_run(output)
+        changes = changes_since(df, previous, None if previous is None else
+                                f"runs newer than the newest run of the previous {output.name} "
+                                f"({previous:%Y-%m-%d %H:%M} UTC)")
     page = report_html(df, verdicts, sources=[str(p) for p in paths],
-                       notebook_report=notebook_report_beside(output))
+                       notebook_report=notebook_report_beside(output), changes=changes)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(page, encoding="utf-8")
     return output
 
 
 def report_html(df: pd.DataFrame, verdicts: pd.DataFrame, sources: list[str],
-                notebook_report: str | None = None) -> str:
-    """The whole report page: summary, plots (plotly.js inlined once), verdict table; with a
-    link to the notebook report (`rwkvlab report --notebooks`) when its relative path is given."""
+                notebook_report: str | None = None, changes: Changes | None = None) -> str:
+    """The whole report page: the summary and what changed first, then one section per GPU
+    (its plots, sized to the page), then every run in one table that sorts and filters in the
+    page itself. plotly.js and the table's script are inlined; nothing is fetched."""
+    from plotly.offline import get_plotlyjs
+
     lab_link = (f'<p class="meta">Lab notebooks, executed: <a href="{html.escape(notebook_report, quote=True)}">'
                 f"{html.escape(notebook_report)}</a></p>") if notebook_report else ""
+    changes = changes or changes_since(df, None)
     summary = summarize(df, verdicts)
-    figures = [
-        ("Speed over time", plots.timeline(df, verdicts)),
-        ("Before / after per title", plots.before_after(df, verdicts)),
-        ("Load time", plots.load_spread(df)),
-    ]
-    config = {"displaylogo": False, "responsive": True}
-    # The first figure carries the plotly.js bundle (~4.8 MB); the others reuse it.
-    figure_html = "\n".join(
-        f"<section><h2>{html.escape(name)}</h2>"
-        + fig.to_html(full_html=False, include_plotlyjs=(i == 0), config=config)
-        + "</section>"
-        for i, (name, fig) in enumerate(figures)
-    )
+    gpus = _gpus(df)
+    newest = pd.to_datetime(df["timestamp"], utc=True).max()
+    contents = "".join(
+        ["<li><a href='#summary'>Summary</a></li><li><a href='#changes'>What changed</a></li>"]
+        + [f"<li><a href='#{_gpu_anchor(g)}'>{html.escape(g)}</a> ({int((_gpu_of(df) == g).sum())} runs)</li>"
+           for g in gpus]
+        + ["<li><a href='#runs'>Every run</a></li>"])
+    sections = "\n".join(_gpu_section(df, verdicts, g) for g in gpus)
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="{NEWEST_RUN_META}" content="{newest.isoformat() if pd.notna(newest) else ''}">
 <title>rwkvlab benchmark report</title>
 <style>{_CSS}</style>
+<script type="text/javascript">{get_plotlyjs()}</script>
 </head>
 <body>
 <header>
 <h1>rwkvlab benchmark report</h1>
 <p class="meta">history: {html.escape(", ".join(sources))} · generated {generated}</p>
 {lab_link}
+<nav><ol>{contents}</ol></nav>
 </header>
 {_summary_html(summary)}
-{figure_html}
-<section><h2>Verdicts, one row per run</h2>
+{_changes_html(df, verdicts, changes)}
+{sections}
+<section id="runs"><h2>Every run, with its verdicts</h2>
 <p class="meta">Speed verdicts compare a run with its title's reference run (<em>vs title</em>) and
 with the runs before it (<em>vs history</em>). Hover a verdict for its reason. Rows marked red
-changed the model's greedy output: their speed is not comparable.</p>
-{_verdict_table_html(df, verdicts)}
+changed the model's greedy output: their speed is not comparable. Click a column's header to sort.</p>
+{_filters_html(df, gpus)}
+{_verdict_table_html(df, verdicts, changes)}
 </section>
+<script>{_TABLE_JS}</script>
 </body>
 </html>
 """
 
 
+def _gpu_of(df: pd.DataFrame) -> pd.Series:
+    return df["gpu"].fillna("unknown GPU").astype(str)
+
+
+def _gpus(df: pd.DataFrame) -> list[str]:
+    """GPUs by their newest run, newest first: the machine worked on last leads."""
+    times = pd.to_datetime(df["timestamp"], utc=True)
+    newest = times.groupby(_gpu_of(df)).max()
+    return sorted(newest.index, key=lambda g: (pd.isna(newest[g]), -(newest[g].value if pd.notna(newest[g]) else 0), g))
+
+
+def _gpu_anchor(gpu: str) -> str:
+    return "gpu-" + (re.sub(r"[^0-9a-z]+", "-", gpu.lower()).strip("-") or "unknown")
+
+
+def _figure_div(fig) -> str:
+    return fig.to_html(full_html=False, include_plotlyjs=False, config=_FIGURE_CONFIG, default_height="450px")
+
+
+def _gpu_section(df: pd.DataFrame, verdicts: pd.DataFrame, gpu: str) -> str:
+    mine = _gpu_of(df) == gpu
+    part, judged = df[mine], verdicts[mine]
+    s = summarize(part, judged)
+    wrong = (f"<button type='button' class='show-runs bad' data-gpu='{html.escape(gpu, quote=True)}' "
+             f"data-output='changed'>show the {s.output_changed} run{'s' if s.output_changed != 1 else ''} "
+             "whose output changed</button>") if s.output_changed else "<span class='good'>no output changed</span>"
+    before_after = plots.before_after(part, judged)
+    n_titles = part.groupby(["file", "title"])["line"].size().ge(2).sum()
+    return f"""<section class="gpu" id="{_gpu_anchor(gpu)}">
+<h2>{html.escape(gpu)}</h2>
+<p class="meta">{html.escape(summary_text(s))}. {wrong}
+<button type='button' class='show-runs' data-gpu='{html.escape(gpu, quote=True)}'>show its runs in the table</button></p>
+{_figure_div(plots.timeline(part, judged, title=f"{gpu}: prefill and generation per model, in run order (red X: output changed)"))}
+<details><summary>Before / after per title ({n_titles} titles with at least 2 runs)</summary>
+{_figure_div(before_after)}</details>
+<details><summary>Load time per model</summary>{_figure_div(plots.load_spread(part))}</details>
+</section>"""
+
+
+_CHANGE_COLUMNS = ("time (UTC)", "GPU", "model", "change", "prefill tok/s", "generation tok/s", "output",
+                   "prefill vs history", "generation vs history")
+
+
+def _changes_html(df: pd.DataFrame, verdicts: pd.DataFrame, changes: Changes) -> str:
+    new = df[changes.mask.to_numpy()]
+    judged = verdicts.loc[new.index]
+    head = f"<section id='changes'><h2>What changed</h2><p class='meta'>New: {html.escape(changes.rule)}.</p>"
+    if new.empty:
+        return head + "<p>No new runs.</p></section>"
+    s = summarize(new, judged)
+    order = pd.to_datetime(new["timestamp"], utc=True).sort_values(ascending=False).index
+    rows = []
+    for i in order:
+        r, v = new.loc[i], judged.loc[i]
+        when = f"{r['timestamp']:%Y-%m-%d %H:%M}" if pd.notna(r["timestamp"]) else ""
+        row = pd.concat([r, v])
+        cls = " class='changed'" if v["output"] == "changed" else ""
+        rows.append(
+            f"<tr{cls}><td class='nowrap'><a href='#{_row_id(r)}'>{when}</a></td><td>{html.escape(str(r['gpu']))}</td>"
+            f"<td>{html.escape(str(r['model']))}</td><td>{html.escape(str(r['change']))}</td>"
+            f"<td class='num'>{_fmt(r['prefill_tps'])}</td><td class='num'>{_fmt(r['generation_tps'])}</td>"
+            + _verdict_cell(row, "output") + _verdict_cell(row, "prefill_vs_history")
+            + _verdict_cell(row, "generation_vs_history") + "</tr>")
+    header = "".join(f"<th>{h}</th>" for h in _CHANGE_COLUMNS)
+    return (head + f"<p>{len(new)} new run{'s' if len(new) != 1 else ''}: output changed in "
+            f"<b>{s.output_changed}</b>; with unchanged output, {s.slower_than_history} slower than their "
+            "history. <button type='button' class='show-runs' data-new='1'>show them in the table</button></p>"
+            f"<div class='scroll short'><table class='changes'><thead><tr>{header}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table></div></section>")
+
+
 def _summary_html(s: Summary) -> str:
     cards = [
-        ("runs", s.runs, ""), ("files", s.files, ""), ("models", s.models, ""), ("titles", s.titles, ""),
-        ("output changed", s.output_changed, "bad" if s.output_changed else "good"),
-        ("output unknown", s.output_unknown, "warn" if s.output_unknown else ""),
-        ("slower than title reference", s.slower_than_title, "warn" if s.slower_than_title else ""),
-        ("slower than history", s.slower_than_history, "warn" if s.slower_than_history else ""),
+        ("runs", s.runs, "", None), ("files", s.files, "", None), ("models", s.models, "", None),
+        ("titles", s.titles, "", None),
+        ("output changed", s.output_changed, "bad" if s.output_changed else "good", "changed"),
+        ("output unknown", s.output_unknown, "warn" if s.output_unknown else "", "unknown"),
+        ("slower than title reference", s.slower_than_title, "warn" if s.slower_than_title else "", None),
+        ("slower than history", s.slower_than_history, "warn" if s.slower_than_history else "", None),
     ]
-    items = "".join(
-        f'<div class="card {cls}"><div class="n">{n}</div><div class="k">{html.escape(k)}</div></div>'
-        for k, n, cls in cards
-    )
-    return f'<section class="summary">{items}<p>{html.escape(summary_text(s))}.</p></section>'
+    items = []
+    for k, n, cls, output in cards:
+        body = f'<div class="n">{n}</div><div class="k">{html.escape(k)}</div>'
+        if output and n:
+            # One click from the count to exactly those runs in the table.
+            items.append(f'<button type="button" class="card show-runs {cls}" data-output="{output}">{body}</button>')
+        else:
+            items.append(f'<div class="card {cls}">{body}</div>')
+    return f'<section id="summary" class="summary">{"".join(items)}<p>{html.escape(summary_text(s))}.</p></section>'
 
 
-def _verdict_table_html(df: pd.DataFrame, verdicts: pd.DataFrame) -> str:
+def _filters_html(df: pd.DataFrame, gpus: list[str]) -> str:
+    gpu_options = "".join(f"<option value='{html.escape(g, quote=True)}'>{html.escape(g)}</option>" for g in gpus)
+    outputs = "".join(f"<option value='{o}'>{o}</option>" for o in ("changed", "same", "baseline", "unknown"))
+    return f"""<div class="filters" role="search">
+<label>find <input id="filter-text" type="search" placeholder="words in any column: model, change, hash..."></label>
+<label>GPU <select id="filter-gpu"><option value="">all</option>{gpu_options}</select></label>
+<label>output <select id="filter-output"><option value="">all</option>{outputs}</select></label>
+<label><input id="filter-slower" type="checkbox"> slower beyond noise</label>
+<label><input id="filter-new" type="checkbox"> new</label>
+<button type="button" id="filter-clear">clear</button>
+<span id="filter-count" class="meta">{len(df)} of {len(df)} runs</span>
+</div>"""
+
+
+def _row_id(r: pd.Series) -> str:
+    return "run-" + re.sub(r"[^0-9A-Za-z_-]+", "-", f"{Path(str(r['file'])).name}-{int(r['line'])}")
+
+
+def _verdict_table_html(df: pd.DataFrame, verdicts: pd.DataFrame, changes: Changes | None = None) -> str:
     runs = df.join(verdicts[[c for c in verdicts.columns if c not in df.columns]])
-    head = ("file:line", "time (UTC)", "title", "change", "model", "load ms", "prefill tok/s",
+    new = changes.mask if changes is not None else pd.Series(False, index=df.index)
+    head = ("file:line", "time (UTC)", "GPU", "title", "change", "model", "load ms", "prefill tok/s",
             "generation tok/s", "hash", "output") + tuple(c.replace("_", " ") for c in SPEED_VERDICT_COLUMNS)
+    numeric = {"load ms", "prefill tok/s", "generation tok/s"}
     rows = []
-    for _, r in runs.iterrows():
+    for i, r in runs.iterrows():
         when = f"{r['timestamp']:%Y-%m-%d %H:%M:%S}" if pd.notna(r["timestamp"]) else ""
         cells = [
             f"<td>{html.escape(Path(str(r['file'])).name)}:{int(r['line'])}</td>",
             f"<td class='nowrap'>{when}</td>",
+            f"<td>{html.escape(str(r['gpu']))}</td>",
             f"<td>{html.escape(str(r['title']))}</td>",
             f"<td>{html.escape(str(r['change']))}</td>",
             f"<td>{html.escape(str(r['model']))}</td>",
-            *(f"<td class='num'>{_fmt(r[c])}</td>" for c in ("load_ms", "prefill_tps", "generation_tps")),
+            *(f"<td class='num' data-v='{'' if pd.isna(r[c]) else float(r[c])!r}'>{_fmt(r[c])}</td>"
+              for c in ("load_ms", "prefill_tps", "generation_tps")),
             f"<td><code>{html.escape(str(r['quality_hash']))}</code></td>",
             _verdict_cell(r, "output"),
             *(_verdict_cell(r, c) for c in SPEED_VERDICT_COLUMNS if c in runs.columns),
         ]
-        row_class = " class='changed'" if r["output"] == "changed" else ""
-        rows.append(f"<tr{row_class}>{''.join(cells)}</tr>")
-    header = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    return f"<div class='scroll'><table><thead><tr>{header}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
+        slower = any(r.get(c) == "regression" for c in SPEED_VERDICT_COLUMNS if "load" not in c)
+        classes = " ".join(c for c, on in (("changed", r["output"] == "changed"), ("slower", slower)) if on)
+        attrs = (f" id='{_row_id(r)}' data-gpu='{html.escape(str(r['gpu']), quote=True)}'"
+                 f" data-output='{html.escape(str(r['output']), quote=True)}' data-new='{int(bool(new.loc[i]))}'")
+        row_class = f" class='{classes}'" if classes else ""
+        rows.append(f"<tr{row_class}{attrs}>{''.join(cells)}</tr>")
+    header = "".join(
+        f"<th data-type='{'num' if h in numeric else 'text'}'><button type='button' class='sort'>{html.escape(h)}</button></th>"
+        for h in head)
+    return (f"<div class='scroll table'><table id='runs-table'><thead><tr>{header}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table></div>")
 
 
 def _verdict_cell(r: pd.Series, column: str) -> str:
@@ -313,29 +490,124 @@ def _plain(value):
     return value
 
 
+_FIGURE_CONFIG = {"displaylogo": False, "responsive": True}
+
 _CSS = """
 body { font: 14px/1.45 Helvetica, Arial, sans-serif; color: #1a202c; margin: 0 auto; max-width: 1400px;
        padding: 0 24px 48px; background: #fff; }
 h1 { font-size: 24px; margin: 24px 0 4px; } h2 { font-size: 18px; margin: 32px 0 8px; }
 .meta { color: #5a6473; margin: 4px 0 12px; }
+nav ol { display: flex; flex-wrap: wrap; gap: 4px 22px; margin: 4px 0 14px; padding-left: 20px; }
 .summary { display: flex; flex-wrap: wrap; gap: 10px; align-items: stretch; }
 .summary p { flex-basis: 100%; margin: 6px 0 0; color: #2d3748; }
-.card { border: 1px solid #d9dee4; border-radius: 6px; padding: 8px 14px; min-width: 90px; }
+.card { border: 1px solid #d9dee4; border-radius: 6px; padding: 8px 14px; min-width: 90px; background: #fff;
+        font: inherit; text-align: left; color: inherit; }
+button.card { cursor: pointer; } button.card:hover { box-shadow: 0 0 0 2px #9aa5b1; }
 .card .n { font-size: 22px; font-weight: bold; } .card .k { color: #5a6473; font-size: 12px; }
 .card.bad { border-color: #d62728; background: #fdecec; } .card.bad .n { color: #b01c1c; }
 .card.good .n { color: #22863a; } .card.warn { border-color: #ff7f0e; background: #fff5eb; }
-.scroll { overflow-x: auto; }
+.good { color: #22863a; }
+button.show-runs { font: inherit; font-size: 12px; border: 1px solid #9aa5b1; border-radius: 4px; background: #f4f6f8;
+                   cursor: pointer; padding: 1px 8px; }
+button.show-runs.bad { border-color: #d62728; color: #b01c1c; background: #fdecec; }
+section.gpu { border-top: 3px solid #d9dee4; margin-top: 28px; }
+details { margin: 8px 0; } details > summary { cursor: pointer; color: #2d3748; font-weight: bold; }
+.scroll { overflow: auto; } .scroll.table { max-height: 80vh; } .scroll.short { max-height: 420px; }
+.filters { display: flex; flex-wrap: wrap; gap: 6px 14px; align-items: center; margin: 8px 0; font-size: 13px; }
+.filters input[type=search] { width: 300px; }
 table { border-collapse: collapse; font-size: 12px; width: 100%; }
 th, td { border-bottom: 1px solid #e6e9ed; padding: 3px 6px; text-align: left; vertical-align: top; }
-th { background: #f4f6f8; position: sticky; top: 0; }
+th { background: #f4f6f8; position: sticky; top: 0; z-index: 1; }
+th button.sort { font: inherit; font-weight: bold; border: 0; background: none; padding: 0; cursor: pointer; text-align: left; }
+th[aria-sort=ascending] button.sort::after { content: " \\25B2"; }
+th[aria-sort=descending] button.sort::after { content: " \\25BC"; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; } td.nowrap { white-space: nowrap; }
 tr.changed td:first-child { border-left: 4px solid #d62728; } tr.changed { background: #fff3f3; }
+tr:target { outline: 2px solid #1f77b4; }
 .v-changed { color: #b01c1c; font-weight: bold; } .v-unknown { color: #8a5a00; }
 .v-improvement { color: #22863a; } .v-regression { color: #c05600; font-weight: bold; }
 .v-within-noise, .v-no-reference, .v-same, .v-baseline { color: #5a6473; }
 /* A speed verdict of a run whose output changed does not count: struck through. */
 tr.changed .v-improvement, tr.changed .v-regression { color: #9aa5b1; font-weight: normal;
   text-decoration: line-through; }
+"""
+
+# The table's sorting and filtering, and the buttons that show a set of runs in it: plain DOM
+# code inlined in the page (a report must work offline, so no library from a CDN).
+_TABLE_JS = """
+(function () {
+  const table = document.getElementById('runs-table');
+  const body = table.tBodies[0];
+  const rows = Array.from(body.rows);
+  const $ = (id) => document.getElementById(id);
+  const text = $('filter-text'), gpu = $('filter-gpu'), output = $('filter-output');
+  const slower = $('filter-slower'), fresh = $('filter-new'), count = $('filter-count');
+  rows.forEach((r) => { r.dataset.text = r.textContent.toLowerCase(); });
+
+  function apply() {
+    const words = text.value.toLowerCase().split(/\\s+/).filter(Boolean);
+    let shown = 0;
+    rows.forEach((r) => {
+      const ok = words.every((w) => r.dataset.text.includes(w))
+        && (!gpu.value || r.dataset.gpu === gpu.value)
+        && (!output.value || r.dataset.output === output.value)
+        && (!slower.checked || r.classList.contains('slower'))
+        && (!fresh.checked || r.dataset.new === '1');
+      r.hidden = !ok;
+      shown += ok;
+    });
+    count.textContent = shown + ' of ' + rows.length + ' runs';
+  }
+  [text, gpu, output, slower, fresh].forEach((el) => el.addEventListener('input', apply));
+  [gpu, output, slower, fresh].forEach((el) => el.addEventListener('change', apply));
+
+  function clear() {
+    text.value = gpu.value = output.value = '';
+    slower.checked = fresh.checked = false;
+    apply();
+  }
+  $('filter-clear').addEventListener('click', clear);
+
+  // Sorting: numbers by value (empty cells last), text by locale order; a second click reverses.
+  const heads = Array.from(table.tHead.rows[0].cells);
+  heads.forEach((th, col) => th.querySelector('button').addEventListener('click', () => {
+    const dir = th.getAttribute('aria-sort') === 'ascending' ? -1 : 1;
+    heads.forEach((h) => h.removeAttribute('aria-sort'));
+    th.setAttribute('aria-sort', dir === 1 ? 'ascending' : 'descending');
+    const num = th.dataset.type === 'num';
+    const key = (r) => { const c = r.cells[col]; return num ? (c.dataset.v === '' ? NaN : parseFloat(c.dataset.v)) : c.textContent.trim(); };
+    const sorted = rows.slice().sort((a, b) => {
+      const x = key(a), y = key(b);
+      if (num) {
+        if (isNaN(x) || isNaN(y)) return isNaN(x) - isNaN(y);
+        return dir * (x - y);
+      }
+      return dir * x.localeCompare(y, undefined, {numeric: true});
+    });
+    sorted.forEach((r) => body.appendChild(r));
+  }));
+
+  // Buttons elsewhere on the page (summary cards, GPU sections, what changed) show their runs here.
+  document.querySelectorAll('button.show-runs').forEach((b) => b.addEventListener('click', () => {
+    clear();
+    gpu.value = b.dataset.gpu || '';
+    output.value = b.dataset.output || '';
+    fresh.checked = b.dataset.new === '1';
+    apply();
+    document.getElementById('runs').scrollIntoView();
+  }));
+  // A link to one run (from "what changed") must land on a visible row.
+  function reveal() {
+    const row = location.hash && document.getElementById(location.hash.slice(1));
+    if (row && row.hidden) { clear(); row.scrollIntoView(); }
+  }
+  window.addEventListener('hashchange', reveal);
+  // A figure in a closed <details> was drawn at no width: size it when opened.
+  document.querySelectorAll('details').forEach((d) => d.addEventListener('toggle', () => {
+    if (d.open && window.Plotly) d.querySelectorAll('.js-plotly-plot').forEach((g) => Plotly.Plots.resize(g));
+  }));
+  apply();
+})();
 """
 
 
@@ -367,7 +639,8 @@ def cli_report(args: argparse.Namespace) -> int:
 
         return cli_notebooks_report(args)
     try:
-        path = write_report(args.paths, args.output or "report.html")
+        since = parse_since(args.since) if getattr(args, "since", None) else None
+        path = write_report(args.paths, args.output or "report.html", since=since)
     except (FileNotFoundError, ValueError) as err:
         print(f"rwkvlab report: {err}", file=sys.stderr)
         return 2

@@ -1,10 +1,10 @@
 """`rwkvlab sweep`: bench every combination of some options, each in a fresh process.
 
-Each configuration runs as ``python -m rwkvlab.cli bench ... --json`` in its own subprocess:
-a GPU driver that crashes or hangs takes down one configuration, not the sweep, and every
-configuration gets a fresh device and a cold engine, as a user running bench would. Each
-subprocess appends its own run to the history as it finishes, so runs done before a crash
-are kept.
+Each configuration runs in the benchmark worker the panel uses (rwkvlab.worker: ``python -m
+rwkvlab.cli bench ... --json --events`` in its own subprocess): a GPU driver that crashes or
+hangs takes down one configuration, not the sweep, and every configuration gets a fresh device
+and a cold engine, as a user running bench would. Each subprocess appends its own run to the
+history as it finishes, so runs done before a crash are kept.
 
 "Best" means the fastest generation among *correct* configurations. A configuration is
 correct when its logit error is within tolerance (or was not checked) and the lab's output rule
@@ -18,27 +18,21 @@ fusion and fast path must reproduce.
 from __future__ import annotations
 
 import argparse
-import codecs
 import itertools
-import json
 import os
-import subprocess
 import sys
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rwkvlab.bench import BenchError, BenchSettings, settings_from_args
-from rwkvlab.options import Options, OptionsError, from_args, parse_fusions, to_args
+from rwkvlab.options import Options, OptionsError, from_args, parse_fusions
 from rwkvlab.synth import ModelNotFoundError, model_from_args
-from rwkvlab.worker import human, last_words, split_pieces
+from rwkvlab.worker import bench_command, run_worker
 
 # Options fields a sweep can vary, with the type of their values.
 VARIABLE = {"backend": str, "path": str, "weights": str, "fusions": str, "chunk": int, "gemm_min_tokens": int,
             "tuning": str}
-_STDERR_LINES = 300  # lines of a configuration's stderr kept for its error text (bars not counted)
 
 
 def parse_vary(items: list[str]) -> dict[str, list[str]]:
@@ -210,79 +204,10 @@ def pick_best(result: SweepResult) -> SweepRow | None:
     return max(correct, key=lambda r: r.get("generation_tps"), default=None)
 
 
-def bench_command(model: Path, options: Options, settings: BenchSettings, *, title: str, change: str,
-                  file: str | None, history_dir: str, save: bool, python: str = sys.executable) -> list[str]:
-    """The `rwkvlab bench --json` command line that runs one configuration."""
-    cmd = [python, "-m", "rwkvlab.cli", "bench", "--model", str(model), *to_args(options),
-           "--prefill", str(settings.prefill), "--generate", str(settings.generate),
-           "--warmup", str(settings.warmup), "--repeat", str(settings.repeat),
-           "--title", title, "--change", change, "--history-dir", str(history_dir), "--json"]
-    if file:
-        cmd += ["--file", file]
-    if not settings.reference:
-        cmd.append("--no-reference")
-    if not settings.progress:
-        cmd.append("--no-progress")
-    if not save:
-        cmd.append("--no-save")
-    return cmd
-
-
 def run_config(config: Config, cmd: list[str], timeout: float) -> SweepRow:
-    """Run one bench subprocess; its stderr streams through live (progress, summary)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out: list[bytes] = []
-    lines: list[str] = []
-
-    def keep(pieces: list[str]) -> None:
-        # Lines, not a byte tail: a killed worker's last redraws of a bar would fill any tail.
-        lines.extend(line for line in map(human, pieces) if line)
-        del lines[:-_STDERR_LINES]
-
-    def relay() -> None:
-        # Text, not sys.stderr.buffer: a notebook's stderr has no byte buffer. The incremental
-        # decoder keeps a UTF-8 character split across two reads intact.
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        pending = ""
-        while chunk := os.read(proc.stderr.fileno(), 4096):
-            text = decoder.decode(chunk)
-            sys.stderr.write(text)
-            sys.stderr.flush()
-            *pieces, pending = split_pieces(pending + text)  # the last piece may be unfinished
-            keep(pieces)
-        keep([pending])
-
-    threads = [threading.Thread(target=relay, daemon=True),
-               threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)]
-    for t in threads:
-        t.start()
-    try:
-        proc.wait(timeout=timeout)
-        timed_out = False
-    except subprocess.TimeoutExpired:
-        proc.kill()  # our own child, by its id
-        proc.wait()
-        timed_out = True
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - start
-    if timed_out:
-        return SweepRow(config, None, f"stopped after {timeout:g} s (--timeout)", None, seconds)
-    stdout = b"".join(out).decode("utf-8", errors="replace").strip()
-    # Exit 1 means the logit check failed: the run completed and its record is still valid.
-    if proc.returncode in (0, 1) and stdout:
-        try:
-            return SweepRow(config, json.loads(stdout.splitlines()[-1]), None, proc.returncode, seconds)
-        except json.JSONDecodeError:
-            pass
-    return SweepRow(config, None, _failure_text(proc.returncode, lines), proc.returncode, seconds)
-
-
-def _failure_text(returncode: int, lines: list[str]) -> str:
-    last = last_words(lines)  # read as the panel reads it (rwkvlab.worker)
-    how = f"killed by signal {-returncode}" if returncode < 0 else f"exit {returncode}"
-    return f"{how}: {last[:300]}"
+    """Run one configuration's worker (rwkvlab.worker); its stderr streams through live."""
+    result = run_worker(cmd, timeout=timeout, relay=True)
+    return SweepRow(config, result.raw, result.error, result.returncode, result.seconds)
 
 
 def run_sweep(model: str | os.PathLike, base: Options, vary: dict[str, list[str]],
@@ -302,8 +227,8 @@ def run_sweep(model: str | os.PathLike, base: Options, vary: dict[str, list[str]
     for i, config in enumerate(configs, 1):
         log(f"[{i}/{len(configs)}] {config.label}")
         row_change = f"{change}: {config.label}" if change else config.label
-        cmd = bench_command(model, config.options, settings, title=title, change=row_change, file=file,
-                            history_dir=str(history_dir), save=save)
+        cmd = bench_command(["--model", str(model)], config.options, settings, title=title, change=row_change,
+                            file=file, history_dir=history_dir, save=save)
         rows.append(run_config(config, cmd, timeout))
     wanted = baseline_options(base)
     baseline = next(r for r in rows if r.config.options == wanted)

@@ -614,7 +614,7 @@ def _compare_vs_history(c: _Columns, order, usable, values, column, sign, unit, 
             ref = _sorted_median(ref_values)
             verdict[i], delta, band = _judge_median(float(values[i]), ref, len(ref_values), sign, nz.sigma)
             reason[i] = (_describe(delta, band, ref, unit, nz)
-                         + f"; reference: median of the last {len(ref_values)} run(s) of {key[0]} on {key[1]} "
+                         + f"; reference: median of the last {len(ref_values)} run(s) of {_key_text(key, c.model[i])} on {key[3]} "
                          f"since the last change point, from {c.label(ref_rows[0])}")
         reason[i] += _unusable_note(usable[i])
         if segment[i] >= 0:

@@ -462,6 +462,32 @@ def test_fail_on_gates_exit_4_after_saving(bench, tiny, tmp_path, capsys):
     assert "--fail-on speed: available: output, regression" in capsys.readouterr().err
 
 
+def test_a_run_with_a_tuning_override_replays_from_its_record(tiny, cache, tmp_path, capsys, monkeypatch):
+    """$RWKVLAB_TUNING is one way to set Options.tuning: the run records the override and every
+    kernel shape it ran, and `bench --replay FILE:LINE` reruns it from that record alone."""
+    monkeypatch.setenv("RWKVLAB_TUNING", "wkv_wg=128")
+    history = tmp_path / "t.md"
+    assert main(["bench", "--model", str(tiny), "--history-dir", str(tmp_path), "--file", "t",
+                 "--title", "Tuned", "--json", *SMALL]) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["options"]["tuning"] == "wkv_wg=128" and first["kernel_tuning"]["wkv_wg"] == 128
+    row = read(history).iloc[0]
+    assert row["tuning"] == "wkv_wg=128" and row["options"]["tuning"] == "wkv_wg=128"
+    assert row["fingerprint"] == first["fingerprint"] and row["model_path"] == str(tiny)
+
+    monkeypatch.delenv("RWKVLAB_TUNING")  # the record alone: nothing else says how it ran
+    assert main(["bench", "--replay", f"{history}:{row['line']}", "--history-dir", str(tmp_path),
+                 "--file", "t", "--json", "--no-progress"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["options"] == first["options"] and again["kernel_tuning"] == first["kernel_tuning"]
+    assert again["settings"] == first["settings"] and again["quality_tokens"] == first["quality_tokens"]
+    assert again["title"] == "Tuned" and again["change"].startswith("replay of t.md:")
+    assert again["verdict"]["output"] == "same"
+
+    assert main(["bench", "--replay", f"{history}:1", "--history-dir", str(tmp_path), "--no-save"]) == 2
+    assert "no run heading on line 1" in capsys.readouterr().err
+
+
 def test_history_file_defaults_to_the_gpu_name(bench):
     record, _, _ = bench
     assert slug("Apple M2 Max") == "apple-m2-max"

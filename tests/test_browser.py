@@ -1,5 +1,7 @@
 """A real browser: JupyterLab serves notebooks/02_fusion_lab.ipynb, headless Chromium runs it,
-presses the panel's Run button and waits for the result table and the plot to update.
+presses the panel's Run button and waits for the result table and the plot to update: the new
+run must be drawn (its points counted in the SVG, before and after), the figure must follow the
+page's width, and a reload of the saved notebook must still draw it.
 
 Chromium is Debian's (/usr/bin/chromium, installed by scripts/setup.sh), driven by the Python
 Playwright package; Playwright's own browser download is never used. The server runs on
@@ -8,8 +10,9 @@ folder (autosave cannot touch the committed one), and is stopped, with its kerne
 test passes or not. Set RWKVLAB_SCREENSHOTS=docs to also write docs/panel.png and
 docs/history.png (the README's screenshots).
 
-A second test opens an HTML notebook report (rwkvlab report --notebooks) with every network
-request refused and checks that its plots draw.
+Two more tests open HTML reports with every network request refused: the notebook report
+(rwkvlab report --notebooks), whose plots must draw, and the history report (rwkvlab report),
+whose run table must sort and filter.
 """
 from __future__ import annotations
 
@@ -122,6 +125,35 @@ def _prompts(page) -> list[str]:
     return page.eval_on_selector_all(".jp-CodeCell .jp-InputPrompt", "els => els.map(e => e.textContent.trim())")
 
 
+# The rendered points of the live plot's session traces, per speed panel: plotly.js binds each
+# trace's calculated data (trace included) to the SVG group it draws the trace in.
+_SESSION_POINTS = """(gd, name) => Array.from(gd.querySelectorAll('.scatterlayer g.trace'))
+    .filter(g => g.__data__ && g.__data__[0] && g.__data__[0].trace.name === name)
+    .map(g => g.querySelectorAll('path.point').length)"""
+
+
+def _settled(read, done, timeout: float = 20.0):
+    """Poll ``read()`` until ``done(value)`` or the timeout; return the last value."""
+    deadline = time.time() + timeout
+    while True:
+        value = read()
+        if done(value) or time.time() > deadline:
+            return value
+        time.sleep(0.25)
+
+
+def _expect_session_points(plot, n: int) -> None:
+    from rwkvlab.plots import SESSION_NAME
+
+    counts = _settled(lambda: plot.evaluate(_SESSION_POINTS, SESSION_NAME) if plot.count() else [],
+                      lambda c: c == [n, n], timeout=60)
+    assert counts == [n, n], f"session points drawn per panel: {counts}, expected {n} on each"
+
+
+def _drawn_points(plot) -> int:
+    return plot.evaluate("gd => gd.querySelectorAll('.scatterlayer path.point').length")
+
+
 def test_fusion_lab_runs_in_jupyterlab_and_the_run_button_works(lab, browser, tmp_path):
     base, token, _ = lab
     page = browser.new_page(viewport={"width": 1500, "height": 1000})
@@ -154,24 +186,48 @@ def test_fusion_lab_runs_in_jupyterlab_and_the_run_button_works(lab, browser, tm
     panel = page.locator(".rwkvlab-panel")
     panel.scroll_into_view_if_needed()
     expect(panel.locator(f".rwkvlab-result-table[data-run='{runs}']")).to_be_visible()
-    plot_title = panel.locator(".js-plotly-plot .gtitle")
+    plot = panel.locator(".rwkvlab-live-plot .js-plotly-plot")
+    plot_title = plot.locator(".gtitle")
     expect(plot_title).to_contain_text(f"this session: {runs} runs")
+    _expect_session_points(plot, runs)
+    before = _drawn_points(plot)
 
-    # Click Run: one more worker; the table and the plot must follow.
+    # Click Run: one more worker; the table and the plot must follow, with the new run drawn
+    # (a star on both speed panels), not merely named in the title.
     panel.locator("button.rwkvlab-run").click()
     expect(panel.locator(f".rwkvlab-result-table[data-run='{runs + 1}']")).to_be_visible(
         timeout=RUN_CLICK_TIMEOUT_S * 1000)
     expect(plot_title).to_contain_text(f"this session: {runs + 1} runs")
+    _expect_session_points(plot, runs + 1)
+    assert _drawn_points(plot) == before + 2
     table = panel.locator(".rwkvlab-result-table table").inner_text()
     assert "quality hash" in table and "generation (tok/s)" in table
     assert re.search(r"logit error\s+\S+\s+\S+\s+tolerance [\d.e-]+\s+ok", table), table
     status = panel.locator(".rwkvlab-status").inner_text()
     assert status.startswith(f"run {runs + 1} done"), status
 
+    # The figure follows the page's width, all of it (legend included) inside its cell.
+    wide = plot.bounding_box()["width"]
+    page.set_viewport_size({"width": 1000, "height": 1000})
+    narrow = _settled(lambda: plot.bounding_box()["width"], lambda w: w < wide - 300)
+    cell = panel.locator(".rwkvlab-live-plot").bounding_box()
+    assert narrow < wide - 300 and narrow <= cell["width"] + 1, (wide, narrow, cell)
+    page.set_viewport_size({"width": 1500, "height": 1000})
+
+    # A view made later (the notebook saved and the page reloaded, the kernel still running)
+    # draws the plot as it is now, this run included.
+    page.keyboard.press("Control+s")
+    expect(page.locator(".jp-mod-dirty")).to_have_count(0)
+    page.reload()
+    panel = page.locator(".rwkvlab-panel")
+    panel.scroll_into_view_if_needed(timeout=60_000)
+    plot = panel.locator(".rwkvlab-live-plot .js-plotly-plot")
+    _expect_session_points(plot, runs + 1)
+
     # Pictures for people: the whole panel in view, no file browser beside it.
     page.set_viewport_size({"width": 1500, "height": 2600})
     page.locator(".lm-TabBar-tab[data-id='filebrowser']").click()  # closes the left sidebar
-    shots = {"panel.png": panel.locator(".rwkvlab-controls"), "history.png": panel.locator(".js-plotly-plot").first}
+    shots = {"panel.png": panel.locator(".rwkvlab-controls"), "history.png": plot}
     for name, where in shots.items():
         where.scroll_into_view_if_needed()
         where.screenshot(path=str(tmp_path / name))
@@ -190,7 +246,7 @@ def test_notebook_report_plots_draw_offline(browser, tmp_path):
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.cells = [nbformat.v4.new_code_cell(
-        "import plotly.io as pio\npio.renderers.default = 'notebook'\nimport plotly.graph_objects as go\n"
+        "import plotly.io as pio\npio.renderers.default = 'plotly_mimetype'\nimport plotly.graph_objects as go\n"
         f"go.Figure(go.Bar(x=['a', 'b'], y=[{i}, 4], name='bars {i}')).show()") for i in (1, 2)]
     nbformat.write(nb, str(tmp_path / "figures.ipynb"))
     out, runs = write_notebook_report([tmp_path / "figures.ipynb"], tmp_path / "lab-report.html")
@@ -215,4 +271,73 @@ def test_notebook_report_plots_draw_offline(browser, tmp_path):
         expect(graphs.nth(i).locator(".main-svg").first).to_be_attached()
         expect(graphs.nth(i).locator(".bars path")).to_have_count(2)  # both bars drawn
     assert refused == []  # nothing on the page reaches for the network
+    context.close()
+
+
+def _offline_page(browser, tmp_path):
+    """A page that may load file: URLs only; every other request is refused and recorded."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    refused: list[str] = []
+
+    def offline(route):
+        if route.request.url.startswith("file:"):
+            route.continue_()
+        else:
+            refused.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", offline)
+    return context, context.new_page(), refused
+
+
+def _visible_rows(page) -> list[dict]:
+    return page.evaluate("""() => Array.from(document.querySelectorAll('#runs-table tbody tr'))
+        .filter(r => !r.hidden).map(r => ({id: r.id, output: r.dataset.output,
+            gen: r.cells[8].dataset.v === '' ? null : parseFloat(r.cells[8].dataset.v),
+            text: r.textContent}))""")
+
+
+def test_history_report_sorts_and_filters_offline(browser, tmp_path):
+    from conftest import SEED_HISTORY
+    from rwkvlab.history import read_history
+    from rwkvlab.report import write_report
+    from rwkvlab.verdicts import verdicts
+
+    out = write_report(SEED_HISTORY, tmp_path / "report.html")
+    df = read_history(SEED_HISTORY)
+    judged = verdicts(df)
+    n_changed = int((judged["output"] == "changed").sum())
+    context, page, refused = _offline_page(browser, tmp_path)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(out.as_uri())
+    expect(page.locator("#filter-count")).to_have_text(f"{len(df)} of {len(df)} runs")
+    expect(page.locator("section.gpu .js-plotly-plot .scatterlayer path.point").first).to_be_attached()
+
+    # Sort by generation speed: fastest first after two clicks, slowest first after one.
+    head = page.locator("#runs-table th", has_text="generation tok/s").locator("button")
+    head.click()
+    speeds = [r["gen"] for r in _visible_rows(page)]
+    assert speeds == sorted(speeds) and len(speeds) == len(df)
+    head.click()
+    speeds = [r["gen"] for r in _visible_rows(page)]
+    assert speeds == sorted(speeds, reverse=True)
+    assert speeds[0] == df["generation_tps"].max()
+
+    # Filter by words: every shown row has them, and exactly the runs whose text has them show.
+    model = df["model"].iloc[0]
+    page.locator("#filter-text").fill(model.upper())  # case does not matter
+    shown = _visible_rows(page)
+    assert len(shown) == int((df["model"] == model).sum()) and all(model in r["text"] for r in shown)
+    page.locator("#filter-clear").click()
+    assert len(_visible_rows(page)) == len(df)
+
+    # One click from the summary's count to exactly the runs whose output changed.
+    page.locator("#summary button.card[data-output='changed']").click()
+    shown = _visible_rows(page)
+    assert len(shown) == n_changed > 0 and {r["output"] for r in shown} == {"changed"}
+    expect(page.locator("#filter-count")).to_have_text(f"{n_changed} of {len(df)} runs")
+    assert page.evaluate("document.getElementById('runs').getBoundingClientRect().top") < 200  # scrolled there
+    assert not errors, errors
+    assert refused == []  # the page asked the network for nothing
     context.close()

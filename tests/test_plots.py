@@ -78,17 +78,35 @@ def test_timeline_with_the_real_verdicts(runs):
         assert set(trace.ids) == expected
 
 
-def test_timeline_has_one_line_per_file_and_units(runs):
+def test_timeline_has_one_line_per_model_and_gpu_in_run_order(runs):
     fig = plots.timeline(runs, hand_verdicts(runs, changed_by_hash(runs)))
-    stems = sorted({Path(f).stem for f in runs["file"]})
+    series = sorted(set(runs["model"] + " · " + runs["gpu"]))
+    assert len(series) == 3  # the seed: three model files, all on the M2 Max
     for axis in ("y", "y2"):
         lines = [t for t in fig.data if t.yaxis == axis and t.mode == "lines+markers"]
-        assert sorted(t.name for t in lines) == stems
+        assert sorted(t.name for t in lines) == series
         assert sum(len(t.x) for t in lines) == N_RUNS
+        # x is the run's place in time order: 1..86 once each, rising along every line.
+        assert sorted(x for t in lines for x in t.x) == list(range(1, N_RUNS + 1))
+        assert all(list(t.x) == sorted(t.x) for t in lines)
+    order = plots.run_order(runs)
+    by_time = runs.assign(o=order).sort_values("o")["timestamp"]
+    assert by_time.is_monotonic_increasing
+    assert fig.layout.yaxis.type == fig.layout.yaxis2.type == "log"  # 20 and 15,000 tok/s both readable
     assert "tok/s" in fig.layout.yaxis.title.text and "prefill" in fig.layout.yaxis.title.text
     assert "tok/s" in fig.layout.yaxis2.title.text and "generation" in fig.layout.yaxis2.title.text
-    assert "UTC" in fig.layout.xaxis2.title.text
+    assert "time order" in fig.layout.xaxis2.title.text
+    assert fig.layout.width is None  # the figure follows its page or cell
     assert fig.layout.title.text
+
+
+def test_a_model_on_two_gpus_is_two_series(runs):
+    df = runs.copy()
+    df.loc[df.index[:5], "gpu"] = "NVIDIA H100 80GB HBM3"
+    fig = plots.timeline(df, hand_verdicts(df, np.zeros(len(df), bool)))
+    names = {t.name for t in fig.data if t.mode == "lines+markers"}
+    model = df.at[df.index[0], "model"]
+    assert {f"{model} · NVIDIA H100 80GB HBM3", f"{model} · Apple M2 Max"} <= names
 
 
 def test_timeline_without_changed_runs_keeps_an_empty_mark_trace(runs):
@@ -201,9 +219,46 @@ def test_runs_with_missing_numbers_and_time_are_drawn_without_them(runs):
     df.loc[df.index[2], "timestamp"] = pd.NaT
     v = hand_verdicts(df, changed_by_hash(df))
     fig = plots.timeline(df, v)
+    assert plots.run_order(df).iloc[2] == N_RUNS  # no time: drawn last
     prefill_lines = [t for t in fig.data if t.yaxis == "y" and t.mode == "lines+markers"]
     assert sum(pd.notna(pd.Series(list(t.y), dtype=float)).sum() for t in prefill_lines) == N_RUNS - 1
     assert "n/a tok/s" in " ".join(s for t in prefill_lines for s in t.text)
     assert sum(len(t.y) for t in plots.load_spread(df).data) == N_RUNS
     assert "box '2.9b-Q4_K_M.gguf (n=30)'" in plots.describe(plots.load_spread(df))
     plots.before_after(df, v)
+
+
+def session_frame(*rows) -> pd.DataFrame:
+    base = dict(timestamp=pd.Timestamp("2026-02-01", tz="UTC"), model="tiny.gguf", gpu="llvmpipe",
+                change="a run", quality_hash="00ff", output="same", logits="ok")
+    return pd.DataFrame([{**base, "number": i + 1, **r} for i, r in enumerate(rows)])
+
+
+def test_live_figure_puts_the_session_after_the_history(runs):
+    v = hand_verdicts(runs, changed_by_hash(runs))
+    session = session_frame(dict(prefill_tps=40.0, generation_tps=12.0, wrong=False),
+                            dict(prefill_tps=41.0, generation_tps=0.5, wrong=True, output="changed"))
+    fig = plots.live_figure(runs, v, session)
+    mine = traces(fig, plots.SESSION_NAME)
+    assert [list(t.x) for t in mine] == [[N_RUNS + 1, N_RUNS + 2]] * 2
+    assert [list(t.y) for t in mine] == [[40.0, 41.0], [12.0, 0.5]]
+    assert list(mine[0].marker.symbol) == ["star", "x"]  # the wrong run is a red X
+    assert list(mine[0].marker.color)[1] == plots.CHANGED_MARKER["color"]
+    assert "output: changed" in mine[1].text[1]
+    assert fig.layout.title.text.endswith("this session: 2 runs")
+    assert fig.layout.yaxis.type == "log"
+    empty = plots.live_figure(runs.iloc[:0], None, session.iloc[:1])
+    assert [list(t.x) for t in traces(empty, plots.SESSION_NAME)] == [[1], [1]]
+    with pytest.raises(ValueError, match="lacks column"):
+        plots.live_figure(runs, v, session.drop(columns=["wrong"]))
+
+
+def test_show_live_replaces_the_whole_figure():
+    out = plots.live_widget()
+    session = session_frame(dict(prefill_tps=40.0, generation_tps=12.0, wrong=False))
+    plots.show_live(out, plots.live_figure(pd.DataFrame(), None, session))
+    plots.show_live(out, plots.live_figure(pd.DataFrame(), None, pd.concat([session, session])))
+    assert len(out.outputs) == 1  # the newest figure only, never a pile of them
+    shown = out.outputs[0]["data"][plots.PLOTLY_JSON]
+    assert [len(t["x"]) for t in shown["data"] if t["name"] == plots.SESSION_NAME] == [2, 2]
+    assert shown["config"]["responsive"] and "width" not in shown["layout"]

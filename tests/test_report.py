@@ -50,7 +50,7 @@ def test_report_inlines_plotly_js_exactly_once(report_page):
     bundle = plotly.offline.get_plotlyjs()
     # The bundle's first 2 kB (version banner and module prologue) identify it.
     assert report_page.count(bundle[:2000]) == 1
-    assert report_page.count("Plotly.newPlot(") == 3  # timeline, before/after, load spread
+    assert report_page.count("Plotly.newPlot(") == 3  # one GPU: timeline, before/after, load spread
 
 
 def test_report_loads_nothing_from_the_network(report_page):
@@ -66,9 +66,11 @@ def test_report_summary_and_table_match_the_history(report_page, seed):
     assert f'<div class="n">4</div><div class="k">files</div>' in report_page
     assert f'<div class="n">{df["model"].nunique()}</div><div class="k">models</div>' in report_page
     assert f'<div class="n">{n_changed}</div><div class="k">output changed</div>' in report_page
-    table = report_page[report_page.index("<table>"):]
+    table = report_page[report_page.index("<table id='runs-table'>"):]
+    table = table[:table.index("</table>")]
     assert table.count("<tr") == N_RUNS + 1  # header row + one per run
-    assert table.count("<tr class='changed'>") == n_changed
+    assert len(re.findall(r"<tr class='changed[ ']", table)) == n_changed
+    assert table.count("data-output='changed'") == n_changed  # what the output filter matches
 
 
 def test_summary_counts(seed):
@@ -159,3 +161,80 @@ def test_folder_without_runs_is_exit_2(tmp_path, capsys):
     (tmp_path / "notes.md").write_text("# Just notes\n\nNo runs here.\n")
     assert main(["report", str(tmp_path), "-o", str(tmp_path / "r.html")]) == 2
     assert "no benchmark runs" in capsys.readouterr().err
+
+
+# The history tools on a machine without wgpu: a finder that refuses the GPU packages stands in
+# for their absence, so any import of them on the way fails the command.
+_NO_GPU = """
+import sys
+class NoGPU:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("wgpu", "wgpudawn"):
+            raise ImportError(f"{name} is not installed here")
+sys.meta_path.insert(0, NoGPU())
+from rwkvlab.cli import main
+code = main(sys.argv[1:])
+assert not any(m.split(".")[0] in ("wgpu", "wgpudawn") for m in sys.modules), "a GPU package was imported"
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("command", [
+    ["history", "--format", "csv"],
+    ["report", "-o", "{tmp}/r.html"],
+    ["compare", "title=Baseline 1", "title=Baseline 2"],
+])
+def test_history_tools_run_without_wgpu(command, tmp_path):
+    import subprocess
+    import sys
+
+    argv = [c.format(tmp=tmp_path) for c in command] + [str(p) for p in SEED_HISTORY]
+    done = subprocess.run([sys.executable, "-c", _NO_GPU, *argv], capture_output=True, text=True, timeout=300,
+                          cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_report_reads_summary_and_changes_first_then_each_gpu_then_the_table(seed):
+    df, v = seed
+    df = df.copy()
+    df.loc[df.index[:10], "gpu"] = "NVIDIA H100 80GB HBM3"  # a second GPU for the sections
+    page = report.report_html(df, v, sources=["x"])
+    order = [page.index(m) for m in ('id="summary"', "id='changes'", 'id="gpu-apple-m2-max"',
+                                     'id="gpu-nvidia-h100-80gb-hbm3"', 'id="runs"')]
+    assert order[:2] == sorted(order[:2]) and max(order[:2]) < min(order[2:4]) < order[4]
+    assert page.count('class="gpu"') == 2 and page.count("Plotly.newPlot(") == 6
+    # Every wrong-output count is a button that shows exactly those runs in the table.
+    n_changed = int((v["output"] == "changed").sum())
+    assert f'data-output="changed"><div class="n">{n_changed}</div>' in page
+    assert "<script src=" not in page and "function apply()" in page
+
+
+def test_what_changed_is_newer_than_the_report_it_replaces(tmp_path, seed):
+    df, v = seed
+    out = tmp_path / "report.html"
+    # Without the fusion file, whose runs go on for three days after the others' newest.
+    earlier = [p for p in SEED_HISTORY if "fusion" not in p.name]
+    assert main(["report", *map(str, earlier), "-o", str(out)]) == 0
+    first = read_history(earlier)
+    newest = first["timestamp"].max()
+    assert report.previous_newest_run(out) == newest  # the page records its newest run
+    assert main(["report", *map(str, SEED_HISTORY), "-o", str(out)]) == 0
+    page = out.read_text(encoding="utf-8")
+    expected = int((df["timestamp"] > newest).sum())
+    assert 0 < expected < N_RUNS  # the fusion file brings runs after the others' newest
+    assert f"newest run of the previous report.html ({newest:%Y-%m-%d %H:%M} UTC)" in page
+    assert f"{expected} new runs" in page and page.count("data-new='1'><td") == expected
+
+
+def test_what_changed_since_a_date_and_by_default_the_last_day(tmp_path, seed):
+    df, v = seed
+    since = report.parse_since("2026-01-03")
+    changes = report.changes_since(df, since)
+    assert int(changes.mask.sum()) == int((df["timestamp"] > since).sum()) > 0
+    last_day = report.changes_since(df, None)
+    assert int(last_day.mask.sum()) == int((df["timestamp"] > df["timestamp"].max() - pd.Timedelta(hours=24)).sum())
+    assert "last day" in last_day.rule
+    out = tmp_path / "r.html"
+    assert main(["report", *map(str, SEED_HISTORY), "-o", str(out), "--since", "2026-01-03"]) == 0
+    assert "(--since)" in out.read_text(encoding="utf-8")
+    assert main(["report", *map(str, SEED_HISTORY), "-o", str(out), "--since", "last tuesday"]) == 2

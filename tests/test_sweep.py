@@ -78,9 +78,9 @@ def test_bench_command_reproduces_the_configuration(tmp_path):
     options = Options(backend="vulkan", path="native", weights="f16", chunk=16, gemm_min_tokens=4,
                       fusions=frozenset(tuple(FUSIONS)))
     settings = BenchSettings(prefill=20, generate=10, warmup=1, repeat=5, reference=False, progress=False)
-    cmd = bench_command(tmp_path / "m.gguf", options, settings, title="T", change="C", file="f",
-                        history_dir=str(tmp_path), save=False)
-    assert cmd[1:4] == ["-m", "rwkvlab.cli", "bench"] and "--json" in cmd
+    cmd = bench_command(["--model", str(tmp_path / "m.gguf")], options, settings, title="T", change="C",
+                        file="f", history_dir=str(tmp_path), save=False)
+    assert cmd[1:4] == ["-m", "rwkvlab.cli", "bench"] and "--json" in cmd and "--events" in cmd
     args = build_parser().parse_args(cmd[3:])
     assert from_args(args) == options
     assert settings_from_args(args) == settings
@@ -184,7 +184,7 @@ def test_a_worker_killed_mid_bar_names_its_last_human_line(capfd):
 
 def test_a_hang_is_stopped():
     row = run_config(Config(Options(), "hang"), _py("import time; time.sleep(60)"), timeout=1.0)
-    assert not row.ran and row.error == "stopped after 1 s (--timeout)" and row.seconds < 30
+    assert not row.ran and row.error == "stopped after 1 s (its time limit)" and row.seconds < 30
 
 
 # --------------------------------------------------------------------------------------------
