@@ -51,7 +51,7 @@ from rwkvlab.history import HistoryWarning, read_history
 from rwkvlab.options import FUSIONS, PATHS, WEIGHT_POLICIES, Options, OptionsError, fusions_text
 from rwkvlab.synth import FORMATS as SYNTH_FORMATS
 from rwkvlab.synth import PRESETS
-from rwkvlab.verdicts import METRICS, Noise, estimate_noise, judge
+from rwkvlab.verdicts import RUN_METRICS, Noise, estimate_noise, judge
 from rwkvlab.bench import bench_steps
 from rwkvlab.worker import KEPT_LINES, bench_command, run_worker, worker_env
 
@@ -331,7 +331,7 @@ def compare(record: BenchRecord, baseline: Baseline | None,
 
     samples_now = {"prefill_tps": record.prefill_tps_samples, "generation_tps": record.generation_tps_samples}
     speed: dict[str, Check] = {}
-    for name, (column, sign, unit) in METRICS.items():
+    for name, (column, sign, unit) in RUN_METRICS.items():
         new = float(getattr(record, column))
         old = baseline.value(column) if baseline is not None else None
         if baseline is None:
@@ -372,7 +372,7 @@ def _result_table(record: BenchRecord, baseline: Baseline | None, speed: dict[st
         "options": (o.text(),
                     b.options if b else "", "", ""),
     }
-    for name, (column, _, _) in METRICS.items():
+    for name, (column, _, _) in RUN_METRICS.items():
         rows[SPEED_ROWS[name]] = (num(getattr(record, column)), num(b.value(column)) if b else "",
                                   delta(speed[name]), speed[name].verdict)
     rows["dispatches/token"] = (
@@ -478,7 +478,7 @@ class Panel:
             from rwkvlab.verdicts import verdicts
 
             self.history_verdicts = verdicts(self.history)
-            self.history_noise = {column: estimate_noise(self.history, column) for column, _, _ in METRICS.values()}
+            self.history_noise = {column: estimate_noise(self.history, column) for column, _, _ in RUN_METRICS.values()}
 
     def history_baselines(self) -> list[Baseline]:
         """Every history run as a baseline, newest first."""
