@@ -22,9 +22,11 @@ from conftest import WORKER_KILLED_MID_BAR, WORKER_LAST_LINE
 from rwkvlab import bench, plots
 from rwkvlab.bench import BenchRecord, BenchSettings
 from rwkvlab.history import read_history
-from rwkvlab.lab import (Baseline, LabError, ModelChoice, Panel, baseline_from_history,
-                         baseline_from_record, bench_steps, compare, default_history_dir, prepare_kernel,
-                         repeat_sigma, run_worker, speed_noise, worker_command)
+from rwkvlab.baseline import (Baseline, baseline_from_history, baseline_from_record, compare, repeat_sigma,
+                              speed_noise)
+from rwkvlab.bench import bench_steps
+from rwkvlab.lab import LabError, ModelChoice, Panel, default_history_dir, prepare_kernel, worker_command
+from rwkvlab.worker import run_worker
 from rwkvlab import options as options_mod
 from rwkvlab.options import Options
 from rwkvlab.verdicts import DEFAULT_SIGMA, Z, estimate_noise
