@@ -128,3 +128,17 @@ def read_micro_runs(folder: Path, title: str, column: str, unit: str, runs: int)
     assert (judged["output"] == "unknown").all()
     assert (judged["output_reason"] == "no quality hash recorded").all()
     return df, judged
+
+
+def read_with_warnings(paths):
+    """read_history plus the messages of every warning it gave (all must be HistoryWarnings:
+    anything else escaping the reader fails the test)."""
+    import warnings
+
+    from rwkvlab.history import HistoryWarning, read_history
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        df = read_history(paths)
+    assert all(issubclass(w.category, HistoryWarning) for w in caught), [str(w.message) for w in caught]
+    return df, [str(w.message) for w in caught]

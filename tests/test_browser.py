@@ -252,18 +252,7 @@ def test_notebook_report_plots_draw_offline(browser, tmp_path):
     out, runs = write_notebook_report([tmp_path / "figures.ipynb"], tmp_path / "lab-report.html")
     assert runs[0].error is None
 
-    context = browser.new_context()
-    refused: list[str] = []
-
-    def offline(route):
-        if route.request.url.startswith("file:"):
-            route.continue_()
-        else:
-            refused.append(route.request.url)
-            route.abort()
-
-    context.route("**/*", offline)
-    page = context.new_page()
+    context, page, refused = _offline_page(browser, tmp_path)
     page.goto(out.as_uri())
     graphs = page.locator(".plotly-graph-div")
     expect(graphs).to_have_count(2)

@@ -10,7 +10,6 @@ import math
 import re
 import subprocess
 import sys
-import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,16 +18,15 @@ import pytest
 
 from rwkvlab.history import (
     COLUMNS,
-    HistoryWarning,
     HistoryWriteError,
     RunRecord,
     append_run,
     append_sidecar,
     format_run,
-    read_history,
     sidecar_path,
 )
 from rwkvlab.quality import quality_hash
+from conftest import read_with_warnings as read_quietly
 from conftest import SEED_HISTORY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,13 +38,6 @@ FUSION = SEEDS / "m2max-fusion-and-metal.md"
 UTC = timezone.utc
 
 
-def read_quietly(paths) -> tuple[pd.DataFrame, list[str]]:
-    """read_history plus the messages of every warning it gave (all must be HistoryWarnings)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        df = read_history(paths)
-    assert all(issubclass(w.category, HistoryWarning) for w in caught), [str(w.message) for w in caught]
-    return df, [str(w.message) for w in caught]
 
 
 def run_at(df: pd.DataFrame, file: str, line: int) -> pd.Series:

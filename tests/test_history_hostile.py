@@ -26,7 +26,6 @@ from rwkvlab import bench as bench_module
 from rwkvlab import cli
 from rwkvlab.bench import BenchRecord, BenchSettings
 from rwkvlab.history import (
-    HistoryWarning,
     HistoryWriteError,
     RunRecord,
     append_run,
@@ -39,19 +38,13 @@ from rwkvlab.options import Options
 from rwkvlab.report import format_table, summarize, summary_text, to_csv, to_json
 from rwkvlab.verdicts import verdicts
 from conftest import SEED_HISTORY
+from conftest import read_with_warnings as read_warned
 
 REPO = Path(__file__).resolve().parents[1]
 LOADING = REPO / "data" / "benchmarks" / "m2max-loading.md"
 UTC = timezone.utc
 
 
-def read_warned(paths) -> tuple[pd.DataFrame, list[str]]:
-    """read_history, failing on anything but HistoryWarnings, with their messages."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        df = read_history(paths)
-    assert all(issubclass(w.category, HistoryWarning) for w in caught), [str(w.message) for w in caught]
-    return df, [str(w.message) for w in caught]
 
 
 def small_history(tmp_path: Path, n: int = 3, name: str = "h.md") -> Path:
