@@ -97,9 +97,10 @@ def start_local_cluster(n_workers: int, adapters: Sequence[str] | None = None):
 
     if adapters and len(adapters) not in (1, n_workers):
         raise ValueError(f"{len(adapters)} adapters for {n_workers} workers: give one, or one per worker")
+    # Its HTTP server on any free port: the default 8787 clashes with a second sweep's cluster.
     with dask.config.set({"distributed.scheduler.allowed-failures": LOST_TASK_RETRIES}):
         cluster = LocalCluster(n_workers=0, threads_per_worker=1, processes=True, resources=GPU_RESOURCE,
-                               dashboard_address=None, silence_logs=logging.ERROR)
+                               dashboard_address=":0", silence_logs=logging.ERROR)
     # LocalCluster gives every worker the same options; a per-worker adapter needs its own spec.
     for i in range(n_workers):
         name, spec = next(iter(cluster.new_worker_spec().items()))
@@ -133,7 +134,10 @@ def run_on_cluster(client, tasks: Sequence[dict[str, Any]], first: int | None = 
     """Every task on ``client``'s cluster, as each finishes; task ``first`` alone before the rest.
 
     Running one task first, alone, lets the sweep's baseline be the earliest run of its kind in
-    the history (the output rule's reference), as the sequential order makes it.
+    the history (the output rule's reference), as the sequential order makes it. After that no
+    more tasks are in flight than the cluster has GPUs: Dask enforces a resource on the worker,
+    so it would queue a second task on a busy worker, and a task lost with a worker it was only
+    queued on would count against its retries all the same.
     """
     from distributed import as_completed
 
@@ -149,10 +153,37 @@ def run_on_cluster(client, tasks: Sequence[dict[str, Any]], first: int | None = 
         except Exception as err:  # KilledWorker, or the task could not run there (an import error)
             return TaskResult(None, lost_text(err), None, 0.0)
 
-    order = list(range(len(tasks)))
+    pending = list(range(len(tasks)))
     if first is not None:
+        pending.remove(first)
         yield first, outcome(submit(first))
-        order.remove(first)
-    futures = {submit(i): i for i in order}
-    for future in as_completed(futures):
-        yield futures[future], outcome(future)
+    in_flight: dict[Any, int] = {}
+    done = as_completed()
+
+    def fill() -> None:
+        while pending and len(in_flight) < cluster_gpus(client):
+            i = pending.pop(0)
+            future = submit(i)
+            in_flight[future] = i
+            done.add(future)
+
+    fill()
+    for future in done:
+        i = in_flight.pop(future)
+        yield i, outcome(future)
+        fill()
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot run a sweep's tasks; the message says how to start its workers."""
+
+
+def cluster_gpus(client) -> int:
+    """How many GPU resources the cluster's workers declare now (1 while it has no worker yet:
+    one task waits for the first)."""
+    workers = client.scheduler_info()["workers"].values()
+    gpus = sum(int(w.get("resources", {}).get("GPU", 0)) for w in workers)
+    if workers and not gpus:
+        raise ClusterError("no worker of the cluster declares a GPU, so no task could start; start one worker "
+                           "per GPU with: dask worker tcp://HOST:8786 --nthreads 1 --resources GPU=1")
+    return max(gpus, 1)

@@ -34,7 +34,7 @@ from rwkvlab.bench import BenchError, BenchRecord, BenchSettings, history_file, 
 from rwkvlab.history import check_appendable
 from rwkvlab.options import Options, OptionsError, from_args, parse_fusions
 from rwkvlab.synth import ModelNotFoundError, model_from_args
-from rwkvlab.worker import bench_command, run_worker
+from rwkvlab.worker import bench_command, run_worker  # bench_command: part of this module's API
 
 # Options fields a sweep can vary, with the type of their values.
 VARIABLE = {"backend": str, "path": str, "weights": str, "fusions": str, "chunk": int, "gemm_min_tokens": int,
@@ -415,6 +415,7 @@ def _saved_run(history, result: dict[str, Any]):
 
 def cli_sweep(args: argparse.Namespace) -> int:
     """`rwkvlab sweep`: exit 0 when every configuration ran and one is correct, else 1 (2: bad arguments)."""
+    from rwkvlab.cluster import ClusterError
     from rwkvlab.history import HistoryWriteError
 
     adapters = [a.strip() for a in (args.adapter or "").split(",") if a.strip()]
@@ -457,6 +458,9 @@ def cli_sweep(args: argparse.Namespace) -> int:
         return 2
     except OSError as err:  # the scheduler could not be reached
         print(f"rwkvlab sweep: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    except ClusterError as err:
+        print(f"rwkvlab sweep: {err}", file=sys.stderr)
         return 2
     print(result.table())
     print()
