@@ -153,6 +153,7 @@ def run_on_cluster(client, tasks: Sequence[dict[str, Any]], first: int | None = 
         except Exception as err:  # KilledWorker, or the task could not run there (an import error)
             return TaskResult(None, lost_text(err), None, 0.0)
 
+    cluster_gpus(client)  # fail now, not hang, when no worker could take a task
     pending = list(range(len(tasks)))
     if first is not None:
         pending.remove(first)

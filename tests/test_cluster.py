@@ -187,3 +187,14 @@ def test_bad_cluster_arguments_exit_2_before_anything_runs(argv, message, tmp_pa
     assert main(["sweep", "--preset", "tiny", "--vary", "fusions=none", "--history-dir", str(tmp_path), *argv]) == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_cluster_without_gpu_workers_is_refused_not_waited_on(tmp_path):
+    from distributed import LocalCluster
+
+    from rwkvlab.cluster import ClusterError
+
+    with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster, Client(cluster) as c:
+        with pytest.raises(ClusterError, match="--resources GPU=1"):
+            run_sweep(resolve_model("tiny"), BASE, {}, SETTINGS, history_dir=tmp_path, client=c)
+    assert not any(tmp_path.iterdir())
