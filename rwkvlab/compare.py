@@ -12,7 +12,8 @@ Runs are matched up by speed key (model content, GPU, prompt and generation leng
 policy, backend: :mod:`rwkvlab.verdicts`): each key both sides have becomes one block of rows,
 one per metric, with the medians of each side, the change, and the verdict of B's median against
 A's runs with that GPU's noise (``rwkvlab.verdicts.judge``). Output: "same" when every run of both
-sides has one quality hash, else "changed" with the hashes. Keys only one side has are listed.
+sides has one quality hash, else "changed" with the hashes; "unknown" when neither side recorded
+one (micro-benchmark runs). Keys only one side has are listed.
 """
 from __future__ import annotations
 
@@ -102,6 +103,8 @@ def compare_runs(df: pd.DataFrame, a: pd.DataFrame, b: pd.DataFrame) -> Comparis
         gpu = str(ra["gpu"].iloc[0])
         name = f"{ra['model'].iloc[0]} on {gpu}" + _lengths(key)
         for metric, (column, sign, unit) in METRICS.items():
+            if column not in ra.columns:  # a micro-benchmark figure this history has no run of
+                continue
             va = ra[column].dropna().to_numpy(dtype=float)
             vb = rb[column].dropna().to_numpy(dtype=float)
             if not len(va) or not len(vb):
@@ -113,6 +116,12 @@ def compare_runs(df: pd.DataFrame, a: pd.DataFrame, b: pd.DataFrame) -> Comparis
                          "why": f"median of {len(vb)} vs {len(va)} run(s); noise band ±{band:.1%} "
                                 f"(sigma {nz.sigma:.2%} from {nz.source})"})
         hashes_a, hashes_b = set(ra["quality_hash"].dropna()), set(rb["quality_hash"].dropna())
+        if not hashes_a and not hashes_b:
+            # Micro-benchmark runs (and hand-written ones) record no hash: nothing to compare,
+            # which is not a difference.
+            rows.append({"runs": name, "metric": "output (quality hash)", "A": "", "B": "", "change": "",
+                         "verdict": "unknown", "why": "no quality hash recorded on either side"})
+            continue
         same = len(hashes_a | hashes_b) == 1
         rows.append({"runs": name, "metric": "output (quality hash)", "A": ", ".join(sorted(hashes_a)),
                      "B": ", ".join(sorted(hashes_b)), "change": "", "verdict": "same" if same else "changed",

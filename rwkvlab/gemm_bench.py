@@ -17,8 +17,11 @@ the engine's gemm kernel (kernels.GEMM) multiplies a random matrix by T random t
 4. TFLOP/s = 2 M K T / time per dispatch; "us/token" = time / T, what the product costs per
    prompt token in one layer (the engine's profile sums it over the layers).
 
-One process sweeps every tuning, so a single call on a lent GPU compares them all. `--small`
-runs 256- and 1024-wide shapes (for lavapipe and the tests).
+One process sweeps every tuning, so a single call on a lent GPU compares them all. Each
+measurement is appended to the benchmark history as a run of its own (title "gemm_bench",
+model "gemm <format> <name> <M>x<K> T=<T>", the figure in a "Throughput" row in TFLOP/s:
+rwkvlab.micro_records), in <--history-dir>/<gpu>.md; --no-save only prints. `--small` runs
+256- and 1024-wide shapes (for lavapipe and the tests).
 """
 from __future__ import annotations
 
@@ -30,9 +33,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from rwkvlab import kernels as kn
+from rwkvlab import micro_records
 from rwkvlab.kernel_bench import (PASS_SECONDS, ROTATION_BYTES, KernelCheckError, RotatedWeights,
                                   _timestamp_period, check_formats_and_paths, check_rows,
                                   dequantized_rows, random_matrix, time_passes)
+from rwkvlab.micro_records import MicroRun
 
 FORMATS = ("F16", "Q8_0", "Q4_K")
 SHAPES = {"full": {"att.out": (2560, 2560), "ffn.key": (10240, 2560), "ffn.value": (2560, 10240)},
@@ -62,10 +67,28 @@ class GemmTiming:
     dispatches: int  # per timed pass
     copies: int
     max_error: float  # worst output error / (REL_TOL * sum |w x|): < 1 passed
+    checked_rows: int = 0  # rows compared with NumPy, every token of each
+    samples: tuple[float, ...] = ()  # seconds per dispatch of each timed pass, by `clock`
 
     @property
     def tflops(self) -> float:
         return 2 * self.rows * self.cols * self.tokens / self.seconds / 1e12
+
+    def micro_run(self, kernel_tuning: dict) -> MicroRun:
+        """This measurement as a history run (rwkvlab.micro_records)."""
+        flops = 2 * self.rows * self.cols * self.tokens
+        problem = f"{self.fmt} {self.name} {self.rows}x{self.cols} T={self.tokens}"
+        return MicroRun(
+            model=f"gemm {problem}", change=f"{problem} path={self.path} tuning={micro_records.tuning_text(self.tuning)}",
+            figure="throughput", value=self.tflops, samples=[flops / s / 1e12 for s in self.samples],
+            seconds=list(self.samples), path=self.path, tuning=self.tuning, clock=self.clock,
+            check=(f"max error {self.max_error:.2g} of tolerance ({REL_TOL:g} of sum abs(w x), "
+                   f"{self.checked_rows} rows x {self.tokens} tokens vs float64 NumPy)"),
+            details={"format": self.fmt, "name": self.name, "rows": self.rows, "cols": self.cols,
+                     "tokens": self.tokens, "seconds": self.seconds, "us_per_token": self.seconds / self.tokens * 1e6,
+                     "dispatches": self.dispatches, "copies": self.copies, "checked_rows": self.checked_rows,
+                     "max_error": self.max_error},
+            kernel_tuning=kernel_tuning)
 
     def line(self) -> str:
         return (f"{self.path:7s} {self.fmt:5s} {self.name:9s} {self.rows:>6d}x{self.cols:<6d} "
@@ -163,12 +186,14 @@ def bench_gemm(kernels, path: str, problem: Problem, weights: RotatedWeights, T:
     t = time_passes(run_pass, max(4, weights.copies), 2000, PASS_SECONDS[size], repeats)
     return GemmTiming(path=path, fmt=fmt, name=name, rows=M, cols=K, tokens=T, tuning=tuning,
                       seconds=t.seconds, clock=t.clock, dispatches=t.dispatches, copies=weights.copies,
-                      max_error=float(errors.max()))
+                      max_error=float(errors.max()), checked_rows=len(problem.rows), samples=t.samples)
 
 
 def run(formats=FORMATS, paths=("webgpu",), size: str = "full", tokens=None, tunings=TUNINGS,
-        backend: str = "auto", repeats: int = 5, seed: int = 0, out=None) -> tuple[list[GemmTiming], list[str]]:
-    """Every format x shape x path x T x tuning: (timings, failures), a line each to `out`."""
+        backend: str = "auto", repeats: int = 5, seed: int = 0, out=None,
+        save: micro_records.Saver | None = None) -> tuple[list[GemmTiming], list[str]]:
+    """Every format x shape x path x T x tuning: (timings, failures), a line each to `out`,
+    each handed to `save` (with the GPU it ran on) as soon as it is measured."""
     from rwkvlab.gpu import get_gpu, resolve_options
     from rwkvlab.options import Options
 
@@ -202,6 +227,8 @@ def run(formats=FORMATS, paths=("webgpu",), size: str = "full", tokens=None, tun
                             continue
                         timings.append(t)
                         print(t.line(), file=out, flush=True)
+                        if save is not None:
+                            save(t.micro_run(kernels.tuning.as_record()), gpu)
                 weights.buffer.destroy()
     return timings, failures
 
@@ -216,20 +243,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="semicolon-separated $RWKVLAB_TUNING strings, each measured")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--repeats", type=int, default=5, help="timed passes per measurement (median kept)")
+    micro_records.add_arguments(ap, "gemm_bench")
     args = ap.parse_args(argv)
-    start = time.perf_counter()
-    try:
-        timings, failures = run(formats=args.formats.split(","), paths=args.paths.split(","),
-                                size="small" if args.small else "full",
-                                tokens=[int(t) for t in args.tokens.split(",")] if args.tokens else None,
-                                tunings=[t.strip() for t in args.tunings.split(";")],
-                                backend=args.backend, repeats=args.repeats)
-    except ValueError as e:
-        print(f"gemm_bench: {e}", file=sys.stderr)
-        return 2
-    print(f"# {len(timings)} measured, {len(failures)} failed, {time.perf_counter() - start:.1f} s")
-    return 1 if failures else 0
-
+    return micro_records.main("gemm_bench", args, lambda save: run(
+        formats=args.formats.split(","), paths=args.paths.split(","), size="small" if args.small else "full",
+        tokens=[int(t) for t in args.tokens.split(",")] if args.tokens else None,
+        tunings=[t.strip() for t in args.tunings.split(";")], backend=args.backend, repeats=args.repeats,
+        save=save))
 
 if __name__ == "__main__":
     sys.exit(main())

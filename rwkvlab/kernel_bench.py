@@ -19,6 +19,10 @@ For every format (F16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K by default), every matrix sh
    barrier, as in the engine's plan: small matrices carry that per-dispatch cost (~3 us on an
    H200 through Vulkan, /work/shared/reference/wgpu-notes.md) in their number.
 
+Each measurement is appended to the benchmark history as a run of its own (title
+"kernel_bench", model "matvec <format> <M>x<K>", the figure in a "Bandwidth" row in GB/s:
+rwkvlab.micro_records), in <--history-dir>/<gpu>.md; --no-save only prints.
+
 `--small` runs 512-column shapes (for lavapipe and the tests), finishing in seconds there.
 The kernel shapes are the device's tuning (kernels.choose_tuning, which $RWKVLAB_TUNING
 overrides); `--tunings "A;B;..."` measures several override sets in one call, each on top of
@@ -36,6 +40,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from rwkvlab import kernels as kn
+from rwkvlab import micro_records
+from rwkvlab.micro_records import MicroRun
 from rwkvlab.options import KERNEL_PATHS, Options
 
 FORMATS = ("F16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
@@ -74,10 +80,28 @@ class KernelTiming:
     copies: int  # distinct copies of the matrix the pass cycles through
     checked_rows: int
     max_error: float  # worst row error / (REL_TOL * sum |w x|): < 1 passed
+    samples: tuple[float, ...] = ()  # seconds per mat-vec of each timed pass, by `clock`
 
     @property
     def gb_per_s(self) -> float:
         return self.weight_bytes / self.seconds / 1e9
+
+    def micro_run(self, kernel_tuning: dict) -> MicroRun:
+        """This measurement as a history run (rwkvlab.micro_records)."""
+        return MicroRun(
+            model=f"matvec {self.fmt} {self.rows}x{self.cols}",
+            change=f"{self.fmt} {self.rows}x{self.cols} path={self.path} tuning={micro_records.tuning_text(self.tuning)}",
+            figure="bandwidth", value=self.gb_per_s,
+            samples=[self.weight_bytes / s / 1e9 for s in self.samples], seconds=list(self.samples),
+            path=self.path, tuning=self.tuning, clock=self.clock,
+            check=(f"max error {self.max_error:.2g} of tolerance ({REL_TOL:g} of sum abs(w x), "
+                   f"{self.checked_rows} rows vs float64 NumPy)"),
+            rows={"Matvec shape": f"red {self.red} nr {self.nr}"},
+            details={"format": self.fmt, "rows": self.rows, "cols": self.cols, "weight_bytes": self.weight_bytes,
+                     "seconds": self.seconds, "wall_seconds": self.wall_seconds, "dispatches": self.dispatches,
+                     "copies": self.copies, "red": self.red, "nr": self.nr, "checked_rows": self.checked_rows,
+                     "max_error": self.max_error},
+            kernel_tuning=kernel_tuning)
 
     def line(self) -> str:
         return (f"{self.path:7s} {self.fmt:5s} {self.rows:>6d}x{self.cols:<5d} "
@@ -299,7 +323,7 @@ def bench_kernel(kernels, path: str, problem: Problem, *, size: str = "full", re
     return KernelTiming(path=path, fmt=fmt, rows=M, cols=K, tuning=tuning, red=bench.red, nr=bench.nr,
                         weight_bytes=problem.raw.nbytes, seconds=t.seconds,
                         wall_seconds=t.wall_seconds, clock=t.clock, dispatches=t.dispatches, copies=bench.copies,
-                        checked_rows=len(problem.rows), max_error=float(errors.max()))
+                        checked_rows=len(problem.rows), max_error=float(errors.max()), samples=t.samples)
 
 
 def check_formats_and_paths(formats, paths) -> None:
@@ -320,6 +344,7 @@ class PassTimes:
     wall_seconds: float
     clock: str  # "gpu" or "wall"
     dispatches: int  # per timed pass
+    samples: tuple[float, ...]  # each timed pass, per dispatch, by `clock`
 
 
 def time_passes(run_pass, first: int, cap: int, pass_seconds: float, repeats: int) -> PassTimes:
@@ -333,15 +358,17 @@ def time_passes(run_pass, first: int, cap: int, pass_seconds: float, repeats: in
     wall_s = statistics.median(w for w, _ in samples) / n
     gpu_times = [g for _, g in samples if g is not None]
     if len(gpu_times) == len(samples):
-        return PassTimes(statistics.median(gpu_times) / n, wall_s, "gpu", n)
-    return PassTimes(wall_s, wall_s, "wall", n)
+        return PassTimes(statistics.median(gpu_times) / n, wall_s, "gpu", n, tuple(g / n for g in gpu_times))
+    return PassTimes(wall_s, wall_s, "wall", n, tuple(w / n for w, _ in samples))
 
 
 def run(formats=FORMATS, paths=KERNEL_PATHS, size: str = "full", backend: str = "auto", repeats: int = 5,
-        seed: int = 0, out=None, tunings=("",)) -> tuple[list[KernelTiming], list[str]]:
+        seed: int = 0, out=None, tunings=("",), save: micro_records.Saver | None = None
+        ) -> tuple[list[KernelTiming], list[str]]:
     """Every format x shape x path x tuning override set: (timings, failures). Prints a line
-    per measurement to `out` (default stdout). Each random matrix is made in NumPy once, then
-    run on every path and tuning."""
+    per measurement to `out` (default stdout) and hands it to `save` (with the GPU it ran on)
+    as soon as it is measured. Each random matrix is made in NumPy once, then run on every
+    path and tuning."""
     from rwkvlab.gpu import get_gpu, resolve_options
 
     out = out or sys.stdout
@@ -371,6 +398,8 @@ def run(formats=FORMATS, paths=KERNEL_PATHS, size: str = "full", backend: str = 
                     continue
                 timings.append(t)
                 print(t.line(), file=out, flush=True)
+                if save is not None:
+                    save(t.micro_run(kernels.tuning.as_record()), kernels.gpu)
     return timings, failures
 
 
@@ -385,17 +414,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="';'-separated $RWKVLAB_TUNING-style override sets to compare, each on top of "
                          "the device's tuning (an empty set is the tuning itself), e.g. "
                          "'matvec_rows=1;matvec_rows=4,matvec_pieces=8'")
+    micro_records.add_arguments(ap, "kernel_bench")
     args = ap.parse_args(argv)
-    start = time.perf_counter()
-    try:
-        timings, failures = run(formats=args.formats.split(","), paths=args.paths.split(","),
-                                size="small" if args.small else "full", backend=args.backend,
-                                repeats=args.repeats, tunings=[t.strip() for t in args.tunings.split(";")])
-    except ValueError as e:
-        print(f"kernel_bench: {e}", file=sys.stderr)
-        return 2
-    print(f"# {len(timings)} measured, {len(failures)} failed, {time.perf_counter() - start:.1f} s")
-    return 1 if failures else 0
+    return micro_records.main("kernel_bench", args, lambda save: run(
+        formats=args.formats.split(","), paths=args.paths.split(","), size="small" if args.small else "full",
+        backend=args.backend, repeats=args.repeats, tunings=[t.strip() for t in args.tunings.split(";")],
+        save=save))
 
 
 if __name__ == "__main__":

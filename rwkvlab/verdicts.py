@@ -20,7 +20,8 @@ Output (``output``, ``output_reason``)
     baseline too: greedy tokens should not depend on the GPU, and when they do (float rounding
     flipping an argmax) that is worth seeing; the reason names the baseline's file.
 
-Speed (``{m}_vs_title``, ``{m}_vs_history`` for m in prefill, generation, load)
+Speed (``{m}_vs_title``, ``{m}_vs_history`` for m in ``METRICS``: prefill, generation, load,
+and the micro-benchmarks' bandwidth, throughput and kernel_time)
     Each run's value is compared with the median of a reference set of earlier runs with the
     same *speed key*: output key, GPU, and the options that change the work itself rather than
     how it is done, the weight policy (f16 at load reads other bytes) and the backend; load
@@ -36,6 +37,11 @@ Speed (``{m}_vs_title``, ``{m}_vs_history`` for m in prefill, generation, load)
     Delta ``d = value / reference - 1``; with ``k`` reference runs the noise band is
     ``Z * sigma * sqrt(1 + 1/k)`` (the spread of one run around the mean of ``k``): inside it
     the verdict is "within noise", outside it "improvement" or "regression".
+    A micro-benchmark run's model names the kernel and the problem (e.g. "matvec Q8_0
+    2560x2560", "gemm F16 ffn.key 10240x2560 T=512"), so its speed key is that problem on one
+    GPU and backend, and its kernel path and tuning (in its change text) are compared like
+    an engine run's. It has no quality hash (its check against NumPy is a row of its own, and
+    a failed check is never recorded), so its output is "unknown" and its speed counts.
 
 Noise (``sigma``, relative standard deviation of one run)
     Estimated from the history itself. Runs of one setup (same model, GPU, change text and
@@ -76,17 +82,27 @@ import numpy as np
 import pandas as pd
 
 __all__ = [
-    "DEFAULT_SIGMA", "HISTORY_WINDOW", "METRICS", "MIN_PAIRS", "PELT_WINDOW", "SIGMA_FLOOR", "Z",
+    "DEFAULT_SIGMA", "HISTORY_WINDOW", "METRICS", "MICRO_METRICS", "MIN_PAIRS", "PELT_WINDOW", "RUN_METRICS", "SIGMA_FLOOR", "Z",
     "GATES", "Noise", "change_points", "describe_key", "estimate_noise", "gate_failures", "judge", "judge_new",
     "output_verdicts", "speed_keys", "verdicts",
 ]
 
 # metric name -> (column, +1 when higher is better / -1 when lower is better, unit)
-METRICS = {
+# What `rwkvlab bench` measures: every engine run has these three.
+RUN_METRICS = {
     "prefill": ("prefill_tps", +1, "tok/s"),
     "generation": ("generation_tps", +1, "tok/s"),
     "load": ("load_ms", -1, "ms"),
 }
+# The figures of the micro-benchmarks (rwkvlab.micro_records: kernel_bench, gemm_bench,
+# wkv_bench), read from their runs' extra metric rows. A run has at most one of them; the
+# others are missing there, as these are in engine runs, and a missing value is never judged.
+MICRO_METRICS = {
+    "bandwidth": ("bandwidth", +1, "GB/s"),
+    "throughput": ("throughput", +1, "TFLOP/s"),
+    "kernel_time": ("kernel_time", -1, "us"),
+}
+METRICS = {**RUN_METRICS, **MICRO_METRICS}
 Z = 3.0  # band half-width in standard deviations: ~0.3% false alarms per comparison
 MIN_PAIRS = 5  # repeat pairs needed before a noise estimate is trusted
 DEFAULT_SIGMA = 0.02  # a cautious 2% until the history holds repeats
@@ -113,7 +129,9 @@ class Noise:
 def verdicts(df: pd.DataFrame) -> pd.DataFrame:
     """Output and speed verdicts for every run of ``df`` (same index), each with its reason.
 
-    Columns: ``output``, ``output_reason``, then for m in prefill, generation, load:
+    Columns: ``output``, ``output_reason``, then for each m in :data:`METRICS` (prefill,
+    generation, load, bandwidth, throughput, kernel_time; a run without m's value gets "no
+    reference" for it, whether or not the frame has m's column):
     ``{m}_vs_title``, ``{m}_vs_title_reason``, ``{m}_vs_history``, ``{m}_vs_history_reason``
     (verdicts: "improvement", "regression", "within noise", "no reference") and the boolean
     ``{m}_change_point``. The method is described in this module's docstring.
@@ -125,8 +143,17 @@ def verdicts(df: pd.DataFrame) -> pd.DataFrame:
     out["output"], out["output_reason"] = _output_verdicts(cols, order)
     usable = (out["output"] != "changed").to_numpy()
     for name, (column, sign, unit) in METRICS.items():
+        values = (runs[column].to_numpy(dtype=float) if column in runs.columns
+                  else np.full(len(runs), np.nan))
+        if not (values > 0).any():
+            # No run has this figure (an engine-only history has no micro-benchmark figure):
+            # what the comparisons below would say of every run, without their loops.
+            for reference in ("title", "history"):
+                out[f"{name}_vs_{reference}"] = "no reference"
+                out[f"{name}_vs_{reference}_reason"] = f"no {column} value in this run"
+            out[f"{name}_change_point"] = False
+            continue
         noise = estimate_noise(runs, column)
-        values = runs[column].to_numpy(dtype=float)
         cp = np.zeros(len(runs), dtype=bool)
         segment = np.full(len(runs), -1)
         for idx in _series(cols, order, usable, values):
@@ -324,6 +351,8 @@ def estimate_noise(df: pd.DataFrame, column: str) -> dict[str | None, Noise]:
     (callers fall back to the pooled entry, which itself falls back to ``DEFAULT_SIGMA``).
     """
     runs = df.reset_index(drop=True)
+    if column not in runs.columns:  # a figure no run of this history has: no repeats either
+        runs = runs.assign(**{column: np.nan})
     order = _chronological(runs)
     ranked = runs.iloc[order]
     diffs: dict[str, list[float]] = {}

@@ -16,6 +16,10 @@ one $RWKVLAB_TUNING would set, all tried in one process), the default plan's ker
    between two visits of a layer's state. GPU timestamps around the pass (wall clock where the
    adapter has none), median of several passes; us per dispatch and per token.
 
+Each measurement is appended to the benchmark history as a run of its own (title "wkv_bench",
+model "wkv_fused H=<heads> T=<tokens>", GPU microseconds per dispatch in a "Kernel time" row:
+rwkvlab.micro_records), in <--history-dir>/<gpu>.md; --no-save only prints.
+
 `--small` (4 heads, T = 1 and 8, 4 MiB of states) is for lavapipe and the tests.
 """
 from __future__ import annotations
@@ -24,12 +28,14 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from rwkvlab import kernels as kn
+from rwkvlab import micro_records
 from rwkvlab.kernel_bench import _timestamp_period
+from rwkvlab.micro_records import MicroRun
 from rwkvlab.options import KERNEL_PATHS, Options
 
 WGS = (64, 128, 256, 512, 1024)
@@ -56,6 +62,25 @@ class WkvTiming:
     clock: str  # "gpu" (timestamp queries) or "wall"
     dispatches: int  # per timed pass
     copies: int  # state copies the pass cycles through
+    samples: tuple[float, ...] = ()  # seconds per dispatch of each timed pass, by `clock`
+    max_error: float = float("nan")  # the check's worst error as a fraction of its tolerance
+    unfused_diff: float = float("nan")  # the check's largest difference from the unfused plan
+
+    def micro_run(self, kernel_tuning: dict) -> MicroRun:
+        """This measurement as a history run (rwkvlab.micro_records)."""
+        problem = f"H={self.heads} T={self.T}"
+        same = ("equals the unfused plan bit for bit" if self.unfused_diff == 0 else
+                f"differs from the unfused plan by up to {self.unfused_diff:.2g}")
+        return MicroRun(
+            model=f"wkv_fused {problem}", change=f"{problem} path={self.path} tuning=wkv_wg={self.wg}",
+            figure="kernel_time", value=self.seconds * 1e6, samples=[s * 1e6 for s in self.samples],
+            seconds=list(self.samples), path=self.path, tuning=f"wkv_wg={self.wg}", clock=self.clock,
+            check=(f"max error {self.max_error:.2g} of tolerance (float64 NumPy on {CHECK_TOKENS} tokens: "
+                   f"state 1e-5 of its largest value, output 1e-4 relative); {same}"),
+            details={"heads": self.heads, "tokens": self.T, "wkv_wg": self.wg, "seconds": self.seconds,
+                     "us_per_token": self.seconds / self.T * 1e6, "dispatches": self.dispatches,
+                     "copies": self.copies, "max_error": self.max_error, "unfused_diff": self.unfused_diff},
+            kernel_tuning=kernel_tuning)
 
     def line(self) -> str:
         return (f"{self.path:7s} wkv_wg={self.wg:<5d} T={self.T:<3d} {self.seconds * 1e6:9.2f} us/dispatch "
@@ -218,12 +243,14 @@ def bench(kernels, path: str, wg: int, T: int, size: str = "full", repeats: int 
     n = int(min(4000, max(n, pass_seconds / max(per, 1e-9))))
     times = [p.time(n) for _ in range(repeats)]
     return WkvTiming(path=path, wg=wg, T=T, heads=H, seconds=statistics.median(times) / n,
-                     clock="gpu" if p.timestamps else "wall", dispatches=n, copies=p.copies)
+                     clock="gpu" if p.timestamps else "wall", dispatches=n, copies=p.copies,
+                     samples=tuple(t / n for t in times))
 
 
 def run(paths=KERNEL_PATHS, wgs=WGS, size: str = "full", backend: str = "auto", repeats: int = 5, seed: int = 0,
-        out=None) -> tuple[list[WkvTiming], list[str]]:
-    """Every path x wkv_wg x T: (timings, failures), a line per measurement printed to `out`."""
+        out=None, save: micro_records.Saver | None = None) -> tuple[list[WkvTiming], list[str]]:
+    """Every path x wkv_wg x T: (timings, failures), a line per measurement printed to `out`
+    and handed to `save` (with the GPU it ran on) as soon as it is measured."""
     from rwkvlab.gpu import get_gpu, resolve_options
 
     out = out or sys.stdout
@@ -257,8 +284,12 @@ def run(paths=KERNEL_PATHS, wgs=WGS, size: str = "full", backend: str = "auto", 
                   file=out, flush=True)
             for T in tokens:
                 t = bench(kernels, path, wg, T, size, repeats, seed)
+                t = replace(t, max_error=err, unfused_diff=unfused_diff)
                 timings.append(t)
                 print(t.line(), file=out, flush=True)
+                if save is not None:
+                    # the tuning this shape ran with: the device's, wkv_wg set by the kernel constant
+                    save(t.micro_run({**kernels.tuning.as_record(), "wkv_wg": wg}), gpu)
     return timings, failures
 
 
@@ -269,18 +300,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wgs", default=",".join(map(str, WGS)), help="wkv_wg values (64 x lanes per row)")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--repeats", type=int, default=5, help="timed passes per measurement (median kept)")
+    micro_records.add_arguments(ap, "wkv_bench")
     args = ap.parse_args(argv)
-    start = time.perf_counter()
-    try:
-        wgs = [int(w) for w in args.wgs.split(",")]
-        timings, failures = run(paths=args.paths.split(","), wgs=wgs, size="small" if args.small else "full",
-                                backend=args.backend, repeats=args.repeats)
-    except ValueError as e:
-        print(f"wkv_bench: {e}", file=sys.stderr)
-        return 2
-    print(f"# {len(timings)} measured, {len(failures)} failed, {time.perf_counter() - start:.1f} s")
-    return 1 if failures else 0
 
+    def measure(save):
+        wgs = [int(w) for w in args.wgs.split(",")]
+        return run(paths=args.paths.split(","), wgs=wgs, size="small" if args.small else "full",
+                   backend=args.backend, repeats=args.repeats, save=save)
+
+    return micro_records.main("wkv_bench", args, measure)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -75,3 +75,56 @@ sys.stderr.write("\\r\\x1b[A\\x1b[2K\\r\\x1b[")
 sys.stderr.flush()
 os.kill(os.getpid(), signal.SIGKILL)
 """
+
+
+# --- micro-benchmark runs in the history (rwkvlab.micro_records) ------------------------------
+
+def wait_for_next_second() -> None:
+    """Sleep until the wall clock's second changes. A history run is named by its timestamp
+    (whole seconds) and change, so a test repeating a measurement must not do it in the same
+    second (real benches take far longer than that)."""
+    import time
+
+    now = int(time.time())
+    while int(time.time()) == now:
+        time.sleep(0.02)
+
+
+def read_micro_runs(folder: Path, title: str, column: str, unit: str, runs: int):
+    """The history a micro-benchmark wrote to ``folder``, read back and judged, with what every
+    such run must hold checked: read without a single warning, ``runs`` runs under ``title`` in
+    the GPU's file, the figure a positive number in ``column`` with its unit, the engine's
+    speeds and the quality hash missing, the NumPy check and commit recorded, the per-pass
+    samples, options and environment joined from the sidecar, output "unknown".
+    Returns (runs, verdicts)."""
+    import warnings
+
+    import numpy as np
+
+    from rwkvlab.bench import slug
+    from rwkvlab.gpu import get_gpu
+    from rwkvlab.history import HistoryWarning, read_history
+    from rwkvlab.verdicts import verdicts
+
+    gpu = get_gpu("auto", native=False).info
+    assert sorted(p.name for p in folder.glob("*.md*") if p.suffix != ".lock") == [f"{slug(gpu.name)}.md",
+                                                                           f"{slug(gpu.name)}.md.jsonl"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HistoryWarning)
+        df = read_history(folder)
+    assert len(df) == runs and set(df["title"]) == {title} and set(df["gpu"]) == {gpu.name}
+    assert df[column].dtype == np.float64 and (df[column] > 0).all() and df.attrs["units"][column] == unit
+    assert df[["load_ms", "prefill_tps", "generation_tps"]].isna().all().all()
+    assert df["quality_hash"].isna().all()
+    assert df["check"].str.startswith("max error ").all() and df["commit"].str.len().ge(7).all()
+    assert (df["backend"] == gpu.backend).all()
+    for _, run in df.iterrows():
+        assert set(run["options"]) == {"backend", "path", "tuning"} and run["options"]["path"] == run["path"]
+        assert run["environment"]["gpu"] == gpu.name and run["environment"]["commit"] == run["commit"]
+        passes = run["samples"][column]
+        assert len(passes) == len(run["samples"]["seconds"]) >= 1 and min(passes) <= run[column] * 1.001
+        assert max(passes) >= run[column] * 0.999  # the figure is the median of its passes, to 4 digits
+    judged = verdicts(df)
+    assert (judged["output"] == "unknown").all()
+    assert (judged["output_reason"] == "no quality hash recorded").all()
+    return df, judged

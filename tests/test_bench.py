@@ -411,7 +411,8 @@ def test_output_verdict_is_the_lab_rule(bench, tmp_path):
     assert record.fingerprint and len(record.fingerprint) == 16
     assert judge(record, tmp_path / "none.md").output == "first run"
     same = judge(record, history)
-    assert same.output == "same" and "of baseline runs.md 'Bench test'" in same.output_reason
+    # (the module's other tests copy this run into other files of the folder: any may be named)
+    assert same.output == "same" and ".md 'Bench test'" in same.output_reason
     changed = replace(record, quality_tokens=list(reversed(record.quality_tokens)))
     verdict = judge(changed, history)
     assert verdict.output == "changed" and not verdict.ok

@@ -29,6 +29,7 @@ from rwkvlab import kernel_bench
 from rwkvlab import quant_kernels as qk
 from rwkvlab.gpu import get_gpu
 from rwkvlab.options import KERNEL_PATHS
+from conftest import read_micro_runs, wait_for_next_second
 
 U32 = 2.0 ** -24
 FORMATS = ["Q4_0", "Q4_K", "Q5_K", "Q6_K"]
@@ -298,12 +299,55 @@ def test_kernel_bench_never_times_a_wrong_kernel(monkeypatch):
     assert passes == [False]  # only the untimed dispatch that produced the output
 
 
-def test_kernel_bench_cli(capsys):
-    assert kernel_bench.main(["--small", "--formats", "Q6_K", "--paths", "native", "--repeats", "1"]) == 0
+def test_kernel_bench_cli(capsys, tmp_path, monkeypatch):
+    """--no-save prints every line and writes nothing (run where the default history folder
+    would be)."""
+    monkeypatch.chdir(tmp_path)
+    assert kernel_bench.main(["--small", "--formats", "Q6_K", "--paths", "native", "--repeats", "1", "--no-save"]) == 0
     out = capsys.readouterr().out
-    assert out.count("native  Q6_K") == 3 and "3 measured, 0 failed" in out
-    assert kernel_bench.main(["--small", "--formats", "Q2_K"]) == 2
+    assert out.count("native  Q6_K") == 3 and "3 measured, 0 failed" in out and "saved" not in out
+    assert kernel_bench.main(["--small", "--formats", "Q2_K", "--no-save"]) == 2
     assert "Q2_K" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_kernel_bench_writes_runs_the_history_reads_and_judges(capsys, tmp_path):
+    """Each measurement becomes a run of the GPU's history file: model "matvec <fmt> <M>x<K>",
+    the figure in a Bandwidth row in GB/s (the printed number), the path and tuning in the
+    change; a second call's run of the same matrix, path and tuning is judged against the
+    first (vs title and vs history), another path's against the same matrix's earlier runs."""
+    args = ["--small", "--formats", "Q8_0", "--repeats", "2", "--history-dir", str(tmp_path / "h"),
+            "--tunings", ";matvec_rows=2"]
+    assert kernel_bench.main(args) == 0
+    first = capsys.readouterr().out
+    assert "# 12 run(s) saved to " in first
+    wait_for_next_second()
+    assert kernel_bench.main(args[:-2]) == 0  # the device's own tuning only
+    df, judged = read_micro_runs(tmp_path / "h", "kernel_bench", "bandwidth", "GB/s", 12 + 6)
+    shapes = [f"{M}x{K}" for M, K in kernel_bench.SHAPES["small"]]
+    assert set(df["model"]) == {f"matvec Q8_0 {s}" for s in shapes}
+    assert set(df["change"][:12]) == {f"Q8_0 {s} path={p} tuning={t}" for s in shapes for p in KERNEL_PATHS
+                                      for t in ("default", "matvec_rows=2")}
+    assert set(df["tuning"]) == {"default", "matvec_rows=2"}
+    assert set(df["matvec_shape"]) <= {f"red {r} nr {n}" for r in (1, 2, 4, 8, 16, 32) for n in (1, 2, 4)}
+    for _, run in df[:12].iterrows():  # the printed figure (1 decimal) is the recorded one (4 digits)
+        rows = run["model"].split()[-1].split("x")[0]
+        line = next(x for x in first.splitlines() if x.startswith(run["path"].ljust(7)) and
+                    f"{rows:>6s}x" in x and f"[{run['tuning']}]" in x)
+        printed = float(line.split(" GB/s")[0].split()[-1])
+        assert abs(printed - run["bandwidth"]) <= 0.05 + 5e-4 * printed, (line, run["bandwidth"])
+    assert (judged["bandwidth_vs_title"][:1] == "no reference").all()
+    assert judged["bandwidth_vs_title"][12:].isin(["improvement", "regression", "within noise"]).all()
+    assert judged["bandwidth_vs_history"][12:].isin(["improvement", "regression", "within noise"]).all()
+    assert (judged[["throughput_vs_title", "kernel_time_vs_title", "prefill_vs_title"]] == "no reference").all().all()
+
+
+def test_kernel_bench_refuses_a_history_it_cannot_write(capsys, tmp_path):
+    """Before measuring anything: a --history-dir that is a file is an error (exit 2)."""
+    (tmp_path / "file").write_text("")
+    assert kernel_bench.main(["--small", "--formats", "Q8_0", "--history-dir", str(tmp_path / "file")]) == 2
+    captured = capsys.readouterr()
+    assert "is not a folder; nothing measured" in captured.err and "Q8_0" not in captured.out
 
 
 def test_kernel_bench_falls_back_to_the_wall_clock():

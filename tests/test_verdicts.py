@@ -13,6 +13,7 @@ import pytest
 from rwkvlab.history import HistoryWarning, RunRecord, append_run, read_history
 from rwkvlab.verdicts import (
     DEFAULT_SIGMA,
+    MICRO_METRICS,
     SIGMA_FLOOR,
     Z,
     change_points,
@@ -55,11 +56,16 @@ def test_columns_values_and_index(seeds):
     df, v = seeds
     assert v.index.equals(df.index)
     expected = ["output", "output_reason"]
-    for m in ("prefill", "generation", "load"):
+    for m in ("prefill", "generation", "load", "bandwidth", "throughput", "kernel_time"):
         expected += [f"{m}_vs_title", f"{m}_vs_title_reason", f"{m}_vs_history", f"{m}_vs_history_reason",
                      f"{m}_change_point"]
     assert list(v.columns) == expected
     assert set(v["output"]) <= {"baseline", "same", "changed", "unknown"}
+    # the seeds hold no micro-benchmark run: nothing of theirs is judged, each run says why
+    for m, (column, _, _) in MICRO_METRICS.items():
+        assert (v[f"{m}_vs_title"] == "no reference").all() and (v[f"{m}_vs_history"] == "no reference").all()
+        assert (v[f"{m}_vs_title_reason"] == f"no {column} value in this run").all()
+        assert not v[f"{m}_change_point"].any()
     for m in ("prefill", "generation", "load"):
         assert set(v[f"{m}_vs_title"]) <= set(SPEED) and set(v[f"{m}_vs_history"]) <= set(SPEED)
         assert v[f"{m}_change_point"].dtype == bool
@@ -282,3 +288,49 @@ def test_the_committed_h100_history_has_no_false_output_change():
     for line in (75, 2095, 2127):
         row = v[(df["line"] == line).to_numpy()].iloc[0]
         assert row["output"] == "baseline" and "prompt " in row["output_reason"], row["output_reason"]
+
+
+# ------------------------------------------------------------------------------------------
+# Micro-benchmark figures (rwkvlab.micro_records writes them as extra rows)
+# ------------------------------------------------------------------------------------------
+
+def test_micro_figures_are_judged_where_a_run_has_one(tmp_path):
+    """Kernel time is better lower, bandwidth higher; each is compared only among runs of one
+    measured problem (the model) under one title; an engine run in the same file gets "no
+    reference" for them and keeps its own verdicts; the micro runs' output is "unknown"."""
+    engine = dict(title="engine", model="m.gguf")
+    micro = dict(load_ms=None, prefill_tps=None, generation_tps=None, quality_hash="")
+    df = history(tmp_path, [
+        engine,
+        {**engine, "prefill_tps": 80.0},
+        {**micro, "title": "wkv_bench", "model": "wkv_fused H=40 T=1", "extra": {"Kernel time": "10.0 us"}},
+        {**micro, "title": "wkv_bench", "model": "wkv_fused H=40 T=1", "extra": {"Kernel time": "13.0 us"}},
+        {**micro, "title": "wkv_bench", "model": "wkv_fused H=40 T=64", "extra": {"Kernel time": "90.0 us"}},
+        {**micro, "title": "kernel_bench", "model": "matvec Q8_0 2560x2560", "extra": {"Bandwidth": "1000 GB/s"}},
+        {**micro, "title": "kernel_bench", "model": "matvec Q8_0 2560x2560", "extra": {"Bandwidth": "1300 GB/s"}},
+    ])
+    assert df.attrs["units"]["kernel_time"] == "us" and df.attrs["units"]["bandwidth"] == "GB/s"
+    v = verdicts(df)
+    assert list(v["output"][2:]) == ["unknown"] * 5
+    assert list(v["kernel_time_vs_title"]) == ["no reference"] * 3 + ["regression"] + ["no reference"] * 3
+    assert "+30.0% vs 10.00 us" in v.at[3, "kernel_time_vs_title_reason"]
+    assert v.at[4, "kernel_time_vs_title_reason"].startswith("no earlier run")  # another T: another problem
+    assert list(v["bandwidth_vs_title"]) == ["no reference"] * 6 + ["improvement"]
+    assert list(v["bandwidth_vs_history"]) == ["no reference"] * 6 + ["improvement"]
+    assert v.at[0, "bandwidth_vs_title_reason"] == "no bandwidth value in this run"
+    assert v.at[1, "prefill_vs_title"] == "regression"  # the engine runs are judged as before
+    assert (v["throughput_vs_title"] == "no reference").all()
+
+
+def test_a_figure_no_run_has_is_judged_as_if_its_column_were_empty(seeds):
+    """An absent column takes a shortcut; it must say exactly what the full comparison says of
+    runs without a value (checked by giving one seed run a bandwidth, which forces it)."""
+    df, v = seeds
+    forced = df.assign(bandwidth=np.nan)
+    forced.loc[forced.index[0], "bandwidth"] = 100.0
+    w = verdicts(forced)
+    rest = w.index[1:]
+    for column in [c for c in v.columns if c.startswith("bandwidth_")]:
+        assert w.loc[rest, column].equals(v.loc[rest, column]), column
+    assert w.drop(columns=[c for c in w.columns if c.startswith("bandwidth_")]).equals(
+        v.drop(columns=[c for c in v.columns if c.startswith("bandwidth_")]))

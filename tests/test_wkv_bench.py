@@ -5,6 +5,7 @@ import io
 
 from rwkvlab import wkv_bench
 from rwkvlab.options import KERNEL_PATHS
+from conftest import read_micro_runs, wait_for_next_second
 
 
 def test_small_run_checks_then_times_every_shape():
@@ -41,6 +42,29 @@ def test_a_wrong_answer_is_reported_and_not_timed(monkeypatch):
     assert len(failures) == 1 and "wkv_wg=256: off float64 NumPy" in failures[0]
 
 
-def test_cli_refuses_a_shape_the_kernel_has_not(capsys):
-    assert wkv_bench.main(["--small", "--wgs", "96"]) == 2
+def test_cli_refuses_a_shape_the_kernel_has_not(capsys, tmp_path):
+    assert wkv_bench.main(["--small", "--wgs", "96", "--history-dir", str(tmp_path)]) == 2
     assert "wkv_wg [96]" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_writes_runs_the_history_reads_and_judges(capsys, tmp_path):
+    """A run per path x wkv_wg x T: model "wkv_fused H=4 T=<T>", GPU microseconds per dispatch
+    in a Kernel time row (lower is better), the check with its comparison to the unfused plan;
+    the second call's runs are judged against the first's."""
+    args = ["--small", "--paths", "webgpu", "--wgs", "64", "--repeats", "3", "--history-dir", str(tmp_path)]
+    assert wkv_bench.main(args) == 0
+    first = capsys.readouterr().out
+    wait_for_next_second()
+    assert wkv_bench.main(args) == 0
+    df, judged = read_micro_runs(tmp_path, "wkv_bench", "kernel_time", "us", 4)
+    assert list(df["model"]) == ["wkv_fused H=4 T=1", "wkv_fused H=4 T=8"] * 2
+    assert list(df["change"][:2]) == ["H=4 T=1 path=webgpu tuning=wkv_wg=64", "H=4 T=8 path=webgpu tuning=wkv_wg=64"]
+    assert (df["tuning"] == "wkv_wg=64").all() and df["check"].str.contains("the unfused plan").all()
+    assert all(len(s["kernel_time"]) == 3 for s in df["samples"])
+    for T, us in zip((1, 8), df["kernel_time"][:2]):  # the printed figure, recorded to 4 digits
+        line = next(x for x in first.splitlines() if f"T={T} " in x)
+        printed = float(line.split(" us/dispatch")[0].split()[-1])
+        assert abs(printed - us) <= 0.005 + 5e-4 * printed, (line, us)
+    assert list(judged["kernel_time_vs_title"][:2]) == ["no reference"] * 2
+    assert judged["kernel_time_vs_title"][2:].isin(["improvement", "regression", "within noise"]).all()
