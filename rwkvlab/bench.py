@@ -588,7 +588,7 @@ class Verdict:
         return self.output != "changed" and self.logits != "too large"
 
 
-def history_frame(record: BenchRecord, file: str = "<this run>"):
+def history_frame(record: BenchRecord, file: str = "this run"):
     """The run as :func:`rwkvlab.history.read_history` would read it back once saved."""
     from rwkvlab.history import frame_of_run
 
@@ -607,6 +607,7 @@ def judge(record: BenchRecord, history: str | os.PathLike) -> Verdict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", HistoryWarning)  # `rwkvlab history` reports those
         df = read_history(folder) if folder.is_dir() else pd.DataFrame()
+    # named for the file it would be saved to: its title's earlier runs there are its vs_title set
     judged = judge_new(df, history_frame(record, Path(history).name)).iloc[0]
     if judged["output"] == "baseline":
         output, why = "first run", f"first run of its kind: {judged['output_reason']}"

@@ -130,6 +130,14 @@ def _pick_adapter(backend: str):
     if backend != "auto":
         wanted = _BACKEND_TYPES[backend]
         adapters = [a for a in adapters if a.info["backend_type"] == wanted]
+    unable = [a for a in adapters if not can_compute(a.limits)]
+    adapters = [a for a in adapters if can_compute(a.limits)]
+    if unable and not adapters:
+        # e.g. an OpenGL 3.3 context (the NVIDIA driver's EGL without GLES 3.1): wgpu lists the
+        # adapter, then fails to make a device ("doesn't support ... COMPUTE_SHADER").
+        names = ", ".join(_info(a).label for a in unable)
+        raise NoAdapterError(f"no adapter for backend {backend!r} can run compute shaders ({names}: WebGPU on "
+                             f"OpenGL needs OpenGL 4.3 / ES 3.1); {VULKAN_FIX}")
     if not adapters:
         have = available_backends()
         if not have:
@@ -160,7 +168,19 @@ def _numbered_adapter(adapters: list, text: str, backend: str):
     if backend != "auto" and adapter.info["backend_type"] != _BACKEND_TYPES[backend]:
         raise OptionsError(f"${ADAPTER_ENV}={index} is {_info(adapter).label}, not a {backend} adapter; "
                            f"use --backend auto or another number ({labels})")
+    if not can_compute(adapter.limits):
+        raise NoAdapterError(f"${ADAPTER_ENV}={index} is {_info(adapter).label}, which cannot run compute shaders "
+                             f"(WebGPU on OpenGL needs OpenGL 4.3 / ES 3.1); pick another number ({labels})")
     return adapter
+
+
+def can_compute(limits) -> bool:
+    """Whether an adapter with these limits runs compute shaders with storage buffers at all."""
+    try:
+        return (int(limits.get("max-compute-invocations-per-workgroup", 0)) > 0
+                and int(limits.get("max-storage-buffers-per-shader-stage", 0)) > 0)
+    except (TypeError, ValueError):
+        return False
 
 
 def has_native_features(features) -> bool:
@@ -199,7 +219,11 @@ def get_gpu(backend: str = "auto", native: bool = False) -> GPU:
     wanted = COMMON_FEATURES + (NATIVE_FEATURES if native else ())
     features = [f for f in wanted if f in adapter.features]
     limits = {k: adapter.limits[k] for k in _LIMITS if k in adapter.limits}
-    device = adapter.request_device_sync(required_features=features, required_limits=limits)
+    try:
+        device = adapter.request_device_sync(required_features=features, required_limits=limits)
+    except Exception as err:  # wgpu raises RuntimeError with several lines of causes
+        raise NoAdapterError(f"the device of {_info(adapter).label} could not be created "
+                             f"({' '.join(str(err).split())}); {VULKAN_FIX}") from None
     return GPU(adapter, device, _info(adapter), frozenset(features), limits)
 
 

@@ -851,6 +851,7 @@ def frame_of_run(record: RunRecord, sidecar: dict[str, Any], file: str = "<new r
     extras: list[str] = []
     rows = parse_history_text(f"## {_one_line(record.title)}\n\n{format_run(record)}", file, extras)
     for row in rows:
+        row["line"] = 0  # not in any file yet
         row.update(_described(json.loads(json.dumps(sidecar, default=_json_default)), Path(file), 0))
         samples = sidecar.get("samples")
         row["samples"] = dict(samples) if isinstance(samples, dict) else {}

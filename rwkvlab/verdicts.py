@@ -260,7 +260,8 @@ class _Columns:
         """How a reason names a run: file, title, timestamp."""
         if i not in self.labels:
             stamp = "no timestamp" if self.no_time[i] else self.timestamp[i].strftime("%Y-%m-%d %H:%M:%S")
-            self.labels[i] = f"{self.file[i]} '{self.title[i]}' {stamp} (line {self.line[i]})"
+            where = f"line {self.line[i]}" if self.line[i] else "not saved"
+            self.labels[i] = f"{self.file[i]} '{self.title[i]}' {stamp} ({where})"
         return self.labels[i]
 
 

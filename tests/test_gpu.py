@@ -1,0 +1,57 @@
+"""Choosing the adapter: what the lab refuses, and how it says so (fake adapters, no GPU work)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from rwkvlab import gpu
+from rwkvlab.gpu import NoAdapterError
+
+
+def fake_adapter(backend_type: str, adapter_type: str, compute: bool = True, device_error: str | None = None):
+    limits = {"max-compute-invocations-per-workgroup": 256 if compute else 0,
+              "max-storage-buffers-per-shader-stage": 8 if compute else 0}
+
+    def request_device_sync(**_):
+        raise RuntimeError(device_error)
+
+    return SimpleNamespace(info={"backend_type": backend_type, "adapter_type": adapter_type, "device": "Fake GPU",
+                                 "description": "fake"},
+                           limits=limits, features=set(), request_device_sync=request_device_sync)
+
+
+@pytest.fixture
+def adapters(monkeypatch):
+    """Replace wgpu's adapter list with the list this fixture returns (filled by each test)."""
+    import wgpu
+
+    found: list = []
+    monkeypatch.setattr(wgpu.gpu, "enumerate_adapters_sync", lambda: list(found))
+    return found
+
+
+def test_vulkan_before_opengl_before_nothing(adapters):
+    adapters += [fake_adapter("OpenGL", "DiscreteGPU"), fake_adapter("Vulkan", "CPU")]
+    assert gpu._pick_adapter.__wrapped__("auto").info["backend_type"] == "Vulkan"
+    assert gpu._pick_adapter.__wrapped__("gl").info["backend_type"] == "OpenGL"
+
+
+def test_an_opengl_adapter_without_compute_shaders_is_refused_by_name(adapters):
+    """Seen on an H200 with Vulkan hidden: the NVIDIA driver's EGL gives an OpenGL 3.3 context,
+    which wgpu lists and then cannot make a compute device on."""
+    adapters.append(fake_adapter("OpenGL", "Unknown", compute=False))
+    with pytest.raises(NoAdapterError) as err:
+        gpu._pick_adapter.__wrapped__("auto")
+    message = str(err.value)
+    assert "can run compute shaders" in message and "Fake GPU (gl, Unknown)" in message
+    assert "mesa-vulkan-drivers" in message
+
+
+def test_a_device_that_cannot_be_made_is_a_one_line_error(adapters, monkeypatch):
+    bad = fake_adapter("OpenGL", "Unknown", device_error="Request device failed (3)\n\nCaused by:\n  lost")
+    monkeypatch.setattr(gpu, "_pick_adapter", lambda backend: bad)
+    with pytest.raises(NoAdapterError) as err:
+        gpu.get_gpu.__wrapped__("auto", native=False)
+    message = str(err.value)
+    assert "\n" not in message and "could not be created (Request device failed (3) Caused by: lost)" in message
