@@ -209,6 +209,16 @@ def _sweep(sub) -> None:
                    "repeatable; fusions values: none, all, a name, or names joined by +")
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds one configuration may take before it is stopped (default: 1800)")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="run the configurations on a Dask LocalCluster of N worker processes on this machine, "
+                   "one GPU resource each (default: 0, one at a time in this process: one GPU is best "
+                   "measured alone)")
+    p.add_argument("--scheduler", metavar="tcp://HOST:8786",
+                   help="run the configurations on an existing Dask cluster (workers started with "
+                   "--nthreads 1 --resources GPU=1); runs are appended here, to the file of the GPU each ran on")
+    p.add_argument("--adapter", metavar="N[,N...]",
+                   help="adapter number(s) as `python -m rwkvlab.gpu` lists them (0 first): one for a sweep here, "
+                   "one per worker with --workers ($RWKVLAB_ADAPTER does the same for a worker started by hand)")
     p.set_defaults(handler="rwkvlab.sweep:cli_sweep")
 
 

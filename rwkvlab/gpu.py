@@ -18,6 +18,10 @@ from rwkvlab.options import BACKENDS, Options, OptionsError, tuning_from_environ
 _BACKEND_TYPES = {"vulkan": "Vulkan", "metal": "Metal", "dx12": "D3D12", "gl": "OpenGL"}
 _BACKEND_NAMES = {v: k for k, v in _BACKEND_TYPES.items()}
 _ADAPTER_RANK = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "CPU": 3}
+# Which adapter a process runs on when a host has several GPUs: its number in the order
+# list_adapters() (and `python -m rwkvlab.gpu`) gives them, 0 first. One Dask worker per GPU
+# starts with its own value (rwkvlab.cluster); unset, the best adapter of the backend is used.
+ADAPTER_ENV = "RWKVLAB_ADAPTER"
 # What to install when only OpenGL (or nothing) is found; said by setup.sh and every error.
 VULKAN_FIX = ("install a Vulkan driver (Debian/Ubuntu without a GPU: apt-get install mesa-vulkan-drivers; "
               "`make setup` does it)")
@@ -121,6 +125,8 @@ def _pick_adapter(backend: str):
     if backend not in BACKENDS:
         raise OptionsError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
     adapters = list(wgpu.gpu.enumerate_adapters_sync())
+    if os.environ.get(ADAPTER_ENV, "").strip():
+        return _numbered_adapter(adapters, os.environ[ADAPTER_ENV].strip(), backend)
     if backend != "auto":
         wanted = _BACKEND_TYPES[backend]
         adapters = [a for a in adapters if a.info["backend_type"] == wanted]
@@ -147,6 +153,25 @@ def _pick_adapter(backend: str):
         adapters,
         key=lambda a: (a.info["backend_type"] == "OpenGL", _ADAPTER_RANK.get(a.info["adapter_type"], 4)),
     )
+
+
+def _numbered_adapter(adapters: list, text: str, backend: str):
+    """The adapter ``$RWKVLAB_ADAPTER`` names, checked against the backend asked for."""
+    labels = "; ".join(f"{i}: {_info(a).label}" for i, a in enumerate(adapters)) or "none"
+    try:
+        index = int(text)
+    except ValueError:
+        raise OptionsError(f"${ADAPTER_ENV}={text!r}: expected an adapter's number; this machine has {labels}") from None
+    if not 0 <= index < len(adapters):
+        raise NoAdapterError(f"${ADAPTER_ENV}={index}: no such adapter; this machine has {labels}")
+    adapter = adapters[index]
+    if backend != "auto" and adapter.info["backend_type"] != _BACKEND_TYPES[backend]:
+        raise OptionsError(f"${ADAPTER_ENV}={index} is {_info(adapter).label}, not a {backend} adapter; "
+                           f"use --backend auto or another number ({labels})")
+    if not can_compute(adapter.limits):
+        raise NoAdapterError(f"${ADAPTER_ENV}={index} is {_info(adapter).label}, which cannot run compute shaders "
+                             f"(WebGPU on OpenGL needs OpenGL 4.3 / ES 3.1); pick another number ({labels})")
+    return adapter
 
 
 def can_compute(limits) -> bool:

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,10 +115,10 @@ class WorkerResult:
     seconds: float
 
 
-def worker_env() -> dict[str, str]:
-    """This environment, with this package importable in the worker (a bare checkout imported
-    through sys.path, not installed, must still be found by ``python -m``)."""
-    env = dict(os.environ)
+def worker_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This environment plus ``extra``, with this package importable in the worker (a bare
+    checkout imported through sys.path, not installed, must still be found by ``python -m``)."""
+    env = {**os.environ, **(extra or {})}
     here = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
@@ -128,18 +128,19 @@ def run_worker(cmd: Sequence[str], *, timeout: float = 1800.0,
                on_progress: Callable[[int, int, str], None] | None = None,
                on_line: Callable[[str], None] | None = None,
                on_start: Callable[[subprocess.Popen], None] | None = None,
-               relay: bool = False) -> WorkerResult:
+               relay: bool = False, env: Mapping[str, str] | None = None) -> WorkerResult:
     """Run ``cmd`` (:func:`bench_command`) and read its record.
 
     ``on_progress(step, steps, stage)`` receives bench's progress events, ``on_line`` every
     stderr line for a person (summary, warnings), ``on_start`` the process (to stop it);
     ``relay`` also copies the worker's stderr, bars and all, to this process's stderr (a
-    terminal user watching a sweep). Exit 0, 1 (the logit check failed), 3 (measured, not
+    terminal user watching a sweep); ``env`` adds variables to the worker's environment (a
+    sweep task's ``RWKVLAB_ADAPTER``). Exit 0, 1 (the logit check failed), 3 (measured, not
     saved) or 4 (a gate failed) with a record on stdout is a result; anything else is a failure
     described by bench's own error line, or by how the worker died.
     """
     start = time.perf_counter()
-    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=worker_env())
+    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=worker_env(env))
     if on_start:
         on_start(proc)
     records: list[dict[str, Any]] = []
