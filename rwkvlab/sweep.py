@@ -34,7 +34,6 @@ from rwkvlab.bench import BenchError, BenchRecord, BenchSettings, history_file, 
 from rwkvlab.history import check_appendable
 from rwkvlab.options import Options, OptionsError, from_args, parse_fusions
 from rwkvlab.synth import ModelNotFoundError, model_from_args
-from rwkvlab.worker import bench_command, run_worker  # bench_command: part of this module's API
 
 # Options fields a sweep can vary, with the type of their values.
 VARIABLE = {"backend": str, "path": str, "weights": str, "fusions": str, "chunk": int, "gemm_min_tokens": int,
@@ -238,12 +237,6 @@ def pick_best(result: SweepResult) -> SweepRow | None:
     """The correct row with the fastest (median) generation."""
     correct = [r for r in result.rows if result.correct(r)]
     return max(correct, key=lambda r: r.get("generation_tps"), default=None)
-
-
-def run_config(config: Config, cmd: list[str], timeout: float) -> SweepRow:
-    """Run one configuration's worker (rwkvlab.worker); its stderr streams through live."""
-    result = run_worker(cmd, timeout=timeout, relay=True)
-    return SweepRow(config, result.raw, result.error, result.returncode, result.seconds)
 
 
 def run_sweep(model: str | os.PathLike, base: Options, vary: dict[str, list[str]],

@@ -18,8 +18,9 @@ from rwkvlab.bench import BenchSettings, settings_from_args
 from rwkvlab.cli import build_parser, main
 from rwkvlab.history import HistoryWarning, read_history, sidecar_path
 from rwkvlab.options import FUSIONS, Options, OptionsError, from_args
-from rwkvlab.sweep import (VARIABLE, Config, SweepResult, SweepRow, baseline_options, bench_command,
-                           configurations, parse_vary, pick_best, run_config, with_baseline)
+from rwkvlab.sweep import (VARIABLE, Config, SweepResult, SweepRow, baseline_options, configurations, parse_vary,
+                           pick_best, with_baseline)
+from rwkvlab.worker import bench_command, run_worker
 
 SMALL = ["--prefill", "8", "--generate", "4", "--warmup", "0", "--repeat", "1", "--no-progress"]
 
@@ -155,36 +156,36 @@ def _py(code: str) -> list[str]:
     return [sys.executable, "-c", code]
 
 
-def test_run_config_reads_the_json_record(capfd):
-    row = run_config(Config(Options(), "ok"), _py("import json,sys; print('progress', file=sys.stderr); "
-                                                   "print(json.dumps({'generation_tps': 3.0}))"), timeout=60)
-    assert row.ran and row.result == {"generation_tps": 3.0} and row.returncode == 0
+def test_the_worker_runner_reads_the_json_record(capfd):
+    row = run_worker(_py("import json,sys; print('progress', file=sys.stderr); "
+                         "print(json.dumps({'generation_tps': 3.0}))"), timeout=60, relay=True)
+    assert row.raw is not None and row.raw == {"generation_tps": 3.0} and row.returncode == 0
     assert "progress" in capfd.readouterr().err  # the child's stderr streams through
 
 
 def test_a_crash_costs_one_row():
-    row = run_config(Config(Options(), "crash"), _py("import os; os.abort()"), timeout=60)
-    assert not row.ran and row.error.startswith("killed by signal 6")
-    row = run_config(Config(Options(), "error"),
-                     _py("import sys; print('rwkvlab bench: no adapter', file=sys.stderr); sys.exit(2)"), timeout=60)
-    assert not row.ran and row.error == "exit 2: rwkvlab bench: no adapter"
-    row = run_config(Config(Options(), "multi-line"), _py(
+    row = run_worker(_py("import os; os.abort()"), timeout=60, relay=True)
+    assert row.raw is None and row.error.startswith("killed by signal 6")
+    row = run_worker(_py("import sys; print('rwkvlab bench: no adapter', file=sys.stderr); sys.exit(2)"),
+                     timeout=60, relay=True)
+    assert row.raw is None and row.error == "exit 2: rwkvlab bench: no adapter"
+    row = run_worker(_py(
         "import sys; print('rwkvlab bench: shader x does not compile:\\n  detail\\n  more', file=sys.stderr); "
-        "sys.exit(2)"), timeout=60)
+        "sys.exit(2)"), timeout=60, relay=True)
     assert row.error == "exit 2: rwkvlab bench: shader x does not compile:"
-    row = run_config(Config(Options(), "garbage"), _py("print('not json')"), timeout=60)
-    assert not row.ran and row.error.startswith("exit 0")
+    row = run_worker(_py("print('not json')"), timeout=60, relay=True)
+    assert row.raw is None and row.error.startswith("exit 0")
 
 
 def test_a_worker_killed_mid_bar_names_its_last_human_line(capfd):
-    row = run_config(Config(Options(), "killed"), _py(WORKER_KILLED_MID_BAR), timeout=60)
-    assert not row.ran and row.error == f"killed by signal 9: {WORKER_LAST_LINE}"
+    row = run_worker(_py(WORKER_KILLED_MID_BAR), timeout=60, relay=True)
+    assert row.raw is None and row.error == f"killed by signal 9: {WORKER_LAST_LINE}"
     assert "\x1b[A" in capfd.readouterr().err  # the terminal still gets the bars as drawn
 
 
 def test_a_hang_is_stopped():
-    row = run_config(Config(Options(), "hang"), _py("import time; time.sleep(60)"), timeout=1.0)
-    assert not row.ran and row.error == "stopped after 1 s (its time limit)" and row.seconds < 30
+    row = run_worker(_py("import time; time.sleep(60)"), timeout=1.0, relay=True)
+    assert row.raw is None and row.error == "stopped after 1 s (its time limit)" and row.seconds < 30
 
 
 # --------------------------------------------------------------------------------------------
