@@ -259,9 +259,14 @@ def main(argv: list[str] | None = None) -> int:
     if not adapters:
         print(f"no WebGPU adapter found; {VULKAN_FIX}", file=sys.stderr)
         return 1
-    resolved = resolve_options()
+    only_gl = all(a.backend == "gl" for a in adapters)
+    try:
+        resolved = resolve_options()
+    except (NoAdapterError, OptionsError) as err:  # e.g. an OpenGL context without compute shaders
+        print(f"no usable adapter: {err}", file=sys.stderr)
+        return 3 if only_gl else 1
     print(f"defaults: backend=auto -> {_info(_pick_adapter('auto')).label}, path=auto -> {resolved.path}")
-    if args.check and all(a.backend == "gl" for a in adapters):
+    if args.check and only_gl:
         print("only an OpenGL adapter: WebGPU on OpenGL has no f16 and no subgroups, so the lab "
               f"runs the portable path only, slowly; {VULKAN_FIX}", file=sys.stderr)
         return 3

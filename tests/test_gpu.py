@@ -55,3 +55,12 @@ def test_a_device_that_cannot_be_made_is_a_one_line_error(adapters, monkeypatch)
         gpu.get_gpu.__wrapped__("auto", native=False)
     message = str(err.value)
     assert "\n" not in message and "could not be created (Request device failed (3) Caused by: lost)" in message
+
+
+def test_the_check_asks_for_a_vulkan_driver_when_opengl_cannot_compute(adapters, capsys, monkeypatch):
+    """`python -m rwkvlab.gpu --check` (what scripts/setup.sh asks) exits 3 - install a Vulkan
+    driver - when the only adapter is an OpenGL context without compute shaders."""
+    adapters.append(fake_adapter("OpenGL", "Unknown", compute=False))
+    monkeypatch.setattr(gpu, "_pick_adapter", gpu._pick_adapter.__wrapped__)  # no cached choice
+    assert gpu.main(["--check"]) == 3
+    assert "no usable adapter" in capsys.readouterr().err
