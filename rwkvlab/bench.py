@@ -563,10 +563,11 @@ def slug(text: str) -> str:
     return re.sub(r"[^0-9a-z]+", "-", text.lower()).strip("-") or "gpu"
 
 
-def history_file(record: BenchRecord, history_dir: str | os.PathLike = "data/benchmarks",
+def history_file(gpu: str, history_dir: str | os.PathLike = "data/benchmarks",
                  file: str | None = None) -> Path:
-    """``<history_dir>/<file>.md``; ``file`` defaults to the slugified GPU name."""
-    name = file or slug(record.gpu)
+    """``<history_dir>/<file>.md``; ``file`` defaults to the slugified GPU name (every run on a
+    GPU, engine or micro-benchmark, lands in that GPU's file)."""
+    name = file or slug(gpu)
     if name.endswith(".md"):
         name = name[:-3]
     return Path(history_dir) / f"{name}.md"
@@ -753,7 +754,7 @@ def cli_bench(args: argparse.Namespace) -> int:
             KernelError) as err:
         print(f"rwkvlab bench: {err}", file=sys.stderr)
         return EXIT_NOT_RUN
-    history = history_file(record, args.history_dir, args.file)
+    history = history_file(record.gpu, args.history_dir, args.file)
     verdict = judge(record, history)
     print(format_summary(record, verdict), file=human)
     saved: dict[str, Any] = {}

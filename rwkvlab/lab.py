@@ -594,7 +594,7 @@ class Panel:
         title = (title if title is not None else self.title_box.value).strip() or run.record.title
         change = (change if change is not None else self.change_box.value).strip() or run.record.change
         record = dataclasses.replace(run.record, title=title, change=change)
-        path = bench.history_file(record, self.history_dir)
+        path = bench.history_file(record.gpu, self.history_dir)
         try:
             line = bench.save_bench(record, path)
         except (OSError, ValueError) as err:

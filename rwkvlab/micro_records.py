@@ -137,19 +137,14 @@ def sidecar_record(run: MicroRun, title: str, backend: str, environment: dict[st
     }
 
 
-def history_path(history_dir: str | os.PathLike, gpu_name: str) -> Path:
-    """``<history_dir>/<slug of the GPU name>.md``: the file `rwkvlab bench` writes on that GPU."""
-    from rwkvlab.bench import slug
-
-    return Path(history_dir) / f"{slug(gpu_name)}.md"
-
-
 def save_run(run: MicroRun, *, title: str, gpu, history_dir: str | os.PathLike, commit: str) -> tuple[Path, int]:
     """Append ``run`` (measured on ``gpu``, a `rwkvlab.gpu.GPU`) to the history file of that
     GPU in ``history_dir`` and its sidecar; return the file and the line of the run."""
     from rwkvlab.gpu import environment
 
-    path = history_path(history_dir, gpu.info.name)
+    from rwkvlab.bench import history_file
+
+    path = history_file(gpu.info.name, history_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = append_run(path, run_record(run, title, gpu.info.name, gpu.info.backend, commit))
     append_sidecar(path, sidecar_record(run, title, gpu.info.backend, environment(gpu), commit))

@@ -314,7 +314,7 @@ def save_row(raw: dict[str, Any], history_dir: str | os.PathLike, file: str | No
     from rwkvlab.history import HistoryWriteError
 
     record = BenchRecord.from_dict(raw)
-    path = history_file(record, history_dir, file)
+    path = history_file(record.gpu, history_dir, file)
     try:
         return {"file": str(path), "line": save_bench(record, path)}
     except (HistoryWriteError, OSError) as err:  # OSError covers filelock.Timeout too

@@ -492,8 +492,8 @@ def test_a_run_with_a_tuning_override_replays_from_its_record(tiny, cache, tmp_p
 def test_history_file_defaults_to_the_gpu_name(bench):
     record, _, _ = bench
     assert slug("Apple M2 Max") == "apple-m2-max"
-    assert history_file(record, "h").name == slug(record.gpu) + ".md"
-    assert history_file(record, "h", "mine") == Path("h/mine.md")
+    assert history_file(record.gpu, "h").name == slug(record.gpu) + ".md"
+    assert history_file(record.gpu, "h", "mine") == Path("h/mine.md")
 
 
 # --------------------------------------------------------------------------------------------
