@@ -171,18 +171,10 @@ def compare(record: BenchRecord, baseline: Baseline | None,
     output is not a speed-up). Logits: max |logit error| against the NumPy reference, within
     bench's tolerance ("ok"), beyond it ("too large"), or "not checked".
     """
-    from rwkvlab.verdicts import judge_new
-
     comparable = baseline is not None and baseline.model == record.model
     same_gpu = comparable and baseline.gpu == record.gpu
 
-    judged = judge_new(history if history is not None else pd.DataFrame(), bench.history_frame(record)).iloc[0]
-    if judged["output"] == "baseline":
-        output = Check("first run", f"first run of its kind: {judged['output_reason']}")
-    elif judged["output"] == "changed":
-        output = Check("changed", f"OUTPUT CHANGED: {judged['output_reason']}")
-    else:
-        output = Check(str(judged["output"]), str(judged["output_reason"]))
+    output = Check(*bench.judge_output(record, history if history is not None else pd.DataFrame())[:2])
     if not record.consistent:
         output = Check(output.verdict, output.reason + "; the timed generations did not all give the "
                                                        "same tokens: the engine is not deterministic")

@@ -50,7 +50,6 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
@@ -60,10 +59,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from rwkvlab.history import HistoryWarning, RunRecord, append_run, append_sidecar, read_history
+from rwkvlab.history import HistoryWriteError, RunRecord, append_run, append_sidecar, read_history_quietly
 from rwkvlab.options import Options, OptionsError, from_args, from_record
-from rwkvlab.synth import ModelNotFoundError, model_from_args, resolve_model
 from rwkvlab.quality import HASH_TOKENS, SHOWN_TOKENS, quality_hash
+from rwkvlab.synth import ModelNotFoundError, model_from_args, resolve_model
 
 # Written for this lab: plain English with digits, punctuation and a line break, so that
 # byte-level and word-level vocabs both see ordinary text.
@@ -289,7 +288,8 @@ def run_bench(model: str | os.PathLike, options: Options | None = None,
     options = resolve_options(options)  # the record holds what ran: "auto" resolved
     settings = settings or BenchSettings()
     path = resolve_model(model)
-    host_model = read_model(path)
+    # the engine's load scans the weights for NaN / Inf (and warns); one scan per run is enough
+    host_model = read_model(path, check_values=False)
     prompt = prompt_tokens(Tokenizer.from_model(host_model), settings.prefill)
     cached = reference_cache_file(path, host_model, prompt) if settings.reference else None
     if settings.reference and not cached.exists():
@@ -596,26 +596,27 @@ def history_frame(record: BenchRecord, file: str = "this run"):
     return frame_of_run(record.to_run_record(), record.sidecar_record(), file)
 
 
+def judge_output(record: BenchRecord, history: pd.DataFrame, file: str = "this run") -> tuple[str, str, pd.Series]:
+    """The run's verdicts as if appended to ``history`` under ``file`` (rwkvlab.verdicts), and its
+    output as bench and the panel say it: "first run", "same" or "changed", with the reason."""
+    from rwkvlab.verdicts import judge_new
+
+    judged = judge_new(history, history_frame(record, file)).iloc[0]
+    if judged["output"] == "baseline":
+        return "first run", f"first run of its kind: {judged['output_reason']}", judged
+    if judged["output"] == "changed":
+        return "changed", f"OUTPUT CHANGED: {judged['output_reason']}", judged
+    return str(judged["output"]), str(judged["output_reason"]), judged
+
+
 def judge(record: BenchRecord, history: str | os.PathLike) -> Verdict:
     """The verdicts of ``record`` as if appended to ``history`` (a .md file): the output against
     the baseline of its output key (model fingerprint, prompt and generation lengths) across
     every history file in that folder, the speeds against its title and its history
     (:mod:`rwkvlab.verdicts`, the rule the panel, ``history`` and reports apply), and the logits
     against the NumPy reference."""
-    from rwkvlab.verdicts import judge_new
-
-    folder = Path(history).parent
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", HistoryWarning)  # `rwkvlab history` reports those
-        df = read_history(folder) if folder.is_dir() else pd.DataFrame()
     # named for the file it would be saved to: its title's earlier runs there are its vs_title set
-    judged = judge_new(df, history_frame(record, Path(history).name)).iloc[0]
-    if judged["output"] == "baseline":
-        output, why = "first run", f"first run of its kind: {judged['output_reason']}"
-    elif judged["output"] == "changed":
-        output, why = "changed", f"OUTPUT CHANGED: {judged['output_reason']}"
-    else:
-        output, why = str(judged["output"]), str(judged["output_reason"])
+    output, why, judged = judge_output(record, read_history_quietly(Path(history).parent), Path(history).name)
     if record.logit_error is None:
         logits, lwhy = "not checked", "logits not checked against the NumPy reference (--no-reference)"
     elif record.logit_ok:
@@ -634,6 +635,15 @@ def save_bench(record: BenchRecord, history: str | os.PathLike) -> int:
     line = append_run(path, record.to_run_record())
     append_sidecar(path, record.sidecar_record())
     return line
+
+
+def save_or_error(record: BenchRecord, history: str | os.PathLike) -> dict[str, Any]:
+    """:func:`save_bench`, answering where the run went (``file``, ``line``) or, when it could
+    not be written, the ``error`` that kept it out (the measurement itself is not lost)."""
+    try:
+        return {"file": str(history), "line": save_bench(record, history)}
+    except (HistoryWriteError, OSError) as err:  # OSError covers filelock.Timeout too
+        return {"error": str(err)}
 
 
 def format_summary(record: BenchRecord, verdict: Verdict) -> str:
@@ -692,9 +702,7 @@ def replay_of(where: str) -> tuple[Path, Options, BenchSettings, pd.Series]:
         raise BenchError(f"--replay {where!r}: expected FILE.md:LINE (a run's ### heading line)")
     if not Path(file).is_file():
         raise BenchError(f"--replay {where!r}: {file} is not a file")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", HistoryWarning)
-        df = read_history(file)
+    df = read_history_quietly(file)
     rows = df[df["line"] == int(line)]
     if rows.empty:
         raise BenchError(f"--replay {where!r}: no run heading on line {line} of {file}")
@@ -721,7 +729,7 @@ def cli_bench(args: argparse.Namespace) -> int:
     from rwkvlab.engine import EngineError
     from rwkvlab.gguf import GGUFError
     from rwkvlab.gpu import NoAdapterError
-    from rwkvlab.history import HistoryWriteError, check_appendable
+    from rwkvlab.history import check_appendable
     from rwkvlab.kernels import KernelError
     from rwkvlab.verdicts import GATES, gate_failures
 
@@ -757,23 +765,15 @@ def cli_bench(args: argparse.Namespace) -> int:
     history = history_file(record.gpu, args.history_dir, args.file)
     verdict = judge(record, history)
     print(format_summary(record, verdict), file=human)
-    saved: dict[str, Any] = {}
-    failed = None
-    if not args.no_save:
-        try:
-            line = save_bench(record, history)
-        except (HistoryWriteError, OSError) as err:  # OSError covers filelock.Timeout too
-            failed = f"rwkvlab bench: the run was measured but not saved to {history}: {err}"
-            saved = {"error": str(err)}
-        else:
-            saved = {"file": str(history), "line": line}
-            print(f"saved        {history}:{line} (samples in {history.name}.jsonl)", file=human)
+    saved: dict[str, Any] = {} if args.no_save else save_or_error(record, history)
+    if "line" in saved:
+        print(f"saved        {history}:{saved['line']} (samples in {history.name}.jsonl)", file=human)
     if args.json:
         out = record.to_dict()
         out.update(verdict=asdict(verdict), saved=saved)
         print(json.dumps(out, default=_json_default))
-    if failed:
-        print(failed, file=sys.stderr)
+    if "error" in saved:
+        print(f"rwkvlab bench: the run was measured but not saved to {history}: {saved['error']}", file=sys.stderr)
         return EXIT_NOT_SAVED
     if record.logit_ok is False:
         return EXIT_LOGITS

@@ -14,6 +14,11 @@ from rwkvlab import options as opts
 from rwkvlab.synth import FORMATS, PRESETS  # the one source of presets and formats (no wgpu)
 
 
+def _history_paths(p) -> None:
+    p.add_argument("paths", nargs="*", default=["data/benchmarks"],
+                   help="history files or folders (default: data/benchmarks)")
+
+
 def _history(sub) -> None:
     p = sub.add_parser(
         "history",
@@ -22,7 +27,7 @@ def _history(sub) -> None:
         "one row per run with its verdicts. Malformed entries are reported as warnings naming "
         "file:line, never dropped silently.",
     )
-    p.add_argument("paths", nargs="*", default=["data/benchmarks"], help="files or folders (default: data/benchmarks)")
+    _history_paths(p)
     p.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format (default: table)")
     p.set_defaults(handler="rwkvlab.report:cli_history")
 
@@ -38,7 +43,7 @@ def _report(sub) -> None:
         "those after --since; with neither (a first report), the last day of recording: the runs within "
         "24 hours of the newest run.",
     )
-    p.add_argument("paths", nargs="*", default=["data/benchmarks"], help="files or folders (default: data/benchmarks)")
+    _history_paths(p)
     p.add_argument("-o", "--output", help="HTML file to write (default: report.html; lab-report.html with --notebooks)")
     p.add_argument("--notebooks", nargs="*", metavar="NOTEBOOK",
                    help="instead: execute the lab's notebooks (default: all of notebooks/*.ipynb) and write them "
@@ -63,7 +68,7 @@ def _compare(sub) -> None:
     )
     p.add_argument("a", metavar="A", help="the runs compared with (a selector)")
     p.add_argument("b", metavar="B", help="the runs judged (a selector)")
-    p.add_argument("paths", nargs="*", default=["data/benchmarks"], help="history files or folders (default: data/benchmarks)")
+    _history_paths(p)
     p.add_argument("--fail-on-regression", action="store_true",
                    help="exit 1 when B regressed beyond noise on any metric or its output differs from A's")
     p.add_argument("-v", "--verbose", action="store_true", help="also print why each verdict was given")

@@ -143,7 +143,6 @@ def load(path_or_preset: str | Path, options: Options | None = None, progress: b
     several buffers by rows; the default is the device's max storage binding size.
     """
     from rwkvlab.gguf import read_model
-
     from rwkvlab.gpu import get_gpu, resolve_options
     from rwkvlab.synth import resolve_model
 
@@ -281,7 +280,6 @@ class Engine:
         self._queue.submit([])
 
     # --- checks --------------------------------------------------------------------------------
-
 
     def _check_model(self) -> None:
         s = self.spec
@@ -972,10 +970,10 @@ class Engine:
 def cli_generate(args) -> int:
     """`rwkvlab generate`: load, prefill the prompt, generate greedily; text to stdout, speeds
     to stderr. Bad options, no adapter or a bad file: one line on stderr, exit code 2."""
-    from rwkvlab.options import from_args
-    from rwkvlab.synth import model_from_args
     from rwkvlab.gguf import GGUFError
     from rwkvlab.gpu import NoAdapterError
+    from rwkvlab.options import from_args
+    from rwkvlab.synth import model_from_args
 
     try:
         options = from_args(args)

@@ -66,6 +66,7 @@ __all__ = [
     "frame_of_run",
     "printable",
     "read_history",
+    "read_history_quietly",
     "read_sidecar",
     "sidecar_path",
     "snake_case",
@@ -286,6 +287,17 @@ def read_history(paths_or_dir: str | os.PathLike | Iterable[str | os.PathLike]) 
         _join_sidecar(path, file_rows)
         rows.extend(file_rows)
     return _to_frame(rows, extras)
+
+
+def read_history_quietly(paths_or_dir: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.DataFrame:
+    """:func:`read_history` without its warnings (``rwkvlab history`` reports those), and an
+    empty frame where nothing exists yet: what judging new runs against the history reads."""
+    items = [paths_or_dir] if isinstance(paths_or_dir, (str, os.PathLike)) else list(paths_or_dir)
+    if not any(Path(p).exists() for p in items):
+        return pd.DataFrame()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HistoryWarning)
+        return read_history(items)
 
 
 def _history_files(paths_or_dir: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rwkvlab.bench import BenchError, BenchRecord, BenchSettings, history_file, save_bench, settings_from_args
+from rwkvlab.bench import BenchError, BenchRecord, BenchSettings, history_file, save_or_error, settings_from_args
 from rwkvlab.history import check_appendable
 from rwkvlab.options import Options, OptionsError, from_args, parse_fusions
 from rwkvlab.synth import ModelNotFoundError, model_from_args
@@ -311,14 +311,8 @@ def run_sweep(model: str | os.PathLike, base: Options, vary: dict[str, list[str]
 def save_row(raw: dict[str, Any], history_dir: str | os.PathLike, file: str | None) -> dict[str, Any]:
     """Append one run (bench's JSON record) to its history file, named for its GPU unless
     ``file`` is given; where it went (``file``, ``line``), or the ``error`` that kept it out."""
-    from rwkvlab.history import HistoryWriteError
-
     record = BenchRecord.from_dict(raw)
-    path = history_file(record.gpu, history_dir, file)
-    try:
-        return {"file": str(path), "line": save_bench(record, path)}
-    except (HistoryWriteError, OSError) as err:  # OSError covers filelock.Timeout too
-        return {"error": f"not saved to {path}: {err}"}
+    return save_or_error(record, history_file(record.gpu, history_dir, file))
 
 
 @contextlib.contextmanager
@@ -355,18 +349,13 @@ def _bar(total: int, show: bool):
 def judge_rows(rows: list[SweepRow], history_dir: str | os.PathLike, saved: bool) -> dict[int, tuple[str, str]]:
     """Each run's output verdict by the lab's rule: saved runs as the history now holds them,
     unsaved ones as if appended after the history in the order they ran."""
-    import warnings
-
     import pandas as pd
 
     from rwkvlab.bench import BenchRecord, history_frame
-    from rwkvlab.history import HistoryWarning, read_history
+    from rwkvlab.history import read_history_quietly
     from rwkvlab.verdicts import judge_new, verdicts
 
-    folder = Path(history_dir)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", HistoryWarning)  # `rwkvlab history` reports those
-        history = read_history(folder) if folder.is_dir() else pd.DataFrame()
+    history = read_history_quietly(history_dir)
     ran = [(i, r) for i, r in enumerate(rows) if r.ran]
     out: dict[int, tuple[str, str]] = {}
     if saved:

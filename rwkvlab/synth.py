@@ -529,8 +529,7 @@ def resolve_model(model: str | os.PathLike, fmt: str = "f32") -> Path:
         return path
     if str(model) in PRESETS:
         return default_model_path(str(model), fmt)
-    what = f"{path} is not a file" if path.exists() else f"model file {path} does not exist"
-    raise ModelNotFoundError(f"{what}; give a GGUF file or a preset ({', '.join(PRESETS)})")
+    raise _not_a_model(path, "a preset")
 
 
 def model_from_args(args) -> Path:
@@ -539,10 +538,14 @@ def model_from_args(args) -> Path:
     if getattr(args, "model", None):
         path = Path(args.model)
         if not path.is_file():
-            what = f"{path} is not a file" if path.exists() else f"model file {path} does not exist"
-            raise ModelNotFoundError(f"{what}; give a GGUF file, or --preset ({', '.join(PRESETS)})")
+            raise _not_a_model(path, "--preset")
         return path
     return default_model_path(args.preset or "tiny", args.synth_format)
+
+
+def _not_a_model(path: Path, instead: str) -> ModelNotFoundError:
+    what = f"{path} is not a file" if path.exists() else f"model file {path} does not exist"
+    return ModelNotFoundError(f"{what}; give a GGUF file or {instead} ({', '.join(PRESETS)})")
 
 
 def cli_synth(args) -> int:

@@ -227,8 +227,6 @@ class _Columns:
     no_time: np.ndarray
     no_model: np.ndarray
     no_hash: np.ndarray
-    model_key: list  # str() of the value, as the series and title keys use it
-    gpu_key: list
     output_key: list  # (model identity, prompt tokens, generated tokens): see the module docstring
     speed_key: list  # output key + GPU, weight policy and backend
     labels: dict
@@ -252,7 +250,6 @@ class _Columns:
             quality_hash=runs["quality_hash"].tolist(), line=runs["line"].tolist(),
             timestamp=runs["timestamp"].tolist(), no_time=runs["timestamp"].isna().to_numpy(),
             no_model=runs["model"].isna().to_numpy(), no_hash=runs["quality_hash"].isna().to_numpy(),
-            model_key=[str(m) for m in model], gpu_key=[str(g) for g in gpu],
             output_key=output_key, speed_key=speed_key, labels={},
         )
 
