@@ -387,10 +387,10 @@ class _Timings:
 def _measure(path: Path, options: Options, settings: BenchSettings, prompt: list[int], bar) -> _Timings:
     """Load, warm up and time the engine; the engine is released before this returns."""
     from rwkvlab.engine import load
-    from rwkvlab.gpu import environment, get_gpu
+    from rwkvlab.gpu import environment, gpu_for
 
     # The device is per process and cached; make it outside the clock so load time is the model's.
-    get_gpu(options.backend, native=options.path == "native")
+    gpu_for(options)
 
     bar.set_description("load")
     start = time.perf_counter()

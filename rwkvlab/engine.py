@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rwkvlab import gpu as gpu_runtime
 from rwkvlab import kernels as kn
 from rwkvlab import quant_kernels as qk
 from rwkvlab.kernels import Dispatch
@@ -44,7 +45,6 @@ class EngineError(RuntimeError):
 @dataclass
 class Segment:
     """Rows [row0, row0 + rows) of a matrix, stored from word `w_base` of one GPU buffer."""
-
     buffer: object
     w_base: int
     row0: int
@@ -58,7 +58,6 @@ class Matrix:
     Small matrices of a block share buffers (stacked at load, so the "proj" fusion can run
     several in one dispatch); a matrix bigger than one binding is split by rows over buffers.
     """
-
     name: str
     fmt: str  # GPU format: one of kernels.GPU_FORMATS (F32 ... Q8_0, Q4_0, Q4_K, Q5_K, Q6_K)
     M: int
@@ -70,7 +69,6 @@ class Matrix:
 @dataclass
 class _Product:
     """One matrix product of the forward pass: Y[y_off + t*y_stride + m] (+)= act(W X[x_off + t*K] + bias)."""
-
     mat: Matrix
     x: object
     x_off: int  # floats
@@ -85,7 +83,6 @@ class _Product:
 class _Slots:
     """One GPU buffer holding several [Tm, width] activations ("slots") at 256-byte aligned
     offsets: stacked products write all their outputs into one binding."""
-
     def __init__(self, device, name: str, Tm: int, widths: dict[str, int], usage) -> None:
         self.offsets: dict[str, int] = {}
         self.widths = dict(widths)
@@ -108,7 +105,6 @@ class _Slots:
 @dataclass
 class GenerateStats:
     """Timing of the last `generate` call (the prefill is waited for, so the split is honest)."""
-
     n_prompt: int
     n_generated: int
     prefill_seconds: float
@@ -118,7 +114,6 @@ class GenerateStats:
 @dataclass
 class _Op:
     """One step of the forward pass: a label and how to dispatch it for T tokens."""
-
     label: str
     dispatches: Callable[[int], list[Dispatch]]
 
@@ -143,14 +138,14 @@ def load(path_or_preset: str | Path, options: Options | None = None, progress: b
     several buffers by rows; the default is the device's max storage binding size.
     """
     from rwkvlab.gguf import read_model
-    from rwkvlab.gpu import get_gpu, resolve_options
+    from rwkvlab.gpu import gpu_for, resolve_options
     from rwkvlab.synth import resolve_model
 
     start = time.perf_counter()
     options = resolve_options(options)
     path = resolve_model(path_or_preset)  # a file, or a preset name (f32, written on first use)
     model = read_model(path)
-    gpu = get_gpu(options.backend, native=options.path == "native")
+    gpu = gpu_for(options)
     engine = Engine(model, gpu, options, progress=progress, split_bytes=split_bytes)
     engine.load_seconds = time.perf_counter() - start
     return engine
@@ -189,7 +184,6 @@ def _row_bytes_on_gpu(t, fmt: str, r0: int, r1: int) -> np.ndarray:
 @dataclass
 class _UploadSlice:
     """Rows [r0, r1) of tensor `tensor`, to be written at byte `offset` of `buffer`."""
-
     buffer: object
     offset: int
     tensor: object
@@ -234,11 +228,8 @@ class Engine:
     step), weight_formats (tensor -> format on the GPU), matrices (name -> Matrix: where its
     rows are), last_generate (GenerateStats of the last generate call).
     """
-
     def __init__(self, model, gpu, options: Options, *, progress: bool = True,
                  split_bytes: int | None = None) -> None:
-        import wgpu
-
         from rwkvlab.tokenizer import Tokenizer
 
         if options.path not in KERNEL_PATHS:
@@ -254,7 +245,6 @@ class Engine:
         self.path = Path(model.path)
         self._device = gpu.device
         self._queue = gpu.device.queue
-        self._wgpu = wgpu
         self.fusions = options.fusions  # Options expands 'all' and checks the names
         self._check_model()
 
@@ -359,7 +349,6 @@ class Engine:
     def _upload_weights(self, progress: bool) -> None:
         from tqdm import tqdm
 
-        wgpu = self._wgpu
         for name in self._matrix_names():
             t = self.model.tensor(name)
             self.weight_formats[name] = _gpu_format(t.ggml_type, self.options.weights)
@@ -381,7 +370,7 @@ class Engine:
             slices = []
             for words, segs in layout:
                 buf = self._device.create_buffer(label=f"weights:{segs[0][0]}", size=max(16, words * 4),
-                                                 usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST)
+                                                 usage=gpu_runtime.STORAGE | gpu_runtime.COPY_DST)
                 for name, row0, rows, w_base in segs:
                     mat = self._matrix(name)
                     slices += self._row_slices(buf, w_base, mat, row0, rows)
@@ -421,7 +410,6 @@ class Engine:
 
     def _upload_vectors(self, names: list[str], bar) -> None:
         """All 1-D tensors (and the six lerp mixes) in one f32 buffer, each 256-byte aligned."""
-        wgpu = self._wgpu
         self._vec_at = {}
         offset = 0
         for n in names:
@@ -434,7 +422,7 @@ class Engine:
             host[off // 4: (off + size) // 4] = self.model.tensor(n).dequantize().reshape(-1)
             self.weight_formats[n] = "F32"
         self.vecs = self._device.create_buffer(label="vectors", size=max(16, host.nbytes),
-                                               usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST)
+                                               usage=gpu_runtime.STORAGE | gpu_runtime.COPY_DST)
         self._write(self.vecs, 0, host, bar)
 
     def _vec(self, name: str) -> tuple:
@@ -455,10 +443,9 @@ class Engine:
         rate, value mix, gate: written by the second), so a stacked product has one output
         binding and the next stack one input binding.
         """
-        wgpu = self._wgpu
         s, Tm = self.spec, self.Tm
         C = s.n_embd
-        usage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsage.COPY_DST
+        usage = gpu_runtime.STORAGE | gpu_runtime.COPY_SRC | gpu_runtime.COPY_DST
         self._new = []
         self.mix = _Slots(self._device, "mix", Tm, {f"m{j}": C for j in range(6)}, usage)
         self.down = _Slots(self._device, "down", Tm, {
@@ -484,7 +471,7 @@ class Engine:
         self.gen_capacity = GEN_CAPACITY
         new("gen", (1 + self.gen_capacity) * 4)
         self.run = self._device.create_buffer(label="run", size=16,
-                                              usage=wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST)
+                                              usage=gpu_runtime.UNIFORM | gpu_runtime.COPY_DST)
         self._readback_size = 0
         self._ensure_readback(max(Tm * s.n_vocab * 4, (1 + self.gen_capacity) * 4))
         # Never-written buffers read as garbage (and some writes to them can be lost): clear all.
@@ -496,11 +483,10 @@ class Engine:
 
     def _ensure_readback(self, nbytes: int) -> None:
         if nbytes > self._readback_size:
-            wgpu = self._wgpu
             self._readback_size = _ceil_div(nbytes, 16) * 16
             self._readback = self._device.create_buffer(
                 label="readback", size=self._readback_size,
-                usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+                usage=gpu_runtime.MAP_READ | gpu_runtime.COPY_DST)
 
     def _layer_range(self, name: str, i: int, width: int) -> tuple:
         return (self.buffers[name], i * width * 4, width * 4)
@@ -859,8 +845,7 @@ class Engine:
 
     def _read(self, nbytes: int, dtype) -> np.ndarray:
         """Map the readback buffer (after a submit that copied into it) and copy out."""
-        wgpu = self._wgpu
-        self._readback.map_sync(wgpu.MapMode.READ, 0, _ceil_div(nbytes, 4) * 4)
+        self._readback.map_sync(gpu_runtime.MAP_MODE_READ, 0, _ceil_div(nbytes, 4) * 4)
         try:
             data = np.frombuffer(self._readback.read_mapped(0, nbytes), dtype=dtype).copy()
         finally:
@@ -909,11 +894,10 @@ class Engine:
     def _ensure_gen_capacity(self, n: int) -> None:
         if n <= self.gen_capacity:
             return
-        wgpu = self._wgpu
         self.gen_capacity = max(n, 2 * self.gen_capacity)
         buf = self._device.create_buffer(
             label="gen", size=(1 + self.gen_capacity) * 4,
-            usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsage.COPY_DST)
+            usage=gpu_runtime.STORAGE | gpu_runtime.COPY_SRC | gpu_runtime.COPY_DST)
         self.buffers["gen"] = buf
         self._head["argmax"] = self._argmax_op()
         self._plans = {k: v for k, v in self._plans.items() if not k[2]}

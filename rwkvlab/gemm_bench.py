@@ -32,10 +32,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rwkvlab import gpu as gpu_runtime
 from rwkvlab import kernels as kn
 from rwkvlab import micro_records
+from rwkvlab.options import RUNTIMES
 from rwkvlab.kernel_bench import (PASS_SECONDS, ROTATION_BYTES, KernelCheckError, RotatedWeights,
-                                  _timestamp_period, check_formats_and_paths, check_rows,
+                                  check_formats_and_paths, check_rows,
                                   dequantized_rows, random_matrix, time_passes)
 from rwkvlab.micro_records import MicroRun
 
@@ -54,7 +56,6 @@ REL_TOL = 1e-3
 @dataclass(frozen=True)
 class GemmTiming:
     """One format x shape x T x tuning measurement."""
-
     path: str
     fmt: str
     name: str  # the product it stands for (att.out, ffn.key, ffn.value)
@@ -101,7 +102,6 @@ class GemmTiming:
 @dataclass
 class Problem:
     """A random matrix and Tmax token vectors with NumPy's answer on the checked rows."""
-
     fmt: str
     M: int
     K: int
@@ -129,16 +129,14 @@ class Problem:
 def bench_gemm(kernels, path: str, problem: Problem, weights: RotatedWeights, T: int, tuning: str,
                name: str = "", *, size: str = "full", repeats: int = 5) -> GemmTiming:
     """Check then time the gemm kernel of `kernels` (one tuning) on T tokens of a problem."""
-    import wgpu
-
     d = kernels.device
     fmt, M, K = problem.fmt, problem.M, problem.K
-    storage = wgpu.BufferUsage.STORAGE
+    storage = gpu_runtime.STORAGE
     x = d.create_buffer_with_data(data=problem.x[:T].tobytes(), usage=storage)
     b = d.create_buffer(size=16, usage=storage)
-    y = d.create_buffer(size=4 * M * T, usage=storage | wgpu.BufferUsage.COPY_SRC)
+    y = d.create_buffer(size=4 * M * T, usage=storage | gpu_runtime.COPY_SRC)
     run = d.create_buffer_with_data(data=np.array([T, 0, 0, 0], np.uint32).tobytes(),
-                                    usage=wgpu.BufferUsage.UNIFORM)
+                                    usage=gpu_runtime.UNIFORM)
     seg = kn.MatSegment(rows=M, K=K, row_words=kn.row_words(fmt, K), w_base=0, x_off=0, y_off=0,
                         y_stride=M, fmt=fmt)
     kernel = kernels.kernel(kn.GEMM, FMT=kn.matmul_fmt([seg]))
@@ -148,9 +146,9 @@ def bench_gemm(kernels, path: str, problem: Problem, weights: RotatedWeights, T:
                            label=f"gemm_bench.{c}") for c in range(weights.copies)]
     stamps = "timestamp-query" in kernels.gpu.features
     if stamps:
-        queries = d.create_query_set(type=wgpu.QueryType.timestamp, count=2)
-        query_buf = d.create_buffer(size=16, usage=wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC)
-        period = _timestamp_period(d)
+        queries = d.create_query_set(type="timestamp", count=2)
+        query_buf = d.create_buffer(size=16, usage=gpu_runtime.QUERY_RESOLVE | gpu_runtime.COPY_SRC)
+        period = gpu_runtime.timestamp_period(kernels.gpu)
 
     def run_pass(n: int, timed: bool = True) -> tuple[float, float | None]:
         plan = kn.Plan(kn.Dispatch(kernel, groups[i % weights.copies], grid, "gemm_bench") for i in range(n))
@@ -190,11 +188,11 @@ def bench_gemm(kernels, path: str, problem: Problem, weights: RotatedWeights, T:
 
 
 def run(formats=FORMATS, paths=("webgpu",), size: str = "full", tokens=None, tunings=TUNINGS,
-        backend: str = "auto", repeats: int = 5, seed: int = 0, out=None,
+        backend: str = "auto", runtime: str = "wgpu-native", repeats: int = 5, seed: int = 0, out=None,
         save: micro_records.Saver | None = None) -> tuple[list[GemmTiming], list[str]]:
     """Every format x shape x path x T x tuning: (timings, failures), a line each to `out`,
     each handed to `save` (with the GPU it ran on) as soon as it is measured."""
-    from rwkvlab.gpu import get_gpu, resolve_options
+    from rwkvlab.gpu import gpu_for, resolve_options
     from rwkvlab.options import Options
 
     out = out or sys.stdout
@@ -202,8 +200,8 @@ def run(formats=FORMATS, paths=("webgpu",), size: str = "full", tokens=None, tun
     check_formats_and_paths(formats, paths)
     devices = {}
     for path in paths:
-        resolve_options(Options(backend=backend, path=path))  # a path this adapter lacks: a clear error
-        gpu = get_gpu(backend, native=path == "native")
+        # a runtime or path this adapter lacks: a clear error
+        gpu = gpu_for(resolve_options(Options(runtime=runtime, backend=backend, path=path)))
         try:
             devices[path] = (gpu, {t: kn.kernels_for(gpu, kn.choose_tuning(gpu, path, t)) for t in tunings})
         except kn.KernelError as e:
@@ -242,13 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tunings", default=";".join(TUNINGS),
                     help="semicolon-separated $RWKVLAB_TUNING strings, each measured")
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--runtime", default="wgpu-native", choices=RUNTIMES, help="WebGPU implementation (default: wgpu-native)")
     ap.add_argument("--repeats", type=int, default=5, help="timed passes per measurement (median kept)")
     micro_records.add_arguments(ap, "gemm_bench")
     args = ap.parse_args(argv)
     return micro_records.main("gemm_bench", args, lambda save: run(
         formats=args.formats.split(","), paths=args.paths.split(","), size="small" if args.small else "full",
         tokens=[int(t) for t in args.tokens.split(",")] if args.tokens else None,
-        tunings=[t.strip() for t in args.tunings.split(";")], backend=args.backend, repeats=args.repeats,
+        tunings=[t.strip() for t in args.tunings.split(";")], backend=args.backend, runtime=args.runtime, repeats=args.repeats,
         save=save))
 
 if __name__ == "__main__":

@@ -1,7 +1,22 @@
-"""Adapter and device: the one place that decides which GPU the lab runs on.
+"""Adapter, device and every call into a WebGPU implementation: the lab's one GPU runtime module.
 
-wgpu leaks when many devices are created, so each process gets one device per (backend,
-features) choice, cached here. Everything GPU-related asks this module for its device.
+Two implementations run the same engine (``Options.runtime``): wgpu-native through the `wgpu`
+package and Google's Dawn through `wgpudawn` (the same Python API). This is the only module
+that imports either; everything else gets a :class:`GPU` from :func:`gpu_for` / :func:`get_gpu`
+and calls the helpers here for what differs between them:
+
+- shader modules without runtime checks (:func:`shader_module`): wgpu-native's private
+  ``wgpuDeviceCreateShaderModuleTrusted``; on Dawn the device toggles ``skip_validation`` and
+  ``disable_robustness`` (asked for when the device is made, :func:`get_gpu`);
+- WGSL ``enable`` lines (:func:`shader_preamble`): Tint wants ``enable subgroups;``, Naga none;
+- fast encoding of a dispatch list (:func:`prepare_dispatches` / :func:`encode_prepared`):
+  wgpu-native's C functions called directly; Dawn's public methods are already about as fast;
+- timestamps inside a pass (:func:`write_timestamp`) and the tick length (:func:`timestamp_period`);
+- feature names: :attr:`GPU.features` uses one spelling (``subgroup``,
+  ``timestamp-query-inside-passes``, ``subgroup-matrix``) whatever the runtime calls them.
+
+wgpu leaks when many devices are created, so each process gets one device per (runtime,
+backend, features) choice, cached here.
 """
 from __future__ import annotations
 
@@ -10,11 +25,11 @@ import os
 import platform
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from rwkvlab.options import BACKENDS, Options, OptionsError, tuning_from_environment
+from rwkvlab.options import BACKENDS, RUNTIMES, Options, OptionsError, normalize_tuning, tuning_from_environment
 
-# Options.backend -> wgpu's adapter.info["backend_type"]
+# Options.backend -> the adapter's info["backend_type"] (both runtimes spell them alike)
 _BACKEND_TYPES = {"vulkan": "Vulkan", "metal": "Metal", "dx12": "D3D12", "gl": "OpenGL"}
 _BACKEND_NAMES = {v: k for k, v in _BACKEND_TYPES.items()}
 _ADAPTER_RANK = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "CPU": 3}
@@ -25,13 +40,23 @@ ADAPTER_ENV = "RWKVLAB_ADAPTER"
 # What to install when only OpenGL (or nothing) is found; said by setup.sh and every error.
 VULKAN_FIX = ("install a Vulkan driver (Debian/Ubuntu without a GPU: apt-get install mesa-vulkan-drivers; "
               "`make setup` does it)")
-# Features the native path uses where the adapter has them. Not "cooperative-matrix": wgpu
-# marks it experimental and refuses a device that asks for it unless experimental features are
-# enabled (seen on an H100's Vulkan adapter: "EXPERIMENTAL_COOPERATIVE_MATRIX ... experimental
-# features are not enabled"); no kernel uses it yet.
+# What Dawn needs on a machine without a GPU (Debian 12's lavapipe is too old for it).
+DAWN_FIX = ("Dawn needs a Vulkan driver newer than Mesa 22 on a machine without a GPU (Mesa >= 24's lavapipe; "
+            "`make setup` unpacks Debian bookworm-backports' into the virtual environment)")
+# Features the native path uses where the adapter has them, in the lab's spelling. Not
+# wgpu-native's "cooperative-matrix": wgpu marks it experimental and refuses a device that asks
+# for it unless experimental features are enabled, which its C API cannot do (seen on an H100).
+# Dawn's subgroup matrices are asked for on the native path where the adapter lists them.
 NATIVE_FEATURES = ("shader-f16", "subgroup")
 # Features every path asks for where available (per-kernel GPU timing).
 COMMON_FEATURES = ("timestamp-query", "timestamp-query-inside-passes", "timestamp-query-inside-encoders")
+# The lab's feature names -> each runtime's own (where they differ).
+_FEATURE_NAMES = {
+    "wgpu-native": {},
+    "dawn": {"subgroup": "subgroups",
+             "timestamp-query-inside-passes": "chromium-experimental-timestamp-query-inside-passes",
+             "subgroup-matrix": "chromium-experimental-subgroup-matrix"},
+}
 # Limits requested at the adapter's own maximum (asking for more than it has raises).
 _LIMITS = (
     "max-storage-buffer-binding-size",
@@ -42,6 +67,64 @@ _LIMITS = (
     "max-compute-workgroup-size-x",
     "max-compute-workgroups-per-dimension",
 )
+
+# WebGPU's numbers for the flags the lab uses (the spec's bit values; both runtimes take them).
+MAP_READ, COPY_SRC, COPY_DST, UNIFORM, STORAGE, QUERY_RESOLVE = 0x1, 0x4, 0x8, 0x40, 0x80, 0x200
+MAP_MODE_READ = 0x1
+COMPUTE_STAGE = 0x4
+# Bind group layout entry types (Kernels.layouts), by the lab's binding kinds.
+BINDING_TYPES = {"uniform": "uniform", "read": "read-only-storage", "rw": "storage"}
+
+
+def _api(runtime: str):
+    """The runtime's wgpu-py module (imported on first use; Dawn's instance set up once)."""
+    if runtime == "wgpu-native":
+        import wgpu
+
+        return wgpu
+    if runtime == "dawn":
+        return _dawn()
+    raise OptionsError(f"unknown runtime {runtime!r}; available: {', '.join(RUNTIMES)}")
+
+
+@functools.lru_cache(maxsize=None)
+def _dawn():
+    """wgpudawn with the instance the lab wants, set before its first adapter request:
+    ``allow_unsafe_apis`` (timestamps inside passes, subgroup matrices), f16 on NVIDIA's Vulkan
+    driver (Dawn blocks it there by default, and with it the f16 subgroup-matrix configs), and
+    unquantized timestamps (else they snap to ~65 us)."""
+    try:
+        import wgpudawn
+        from wgpudawn.backends.dawn import extras
+    except ImportError as e:
+        raise NoAdapterError(f"runtime 'dawn' needs the wgpudawn package ({e}); pip install wgpudawn, "
+                             "or use --runtime wgpu-native") from None
+    from rwkvlab.vulkan_drivers import dawn_loader_env, loader_env
+
+    extras.set_instance_extras(enable_toggles=["allow_unsafe_apis", "vulkan_enable_f16_on_nvidia"],
+                               disable_toggles=["timestamp_quantization"])
+    # Dawn's Vulkan instance is made by its first adapter scan, and keeps the drivers it found:
+    # the lavapipe `make setup` unpacked for it (where there is one) is added for that scan only,
+    # so wgpu-native and subprocesses still see just the system's drivers.
+    quiet_mesa_probe()
+    with loader_env(dawn_loader_env()):
+        try:
+            wgpudawn.gpu.enumerate_adapters_sync()
+        except RuntimeError:
+            pass  # no adapter: said by _pick_adapter, with what to install
+    return wgpudawn
+
+
+def installed_runtimes() -> list[str]:
+    """The runtimes whose package imports on this machine (no adapter is asked for)."""
+    import importlib.util
+
+    return [r for r, module in zip(RUNTIMES, ("wgpu", "wgpudawn")) if importlib.util.find_spec(module)]
+
+
+def available_runtimes() -> list[str]:
+    """The runtimes that are installed and find an adapter here (the panel offers these)."""
+    return [r for r in installed_runtimes() if list_adapters(r)]
 
 
 class NoAdapterError(RuntimeError):
@@ -64,13 +147,20 @@ class AdapterInfo:
 
 @dataclass(frozen=True)
 class GPU:
-    """A device and what it can do."""
+    """A device and what it can do.
+
+    features: what the device was made with, in the lab's spelling (see the module docstring);
+    subgroup_matrix_configs: Dawn's subgroup-matrix shapes when the device has them, each a
+    dict with M, N, K, component_type and result_component_type (empty otherwise).
+    """
 
     adapter: object
     device: object
     info: AdapterInfo
     features: frozenset[str]
     limits: dict
+    runtime: str = "wgpu-native"
+    subgroup_matrix_configs: tuple = field(default=(), compare=False)
 
     def has(self, feature: str) -> bool:
         return feature in self.features
@@ -98,33 +188,49 @@ def quiet_mesa_probe() -> None:
         os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="rwkvlab-xdg-")
 
 
-def list_adapters() -> list[AdapterInfo]:
-    """Every adapter wgpu can see on this machine (empty when there is none)."""
-    import wgpu
-
+def _enumerate(runtime: str) -> list:
+    """The runtime's adapters (Dawn's Null backend, which runs nothing, left out)."""
     quiet_mesa_probe()
     try:
-        return [_info(a) for a in wgpu.gpu.enumerate_adapters_sync()]
-    except RuntimeError:
+        found = list(_api(runtime).gpu.enumerate_adapters_sync())
+    except (RuntimeError, NoAdapterError):
         return []
+    return [a for a in found if a.info.get("backend_type") != "Null"]
 
 
-def available_backends() -> list[str]:
+def list_adapters(runtime: str = RUNTIMES[0]) -> list[AdapterInfo]:
+    """Every adapter the runtime can see on this machine (empty when there is none)."""
+    return [_info(a) for a in _enumerate(runtime)]
+
+
+def available_backends(runtime: str = RUNTIMES[0]) -> list[str]:
     """Options.backend values this machine can run (always including ``auto`` if any)."""
-    found = sorted({a.backend for a in list_adapters()})
+    found = sorted({a.backend for a in list_adapters(runtime)})
     return (["auto"] + found) if found else []
 
 
-@functools.lru_cache(maxsize=None)
-def _pick_adapter(backend: str):
-    """The adapter ``backend`` names (the best one for ``auto``); one choice per process, so
-    resolving options and making the device always agree."""
-    import wgpu
+# Where each chosen adapter stood in its runtime's scan (for _unused_twin).
+_SCAN_INDEX: dict[int, int] = {}
 
-    quiet_mesa_probe()
+
+@functools.lru_cache(maxsize=None)
+def _pick_adapter(backend: str, runtime: str = RUNTIMES[0]):
+    """The adapter ``backend`` names (the best one for ``auto``) on ``runtime``; one choice per
+    process, so resolving options and making the device always agree."""
     if backend not in BACKENDS:
         raise OptionsError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
-    adapters = list(wgpu.gpu.enumerate_adapters_sync())
+    if runtime not in RUNTIMES:
+        raise OptionsError(f"unknown runtime {runtime!r}; available: {', '.join(RUNTIMES)}")
+    scanned = _enumerate(runtime)
+    chosen = _choose_adapter(backend, runtime, scanned)
+    _SCAN_INDEX[id(chosen)] = next((i for i, a in enumerate(scanned) if a is chosen), 0)
+    return chosen
+
+
+def _choose_adapter(backend: str, runtime: str, adapters: list):
+    if runtime == "dawn" and not adapters:
+        raise NoAdapterError(f"runtime 'dawn' finds no adapter on this machine; {DAWN_FIX}; "
+                             "or use --runtime wgpu-native")
     if os.environ.get(ADAPTER_ENV, "").strip():
         return _numbered_adapter(adapters, os.environ[ADAPTER_ENV].strip(), backend)
     if backend != "auto":
@@ -139,7 +245,7 @@ def _pick_adapter(backend: str):
         raise NoAdapterError(f"no adapter for backend {backend!r} can run compute shaders ({names}: WebGPU on "
                              f"OpenGL needs OpenGL 4.3 / ES 3.1); {VULKAN_FIX}")
     if not adapters:
-        have = available_backends()
+        have = available_backends(runtime)
         if not have:
             raise NoAdapterError(f"no WebGPU adapter on this machine; {VULKAN_FIX}")
         hint = " (Metal is Apple's GPU API: wgpu uses it on macOS only)" if backend == "metal" else ""
@@ -191,16 +297,16 @@ def has_native_features(features) -> bool:
 def resolve_options(options: Options | None = None) -> Options:
     """The options as they will run on this machine: the one place defaults meet the adapter.
 
-    ``path="auto"`` becomes ``native`` where the adapter that ``options.backend`` picks has f16
-    or subgroups and ``webgpu`` otherwise; an empty tuning takes ``$RWKVLAB_TUNING`` where set;
-    everything else is kept. A backend or path asked for
-    explicitly that this machine cannot run raises (:class:`NoAdapterError` /
+    ``path="auto"`` becomes ``native`` where the adapter that ``options.runtime`` and
+    ``options.backend`` pick has f16 or subgroups and ``webgpu`` otherwise; an empty tuning takes
+    ``$RWKVLAB_TUNING`` where set; everything else is kept. A runtime, backend or path asked
+    for explicitly that this machine cannot run raises (:class:`NoAdapterError` /
     :class:`OptionsError`) with the flag to change and what to install. The engine, bench,
     profile, panel worker and sweeps all resolve through here, and records hold the result.
     """
     options = tuning_from_environment(options or Options())
-    adapter = _pick_adapter(options.backend)
-    native = has_native_features(adapter.features)
+    adapter = _pick_adapter(options.backend, options.runtime)
+    native = has_native_features(_lab_features(options.runtime, adapter.features))
     if options.path == "auto":
         return options.with_(path="native" if native else "webgpu")
     if options.path == "native" and not native:
@@ -212,34 +318,211 @@ def resolve_options(options: Options | None = None) -> Options:
     return options
 
 
+def _lab_features(runtime: str, features) -> frozenset[str]:
+    """An adapter's or device's features in the lab's spelling."""
+    own = {theirs: ours for ours, theirs in _FEATURE_NAMES[runtime].items()}
+    return frozenset(own.get(str(f), str(f)) for f in features)
+
+
+def gpu_for(options: Options) -> "GPU":
+    """The device resolved ``options`` run on (:func:`resolve_options` first)."""
+    native = options.path == "native"
+    unchecked = native and "trusted=0" not in normalize_tuning(options.tuning).split(",")
+    return get_gpu(options.backend, native=native, runtime=options.runtime, unchecked=unchecked)
+
+
 @functools.lru_cache(maxsize=None)
-def get_gpu(backend: str = "auto", native: bool = False) -> GPU:
-    """The process's device for this backend; ``native`` also enables f16 and subgroups."""
-    adapter = _pick_adapter(backend)
-    wanted = COMMON_FEATURES + (NATIVE_FEATURES if native else ())
-    features = [f for f in wanted if f in adapter.features]
+def get_gpu(backend: str = "auto", native: bool = False, runtime: str = RUNTIMES[0],
+            unchecked: bool | None = None) -> GPU:
+    """The process's device for this runtime and backend; ``native`` also enables f16 and
+    subgroups (and Dawn's subgroup matrices). ``unchecked`` (default: ``native``) drops the
+    runtime's bounds checks where that is a device setting (Dawn's ``skip_validation`` and
+    ``disable_robustness``; wgpu-native does it per shader module, :func:`shader_module`)."""
+    adapter = _pick_adapter(backend, runtime)
+    if runtime == "dawn":
+        adapter = _unused_twin(adapter)
+    unchecked = native if unchecked is None else unchecked
+    have = _lab_features(runtime, adapter.features)
+    wanted = COMMON_FEATURES + (NATIVE_FEATURES + ("subgroup-matrix",) if native else ())
+    features = [f for f in wanted if f in have]
+    names = [_FEATURE_NAMES[runtime].get(f, f) for f in features]
     limits = {k: adapter.limits[k] for k in _LIMITS if k in adapter.limits}
     try:
-        device = adapter.request_device_sync(required_features=features, required_limits=limits)
+        if runtime == "dawn":
+            from wgpudawn.backends.dawn import extras
+
+            toggles = ["skip_validation", "disable_robustness"] if unchecked else []
+            device = extras.request_device_sync(adapter, required_features=names, required_limits=limits,
+                                                enable_toggles=toggles)
+        else:
+            device = adapter.request_device_sync(required_features=names, required_limits=limits)
     except Exception as err:  # wgpu raises RuntimeError with several lines of causes
         raise NoAdapterError(f"the device of {_info(adapter).label} could not be created "
                              f"({' '.join(str(err).split())}); {VULKAN_FIX}") from None
-    return GPU(adapter, device, _info(adapter), frozenset(features), limits)
+    configs = _subgroup_matrix_configs(adapter) if "subgroup-matrix" in features else ()
+    return GPU(adapter, device, _info(adapter), frozenset(features), limits, runtime, configs)
+
+
+def _unused_twin(adapter):
+    """A Dawn adapter makes one device only ("adapter is consumed"): the same adapter again,
+    fresh from a new scan (found by its place in the list), for each device after the first."""
+    fresh = _enumerate("dawn")
+    index = _SCAN_INDEX.get(id(adapter), -1)
+    if 0 <= index < len(fresh) and fresh[index].info == adapter.info:
+        return fresh[index]
+    return next((a for a in fresh if a.info == adapter.info), adapter)
+
+
+def _subgroup_matrix_configs(adapter) -> tuple:
+    """Dawn's subgroup-matrix shapes of an adapter, as plain dicts (M, N, K, component_type,
+    result_component_type), from its adapter properties."""
+    from wgpudawn.backends.dawn import extras
+
+    configs = extras.get_adapter_properties(adapter).get("subgroup_matrix_configs") or ()
+    return tuple(dict(c) for c in configs)
+
+
+# ----------------------------------------------------------------------------------------------
+# What differs between the runtimes, for the kernels, benches and profiler
+
+
+def shader_module(gpu: GPU, label: str, code: str, trusted: bool):
+    """A compiled WGSL module. ``trusted`` drops the runtime's bounds checks: no index clamping
+    in inner loops and no loop-bounding counter, which can keep the driver from unrolling the
+    loops whose register arrays (wkv's state row, gemm's accumulators) must stay in registers.
+    On wgpu-native that is its private ``wgpuDeviceCreateShaderModuleTrusted``; on Dawn the
+    device already has ``disable_robustness`` (:func:`get_gpu`), so the module is a plain one.
+    Our kernels index in range by construction; the tests run both paths, so an out-of-range
+    index shows as wrong output."""
+    if not trusted or gpu.runtime != "wgpu-native":
+        return gpu.device.create_shader_module(label=label, code=code)
+    from wgpu.backends.wgpu_native import _api
+    from wgpu.backends.wgpu_native._ffi import ffi, lib
+
+    no_checks = 0  # WGPUShaderRuntimeChecks_None
+    source = _api.new_struct_p("WGPUShaderSourceWGSL *", code=_api.to_c_string_view(code))
+    source[0].chain.next = ffi.NULL
+    source[0].chain.sType = lib.WGPUSType_ShaderSourceWGSL
+    desc = _api.new_struct_p("WGPUShaderModuleDescriptor *",
+                             nextInChain=ffi.cast("WGPUChainedStruct *", source),
+                             label=_api.to_c_string_view(label))
+    # libf (not lib) turns the device's validation errors into exceptions, as wgpu-py does.
+    handle = _api.libf.wgpuDeviceCreateShaderModuleTrusted(gpu.device._internal, desc, no_checks)
+    if handle == ffi.NULL:
+        raise RuntimeError(f"wgpu-native returned no shader module for {label}")
+    return _api.GPUShaderModule(label, handle, gpu.device)
+
+
+def shader_preamble(gpu: GPU, *extensions: str) -> str:
+    """The WGSL ``enable`` lines a module using ``extensions`` (``subgroups``, ``f16``,
+    ``subgroup_matrix``) needs on this runtime: Tint requires them, Naga (wgpu-native 29)
+    rejects ``enable subgroups;`` and needs none."""
+    if gpu.runtime != "dawn":
+        return ""
+    names = {"subgroups": "subgroups", "f16": "f16",
+             "subgroup_matrix": "chromium_experimental_subgroup_matrix"}
+    return "".join(f"enable {names[e]};\n" for e in extensions)
+
+
+# Encode wgpu-native dispatch lists through its C functions (tests switch it off to compare).
+FAST_ENCODE = True
+
+
+@dataclass(frozen=True)
+class PreparedDispatches:
+    """A dispatch list ready to encode (:func:`prepare_dispatches`): the (pipeline, bind group,
+    x, y, z) objects, and on wgpu-native also their raw C handles."""
+
+    objects: tuple
+    handles: tuple | None
+
+
+def _is_wgpu_native(obj) -> bool:
+    return type(obj).__module__.startswith("wgpu.backends.wgpu_native")
+
+
+def prepare_dispatches(items) -> PreparedDispatches:
+    """``items``: (pipeline, bind group, (x, y, z)) triples, prepared once for
+    :func:`encode_prepared`. On wgpu-native the raw C handles are taken here, so encoding a step
+    skips wgpu-py's per-call wrapping (~2 us per dispatch instead of ~4 us: its set_bind_group
+    allocates a cffi array for dynamic offsets on every call). Dawn's public methods already
+    encode in about 1 us (dawn-notes.md), so it keeps the objects only."""
+    objects = tuple((pipe, bg, *wg) for pipe, bg, wg in items)
+    handles = None
+    if objects and _is_wgpu_native(objects[0][0]):
+        handles = tuple((pipe._internal, bg._internal, x, y, z) for pipe, bg, x, y, z in objects)
+    return PreparedDispatches(objects, handles)
+
+
+def encode_prepared(compute_pass, prepared: PreparedDispatches) -> None:
+    """Record prepared dispatches into an open compute pass (the pipeline is set only when it
+    changes). The wgpu-native calls and their arguments are exactly what wgpu-py's methods pass
+    on; tests/test_engine.py compares both ways."""
+    if FAST_ENCODE and prepared.handles is not None and _is_wgpu_native(compute_pass):
+        from wgpu.backends.wgpu_native._ffi import ffi, lib
+
+        set_pipeline = lib.wgpuComputePassEncoderSetPipeline
+        set_bind_group = lib.wgpuComputePassEncoderSetBindGroup
+        dispatch = lib.wgpuComputePassEncoderDispatchWorkgroups
+        handle, null, current = compute_pass._internal, ffi.NULL, None
+        for pipeline, bind_group, x, y, z in prepared.handles:
+            if pipeline != current:
+                set_pipeline(handle, pipeline)
+                current = pipeline
+            set_bind_group(handle, 0, bind_group, 0, null)
+            dispatch(handle, x, y, z)
+        return
+    current = None
+    for pipeline, bind_group, x, y, z in prepared.objects:
+        if pipeline is not current:
+            compute_pass.set_pipeline(pipeline)
+            current = pipeline
+        compute_pass.set_bind_group(0, bind_group)
+        compute_pass.dispatch_workgroups(x, y, z)
+
+
+def write_timestamp(gpu: GPU, compute_pass, query_set, index: int) -> None:
+    """A timestamp between two dispatches of a pass (needs ``timestamp-query-inside-passes``)."""
+    if gpu.runtime == "dawn":
+        from wgpudawn.backends.dawn.extras import write_timestamp as write
+    else:
+        from wgpu.backends.wgpu_native.extras import write_timestamp as write
+    write(compute_pass, query_set, index)
+
+
+def timestamp_period(gpu: GPU) -> float:
+    """Nanoseconds per timestamp tick: both runtimes convert timestamps to nanoseconds (wgpu
+    since v25, Dawn by default), but wgpu-native still reports the queue's period; 1.0 where
+    it cannot be asked."""
+    if gpu.runtime != "wgpu-native":
+        return 1.0
+    try:
+        from wgpu.backends.wgpu_native._ffi import lib
+
+        return float(lib.wgpuQueueGetTimestampPeriod(gpu.device.queue._internal))
+    except Exception:  # an older wgpu-native: ticks are nanoseconds there
+        return 1.0
 
 
 def environment(gpu: GPU) -> dict[str, str]:
     """Where a run ran, for its record (like asv's machine.json): the adapter, its driver, the
-    WebGPU implementation's versions, Python and the OS."""
-    import wgpu
+    WebGPU implementation and its versions, Python and the OS."""
+    from importlib.metadata import PackageNotFoundError, version
 
+    package = {"wgpu-native": "wgpu", "dawn": "wgpudawn"}[gpu.runtime]
     try:
-        from wgpu.backends.wgpu_native import lib_version_info
-        native = ".".join(map(str, lib_version_info))
-    except ImportError:
-        native = "unknown"
-    return {"gpu": gpu.info.name, "backend": gpu.info.backend, "adapter_type": gpu.info.adapter_type,
-            "driver": gpu.info.description, "wgpu": wgpu.__version__, "wgpu_native": native,
-            "python": platform.python_version(), "os": platform.platform(), "machine": platform.machine()}
+        package_version = version(package)
+    except PackageNotFoundError:
+        package_version = "unknown"
+    env = {"gpu": gpu.info.name, "backend": gpu.info.backend, "adapter_type": gpu.info.adapter_type,
+           "driver": gpu.info.description, "runtime": gpu.runtime, package: package_version}
+    if gpu.runtime == "wgpu-native":
+        try:
+            from wgpu.backends.wgpu_native import lib_version_info
+            env["wgpu_native"] = ".".join(map(str, lib_version_info))
+        except ImportError:
+            env["wgpu_native"] = "unknown"
+    return {**env, "python": platform.python_version(), "os": platform.platform(), "machine": platform.machine()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,23 +532,27 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m rwkvlab.gpu",
         description="List the WebGPU adapters wgpu finds and the options the defaults resolve to.")
+    ap.add_argument("--runtime", default=RUNTIMES[0], choices=RUNTIMES,
+                    help=f"the WebGPU implementation to ask (default: {RUNTIMES[0]})")
     ap.add_argument("--check", action="store_true",
                     help="exit 1 when there is no adapter, 3 when there is only OpenGL (scripts/setup.sh "
                     "then installs a Vulkan driver)")
     args = ap.parse_args(argv)
-    adapters = list_adapters()
+    adapters = list_adapters(args.runtime)
     for a in adapters:
         print(a.label, "-", a.description)
     if not adapters:
-        print(f"no WebGPU adapter found; {VULKAN_FIX}", file=sys.stderr)
+        fix = DAWN_FIX if args.runtime == "dawn" else VULKAN_FIX
+        print(f"no WebGPU adapter found by {args.runtime}; {fix}", file=sys.stderr)
         return 1
     only_gl = all(a.backend == "gl" for a in adapters)
     try:
-        resolved = resolve_options()
+        resolved = resolve_options(Options(runtime=args.runtime))
     except (NoAdapterError, OptionsError) as err:  # e.g. an OpenGL context without compute shaders
         print(f"no usable adapter: {err}", file=sys.stderr)
         return 3 if only_gl else 1
-    print(f"defaults: backend=auto -> {_info(_pick_adapter('auto')).label}, path=auto -> {resolved.path}")
+    print(f"defaults: runtime={args.runtime}, backend=auto -> {_info(_pick_adapter('auto', args.runtime)).label}, "
+          f"path=auto -> {resolved.path}")
     if args.check and only_gl:
         print("only an OpenGL adapter: WebGPU on OpenGL has no f16 and no subgroups, so the lab "
               f"runs the portable path only, slowly; {VULKAN_FIX}", file=sys.stderr)

@@ -39,10 +39,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rwkvlab import gpu as gpu_runtime
 from rwkvlab import kernels as kn
 from rwkvlab import micro_records
 from rwkvlab.micro_records import MicroRun
-from rwkvlab.options import KERNEL_PATHS, Options
+from rwkvlab.options import KERNEL_PATHS, Options, RUNTIMES
 
 FORMATS = ("F16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
 SHAPES = {"full": ((2560, 2560), (10240, 2560), (65536, 2560)),  # (rows M, columns K)
@@ -64,7 +65,6 @@ class KernelCheckError(AssertionError):
 @dataclass(frozen=True)
 class KernelTiming:
     """One format x shape x path measurement."""
-
     path: str
     fmt: str
     rows: int
@@ -169,23 +169,11 @@ def check_rows(M: int) -> np.ndarray:
 # One kernel on the GPU
 
 
-def _timestamp_period(device) -> float:
-    """Nanoseconds per timestamp tick (wgpu-native reports it; 1.0 where it cannot be asked)."""
-    try:
-        from wgpu.backends.wgpu_native._ffi import lib
-
-        return float(lib.wgpuQueueGetTimestampPeriod(device.queue._internal))
-    except Exception:  # another backend or an older wgpu-native: ticks are nanoseconds there
-        return 1.0
-
-
 class RotatedWeights:
     """Copies of one matrix in one buffer, each at an aligned offset, that a timed pass cycles
     through so that the L2 cache cannot hold them (as in a real step, where gigabytes of other
     weights pass between two uses of a matrix). One upload, then copies on the GPU."""
-
     def __init__(self, device, limits, rows: np.ndarray, rotation_bytes: int):
-        import wgpu
 
         self.nbytes = rows.nbytes
         binding_limit = limits.get("max-storage-buffer-binding-size", 128 << 20)
@@ -197,10 +185,10 @@ class RotatedWeights:
         buffer_limit = min(limits.get("max-buffer-size", 1 << 30), 2 << 30)
         self.copies = int(max(1, min(-(-rotation_bytes // self.stride), buffer_limit // self.stride)))
         self.buffer = device.create_buffer(size=self.stride * self.copies,
-                                           usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST)
+                                           usage=gpu_runtime.STORAGE | gpu_runtime.COPY_DST)
         # a buffer cannot be copied into itself: the rows go up once into a source buffer
         src = device.create_buffer_with_data(data=np.ascontiguousarray(rows).tobytes(),
-                                             usage=wgpu.BufferUsage.COPY_SRC)
+                                             usage=gpu_runtime.COPY_SRC)
         enc = device.create_command_encoder()
         for c in range(self.copies):
             enc.copy_buffer_to_buffer(src, 0, self.buffer, c * self.stride, self.nbytes)
@@ -214,10 +202,8 @@ class RotatedWeights:
 
 class _Bench:
     """Buffers, bind groups and timing passes of one matrix on one device."""
-
     def __init__(self, kernels, fmt: str, M: int, K: int, rows: np.ndarray, x: np.ndarray,
                  rotation_bytes: int):
-        import wgpu
 
         self.kernels, self.device = kernels, kernels.device
         d = self.device
@@ -226,12 +212,12 @@ class _Bench:
         except ValueError as e:
             raise ValueError(f"{fmt} {M}x{K}: {e}") from None
         self.copies = self.weights.copies
-        storage = wgpu.BufferUsage.STORAGE
+        storage = gpu_runtime.STORAGE
         self.x = d.create_buffer_with_data(data=x.astype(np.float32).tobytes(), usage=storage)
         self.b = d.create_buffer(size=16, usage=storage)
-        self.y = d.create_buffer(size=max(16, 4 * M), usage=storage | wgpu.BufferUsage.COPY_SRC)
+        self.y = d.create_buffer(size=max(16, 4 * M), usage=storage | gpu_runtime.COPY_SRC)
         run = d.create_buffer_with_data(data=np.array([1, 0, 0, 0], np.uint32).tobytes(),
-                                        usage=wgpu.BufferUsage.UNIFORM)
+                                        usage=gpu_runtime.UNIFORM)
         seg = kn.MatSegment(rows=M, K=K, row_words=kn.row_words(fmt, K), w_base=0, x_off=0,
                             y_off=0, y_stride=M, fmt=fmt)
         self.kernel = kernels.kernel(kn.MATVEC, FMT=kn.matmul_fmt([seg]))
@@ -245,9 +231,9 @@ class _Bench:
             for c in range(self.copies)]
         self.timestamps = "timestamp-query" in kernels.gpu.features
         if self.timestamps:
-            self.queries = d.create_query_set(type=wgpu.QueryType.timestamp, count=2)
-            self.query_buf = d.create_buffer(size=16, usage=wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC)
-            self.period = _timestamp_period(d)
+            self.queries = d.create_query_set(type="timestamp", count=2)
+            self.query_buf = d.create_buffer(size=16, usage=gpu_runtime.QUERY_RESOLVE | gpu_runtime.COPY_SRC)
+            self.period = gpu_runtime.timestamp_period(kernels.gpu)
 
     def output(self) -> np.ndarray:
         """Y after one dispatch on copy 0."""
@@ -282,7 +268,6 @@ class _Bench:
 @dataclass
 class Problem:
     """A random matrix and input vector with NumPy's answer on the checked rows."""
-
     fmt: str
     M: int
     K: int
@@ -339,7 +324,6 @@ def check_formats_and_paths(formats, paths) -> None:
 @dataclass(frozen=True)
 class PassTimes:
     """Medians of timed passes, per dispatch."""
-
     seconds: float  # GPU clock when every pass had timestamps, else wall clock
     wall_seconds: float
     clock: str  # "gpu" or "wall"
@@ -362,21 +346,21 @@ def time_passes(run_pass, first: int, cap: int, pass_seconds: float, repeats: in
     return PassTimes(wall_s, wall_s, "wall", n, tuple(w / n for w, _ in samples))
 
 
-def run(formats=FORMATS, paths=KERNEL_PATHS, size: str = "full", backend: str = "auto", repeats: int = 5,
+def run(formats=FORMATS, paths=KERNEL_PATHS, size: str = "full", backend: str = "auto", runtime: str = "wgpu-native", repeats: int = 5,
         seed: int = 0, out=None, tunings=("",), save: micro_records.Saver | None = None
         ) -> tuple[list[KernelTiming], list[str]]:
     """Every format x shape x path x tuning override set: (timings, failures). Prints a line
     per measurement to `out` (default stdout) and hands it to `save` (with the GPU it ran on)
     as soon as it is measured. Each random matrix is made in NumPy once, then run on every
     path and tuning."""
-    from rwkvlab.gpu import get_gpu, resolve_options
+    from rwkvlab.gpu import gpu_for, resolve_options
 
     out = out or sys.stdout
     check_formats_and_paths(formats, paths)
     devices = {}
     for path in paths:
-        resolve_options(Options(backend=backend, path=path))  # a path this adapter lacks: a clear error
-        gpu = get_gpu(backend, native=path == "native")
+        # a runtime or path this adapter lacks: a clear error
+        gpu = gpu_for(resolve_options(Options(runtime=runtime, backend=backend, path=path)))
         for text in tunings:
             try:
                 tuning = kn._tuning_overrides(kn.choose_tuning(gpu, path), text)
@@ -409,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--formats", default=",".join(FORMATS), help="comma-separated (also F32, BF16)")
     ap.add_argument("--paths", default=",".join(KERNEL_PATHS), help="webgpu, native or both")
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--runtime", default="wgpu-native", choices=RUNTIMES, help="WebGPU implementation (default: wgpu-native)")
     ap.add_argument("--repeats", type=int, default=5, help="timed passes per measurement (median kept)")
     ap.add_argument("--tunings", default="",
                     help="';'-separated $RWKVLAB_TUNING-style override sets to compare, each on top of "
@@ -418,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     return micro_records.main("kernel_bench", args, lambda save: run(
         formats=args.formats.split(","), paths=args.paths.split(","), size="small" if args.small else "full",
-        backend=args.backend, repeats=args.repeats, tunings=[t.strip() for t in args.tunings.split(";")],
+        backend=args.backend, runtime=args.runtime, repeats=args.repeats, tunings=[t.strip() for t in args.tunings.split(";")],
         save=save))
 
 

@@ -28,6 +28,7 @@ from types import MappingProxyType
 
 import numpy as np
 
+from rwkvlab import gpu as gpu_runtime
 from rwkvlab import quant_kernels as qk
 from rwkvlab.options import normalize_tuning
 
@@ -508,14 +509,12 @@ _SUBGROUP_SIZES: dict[int, int] = {}
 
 def probe_subgroup_size(gpu) -> int:
     """The device's subgroup size, measured once per device (adapter.info does not report it)."""
-    import wgpu
-
     d = gpu.device
     if id(d) in _SUBGROUP_SIZES:
         return _SUBGROUP_SIZES[id(d)]
-    module = d.create_shader_module(code=_PROBE)
+    module = d.create_shader_module(code=gpu_runtime.shader_preamble(gpu, "subgroups") + _PROBE)
     pipe = d.create_compute_pipeline(layout="auto", compute={"module": module, "entry_point": "main"})
-    buf = d.create_buffer(size=16, usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC)
+    buf = d.create_buffer(size=16, usage=gpu_runtime.STORAGE | gpu_runtime.COPY_SRC)
     bg = d.create_bind_group(layout=pipe.get_bind_group_layout(0),
                              entries=[{"binding": 0, "resource": {"buffer": buf}}])
     enc = d.create_command_encoder()
@@ -528,34 +527,6 @@ def probe_subgroup_size(gpu) -> int:
     size = int(np.frombuffer(d.queue.read_buffer(buf), dtype=np.uint32)[0])
     _SUBGROUP_SIZES[id(d)] = size
     return size
-
-
-def _checked_shader_module(device, label: str, code: str):
-    """A WebGPU shader module: Naga clamps every array index and bounds every loop."""
-    return device.create_shader_module(label=label, code=code)
-
-
-def _trusted_shader_module(device, label: str, code: str):
-    """The same module through wgpu-native's wgpuDeviceCreateShaderModuleTrusted with no runtime
-    checks (the native path's choice): no index clamping in inner loops, and no loop-bounding
-    counter, which can keep the driver from unrolling the loops whose register arrays (wkv's
-    state row, gemm's accumulators) must stay in registers. Our kernels index in range by
-    construction; the tests run both paths, so an out-of-range index shows as wrong output."""
-    from wgpu.backends.wgpu_native import _api
-    from wgpu.backends.wgpu_native._ffi import ffi, lib
-
-    no_checks = 0  # WGPUShaderRuntimeChecks_None
-    source = _api.new_struct_p("WGPUShaderSourceWGSL *", code=_api.to_c_string_view(code))
-    source[0].chain.next = ffi.NULL
-    source[0].chain.sType = lib.WGPUSType_ShaderSourceWGSL
-    desc = _api.new_struct_p("WGPUShaderModuleDescriptor *",
-                             nextInChain=ffi.cast("WGPUChainedStruct *", source),
-                             label=_api.to_c_string_view(label))
-    # libf (not lib) turns the device's validation errors into exceptions, as wgpu-py does.
-    handle = _api.libf.wgpuDeviceCreateShaderModuleTrusted(device._internal, desc, no_checks)
-    if handle == ffi.NULL:
-        raise RuntimeError(f"wgpu-native returned no shader module for {label}")
-    return _api.GPUShaderModule(label, handle, device)
 
 
 class Kernels:
@@ -573,25 +544,20 @@ class Kernels:
         key = f"{spec.file}:{'+'.join(spec.libs)}"
         if key not in self._modules:
             code = compose_source(spec, self.tuning.subgroups)
-            create = _trusted_shader_module if self.tuning.trusted else _checked_shader_module
+            if self.tuning.subgroups:
+                code = gpu_runtime.shader_preamble(self.gpu, "subgroups") + code
             try:
-                self._modules[key] = create(self.device, spec.file, code)
+                self._modules[key] = gpu_runtime.shader_module(self.gpu, spec.file, code, self.tuning.trusted)
             except Exception as e:  # wgpu raises GPUValidationError with Naga's report
                 raise KernelError(f"shaders/{spec.file} (kernel {spec.name}) does not compile: {e}") from None
         return self._modules[key]
 
     def layouts(self, spec: KernelSpec) -> tuple[object, object]:
         """(bind group layout, pipeline layout) for the spec's binding list (shared by equals)."""
-        import wgpu
-
         key = tuple(b.kind for b in spec.bindings)
         if key not in self._layouts:
-            kinds = {
-                "uniform": {"buffer": {"type": wgpu.BufferBindingType.uniform}},
-                "read": {"buffer": {"type": wgpu.BufferBindingType.read_only_storage}},
-                "rw": {"buffer": {"type": wgpu.BufferBindingType.storage}},
-            }
-            entries = [{"binding": i, "visibility": wgpu.ShaderStage.COMPUTE, **kinds[k]}
+            entries = [{"binding": i, "visibility": gpu_runtime.COMPUTE_STAGE,
+                        "buffer": {"type": gpu_runtime.BINDING_TYPES[k]}}
                        for i, k in enumerate(key)]
             bgl = self.device.create_bind_group_layout(entries=entries)
             self._layouts[key] = (bgl, self.device.create_pipeline_layout(bind_group_layouts=[bgl]))
@@ -654,11 +620,9 @@ class Kernels:
         """A bind group for `spec`: `run` is the per-submit uniform buffer, `params` the values
         of its Params uniform (stored in a new small uniform buffer), and `resources_` maps every
         other binding name to a buffer or a (buffer, offset, size) range."""
-        import wgpu
-
         bgl, _ = self.layouts(spec)
         params_buf = self.device.create_buffer_with_data(
-            label=f"{label}.params", data=pack_params(spec, params), usage=wgpu.BufferUsage.UNIFORM)
+            label=f"{label}.params", data=pack_params(spec, params), usage=gpu_runtime.UNIFORM)
         names = [b.name for b in spec.bindings[2:]]
         if set(resources_) != set(names):
             raise KernelError(f"kernel {spec.name} ({label}): buffers {sorted(resources_)} "
@@ -676,12 +640,12 @@ class Kernels:
 
 
 class Plan:
-    """An immutable list of dispatches (what one chunk or one step runs), with the raw wgpu-native
-    handles of each dispatch prepared once so that encoding skips wgpu-py's per-call wrapping."""
+    """An immutable list of dispatches (what one chunk or one step runs), prepared once for the
+    runtime's fastest encoding (rwkvlab.gpu.prepare_dispatches)."""
 
     def __init__(self, dispatches: Iterable[Dispatch]) -> None:
         self.dispatches = tuple(dispatches)
-        self._raw: list[tuple] | None = None
+        self._prepared = None
 
     def __len__(self) -> int:
         return len(self.dispatches)
@@ -692,50 +656,18 @@ class Plan:
     def __getitem__(self, i):
         return self.dispatches[i]
 
-    def raw(self) -> list[tuple]:
-        if self._raw is None:
-            self._raw = [(d.kernel.pipeline._internal, d.bind_group._internal, *d.workgroups)
-                         for d in self.dispatches]
-        return self._raw
-
-
-def _native_lib():
-    try:
-        from wgpu.backends.wgpu_native._ffi import ffi, lib
-    except ImportError:  # another backend: the API path works everywhere
-        return None
-    return ffi, lib
-
-
-_LIB = _native_lib()
-# Encode through wgpu-native's C functions directly (~2 us per dispatch instead of ~4 us through
-# the wgpu-py methods, which allocate a cffi array for dynamic offsets on every set_bind_group).
-# The calls and their arguments are exactly what those methods pass on; tests compare both paths.
-FAST_ENCODE = _LIB is not None
+    def prepared(self):
+        if self._prepared is None:
+            self._prepared = gpu_runtime.prepare_dispatches(
+                (d.kernel.pipeline, d.bind_group, d.workgroups) for d in self.dispatches)
+        return self._prepared
 
 
 def encode(compute_pass, plan: Plan | list[Dispatch]) -> None:
-    """Record a plan into an open compute pass (pipeline switches only when it changes)."""
-    if FAST_ENCODE and isinstance(plan, Plan) and hasattr(compute_pass, "_internal"):
-        ffi, lib = _LIB
-        set_pipeline = lib.wgpuComputePassEncoderSetPipeline
-        set_bind_group = lib.wgpuComputePassEncoderSetBindGroup
-        dispatch = lib.wgpuComputePassEncoderDispatchWorkgroups
-        handle, null, current = compute_pass._internal, ffi.NULL, None
-        for pipeline, bind_group, x, y, z in plan.raw():
-            if pipeline != current:
-                set_pipeline(handle, pipeline)
-                current = pipeline
-            set_bind_group(handle, 0, bind_group, 0, null)
-            dispatch(handle, x, y, z)
-        return
-    current = None
-    for d in plan:
-        if d.kernel.pipeline is not current:
-            current = d.kernel.pipeline
-            compute_pass.set_pipeline(current)
-        compute_pass.set_bind_group(0, d.bind_group)
-        compute_pass.dispatch_workgroups(*d.workgroups)
+    """Record a plan (or a plain list of dispatches) into an open compute pass."""
+    if not isinstance(plan, Plan):
+        plan = Plan(plan)
+    gpu_runtime.encode_prepared(compute_pass, plan.prepared())
 
 
 _KERNELS: dict[tuple[int, Tuning], Kernels] = {}
@@ -762,17 +694,15 @@ def run_kernel(kernels: Kernels, spec: KernelSpec, params: dict, arrays: dict[st
     uploaded as they are, padded to 16). The result arrays have the dtype and shape of the
     inputs they came from. Meant for tests; builds everything fresh each call.
     """
-    import wgpu
-
     d = kernels.device
-    usage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsage.COPY_DST
+    usage = gpu_runtime.STORAGE | gpu_runtime.COPY_SRC | gpu_runtime.COPY_DST
     bufs = {}
     for name, arr in arrays.items():
         data = np.ascontiguousarray(arr).tobytes()
         data += b"\0" * ((-len(data)) % 16 if data else 16)
         bufs[name] = d.create_buffer_with_data(label=name, data=data, usage=usage)
     run = d.create_buffer_with_data(data=np.array([T, 0, 0, 0], np.uint32).tobytes(),
-                                    usage=wgpu.BufferUsage.UNIFORM)
+                                    usage=gpu_runtime.UNIFORM)
     kernel = kernels.kernel(spec, **(constants or {}))
     bg = kernels.bind(spec, run, params, bufs, label=f"test.{spec.name}")
     enc = d.create_command_encoder()

@@ -17,6 +17,9 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 BACKENDS = ("auto", "vulkan", "metal", "dx12", "gl")
+# The WebGPU implementations the engine runs on (rwkvlab.gpu is the one module that imports
+# them): wgpu-native through the `wgpu` package, Google's Dawn through `wgpudawn`.
+RUNTIMES = ("wgpu-native", "dawn")
 # The two kernel paths a run can take; ``auto`` (the default) is resolved to one of them against
 # the adapter actually chosen (rwkvlab.gpu.resolve_options), and the resolved one is recorded.
 KERNEL_PATHS = ("webgpu", "native")
@@ -68,6 +71,8 @@ class OptionsError(ValueError):
 class Options:
     """Engine and benchmark switches.
 
+    runtime:  the WebGPU implementation: ``wgpu-native`` (the `wgpu` package) or ``dawn``
+              (Google's Dawn through `wgpudawn`, whose subgroup matrices reach tensor cores).
     backend:  wgpu backend to run on; ``auto`` = Vulkan / Metal / DX12 before OpenGL, then real
               GPUs before software ones (rwkvlab.gpu).
     path:     ``webgpu`` = portable WGSL only; ``native`` = also subgroups / f16 where the
@@ -91,6 +96,7 @@ class Options:
     64), the default fusions, the device's own tuning.
     """
 
+    runtime: str = "wgpu-native"
     backend: str = "auto"
     path: str = "auto"
     weights: str = "native"
@@ -100,6 +106,7 @@ class Options:
     tuning: str = ""
 
     def __post_init__(self) -> None:
+        _check_choice("runtime", self.runtime, RUNTIMES)
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("path", self.path, PATHS)
         _check_choice("weights", self.weights, WEIGHT_POLICIES)
@@ -133,7 +140,8 @@ class Options:
         """One line naming every field, for people (a run's default ``change``, tables, status)."""
         return (f"path={self.path} weights={self.weights} fusions={fusions_text(self.fusions)} "
                 f"chunk={self.chunk} gemm_min_tokens={self.gemm_min_tokens} backend={self.backend}"
-                + (f" tuning={self.tuning}" if self.tuning else ""))
+                + (f" tuning={self.tuning}" if self.tuning else "")
+                + (f" runtime={self.runtime}" if self.runtime != RUNTIMES[0] else ""))
 
 
 def from_record(record: dict[str, Any]) -> Options:
@@ -223,6 +231,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what is available) as any other bad value.
     """
     d = Options()
+    parser.add_argument("--runtime", default=d.runtime, metavar="{" + ",".join(RUNTIMES) + "}",
+                        help="WebGPU implementation: wgpu-native (the wgpu package) or dawn (Google's Dawn "
+                        f"through wgpudawn; tensor cores through subgroup matrices) (default: {d.runtime}; "
+                        "`python -m rwkvlab.gpu --runtime dawn` lists what it finds)")
     parser.add_argument("--backend", default=d.backend, metavar="{" + ",".join(BACKENDS) + "}",
                         help="wgpu backend; auto = Vulkan/Metal/DX12 before OpenGL, real GPUs before software "
                         f"ones (default: {d.backend}; `python -m rwkvlab.gpu` lists this machine's adapters)")
@@ -248,13 +260,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def from_args(args: argparse.Namespace) -> Options:
     """The Options a command line built by :func:`add_arguments` names."""
-    return Options(backend=args.backend, path=args.path, weights=args.weights,
+    return Options(runtime=args.runtime, backend=args.backend, path=args.path, weights=args.weights,
                    fusions=parse_fusions(args.fusions), chunk=args.chunk,
                    gemm_min_tokens=args.gemm_min_tokens, tuning=args.tuning)
 
 
 def to_args(options: Options) -> list[str]:
     """The flags that make :func:`from_args` rebuild ``options`` exactly (workers, sweeps)."""
-    return ["--backend", options.backend, "--path", options.path, "--weights", options.weights,
+    return ["--runtime", options.runtime, "--backend", options.backend, "--path", options.path, "--weights", options.weights,
             "--fusions", ",".join(sorted(options.fusions)) or "none", "--chunk", str(options.chunk),
             "--gemm-min-tokens", str(options.gemm_min_tokens), "--tuning", options.tuning]

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from rwkvlab import gpu as gpu_runtime
 from rwkvlab import kernels as kn
 
 _LAYER = re.compile(r"^L\d+\.")
@@ -38,7 +39,6 @@ class Profile:
     wall_us_per_token: host wall time per generated token, from Engine.generate.
     dispatches_per_token: length of the step plan.
     """
-
     table: pd.DataFrame
     method: str
     gpu_us_per_token: float | None
@@ -119,10 +119,8 @@ def _group(plan: kn.Plan, us: np.ndarray) -> pd.DataFrame:
 
 def _resolve(gpu, query_set, count: int) -> np.ndarray:
     """Resolve `count` timestamps of a query set and read them back (u64 ns)."""
-    import wgpu
-
     dev = gpu.device
-    resolved = dev.create_buffer(size=count * 8, usage=wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC)
+    resolved = dev.create_buffer(size=count * 8, usage=gpu_runtime.QUERY_RESOLVE | gpu_runtime.COPY_SRC)
     enc = dev.create_command_encoder()
     enc.resolve_query_set(query_set, 0, count, resolved, 0)
     dev.queue.submit([enc.finish()])
@@ -132,20 +130,18 @@ def _resolve(gpu, query_set, count: int) -> np.ndarray:
 
 
 def _inside_pass(gpu, plan: kn.Plan, n_tokens: int) -> np.ndarray:
-    import wgpu
-    from wgpu.backends.wgpu_native.extras import write_timestamp
 
     D = len(plan)
     dev = gpu.device
-    qs = dev.create_query_set(type=wgpu.QueryType.timestamp, count=D + 1)
+    qs = dev.create_query_set(type="timestamp", count=D + 1)
     out = np.empty((n_tokens, D))
     for t in range(n_tokens):
         enc = dev.create_command_encoder()
         cp = enc.begin_compute_pass()
         for i, d in enumerate(plan):
-            write_timestamp(cp, qs, i)
+            gpu_runtime.write_timestamp(gpu, cp, qs, i)
             kn.encode(cp, [d])
-        write_timestamp(cp, qs, D)
+        gpu_runtime.write_timestamp(gpu, cp, qs, D)
         cp.end()
         dev.queue.submit([enc.finish()])
         stamps = _resolve(gpu, qs, D + 1).astype(np.float64)
@@ -155,11 +151,10 @@ def _inside_pass(gpu, plan: kn.Plan, n_tokens: int) -> np.ndarray:
 
 
 def _pass_per_dispatch(gpu, plan: kn.Plan, n_tokens: int) -> np.ndarray:
-    import wgpu
 
     D = len(plan)
     dev = gpu.device
-    qs = dev.create_query_set(type=wgpu.QueryType.timestamp, count=2 * D)
+    qs = dev.create_query_set(type="timestamp", count=2 * D)
     out = np.empty((n_tokens, D))
     for t in range(n_tokens):
         enc = dev.create_command_encoder()

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rwkvlab import gpu as gpu_runtime
+
 PIECE = 64  # elements per mat-vec piece, in every format of quants_dot.wgsl
 
 
@@ -116,18 +118,16 @@ def _pipeline(gpu, entry: str, fmt: str, nr: int = 1) -> tuple[object, object]:
     """(pipeline, bind group layout) of dequant.wgsl's `entry` for `fmt` (and NR rows per
     quant_dot call) on this device (built once). The layout is explicit: "auto" would drop X
     from the dequant entry, which ignores it."""
-    import wgpu
-
     from rwkvlab import kernels as kn
 
     key = (id(gpu.device), entry, layout(fmt).fmt, nr)
     if key not in _PIPELINES:
         d = gpu.device
         code = "\n".join(f"// ---- {name} ----\n{kn.shader_source(name)}" for name in _TEST_LIBS)
-        kinds = (wgpu.BufferBindingType.uniform, wgpu.BufferBindingType.read_only_storage,
-                 wgpu.BufferBindingType.read_only_storage, wgpu.BufferBindingType.storage)
+        kinds = ("uniform", "read-only-storage",
+                 "read-only-storage", "storage")
         bgl = d.create_bind_group_layout(entries=[
-            {"binding": i, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": k}}
+            {"binding": i, "visibility": gpu_runtime.COMPUTE_STAGE, "buffer": {"type": k}}
             for i, k in enumerate(kinds)])
         pipe = d.create_compute_pipeline(
             label=f"{entry}.{fmt}", layout=d.create_pipeline_layout(bind_group_layouts=[bgl]),
@@ -139,19 +139,18 @@ def _pipeline(gpu, entry: str, fmt: str, nr: int = 1) -> tuple[object, object]:
 
 def _run(gpu, entry: str, fmt: str, raw: np.ndarray, K: int, x: np.ndarray | None,
          out_cols: int, groups_x: int, nr: int = 1) -> np.ndarray:
-    import wgpu
 
     d = gpu.device
     rows = rows_for_gpu(raw, fmt, K)
     n = rows.shape[0]
-    storage = wgpu.BufferUsage.STORAGE
+    storage = gpu_runtime.STORAGE
     params = np.array([n, K, row_words(fmt, K), 0], dtype=np.uint32)
     xs = np.zeros(K, np.float32) if x is None else np.ascontiguousarray(x, dtype=np.float32)
     bufs = [
-        d.create_buffer_with_data(data=params.tobytes(), usage=wgpu.BufferUsage.UNIFORM),
+        d.create_buffer_with_data(data=params.tobytes(), usage=gpu_runtime.UNIFORM),
         d.create_buffer_with_data(data=np.ascontiguousarray(rows).tobytes(), usage=storage),
         d.create_buffer_with_data(data=xs.tobytes(), usage=storage),
-        d.create_buffer(size=max(16, n * out_cols * 4), usage=storage | wgpu.BufferUsage.COPY_SRC),
+        d.create_buffer(size=max(16, n * out_cols * 4), usage=storage | gpu_runtime.COPY_SRC),
     ]
     pipe, bgl = _pipeline(gpu, entry, fmt, nr)
     bg = d.create_bind_group(layout=bgl, entries=[

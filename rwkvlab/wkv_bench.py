@@ -32,11 +32,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from rwkvlab import gpu as gpu_runtime
 from rwkvlab import kernels as kn
 from rwkvlab import micro_records
-from rwkvlab.kernel_bench import _timestamp_period
 from rwkvlab.micro_records import MicroRun
-from rwkvlab.options import KERNEL_PATHS, Options
+from rwkvlab.options import KERNEL_PATHS, Options, RUNTIMES
 
 WGS = (64, 128, 256, 512, 1024)
 SIZES = {  # heads, token counts timed, bytes of state copies a pass cycles through, GPU s per pass
@@ -181,14 +181,11 @@ def check(kernels, wg: int, H: int, rng: np.random.Generator) -> tuple[float, fl
 
 class _Pass:
     """Buffers and bind groups to time wkv_fused on T tokens, cycling through state copies."""
-
     def __init__(self, kernels, wg: int, T: int, H: int, state_bytes: int, rng: np.random.Generator):
-        import wgpu
-
         d = self.device = kernels.device
         x = make_inputs(T, H, rng)
         C = H * N
-        storage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST
+        storage = gpu_runtime.STORAGE | gpu_runtime.COPY_DST
         one = H * N * N * 4  # a multiple of 16 KiB: every copy stays offset-aligned
         self.copies = max(1, state_bytes // one)
         states = d.create_buffer(size=one * self.copies, usage=storage)
@@ -198,7 +195,7 @@ class _Pass:
                 for name, arr in (("DOWN", down), ("UP", up), ("VEC", x["vecs"]), ("FVF", x["vf"]),
                                   ("FY", np.zeros((T, C), np.float32)), ("FKK", np.zeros((T, C), np.float32)))}
         self.run = d.create_buffer_with_data(data=np.array([T, 0, 0, 0], np.uint32).tobytes(),
-                                             usage=wgpu.BufferUsage.UNIFORM)
+                                             usage=gpu_runtime.UNIFORM)
         self.kernel = kernels.kernel(kn.WKV_FUSED, WG=wg)
         params = _fused_params(T, C)
         self.bind_groups = [kernels.bind(kn.WKV_FUSED, self.run, params, dict(bufs, FS=(states, c * one, one)),
@@ -206,9 +203,9 @@ class _Pass:
         self.H = H
         self.timestamps = "timestamp-query" in kernels.gpu.features
         if self.timestamps:
-            self.queries = d.create_query_set(type=wgpu.QueryType.timestamp, count=2)
-            self.query_buf = d.create_buffer(size=16, usage=wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC)
-            self.period = _timestamp_period(d)
+            self.queries = d.create_query_set(type="timestamp", count=2)
+            self.query_buf = d.create_buffer(size=16, usage=gpu_runtime.QUERY_RESOLVE | gpu_runtime.COPY_SRC)
+            self.period = gpu_runtime.timestamp_period(kernels.gpu)
         self.fy = bufs["FY"]
 
     def time(self, n: int) -> float:
@@ -247,11 +244,11 @@ def bench(kernels, path: str, wg: int, T: int, size: str = "full", repeats: int 
                      samples=tuple(t / n for t in times))
 
 
-def run(paths=KERNEL_PATHS, wgs=WGS, size: str = "full", backend: str = "auto", repeats: int = 5, seed: int = 0,
+def run(paths=KERNEL_PATHS, wgs=WGS, size: str = "full", backend: str = "auto", runtime: str = "wgpu-native", repeats: int = 5, seed: int = 0,
         out=None, save: micro_records.Saver | None = None) -> tuple[list[WkvTiming], list[str]]:
     """Every path x wkv_wg x T: (timings, failures), a line per measurement printed to `out`
     and handed to `save` (with the GPU it ran on) as soon as it is measured."""
-    from rwkvlab.gpu import get_gpu, resolve_options
+    from rwkvlab.gpu import gpu_for, resolve_options
 
     out = out or sys.stdout
     bad = [wg for wg in wgs if wg not in WGS]
@@ -262,8 +259,8 @@ def run(paths=KERNEL_PATHS, wgs=WGS, size: str = "full", backend: str = "auto", 
     for path in paths:
         if path not in KERNEL_PATHS:
             raise ValueError(f"unknown path {path!r}; choose from {', '.join(KERNEL_PATHS)}")
-        resolve_options(Options(backend=backend, path=path))  # a path this adapter lacks: a clear error
-        gpu = get_gpu(backend, native=path == "native")
+        # a runtime or path this adapter lacks: a clear error
+        gpu = gpu_for(resolve_options(Options(runtime=runtime, backend=backend, path=path)))
         kernels = kn.kernels_for(gpu, kn.choose_tuning(gpu, path))
         limit = int(gpu.limits.get("max-compute-invocations-per-workgroup", 256))
         print(f"# {path} path on {gpu.info.label}; tuning {kernels.tuning.as_record()}", file=out, flush=True)
@@ -299,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paths", default=",".join(KERNEL_PATHS), help="webgpu, native or both")
     ap.add_argument("--wgs", default=",".join(map(str, WGS)), help="wkv_wg values (64 x lanes per row)")
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--runtime", default="wgpu-native", choices=RUNTIMES, help="WebGPU implementation (default: wgpu-native)")
     ap.add_argument("--repeats", type=int, default=5, help="timed passes per measurement (median kept)")
     micro_records.add_arguments(ap, "wkv_bench")
     args = ap.parse_args(argv)
@@ -306,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     def measure(save):
         wgs = [int(w) for w in args.wgs.split(",")]
         return run(paths=args.paths.split(","), wgs=wgs, size="small" if args.small else "full",
-                   backend=args.backend, repeats=args.repeats, save=save)
+                   backend=args.backend, runtime=args.runtime, repeats=args.repeats, save=save)
 
     return micro_records.main("wkv_bench", args, measure)
 

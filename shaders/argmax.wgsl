@@ -38,7 +38,7 @@ fn beats(v: f32, i: u32, bv: f32, bi: u32) -> bool {
 
 @compute @workgroup_size(WG)
 fn argmax(@builtin(local_invocation_index) lid: u32) {
-    var bv = -3.40282347e38;
+    var bv = -3.4028234663852886e38;  // the lowest f32 (Tint refuses a literal that rounds past it)
     var bi = NO_ID;
     let n4 = (p.V + 3u) >> 2u;
     for (var i4 = lid; i4 < n4; i4 += WG) {

@@ -50,7 +50,7 @@ def test_an_opengl_adapter_without_compute_shaders_is_refused_by_name(adapters):
 
 def test_a_device_that_cannot_be_made_is_a_one_line_error(adapters, monkeypatch):
     bad = fake_adapter("OpenGL", "Unknown", device_error="Request device failed (3)\n\nCaused by:\n  lost")
-    monkeypatch.setattr(gpu, "_pick_adapter", lambda backend: bad)
+    monkeypatch.setattr(gpu, "_pick_adapter", lambda backend, runtime="wgpu-native": bad)
     with pytest.raises(NoAdapterError) as err:
         gpu.get_gpu.__wrapped__("auto", native=False)
     message = str(err.value)

@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from conftest import assert_same_plan
+from rwkvlab import gpu as gpu_runtime
 from rwkvlab import kernels as kn
 from rwkvlab import quant
 from rwkvlab.gpu import get_gpu
@@ -204,7 +205,7 @@ def test_native_path_builds_trusted_modules_that_still_report_errors(kernels):
     compile must still raise with Naga's report, not hand back a broken module."""
     assert kernels.tuning.trusted == kernels.tuning.subgroups  # both follow path == "native"
     with pytest.raises(Exception, match="expected"):
-        kn._trusted_shader_module(kernels.device, "bad.wgsl", "fn broken( {")
+        gpu_runtime.shader_module(kernels.gpu, "bad.wgsl", "fn broken( {", trusted=True)
 
 
 def test_gemm_tuning_fits_workgroup_memory():
