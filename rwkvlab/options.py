@@ -52,7 +52,7 @@ DEFAULT_FUSIONS = frozenset(FUSIONS) - {"lora"}
 # picks for the device class. Sizes are powers of two, counts any integer >= 0; kernels checks
 # how they combine (e.g. matvec_red <= matvec_wg) when it builds the device's tuning.
 TUNING_SIZES = ("argmax_wg", "gemm_k", "gemm_rows", "matvec_red", "matvec_rows", "matvec_unroll",
-                "matvec_wg", "norm_wg", "shift_wg", "wkv_wg")
+                "matvec_wg", "norm_wg", "shift_wg", "wkv_lanes", "wkv_rows", "wkv_wg")
 TUNING_COUNTS = ("matvec_pieces", "matvec_rows_from")
 TUNING_FLAGS = ("trusted",)  # 0 or 1
 # One way to set Options.tuning without touching code: it fills an empty tuning when options
