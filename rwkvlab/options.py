@@ -37,7 +37,8 @@ FUSIONS: dict[str, str] = {
           "becomes one kv_prep dispatch (with wkv: part of wkv_fused)",
     "wkv": "wkv + groupnorm_out (WKV state update, then GroupNorm, bonus and gate: 2 dispatches "
            "per block) become wkv_fused, one workgroup per head for every token of the chunk "
-           "(with kv it also does the key/value pack)",
+           "(with kv it also does the key/value pack); prefill chunks on the native path run "
+           "wkv_prefill + groupnorm_out in every plan instead",
     "norm_shift": "layernorm + shift_mix (2 dispatches, twice per block) become norm_shift for "
                   "one-token steps: one kernel normalises the token and writes the mixes",
     "ffn": "channel mix: the key product applies relu^2 in its epilogue and the value product "
