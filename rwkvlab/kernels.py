@@ -398,8 +398,8 @@ class Tuning:
     #                            each row) use one row per group: more workgroups; 0 = none do
     # wkv_prefill (prefill chunks on the native path): lanes of a subgroup per state row (1..16,
     # at most the subgroup size) and state rows per workgroup (<= 64, 16 <= rows x lanes <= 256)
-    wkv_lanes: int = 8
-    wkv_rows: int = 16
+    wkv_lanes: int = 4
+    wkv_rows: int = 32
 
     def as_record(self) -> dict:
         return dict(self.__dict__)
@@ -422,9 +422,13 @@ def choose_tuning(gpu, path: str, overrides: str = "") -> Tuning:
     16 floats are 4 vec4 FMA chains of length 4 per sum instead of 16.
     A prefill chunk on the native path runs wkv_prefill instead: state rows, not heads, spread
     over workgroups (H x 64 rows). CPU adapters keep a whole row per lane and a head per
-    workgroup (wkv_lanes 1, wkv_rows 64); GPUs give a row 8 lanes of a subgroup (two vec4s
-    each, 3 shuffle steps per sum) and a workgroup 16 rows: 160 workgroups of 128 threads on a
-    2.9B model. wkv_lanes is lowered to the subgroup size where that is smaller (8 on lavapipe).
+    workgroup (wkv_lanes 1, wkv_rows 64); GPUs give a row 4 lanes of a subgroup (four vec4s
+    each, 2 shuffle steps per sum) and a workgroup 32 rows (80 workgroups of 128 threads on a
+    2.9B model). Measured on an H200 (python -m rwkvlab.wkv_bench, H = 40, T = 512): 0.31 us
+    per token and layer for wkv_prefill alone at 4 x 32, 0.32 at 8 x 32, 0.34-0.35 at 4 x 16,
+    8 x 16 and 16 x 8, 0.44 at 1 x 64 (wkv_fused: 1.60); 32 rows (the head's vectors staged
+    once for twice the rows) led at T = 64 too. wkv_lanes is lowered to the subgroup size where
+    that is smaller (8 on lavapipe).
 
     `overrides` (Options.tuning, which $RWKVLAB_TUNING can fill) changes fields for
     experiments, e.g. "matvec_wg=256,matvec_red=64,matvec_unroll=1,matvec_rows=4,

@@ -310,10 +310,9 @@ def test_all_fusions_dispatch_count(engine, fmt):
 
 # What real GPUs get (kernels.choose_tuning): up to 32 lanes per mat-vec row, fewer for short
 # rows (at least 4 pieces per lane), 2 rows per group of lanes; 4 lanes per wkv state row; in
-# wkv_prefill 8 lanes of a subgroup per state row (lavapipe's subgroups have 8), 16 rows per
-# workgroup.
+# wkv_prefill 4 lanes of a subgroup per state row, 32 rows per workgroup.
 GPU_TUNING = ("matvec_wg=128,matvec_red=32,matvec_unroll=2,matvec_rows=2,matvec_pieces=4,"
-              "matvec_rows_from=4096,norm_wg=256,argmax_wg=256,wkv_wg=256,wkv_lanes=8,wkv_rows=16")
+              "matvec_rows_from=4096,norm_wg=256,argmax_wg=256,wkv_wg=256,wkv_lanes=4,wkv_rows=32")
 
 
 @pytest.mark.parametrize("path", ["webgpu", "native"])
@@ -351,7 +350,7 @@ def test_gemm_tile_shapes_give_identical_logits(engine, reference, fixtures_dir,
 @pytest.mark.parametrize("path", ["webgpu", "native"])
 def test_gpu_class_wkv_fusions_equal_the_unfused_plan(fixtures_dir, monkeypatch, path):
     """In the GPU shape of the wkv kernels (wkv_wg 256: four lanes per state row; on the native
-    path wkv_prefill for the chunk, 8 lanes per row and 16 rows per workgroup) the "wkv"
+    path wkv_prefill for the chunk, 4 lanes per row and 32 rows per workgroup) the "wkv"
     fusion, alone and with "kv", gives the unfused plan's logits bit for bit, chunked and
     stepped: wkv_fused's head sums reproduce kv_prep's and groupnorm_out's group_sum (subgroup
     operations on the native path) and its state update is wkv's; chunks run wkv_prefill in
@@ -363,7 +362,7 @@ def test_gpu_class_wkv_fusions_equal_the_unfused_plan(fixtures_dir, monkeypatch,
         assert {dict(d.kernel.constants)["WG"] for d in e.plan(1, "last") if d.kernel.name.startswith("wkv")} == {256}
         chunk = {d.kernel.name: dict(d.kernel.constants) for d in e.plan(len(TOKENS), "all")}
         assert ("wkv_prefill" in chunk) == (path == "native")
-        assert path == "webgpu" or (chunk["wkv_prefill"]["WG"], chunk["wkv_prefill"]["LANES"]) == (128, 8)
+        assert path == "webgpu" or (chunk["wkv_prefill"]["WG"], chunk["wkv_prefill"]["LANES"]) == (128, 4)
         logits = e.logits(TOKENS)
         e.reset()
         results.append((logits, np.stack([e.step(t) for t in TOKENS[:6]])))

@@ -749,9 +749,9 @@ def native_kernels() -> kn.Kernels:
 
 
 # (lanes per row, rows per workgroup) of wkv_prefill: lavapipe's default (a row per lane, a
-# head per workgroup), 2-8 lanes (GPUs get 8 x 16), 16-thread workgroups (1-token blocks: a
+# head per workgroup), GPUs' (4 x 32), 2-8 lanes, 16-thread workgroups (1-token blocks: a
 # barrier pair per token) and 256-thread ones (16-token blocks); 16 lanes where SG >= 16.
-WKV_PREFILL_SHAPES = [(1, 64), (2, 8), (4, 64), (8, 16), (8, 2), (16, 16)]
+WKV_PREFILL_SHAPES = [(1, 64), (4, 32), (2, 8), (4, 64), (8, 16), (8, 2), (16, 16)]
 
 
 @pytest.mark.parametrize("T", [2, 7, 37])
