@@ -614,13 +614,23 @@ class Engine:
     def _wkv(self, L: str, i: int) -> list[_Op]:
         """The key/value pack, the state update, GroupNorm + bonus + gate: kv ops (see _kv),
         wkv, groupnorm_out; with the "wkv" fusion the last two are wkv_fused, which with "kv"
-        also does the pack (one dispatch in all)."""
+        also does the pack (one dispatch in all). On the native path a prefill chunk (T > 1)
+        runs kv ops, wkv_prefill (state rows over the whole GPU) and groupnorm_out instead, with
+        and without the fusions, so fused and unfused plans keep the same state and output."""
         s, B, b = self.spec, self.buffers, f"blk.{i}."
         C, H = s.n_embd, s.n_head
         dn, up = self.down, self.up
         state = self._layer_range("wkv", i, H * kn.HEAD_SIZE * kn.HEAD_SIZE)
         prep = "kv" in self.fusions and "wkv" in self.fusions
-        kv_ops = [] if prep else self._kv(L, i)
+        kv_ops = self._kv(L, i)
+        wkv_res = dict(R=dn.range("r"), DECAY=up.range("w"), K=dn.range("k"), V=dn.range("v"),
+                       KK=B["kk"], A=up.range("a"), S=state, Y=B["y"])
+        groupnorm = self._simple(
+            L + "att.groupnorm", kn.GROUPNORM_OUT, dict(C=C),
+            dict(GY=B["y"], R=dn.range("r"), K=dn.range("k"), V=dn.range("v"), G=up.range("g"),
+                 LNW=self._vec(b + "time_mix_ln.weight"), LNB=self._vec(b + "time_mix_ln.bias"),
+                 RK=self._vec(b + "time_mix_r_k.weight")),
+            lambda T: (H, T, 1))
         if "wkv" in self.fusions:
             params = dict(C=C, r=dn.floats("r"), k=dn.floats("k"), v=dn.floats("v"), w=up.floats("w"),
                           a=up.floats("a"), vmix=up.floats("vmix"), g=up.floats("g"),
@@ -631,21 +641,22 @@ class Engine:
                           lnb=self._vec_floats(b + "time_mix_ln.bias"))
             res = dict(DOWN=dn.buffer, UP=up.buffer, VEC=self.vecs, FVF=B["vfirst"], FS=state, FY=B["y"],
                        FKK=B["kk"])
-            return kv_ops + [self._simple(L + "att.wkv_fused", kn.WKV_FUSED, params, res,
-                                          lambda T: (H, 1, 1), FIRST=i == 0, PREP=prep)]
-        return kv_ops + [
-            self._simple(
-                L + "att.wkv", kn.WKV, dict(C=C),
-                dict(R=dn.range("r"), DECAY=up.range("w"), K=dn.range("k"), V=dn.range("v"),
-                     KK=B["kk"], A=up.range("a"), S=state, Y=B["y"]),
-                lambda T: (H, 1, 1)),
-            self._simple(
-                L + "att.groupnorm", kn.GROUPNORM_OUT, dict(C=C),
-                dict(GY=B["y"], R=dn.range("r"), K=dn.range("k"), V=dn.range("v"), G=up.range("g"),
-                     LNW=self._vec(b + "time_mix_ln.weight"), LNB=self._vec(b + "time_mix_ln.bias"),
-                     RK=self._vec(b + "time_mix_r_k.weight")),
-                lambda T: (H, T, 1)),
-        ]
+            step = ([] if prep else kv_ops) + [self._simple(L + "att.wkv_fused", kn.WKV_FUSED, params, res,
+                                                            lambda T: (H, 1, 1), FIRST=i == 0, PREP=prep)]
+        else:
+            step = kv_ops + [self._simple(L + "att.wkv", kn.WKV, dict(C=C), wkv_res, lambda T: (H, 1, 1)),
+                             groupnorm]
+        if not self.kernels.tuning.subgroups:
+            return step
+        kernel = self.kernels.kernel(kn.WKV_PREFILL)
+        grid = kn.wkv_prefill_grid(kernel, C)
+        chunk = kv_ops + [self._simple(L + "att.wkv_prefill", kn.WKV_PREFILL, dict(C=C), wkv_res,
+                                       lambda T: grid), groupnorm]
+
+        def dispatches(T: int) -> list[Dispatch]:
+            return [d for op in (chunk if T > 1 else step) for d in op.dispatches(T)]
+
+        return [_Op(L + "att.wkv", dispatches)]
 
     def _loras(self, L: str, main: list[_Product], pairs: list[tuple[_Product, _Product]]) -> list[_Op]:
         """The r/k/v products and the LoRA pairs: down stack then up stack (see _products); with

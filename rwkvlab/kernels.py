@@ -149,11 +149,20 @@ WKV_FUSED = _spec("wkv_fused", "wkv.wgsl", "wkv_fused",
                   "DOWN:read UP:read VEC:read FVF:rw FS:rw FY:rw FKK:read",
                   "C r k v w a vmix g kkw kaw rk lnw lnb", ("common.wgsl", "reduce.wgsl"),
                   WG=256, RED=64, FIRST=False, PREP=True)
+# The state update of a prefill chunk on the native path (shaders/wkv_prefill.wgsl): wkv's
+# bindings, a state row per LANES lanes of a subgroup, WG / LANES rows per workgroup
+# (Tuning.wkv_lanes, wkv_rows; wkv_prefill_grid). It needs subgroup operations (NEEDS_SUBGROUPS).
+WKV_PREFILL = _spec("wkv_prefill", "wkv_prefill.wgsl", "wkv_prefill",
+                    "R:read DECAY:read K:read V:read KK:read A:read S:rw Y:rw", _HEAD_PARAMS, WG=128, LANES=8)
 ARGMAX = _spec("argmax", "argmax.wgsl", "argmax", "L:read TOK:rw GEN:rw", "V cap", WG=256)
 
 SPECS: dict[str, KernelSpec] = {s.name: s for s in (
     MATVEC, LORA, GEMM, EMBED, LAYERNORM, GROUPNORM_OUT, SHIFT_MIX, NORM_SHIFT, KV_PREP, ACTIVATE,
-    WKV, WKV_FUSED, ARGMAX)}
+    WKV, WKV_FUSED, WKV_PREFILL, ARGMAX)}
+# Kernels whose source uses subgroup operations: only a device with the "subgroup" feature (the
+# native path, Tuning.subgroups) builds them.
+NEEDS_SUBGROUPS = frozenset({"wkv_prefill"})
+WKV_PREFILL_LANES = (1, 2, 4, 8, 16)  # lanes per state row: 64 / LANES columns, whole vec4s
 
 # Constants a kernel's workgroup shape is fixed to, whatever the tuning says (the head kernels
 # run one thread per channel of a 64-wide head; wkv and wkv_fused take WG from the tuning).
@@ -273,6 +282,13 @@ def gemm_grid(tiles: int, T: int) -> tuple[int, int, int]:
     return (tiles, -(-T // GEMM_TOKENS), 1)
 
 
+def wkv_prefill_grid(kernel: "Kernel", C: int) -> tuple[int, int, int]:
+    """Workgroups of a wkv_prefill dispatch over C channels: one per WG / LANES state rows
+    (a power of two <= 64, so it divides C = 64 H), from the built pipeline's constants."""
+    c = dict(kernel.constants)
+    return (C // (c["WG"] // c["LANES"]), 1, 1)
+
+
 # Elements per mat-vec piece of each format (piece_elems of shaders/weights.wgsl): what one
 # thread reads per step of a row, which MatvecShape counts to give threads enough of them.
 PIECE_ELEMS: dict[str, int] = {"F32": 4, "F16": 8, "BF16": 8, "Q8_0": 16, **{f: qk.PIECE for f in qk.LAYOUTS}}
@@ -381,6 +397,10 @@ class Tuning:
     #                         until its threads get that many (MatvecShape.red_for); 0 = off
     matvec_rows_from: int = 0  # mat-vec dispatches with fewer rows than this (and all lanes on
     #                            each row) use one row per group: more workgroups; 0 = none do
+    # wkv_prefill (prefill chunks on the native path): lanes of a subgroup per state row (1..16,
+    # at most the subgroup size) and state rows per workgroup (<= 64, 16 <= rows x lanes <= 256)
+    wkv_lanes: int = 4
+    wkv_rows: int = 32
 
     def as_record(self) -> dict:
         return dict(self.__dict__)
@@ -401,6 +421,15 @@ def choose_tuning(gpu, path: str, overrides: str = "") -> Tuning:
     H workgroups exist (40 on a 2.9B model, 132 SMs on an H100), so each is latency bound; 8
     warps per SM instead of 2 give every scheduler two warps to switch between, and a lane's
     16 floats are 4 vec4 FMA chains of length 4 per sum instead of 16.
+    A prefill chunk on the native path runs wkv_prefill instead: state rows, not heads, spread
+    over workgroups (H x 64 rows). CPU adapters keep a whole row per lane and a head per
+    workgroup (wkv_lanes 1, wkv_rows 64); GPUs give a row 4 lanes of a subgroup (four vec4s
+    each, 2 shuffle steps per sum) and a workgroup 32 rows (80 workgroups of 128 threads on a
+    2.9B model). Measured on an H200 (python -m rwkvlab.wkv_bench, H = 40, T = 512): 0.31 us
+    per token and layer for wkv_prefill alone at 4 x 32, 0.32 at 8 x 32, 0.34-0.35 at 4 x 16,
+    8 x 16 and 16 x 8, 0.44 at 1 x 64 (wkv_fused: 1.60); 32 rows (the head's vectors staged
+    once for twice the rows) led at T = 64 too. wkv_lanes is lowered to the subgroup size where
+    that is smaller (8 on lavapipe).
 
     `overrides` (Options.tuning, which $RWKVLAB_TUNING can fill) changes fields for
     experiments, e.g. "matvec_wg=256,matvec_red=64,matvec_unroll=1,matvec_rows=4,
@@ -420,7 +449,8 @@ def choose_tuning(gpu, path: str, overrides: str = "") -> Tuning:
     gemm = dict(gemm_rows=64, gemm_k=16)
     if gpu.info.adapter_type == "CPU":
         tuning = Tuning(matvec_wg=64, matvec_red=1, matvec_unroll=1, norm_wg=64, shift_wg=64,
-                        argmax_wg=64, subgroups=subgroups, subgroup_size=sg, wkv_wg=64, **gemm)
+                        argmax_wg=64, subgroups=subgroups, subgroup_size=sg, wkv_wg=64, wkv_lanes=1,
+                        wkv_rows=64, **gemm)
     else:
         # Mat-vec on an NVIDIA-class GPU (docs/perf-notes.md: the kernel streamed Q8_0 at 1 TB/s
         # and the 4-bit formats at 0.4-0.5 TB/s, far from the ~3 TB/s of HBM). A lane's x loads
@@ -440,6 +470,9 @@ def choose_tuning(gpu, path: str, overrides: str = "") -> Tuning:
                         matvec_rows=2, matvec_pieces=4, matvec_rows_from=4096, **gemm)
     tuning = replace(tuning, trusted=path == "native")
     tuning = _tuning_overrides(tuning, overrides)
+    if subgroups and tuning.wkv_lanes > sg:  # a row's lanes must share a subgroup
+        lanes = sg
+        tuning = replace(tuning, wkv_lanes=lanes, wkv_rows=min(64, max(tuning.wkv_rows, 16 // lanes)))
     need = gemm_workgroup_bytes(tuning.gemm_rows, tuning.gemm_k)
     if need > wg_bytes:
         raise KernelError(f"tuning: gemm_rows={tuning.gemm_rows}, gemm_k={tuning.gemm_k} "
@@ -465,10 +498,13 @@ def _tuning_overrides(tuning: Tuning, text: str) -> Tuning:
     if (tuning.matvec_red > tuning.matvec_wg or tuning.matvec_unroll > 4 or tuning.matvec_rows > 4
             or tuning.wkv_wg < 64
             or max(tuning.matvec_wg, tuning.norm_wg, tuning.argmax_wg, tuning.wkv_wg) > 1024
-            or tuning.gemm_rows not in GEMM_ROWS or tuning.gemm_k not in GEMM_K):
+            or tuning.gemm_rows not in GEMM_ROWS or tuning.gemm_k not in GEMM_K
+            or tuning.wkv_lanes not in WKV_PREFILL_LANES or tuning.wkv_rows > 64
+            or not 16 <= tuning.wkv_rows * tuning.wkv_lanes <= 256):
         raise KernelError(f"tuning: matvec_red must be <= matvec_wg, matvec_unroll and "
                           f"matvec_rows 1, 2 or 4, wkv_wg >= 64 and workgroups <= 1024 threads, "
-                          f"gemm_rows one of {GEMM_ROWS}, gemm_k one of {GEMM_K}, got {tuning}")
+                          f"gemm_rows one of {GEMM_ROWS}, gemm_k one of {GEMM_K}, wkv_lanes <= 16, "
+                          f"wkv_rows <= 64 and 16 <= wkv_rows x wkv_lanes <= 256, got {tuning}")
     return tuning
 
 
@@ -581,6 +617,7 @@ class Kernels:
             "gemm": {"ROWS": t.gemm_rows, "TK": t.gemm_k},
             "wkv": {"WG": t.wkv_wg},
             "wkv_fused": {"WG": t.wkv_wg},
+            "wkv_prefill": {"WG": t.wkv_rows * t.wkv_lanes, "LANES": t.wkv_lanes},
         }.get(spec.name, {})
         consts.update(tuned)
         consts.update(overrides)
@@ -593,6 +630,20 @@ class Kernels:
             consts["RED"] = consts["WG"]
         if t.subgroups and "RED" in spec.constants:
             consts["SG"] = t.subgroup_size
+        if spec.name in NEEDS_SUBGROUPS and not t.subgroups:
+            raise KernelError(f"kernel {spec.name} uses subgroup operations: it runs on the native "
+                              "path of an adapter with subgroups only")
+        if spec.name == WKV_PREFILL.name:
+            wg, lanes = consts["WG"], consts["LANES"]
+            if not (lanes in WKV_PREFILL_LANES and lanes <= t.subgroup_size and 16 <= wg <= 256
+                    and wg % lanes == 0 and 64 % (wg // lanes) == 0):
+                raise KernelError(f"kernel {spec.name}: WG={wg}, LANES={lanes}: a row's lanes (one of "
+                                  f"{WKV_PREFILL_LANES}) must fit a subgroup ({t.subgroup_size} here), "
+                                  "16 <= WG <= 256 and WG / LANES rows must divide 64")
+            need, have = 96 * wg, int(self.gpu.limits.get("max-compute-workgroup-storage-size", 16384))
+            if need > have:  # six staged vectors, a vec4 per thread each
+                raise KernelError(f"kernel {spec.name}: WG={wg} stages {need} bytes of workgroup memory, "
+                                  f"this device has {have}; use wkv_rows x wkv_lanes <= {have // 96}")
         return consts
 
     def kernel(self, spec: KernelSpec, **overrides) -> Kernel:

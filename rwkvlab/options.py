@@ -40,7 +40,8 @@ FUSIONS: dict[str, str] = {
           "becomes one kv_prep dispatch (with wkv: part of wkv_fused)",
     "wkv": "wkv + groupnorm_out (WKV state update, then GroupNorm, bonus and gate: 2 dispatches "
            "per block) become wkv_fused, one workgroup per head for every token of the chunk "
-           "(with kv it also does the key/value pack)",
+           "(with kv it also does the key/value pack); prefill chunks on the native path run "
+           "wkv_prefill + groupnorm_out in every plan instead",
     "norm_shift": "layernorm + shift_mix (2 dispatches, twice per block) become norm_shift for "
                   "one-token steps: one kernel normalises the token and writes the mixes",
     "ffn": "channel mix: the key product applies relu^2 in its epilogue and the value product "
@@ -55,7 +56,7 @@ DEFAULT_FUSIONS = frozenset(FUSIONS) - {"lora"}
 # picks for the device class. Sizes are powers of two, counts any integer >= 0; kernels checks
 # how they combine (e.g. matvec_red <= matvec_wg) when it builds the device's tuning.
 TUNING_SIZES = ("argmax_wg", "gemm_k", "gemm_rows", "matvec_red", "matvec_rows", "matvec_unroll",
-                "matvec_wg", "norm_wg", "shift_wg", "wkv_wg")
+                "matvec_wg", "norm_wg", "shift_wg", "wkv_lanes", "wkv_rows", "wkv_wg")
 TUNING_COUNTS = ("matvec_pieces", "matvec_rows_from")
 TUNING_FLAGS = ("trusted",)  # 0 or 1
 # One way to set Options.tuning without touching code: it fills an empty tuning when options

@@ -297,19 +297,23 @@ def test_all_fusions_dispatch_count(engine, fmt):
     """With every fusion a block is 8 dispatches (norm_shift, the r/k/v stack, one lora dispatch
     for the block's LoRA pairs, wkv_fused, output, norm_shift, ffn key, ffn value), also when
     w1/w2 stay F32 beside Q8_0 matrices (a mixed stack); a prefill chunk (gemm) runs the LoRAs
-    as the down and up stacks instead."""
+    as the down and up stacks instead, and on the native path (lavapipe's default) kv_prep,
+    wkv_prefill and groupnorm_out instead of wkv_fused."""
     e = engine(fmt, fusions=frozenset({"all"}))
     assert e.dispatches_per_token == 1 + 2 * 8 + 3
     assert [d.label for d in e.plan(1, "last", argmax=True) if d.label.startswith("L1.att.")] == [
         "L1.att.norm_shift", "L1.att.down", "L1.att.lora", "L1.att.wkv_fused", "L1.att.out"]
+    wkv = (["L1.att.kv_prep", "L1.att.wkv_prefill", "L1.att.groupnorm"] if e.tuning.subgroups
+           else ["L1.att.wkv_fused"])
     assert [d.label for d in e.plan(8, "last") if d.label.startswith("L1.att.")] == [
-        "L1.att.norm", "L1.att.shift", "L1.att.down", "L1.att.up", "L1.att.wkv_fused", "L1.att.out"]
+        "L1.att.norm", "L1.att.shift", "L1.att.down", "L1.att.up", *wkv, "L1.att.out"]
 
 
 # What real GPUs get (kernels.choose_tuning): up to 32 lanes per mat-vec row, fewer for short
-# rows (at least 4 pieces per lane), 2 rows per group of lanes; 4 lanes per wkv state row.
+# rows (at least 4 pieces per lane), 2 rows per group of lanes; 4 lanes per wkv state row; in
+# wkv_prefill 4 lanes of a subgroup per state row, 32 rows per workgroup.
 GPU_TUNING = ("matvec_wg=128,matvec_red=32,matvec_unroll=2,matvec_rows=2,matvec_pieces=4,"
-              "matvec_rows_from=4096,norm_wg=256,argmax_wg=256,wkv_wg=256")
+              "matvec_rows_from=4096,norm_wg=256,argmax_wg=256,wkv_wg=256,wkv_lanes=4,wkv_rows=32")
 
 
 @pytest.mark.parametrize("path", ["webgpu", "native"])
@@ -346,15 +350,20 @@ def test_gemm_tile_shapes_give_identical_logits(engine, reference, fixtures_dir,
 
 @pytest.mark.parametrize("path", ["webgpu", "native"])
 def test_gpu_class_wkv_fusions_equal_the_unfused_plan(fixtures_dir, monkeypatch, path):
-    """In the GPU shape of the wkv kernels (wkv_wg 256: four lanes per state row) the "wkv"
+    """In the GPU shape of the wkv kernels (wkv_wg 256: four lanes per state row; on the native
+    path wkv_prefill for the chunk, 4 lanes per row and 32 rows per workgroup) the "wkv"
     fusion, alone and with "kv", gives the unfused plan's logits bit for bit, chunked and
     stepped: wkv_fused's head sums reproduce kv_prep's and groupnorm_out's group_sum (subgroup
-    operations on the native path) and its state update is wkv's."""
+    operations on the native path) and its state update is wkv's; chunks run wkv_prefill in
+    every plan."""
     monkeypatch.setenv(options_mod.TUNING_ENV, GPU_TUNING)
     results = []
     for fusions in (set(), {"wkv"}, {"kv", "wkv"}):
         e = load(fixtures_dir / "tiny-q8_0.gguf", Options(path=path, fusions=frozenset(fusions)), progress=False)
         assert {dict(d.kernel.constants)["WG"] for d in e.plan(1, "last") if d.kernel.name.startswith("wkv")} == {256}
+        chunk = {d.kernel.name: dict(d.kernel.constants) for d in e.plan(len(TOKENS), "all")}
+        assert ("wkv_prefill" in chunk) == (path == "native")
+        assert path == "webgpu" or (chunk["wkv_prefill"]["WG"], chunk["wkv_prefill"]["LANES"]) == (128, 4)
         logits = e.logits(TOKENS)
         e.reset()
         results.append((logits, np.stack([e.step(t) for t in TOKENS[:6]])))

@@ -173,7 +173,13 @@ def test_wheel_builds_without_warnings_and_ships_data(tmp_path):
 
 
 def test_every_kernel_compiles(kernels):
+    """Every kernel builds; one that uses subgroup operations is refused, by name, on a path
+    without them."""
     for spec in kn.SPECS.values():
+        if spec.name in kn.NEEDS_SUBGROUPS and not kernels.tuning.subgroups:
+            with pytest.raises(kn.KernelError, match=f"{spec.name} uses subgroup operations"):
+                kernels.kernel(spec)
+            continue
         assert kernels.kernel(spec).pipeline is not None
 
 
@@ -192,9 +198,13 @@ def test_tuning_overrides():
     t = kn._tuning_overrides(base, "gemm_rows=64,gemm_k=32")
     assert (t.gemm_rows, t.gemm_k) == (64, 32)
     assert kn._tuning_overrides(base, "wkv_wg=512").wkv_wg == 512
+    t = kn._tuning_overrides(base, "wkv_lanes=16,wkv_rows=4")
+    assert (t.wkv_lanes, t.wkv_rows) == (16, 4)
     for bad in ("matvec_wg=96", "warp=32", "matvec_red=128", "matvec_unroll=8", "matvec_rows=8",
                 "matvec_rows=3", "matvec_pieces=-1", "matvec_pieces=x", "gemm_rows=256",
-                "gemm_rows=16", "gemm_k=8", "gemm_k=64", "trusted=2", "wkv_wg=32", "wkv_wg=2048"):
+                "gemm_rows=16", "gemm_k=8", "gemm_k=64", "trusted=2", "wkv_wg=32", "wkv_wg=2048",
+                "wkv_lanes=32", "wkv_lanes=3", "wkv_rows=128", "wkv_lanes=16,wkv_rows=32",
+                "wkv_lanes=1,wkv_rows=8"):
         with pytest.raises(kn.KernelError, match="tuning"):
             kn._tuning_overrides(base, bad)
 
@@ -715,6 +725,83 @@ def test_wkv_over_several_tokens(kernels, wg, T):
     want, S, y_err, s_err = _wkv_reference(*(x.astype(np.float64) for x in (r, w, k, v, kk, a)), s0)
     assert np.all(np.abs(res["S"] - S) <= 2 * s_err + 1e-7)
     assert np.all(np.abs(res["Y"] - want) <= 2 * y_err + 1e-7)
+
+
+def _wkv_case(T: int, H: int, seed: int) -> dict[str, np.ndarray]:
+    """Inputs of wkv in their model ranges: r, k, v normal, w in (0.545, 1), kk unit per head,
+    a in (0, 1), and a random non-zero state."""
+    rng = np.random.default_rng(seed)
+    N = 64
+    C = H * N
+    r, k, v = (rng.standard_normal((T, C)).astype(np.float32) for _ in range(3))
+    w = np.exp(-0.606531 / (1 + np.exp(-rng.standard_normal((T, C))))).astype(np.float32)
+    kk = rng.standard_normal((T, H, N))
+    kk = (kk / np.linalg.norm(kk, axis=-1, keepdims=True)).reshape(T, C).astype(np.float32)
+    a = rng.random((T, C)).astype(np.float32)
+    s0 = (rng.standard_normal((H, N, N)) * 0.1).astype(np.float32)
+    return dict(R=r, DECAY=w, K=k, V=v, KK=kk, A=a, S=s0, Y=np.zeros((T, C), np.float32))
+
+
+@pytest.fixture(scope="module")
+def native_kernels() -> kn.Kernels:
+    """The native path's kernels (wkv_prefill needs subgroups; lavapipe has them, size 8)."""
+    gpu = get_gpu("auto", native=True)
+    return kn.kernels_for(gpu, kn.choose_tuning(gpu, "native"))
+
+
+# (lanes per row, rows per workgroup) of wkv_prefill: lavapipe's default (a row per lane, a
+# head per workgroup), GPUs' (4 x 32), 2-8 lanes, 16-thread workgroups (1-token blocks: a
+# barrier pair per token) and 256-thread ones (16-token blocks); 16 lanes where SG >= 16.
+WKV_PREFILL_SHAPES = [(1, 64), (4, 32), (2, 8), (4, 64), (8, 16), (8, 2), (16, 16)]
+
+
+@pytest.mark.parametrize("T", [2, 7, 37])
+@pytest.mark.parametrize("lanes,rows", WKV_PREFILL_SHAPES, ids=lambda x: str(x))
+def test_wkv_prefill_over_several_tokens(native_kernels, lanes, rows, T):
+    """The prefill kernel (rows spread over workgroups, subgroup sums) over T tokens of three
+    heads from a random non-zero state, T = 37 not a multiple of any block (1..16 tokens):
+    outputs and the final state against float64 NumPy and against the sequential kernel wkv.
+    Tolerances: against NumPy, twice the worst-case fp32 bounds of _wkv_reference (whatever the
+    summation order: first order, doubled for the terms it drops) + 1e-7, as wkv's own test;
+    against wkv, both kernels' bounds added (each is within its bound of the exact value). With
+    one lane per row the sums run in wkv's order (WG = 64): the same bits on CPU adapters
+    (GPUs: conftest.assert_same_plan, per-pipeline fma contraction)."""
+    k = native_kernels
+    if lanes > k.tuning.subgroup_size:
+        pytest.skip(f"{lanes} lanes per row; this device's subgroups have {k.tuning.subgroup_size}")
+    H = 3
+    C = H * 64
+    x = _wkv_case(T, H, seed=17)
+    consts = dict(WG=lanes * rows, LANES=lanes)
+    res = kn.run_kernel(k, kn.WKV_PREFILL, dict(C=C), {**x, "S": x["S"].copy()},
+                        kn.wkv_prefill_grid(k.kernel(kn.WKV_PREFILL, **consts), C), T=T,
+                        read=("S", "Y"), constants=consts)
+    seq = kn.run_kernel(k, kn.WKV, dict(C=C), {**x, "S": x["S"].copy()}, (H, 1, 1), T=T, read=("S", "Y"),
+                        constants=dict(WG=64))
+    want, S, y_err, s_err = _wkv_reference(*(x[n].astype(np.float64) for n in ("R", "DECAY", "K", "V", "KK", "A")),
+                                           x["S"])
+    assert np.all(np.abs(res["S"] - S) <= 2 * s_err + 1e-7)
+    assert np.all(np.abs(res["Y"] - want) <= 2 * y_err + 1e-7)
+    assert np.all(np.abs(res["S"] - seq["S"]) <= 4 * s_err + 2e-7)
+    assert np.all(np.abs(res["Y"] - seq["Y"]) <= 4 * y_err + 2e-7)
+    if lanes == 1:
+        assert_same_plan(res["Y"], seq["Y"], k.gpu)
+        assert_same_plan(res["S"], seq["S"], k.gpu)
+
+
+def test_wkv_prefill_refuses_shapes_it_cannot_run(native_kernels):
+    """A row's lanes must share a subgroup and a workgroup's rows one head; choose_tuning
+    lowers wkv_lanes to the subgroup size (keeping 16 threads a workgroup), so what a run
+    records is what ran."""
+    k = native_kernels
+    sg = k.tuning.subgroup_size
+    with pytest.raises(kn.KernelError, match="must fit a subgroup"):
+        k.kernel(kn.WKV_PREFILL, WG=2 * sg * 8, LANES=2 * sg)
+    for wg, lanes in ((8, 1), (512, 8), (128, 1), (96, 2)):  # too small, too big, 128 rows, 48 rows
+        with pytest.raises(kn.KernelError, match="WG / LANES rows must divide 64"):
+            k.kernel(kn.WKV_PREFILL, WG=wg, LANES=lanes)
+    t = kn.choose_tuning(k.gpu, "native", "wkv_lanes=16,wkv_rows=1")
+    assert (t.wkv_lanes, t.wkv_rows) == (min(16, sg), 16 // min(16, sg))
 
 
 # --- fused kernels: each against the NumPy composition of the kernels it replaces -------------

@@ -68,3 +68,36 @@ def test_cli_writes_runs_the_history_reads_and_judges(capsys, tmp_path):
         assert abs(printed - us) <= 0.005 + 5e-4 * printed, (line, us)
     assert list(judged["kernel_time_vs_title"][:2]) == ["no reference"] * 2
     assert judged["kernel_time_vs_title"][2:].isin(["improvement", "regression", "within noise"]).all()
+
+
+def test_prefill_shapes_are_checked_then_timed_next_to_wkv_fused():
+    """On the native path the prefill part times wkv_fused (the old plan, at the device's
+    wkv_wg) at T = 8 and 37, then per wkv_prefill shape checks kv_prep + wkv_prefill +
+    groupnorm_out against float64 NumPy and times wkv_prefill alone and the three dispatches,
+    with a line comparing old and new per token. A shape wider than a subgroup fails its
+    check and is not timed; the webgpu path (no subgroups) has no prefill part."""
+    out = io.StringIO()
+    timings, failures = wkv_bench.run(paths=KERNEL_PATHS, wgs=(64,), size="small", repeats=1, out=out,
+                                      prefill_shapes=("default", (8, 2), (64, 4)))
+    native = [t for t in timings if t.path == "native"]
+    assert {(t.kernel, t.T) for t in native if t.kernel == "wkv_fused"} == {("wkv_fused", T) for T in (1, 8, 37)}
+    from rwkvlab.gpu import get_gpu
+
+    tuning = wkv_bench.kn.choose_tuning(get_gpu("auto", native=True), "native")
+    want = {(k, T, shape) for k in ("wkv_prefill", wkv_bench.CHAIN) for T in (8, 37)
+            for shape in ((tuning.wkv_lanes, tuning.wkv_rows), (8, 2))}
+    assert {(t.kernel, t.T, t.shape) for t in native if t.kernel != "wkv_fused"} == want
+    assert all(t.kernel == "wkv_fused" for t in timings if t.path == "webgpu")
+    assert all(t.seconds > 0 and t.max_error < 1 for t in timings)
+    text = out.getvalue()
+    assert text.count(f"checked: {wkv_bench.CHAIN}") == 2 and text.count("us per prompt token") == 4
+    assert len(failures) == 1 and "wkv_prefill: WG=256, LANES=64" in failures[0]
+    run = next(t for t in native if t.kernel == wkv_bench.CHAIN).micro_run(tuning.as_record())
+    assert run.model == f"{wkv_bench.CHAIN} H=4 T=8" and run.tuning.startswith("wkv_lanes=")
+    assert "differs from wkv_fused by up to" in run.check
+
+
+def test_prefill_shapes_on_the_command_line(capsys, tmp_path):
+    assert wkv_bench.parse_shapes("none") == () and wkv_bench.parse_shapes("default,8x16") == ("default", (8, 16))
+    assert wkv_bench.main(["--small", "--prefill-shapes", "8by16", "--history-dir", str(tmp_path)]) == 2
+    assert "8by16" in capsys.readouterr().err
