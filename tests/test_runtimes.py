@@ -1,0 +1,78 @@
+"""Both WebGPU runtimes run the same engine and agree with llama.cpp and the NumPy reference.
+
+On this machine (CI, no GPU) wgpu-native runs on Debian 12's lavapipe and Dawn on Mesa 25's
+lavapipe, which `make setup` unpacks into the virtual environment (rwkvlab.vulkan_drivers):
+every fixture format, both kernel paths, the unfused plan and the default fused one, on both.
+Tolerances are test_engine's, justified there: llama.cpp 1e-3 (f32 file) / 0.2 (every other
+format) with the same argmax where its top-1 margin exceeds 0.05; the reference on the same
+weights 1e-3; fused plan = unfused plan bit for bit on CPU adapters (conftest.assert_same_plan).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import assert_same_plan
+from rwkvlab.cli import main as cli_main
+from rwkvlab.engine import load
+from rwkvlab.gguf import read_model
+from rwkvlab.options import DEFAULT_FUSIONS, RUNTIMES, Options
+from rwkvlab.reference import Reference
+from test_engine import FILE_FORMATS, LLAMA_TOL, TOKENS, assert_llama_parity
+
+REFERENCE_TOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def references(fixtures_dir):
+    cache: dict[str, Reference] = {}
+
+    def get(fmt: str) -> Reference:
+        if fmt not in cache:
+            cache[fmt] = Reference(read_model(fixtures_dir / f"tiny-{fmt}.gguf"))
+        cache[fmt].reset()
+        return cache[fmt]
+
+    return get
+
+
+@pytest.mark.parametrize("path", ["webgpu", "native"])
+@pytest.mark.parametrize("fmt", FILE_FORMATS)
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_fixture_parity_on_each_runtime(fixtures_dir, references, runtime, fmt, path):
+    file = fixtures_dir / f"tiny-{fmt}.gguf"
+    plain = load(file, Options(runtime=runtime, path=path, fusions=frozenset()), progress=False)
+    assert plain.gpu.runtime == runtime and plain.options.runtime == runtime
+    logits = plain.logits(TOKENS)
+    assert_llama_parity(logits, np.load(fixtures_dir / f"tiny-{fmt}.logits.npy"), LLAMA_TOL[fmt])
+    ref = references(fmt)
+    want = np.stack([ref.step(t) for t in TOKENS])
+    assert np.abs(logits - want).max() <= REFERENCE_TOL
+    plain.reset()
+    steps = np.stack([plain.step(t) for t in TOKENS[:5]])
+    plain.reset()
+    ids = plain.generate(TOKENS[:4], 6)
+
+    fused = load(file, Options(runtime=runtime, path=path), progress=False)
+    assert fused.fusions == DEFAULT_FUSIONS and fused.dispatches_per_token < plain.dispatches_per_token
+    assert_same_plan(fused.logits(TOKENS), logits, fused.gpu)
+    fused.reset()
+    assert_same_plan(np.stack([fused.step(t) for t in TOKENS[:5]]), steps, fused.gpu)
+    fused.reset()
+    assert fused.generate(TOKENS[:4], 6) == ids
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_bench_runs_and_checks_output_on_each_runtime(tmp_path, capsys, runtime):
+    """`rwkvlab bench --runtime X` measures, checks logits against the float64 reference and
+    records the runtime it ran on (in the options and the environment)."""
+    code = cli_main(["bench", "--runtime", runtime, "--prefill", "8", "--generate", "4", "--repeat", "1",
+                     "--history-dir", str(tmp_path), "--no-progress"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    sidecar = next(tmp_path.glob("*.jsonl"))
+    record = json.loads(sidecar.read_text().splitlines()[-1])
+    assert record["options"]["runtime"] == runtime
+    assert record["environment"]["runtime"] == runtime
