@@ -990,6 +990,7 @@ def cli_generate(args) -> int:
     gen_rate = steps / st.generate_seconds if steps > 0 and st.generate_seconds > 0 else 0.0
     print(f"load {engine.load_seconds:.2f} s | prefill {st.n_prompt} tok at "
           f"{st.n_prompt / st.prefill_seconds:.1f} tok/s | generate {st.n_generated} tok at "
-          f"{gen_rate:.1f} tok/s | {engine.gpu.info.label}, {engine.dispatches_per_token} dispatches/token",
+          f"{gen_rate:.1f} tok/s | {engine.gpu.info.label} on {engine.gpu.runtime}, "
+          f"{engine.dispatches_per_token} dispatches/token",
           file=sys.stderr)
     return 0

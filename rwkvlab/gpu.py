@@ -20,6 +20,7 @@ backend, features) choice, cached here.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
@@ -107,12 +108,42 @@ def _dawn():
     # the lavapipe `make setup` unpacked for it (where there is one) is added for that scan only,
     # so wgpu-native and subprocesses still see just the system's drivers.
     quiet_mesa_probe()
-    with loader_env(dawn_loader_env()):
+    with loader_env(dawn_loader_env()), _dawn_stderr():
         try:
             wgpudawn.gpu.enumerate_adapters_sync()
         except RuntimeError:
             pass  # no adapter: said by _pick_adapter, with what to install
     return wgpudawn
+
+
+# Dawn's own (C++) warnings that every scan or device on a CPU Vulkan driver prints, about
+# drivers it refuses or limits it trims; the lab needs none of them. Anything else is passed on.
+_DAWN_NOISE = ("Vulkan shaderUniform", "While initializing adapter", "at InitializeImpl",
+               "artificially reduced", "XDG_RUNTIME_DIR")
+
+
+@contextlib.contextmanager
+def _dawn_stderr():
+    """Dawn's adapter scan and device creation, with its known noise taken out of stderr (it
+    writes straight to file descriptor 2, so Python's own redirection cannot catch it)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            lines = caught.read().decode(errors="replace").splitlines()
+            kept = [line for line in lines if line.strip() and not line.startswith("Warning: ")
+                    and not any(n in line for n in _DAWN_NOISE)]
+            # A warning we do not know is kept with its context lines.
+            if any(line.startswith("Warning: ") and not any(n in line for n in _DAWN_NOISE) for line in lines):
+                kept = [line for line in lines if line.strip()]
+            if kept:
+                print("\n".join(kept), file=sys.stderr)
 
 
 def installed_runtimes() -> list[str]:
@@ -352,8 +383,9 @@ def get_gpu(backend: str = "auto", native: bool = False, runtime: str = RUNTIMES
             from wgpudawn.backends.dawn import extras
 
             toggles = ["skip_validation", "disable_robustness"] if unchecked else []
-            device = extras.request_device_sync(adapter, required_features=names, required_limits=limits,
-                                                enable_toggles=toggles)
+            with _dawn_stderr():
+                device = extras.request_device_sync(adapter, required_features=names, required_limits=limits,
+                                                    enable_toggles=toggles)
         else:
             device = adapter.request_device_sync(required_features=names, required_limits=limits)
     except Exception as err:  # wgpu raises RuntimeError with several lines of causes

@@ -45,7 +45,8 @@ import pandas as pd
 from rwkvlab import bench, plots
 from rwkvlab.bench import BenchRecord, BenchSettings
 from rwkvlab.history import HistoryWarning, read_history
-from rwkvlab.options import FUSIONS, PATHS, WEIGHT_POLICIES, Options, OptionsError, fusions_text
+from rwkvlab.options import (FUSIONS, PATHS, RUNTIME_NOTES, RUNTIMES, WEIGHT_POLICIES, Options, OptionsError,
+                             fusions_text)
 from rwkvlab.synth import FORMATS as SYNTH_FORMATS
 from rwkvlab.synth import PRESETS
 from rwkvlab.baseline import (Baseline, Comparison, baseline_from_history, baseline_from_record, compare,
@@ -136,10 +137,12 @@ def worker_command(model: ModelChoice, options: Options, settings: BenchSettings
 
 
 def probe_adapters(python: str = sys.executable, timeout: float = 120.0) -> tuple[list[dict[str, str]], str | None]:
-    """The machine's WebGPU adapters, listed by a subprocess (an adapter scan that crashes a
-    driver must not take the kernel with it): (adapters as dicts, error text or None)."""
-    script = ("import dataclasses, json\nfrom rwkvlab.gpu import list_adapters\n"
-              "print(json.dumps([dataclasses.asdict(a) for a in list_adapters()]))")
+    """The machine's WebGPU adapters on every installed runtime, listed by a subprocess (an
+    adapter scan that crashes a driver must not take the kernel with it): (adapters as dicts
+    with a "runtime" key, error text or None)."""
+    script = ("import dataclasses, json\nfrom rwkvlab.gpu import installed_runtimes, list_adapters\n"
+              "print(json.dumps([dict(dataclasses.asdict(a), runtime=r) for r in installed_runtimes() "
+              "for a in list_adapters(r)]))")
     try:
         done = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=timeout,
                               env=worker_env())
@@ -278,6 +281,10 @@ class Panel:
                                     tooltips=["native where the adapter has f16 or subgroups, else webgpu "
                                               "(the run records which)", "portable WGSL only",
                                               "also subgroups / f16 where the adapter has them"])
+        runtimes = [r for r in RUNTIMES if any(a.get("runtime", RUNTIMES[0]) == r for a in self.adapters)]
+        self.runtime = w.ToggleButtons(options=runtimes or [d.runtime], value=d.runtime if d.runtime in runtimes
+                                       else (runtimes or [d.runtime])[0],
+                                       tooltips=[RUNTIME_NOTES[r] for r in (runtimes or [d.runtime])])
         self.backend = w.Dropdown(options=self._backend_options(), value=d.backend, layout=w.Layout(width="420px"))
         self.fusion_boxes = {name: w.Checkbox(value=name in d.fusions, description=name, indent=False,
                                               layout=w.Layout(width="120px")) for name in FUSIONS}
@@ -330,6 +337,8 @@ class Panel:
             row("model", self.source), self._preset_row, self._file_row,
             row("weights", self.weights, tip="Options.weights"),
             row("kernel path", self.path, tip="Options.path"),
+            row("runtime", self.runtime, tip="Options.runtime: the WebGPU implementation (only those installed "
+                "that find an adapter here)"),
             row("backend", self.backend, tip="wgpu backend (only those this machine offers)"),
             w.HTML("<b>fusions</b> (kernel-plan rewrites; each has its unfused equivalent)"), *fusion_rows,
             row("chunk", self.chunk, w.HTML("&nbsp;GEMM from&nbsp;"), self.gemm_min_tokens,
@@ -380,7 +389,9 @@ class Panel:
     def _backend_options(self) -> list[tuple[str, str]]:
         by_backend: dict[str, list[str]] = {}
         for a in self.adapters:
-            by_backend.setdefault(a["backend"], []).append(f"{a['name']} ({a['adapter_type']})")
+            label = f"{a['name']} ({a['adapter_type']})"
+            if label not in by_backend.get(a["backend"], []):
+                by_backend.setdefault(a["backend"], []).append(label)
         options = [("auto: wgpu's best adapter (a discrete GPU first)", "auto")]
         options += [(f"{b}: {', '.join(names)}", b) for b, names in sorted(by_backend.items())]
         return options
@@ -402,11 +413,12 @@ class Panel:
 
     def configure(self, **values: Any) -> "Panel":
         """Set widgets from code: ``model`` (a preset name or a GGUF path), ``fmt``, ``weights``,
-        ``path``, ``backend``, ``fusions`` (names, "all" or "none"), ``chunk``, ``gemm_min_tokens``,
+        ``path``, ``runtime``, ``backend``, ``fusions`` (names, "all" or "none"), ``chunk``, ``gemm_min_tokens``,
         ``tuning``, ``prefill``, ``generate``,
         ``warmup``, ``repeat``, ``reference``, ``baseline`` (a key of :meth:`baseline_choices`),
         ``title``, ``change``. Returns the panel."""
-        simple = {"fmt": self.fmt, "weights": self.weights, "path": self.path, "backend": self.backend,
+        simple = {"fmt": self.fmt, "weights": self.weights, "path": self.path, "runtime": self.runtime,
+                  "backend": self.backend,
                   "chunk": self.chunk, "gemm_min_tokens": self.gemm_min_tokens, "tuning": self.tuning,
                   "prefill": self.prefill, "generate": self.generate, "warmup": self.warmup,
                   "repeat": self.repeat, "reference": self.reference, "baseline": self.baseline,
@@ -447,7 +459,7 @@ class Panel:
     def options(self) -> Options:
         """The engine options the widgets name (validated by ``Options``)."""
         fusions = frozenset(name for name, box in self.fusion_boxes.items() if box.value)
-        return Options(backend=self.backend.value, path=self.path.value, weights=self.weights.value,
+        return Options(runtime=self.runtime.value, backend=self.backend.value, path=self.path.value, weights=self.weights.value,
                        fusions=fusions, chunk=int(self.chunk.value), gemm_min_tokens=int(self.gemm_min_tokens.value),
                        tuning=self.tuning.value)
 

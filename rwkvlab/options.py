@@ -20,6 +20,8 @@ BACKENDS = ("auto", "vulkan", "metal", "dx12", "gl")
 # The WebGPU implementations the engine runs on (rwkvlab.gpu is the one module that imports
 # them): wgpu-native through the `wgpu` package, Google's Dawn through `wgpudawn`.
 RUNTIMES = ("wgpu-native", "dawn")
+RUNTIME_NOTES = {"wgpu-native": "wgpu-native (Rust, Naga) through the wgpu package",
+                 "dawn": "Google's Dawn (Chrome's WebGPU, Tint) through wgpudawn; subgroup matrices reach tensor cores"}
 # The two kernel paths a run can take; ``auto`` (the default) is resolved to one of them against
 # the adapter actually chosen (rwkvlab.gpu.resolve_options), and the resolved one is recorded.
 KERNEL_PATHS = ("webgpu", "native")

@@ -96,9 +96,9 @@ def profile(engine, n_tokens: int = 16, prompt: tuple[int, ...] = (0,), chunk: i
 
     if ticks is None:
         table = pd.DataFrame(columns=["kernel", "label", "calls", "us_per_token", "share"])
-        return Profile(table, method, None, wall_us, len(plan), gpu.info.label)
+        return Profile(table, method, None, wall_us, len(plan), f"{gpu.info.label} on {gpu.runtime}")
     table = _group(plan, ticks / 1000.0 / per)
-    return Profile(table, method, float(table["us_per_token"].sum()), wall_us, len(plan), gpu.info.label)
+    return Profile(table, method, float(table["us_per_token"].sum()), wall_us, len(plan), f"{gpu.info.label} on {gpu.runtime}")
 
 
 def _group(plan: kn.Plan, us: np.ndarray) -> pd.DataFrame:

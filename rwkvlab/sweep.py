@@ -36,7 +36,7 @@ from rwkvlab.options import Options, OptionsError, from_args, parse_fusions
 from rwkvlab.synth import ModelNotFoundError, model_from_args
 
 # Options fields a sweep can vary, with the type of their values.
-VARIABLE = {"backend": str, "path": str, "weights": str, "fusions": str, "chunk": int, "gemm_min_tokens": int,
+VARIABLE = {"runtime": str, "backend": str, "path": str, "weights": str, "fusions": str, "chunk": int, "gemm_min_tokens": int,
             "tuning": str}
 
 

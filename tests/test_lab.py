@@ -291,6 +291,24 @@ def test_panel_offers_this_machines_backends_and_every_fusion(panel):
         panel.configure(fusions=["nope"])
 
 
+def test_panel_offers_the_runtimes_that_find_an_adapter_and_records_the_choice(panel):
+    """This machine has both: wgpu-native on Debian's lavapipe, Dawn on the Mesa 25 lavapipe
+    `make setup` unpacks; a runtime that finds nothing is not offered."""
+    from rwkvlab.gpu import available_runtimes
+
+    assert list(panel.runtime.options) == available_runtimes() == ["wgpu-native", "dawn"]
+    assert panel.runtime.value == "wgpu-native"
+    panel.configure(runtime="dawn")
+    try:
+        assert panel.options().runtime == "dawn"
+        command = panel.command()
+        assert command[command.index("--runtime") + 1] == "dawn"
+    finally:
+        panel.configure(runtime="wgpu-native")
+    with pytest.raises(LabError, match="available: wgpu-native, dawn"):
+        panel.configure(runtime="webkit")
+
+
 def test_panel_runs_compares_plots_and_saves(panel):
     panel.configure(fusions="none")
     first = panel.run()

@@ -18,6 +18,7 @@ from rwkvlab.bench import BenchSettings, settings_from_args
 from rwkvlab.cli import build_parser, main
 from rwkvlab.history import HistoryWarning, read_history, sidecar_path
 from rwkvlab.options import FUSIONS, Options, OptionsError, from_args
+from rwkvlab import options as options_mod
 from rwkvlab.sweep import (VARIABLE, Config, SweepResult, SweepRow, baseline_options, configurations, parse_vary,
                            pick_best, with_baseline)
 from rwkvlab.worker import bench_command, run_worker
@@ -38,6 +39,16 @@ def test_parse_vary_and_cross_product():
     assert configs[-1].options == Options(chunk=32, path="native", weights="f16", gemm_min_tokens=8)
     assert len({c.options for c in configs}) == 8  # every combination once
     assert all(c.options.chunk == 32 for c in configs)  # options not varied keep the base value
+
+
+def test_runtime_is_sweepable_and_travels_to_the_worker():
+    configs = configurations(Options(), parse_vary(["runtime=wgpu-native,dawn"]))
+    assert [c.options.runtime for c in configs] == ["wgpu-native", "dawn"]
+    assert [c.label for c in configs] == ["runtime=wgpu-native", "runtime=dawn"]
+    args = options_mod.to_args(configs[1].options)
+    assert args[args.index("--runtime") + 1] == "dawn"
+    with pytest.raises(OptionsError, match="unknown runtime 'webkit'; available: wgpu-native, dawn"):
+        parse_vary(["runtime=webkit"])
 
 
 def test_fusion_values():
