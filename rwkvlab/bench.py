@@ -152,6 +152,7 @@ class BenchRecord:
     fingerprint: str = ""  # the model file's content (rwkvlab.gguf.fingerprint); "" unknown
     environment: dict[str, str] = field(default_factory=dict)  # rwkvlab.gpu.environment + commit
     kernel_tuning: dict[str, Any] = field(default_factory=dict)  # every kernel shape the engine used
+    step_weight_bytes: int | None = None  # weight bytes a generation step reads (Engine.step_weight_bytes)
 
     @property
     def quality_hash(self) -> str:
@@ -236,6 +237,7 @@ class BenchRecord:
             "fingerprint": self.fingerprint,
             "environment": self.environment,
             "kernel_tuning": self.kernel_tuning,
+            "step_weight_bytes": self.step_weight_bytes,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -326,7 +328,7 @@ def run_bench(model: str | os.PathLike, options: Options | None = None,
                                         timings.gpu_formats),
         dispatches_per_token=timings.dispatches_per_token, commit=commit,
         fingerprint=fingerprint(path), environment={**timings.environment, "commit": commit},
-        kernel_tuning=timings.kernel_tuning,
+        kernel_tuning=timings.kernel_tuning, step_weight_bytes=timings.step_weight_bytes,
     )
 
 
@@ -382,6 +384,7 @@ class _Timings:
     gpu_formats: dict[str, str] = field(default_factory=dict)  # tensor -> format the GPU reads
     environment: dict[str, str] = field(default_factory=dict)
     kernel_tuning: dict[str, Any] = field(default_factory=dict)
+    step_weight_bytes: int | None = None
 
 
 def _measure(path: Path, options: Options, settings: BenchSettings, prompt: list[int], bar) -> _Timings:
@@ -431,6 +434,7 @@ def _measure(path: Path, options: Options, settings: BenchSettings, prompt: list
     dpt = getattr(engine, "dispatches_per_token", None)
     t.dispatches_per_token = None if dpt is None else int(dpt)
     t.gpu_formats = dict(engine.weight_formats)
+    t.step_weight_bytes = getattr(engine, "step_weight_bytes", None)
     del engine  # GPU buffers go before the host builds the (possibly large) reference
     return t
 

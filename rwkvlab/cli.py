@@ -28,7 +28,10 @@ def _history(sub) -> None:
         "file:line, never dropped silently.",
     )
     _history_paths(p)
-    p.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format (default: table)")
+    p.add_argument("--format", choices=("table", "csv", "json", "speed-table"), default="table",
+                   help="output format: a table per run, csv, json, or speed-table: the README's Markdown "
+                   "speed table (the newest run of the default options per GPU, model, runtime and lengths, "
+                   "with the weight bandwidth its generation rate implies) (default: table)")
     p.set_defaults(handler="rwkvlab.report:cli_history")
 
 

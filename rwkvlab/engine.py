@@ -225,7 +225,7 @@ class Engine:
 
     Attributes: spec (ModelSpec), tokenizer, gpu, options, fusions (the resolved set),
     tuning (kernel shapes), load_seconds, dispatches_per_token (dispatches of one generation
-    step), weight_formats (tensor -> format on the GPU), matrices (name -> Matrix: where its
+    step), step_weight_bytes (weight bytes one generation step reads), weight_formats (tensor -> format on the GPU), matrices (name -> Matrix: where its
     rows are), last_generate (GenerateStats of the last generate call).
     """
     def __init__(self, model, gpu, options: Options, *, progress: bool = True,
@@ -267,6 +267,10 @@ class Engine:
         self._head = self._head_ops()
         self._plans: dict[tuple, kn.Plan] = {}
         self.dispatches_per_token = len(self.plan(1, head="last", argmax=True))
+        # Bytes of weights a generation step reads: every matrix in its GPU format, but of the
+        # embedding only its one row (the 1-D vectors are a rounding error next to them).
+        self.step_weight_bytes = sum(m.M * m.row_words * 4 for n, m in self.matrices.items()
+                                     if n != "token_embd.weight")
         self._queue.submit([])
 
     # --- checks --------------------------------------------------------------------------------

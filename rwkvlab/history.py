@@ -81,9 +81,10 @@ COLUMNS = [
     # options (Options.as_record), the environment it ran in (GPU, driver, versions, OS), the
     # bench settings and the model file's path: what `rwkvlab bench --replay` needs.
     "prompt_tokens", "generate_tokens", "fingerprint", "options", "environment", "settings", "model_path",
+    "step_weight_bytes",  # weight bytes one generation step reads (bandwidth = bytes x tok/s)
 ]
 _STR_COLUMNS = ["file", "title", "change", "model", "version", "gpu", "quality_hash", "fingerprint", "model_path"]
-_INT_COLUMNS = ["layers", "embedding", "prompt_tokens", "generate_tokens"]
+_INT_COLUMNS = ["layers", "embedding", "prompt_tokens", "generate_tokens", "step_weight_bytes"]
 _FLOAT_COLUMNS = ["load_ms", "prefill_tps", "generation_tps"]
 
 MISSING = "n/a"  # written where a value was not measured; read back as missing, silently
@@ -444,6 +445,7 @@ def _empty_row(path: Path | str, title: str, line: int, heading: str) -> dict[st
         "generation_tps": float("nan"), "quality_hash": float("nan"), "quality_tokens": [],
         "line": line, "samples": {}, "prompt_tokens": None, "generate_tokens": None,
         "fingerprint": None, "options": {}, "environment": {}, "settings": {}, "model_path": None,
+        "step_weight_bytes": None,
     }
 
 
@@ -830,11 +832,13 @@ def _described(record: dict[str, Any], side: Path, number: int) -> dict[str, Any
     """
     out: dict[str, Any] = {}
     settings = record.get("settings") if isinstance(record.get("settings"), dict) else {}
-    for column, value in (("prompt_tokens", record.get("prompt_tokens")), ("generate_tokens", settings.get("generate"))):
-        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 31:
+    for column, value, limit in (("prompt_tokens", record.get("prompt_tokens"), 1 << 31),
+                                 ("generate_tokens", settings.get("generate"), 1 << 31),
+                                 ("step_weight_bytes", record.get("step_weight_bytes"), 1 << 50)):
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < limit:
             out[column] = value
         elif value is not None:
-            _warn(side, number, f"{column} {str(value)[:40]!r} is not a token count; not joined")
+            _warn(side, number, f"{column} {str(value)[:40]!r} is not a count; not joined")
     fingerprint = record.get("fingerprint")
     if isinstance(fingerprint, str) and 0 < len(fingerprint) <= 128 and fingerprint.isalnum():
         out["fingerprint"] = fingerprint

@@ -620,7 +620,11 @@ def cli_history(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"rwkvlab history: {err}", file=sys.stderr)
         return 2
-    if args.format == "csv":
+    if args.format == "speed-table":
+        from rwkvlab.speed_table import speed_table
+
+        print(speed_table(df, verdicts))
+    elif args.format == "csv":
         sys.stdout.write(to_csv(df, verdicts))
     elif args.format == "json":
         sys.stdout.write(to_json(df, verdicts) + "\n")
