@@ -26,6 +26,9 @@ import os
 import platform
 import sys
 import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from rwkvlab.options import BACKENDS, RUNTIMES, Options, OptionsError, normalize_tuning, tuning_from_environment
@@ -454,6 +457,113 @@ def shader_preamble(gpu: GPU, *extensions: str) -> str:
     names = {"subgroups": "subgroups", "f16": "f16",
              "subgroup_matrix": "chromium_experimental_subgroup_matrix"}
     return "".join(f"enable {names[e]};\n" for e in extensions)
+
+
+# ----------------------------------------------------------------------------------------------
+# Work beside the calling thread: at load, pipelines compile while the weights upload
+
+
+def threads_share_device(gpu: GPU) -> bool:
+    """Whether several threads may call the device at once. wgpu-native's device and queue are
+    thread-safe (wgpu-core locks inside; wgpu-py captures errors per thread), and cffi releases
+    the GIL during each C call, so pipelines compile on worker threads while another thread
+    writes buffers. Dawn's device is not, unless made with its ``implicit-device-synchronization``
+    feature, which puts every call behind one lock (nothing would overlap); there pipelines use
+    WebGPU's own ``create_compute_pipeline_async`` (Dawn compiles on its worker threads, as a
+    browser does) and everything else stays on the calling thread."""
+    return gpu.runtime == "wgpu-native"
+
+
+# Pipelines compiling at once on wgpu-native: the driver compiles each on the thread that asks.
+COMPILE_THREADS = max(2, min(8, os.cpu_count() or 2))
+
+
+class Pending:
+    """Work started by :func:`compute_pipeline` or :func:`beside`. :meth:`result` waits for it
+    and returns its value or raises what it raised (to every caller, like a Future).
+    ``submitted``, ``started`` and ``ready`` are ``time.perf_counter()`` readings: when it was
+    asked for, when a thread began it (None where the runtime does it out of sight: Dawn's
+    pipelines) and when it finished (work on a thread notes that itself; otherwise it is when
+    :meth:`result` first saw it done); ``cpu_seconds`` is the CPU time its thread spent on it
+    (waiting for a lock costs none). Waited for from one thread."""
+
+    def __init__(self, wait: Callable[[], object] | None, deferred: bool = False) -> None:
+        self.submitted = time.perf_counter()
+        self.started: float | None = None
+        self.ready: float | None = None
+        self.cpu_seconds: float | None = None
+        self._wait = wait
+        self._deferred = deferred  # `wait` is the work itself, run by the first result()
+        self._value: object = None
+        self._error: BaseException | None = None
+
+    def result(self):
+        if self._wait is not None:
+            wait, self._wait = self._wait, None
+            if self._deferred:
+                self.started = time.perf_counter()
+            try:
+                self._value = wait()
+            except BaseException as e:
+                self._error = e
+            if self.ready is None:
+                self.ready = time.perf_counter()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    @property
+    def failed(self) -> bool:
+        """Whether it was waited for and raised."""
+        return self._wait is None and self._error is not None
+
+    def discard(self) -> None:
+        """Let go of the work: deferred work never runs; work on a thread is waited for (it must
+        not outlive what it writes to), its result or error dropped."""
+        if self._deferred:
+            self._wait = None
+            return
+        with contextlib.suppress(BaseException):
+            self.result()
+
+
+def _on_thread(submit: Callable, fn: Callable[[], object]) -> Pending:
+    pending = Pending(None)
+
+    def job():
+        pending.started, cpu = time.perf_counter(), time.thread_time()
+        try:
+            return fn()
+        finally:
+            pending.ready, pending.cpu_seconds = time.perf_counter(), time.thread_time() - cpu
+
+    pending._wait = submit(job).result
+    return pending
+
+
+@functools.lru_cache(maxsize=None)
+def _pool(name: str, workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"rwkvlab-{name}")
+
+
+def compute_pipeline(gpu: GPU, *, label: str, layout, module, entry_point: str, constants: dict) -> Pending:
+    """A compute pipeline, compiling beside the caller: on a worker thread on wgpu-native
+    (COMPILE_THREADS at once), through WebGPU's ``create_compute_pipeline_async`` on Dawn.
+    :meth:`Pending.result` raises the runtime's error for a pipeline that does not build."""
+    compute = {"module": module, "entry_point": entry_point, "constants": constants}
+    if threads_share_device(gpu):
+        return _on_thread(_pool("compile", COMPILE_THREADS).submit, lambda: gpu.device.create_compute_pipeline(
+            label=label, layout=layout, compute=compute))
+    return Pending(gpu.device.create_compute_pipeline_async(label=label, layout=layout, compute=compute).sync_wait)
+
+
+def beside(gpu: GPU, fn: Callable[[], object]) -> Pending:
+    """Run ``fn`` (work that calls the device, such as writing the weights) on a thread of its
+    own where the runtime allows several threads (:func:`threads_share_device`); elsewhere on
+    the calling thread, when its result is first asked for."""
+    if threads_share_device(gpu):
+        return _on_thread(_pool("beside", 4).submit, fn)
+    return Pending(fn, deferred=True)
 
 
 # Encode wgpu-native dispatch lists through its C functions (tests switch it off to compare).

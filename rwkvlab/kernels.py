@@ -510,15 +510,28 @@ def _tuning_overrides(tuning: Tuning, text: str) -> Tuning:
 
 @dataclass(frozen=True)
 class Kernel:
-    """A compiled pipeline: a spec plus the override constants it was built with."""
+    """A pipeline: a spec plus the override constants it is built with. The pipeline compiles
+    beside the caller (rwkvlab.gpu.compute_pipeline); `pipeline` waits for it, and raises a
+    KernelError naming the kernel when it did not build."""
 
     spec: KernelSpec
     constants: tuple[tuple[str, object], ...]
-    pipeline: object
+    build: object = field(repr=False, compare=False)  # rwkvlab.gpu.Pending
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def pipeline(self):
+        try:
+            return self.build.result()
+        except Exception as e:  # wgpu raises GPUValidationError with Naga's report
+            raise _build_error(self.spec, dict(self.constants), e) from None
+
+
+def _build_error(spec: KernelSpec, consts: dict, e: Exception) -> KernelError:
+    return KernelError(f"kernel {spec.name} ({spec.file}) with constants {consts} failed to build: {e}")
 
 
 @dataclass(frozen=True)
@@ -575,6 +588,7 @@ class Kernels:
         self._modules: dict[str, object] = {}
         self._layouts: dict[tuple, tuple[object, object]] = {}
         self._pipelines: dict[tuple, Kernel] = {}
+        self._started: list[Kernel] = []  # every pipeline build, in the order asked for (wait)
 
     def _module(self, spec: KernelSpec):
         key = f"{spec.file}:{'+'.join(spec.libs)}"
@@ -647,25 +661,38 @@ class Kernels:
         return consts
 
     def kernel(self, spec: KernelSpec, **overrides) -> Kernel:
-        """The pipeline of `spec` with its constants (built on first use, then cached)."""
+        """The pipeline of `spec` with its constants, cached. Its shader module is built here
+        (errors in the WGSL raise here); the pipeline starts compiling beside the caller (one
+        that failed is tried again), and Kernel.pipeline or `wait` waits for it."""
         consts = self.constants_for(spec, **overrides)
         key = (spec.name, tuple(sorted(consts.items())))
-        if key not in self._pipelines:
+        cached = self._pipelines.get(key)
+        if cached is None or cached.build.failed:
             _, pipeline_layout = self.layouts(spec)
             # wgpu takes override constants as numbers (bools as 0/1).
             wgpu_consts = {k: (int(v) if isinstance(v, bool) else v) for k, v in consts.items()}
+            module = self._module(spec)
             try:
-                pipe = self.device.create_compute_pipeline(
-                    label=f"{spec.name}{dict(consts)}", layout=pipeline_layout,
-                    compute={"module": self._module(spec), "entry_point": spec.entry,
-                             "constants": wgpu_consts})
-            except KernelError:
-                raise
+                build = gpu_runtime.compute_pipeline(self.gpu, label=f"{spec.name}{dict(consts)}",
+                                                     layout=pipeline_layout, module=module,
+                                                     entry_point=spec.entry, constants=wgpu_consts)
             except Exception as e:
-                raise KernelError(f"kernel {spec.name} ({spec.file}) with constants {consts} "
-                                  f"failed to build: {e}") from None
-            self._pipelines[key] = Kernel(spec, key[1], pipe)
-        return self._pipelines[key]
+                raise _build_error(spec, consts, e) from None
+            self._pipelines[key] = cached = Kernel(spec, key[1], build)
+            self._started.append(cached)
+        return cached
+
+    def mark(self) -> int:
+        """A point in the list of builds started, for `wait`."""
+        return len(self._started)
+
+    def wait(self, since: int = 0) -> list[Kernel]:
+        """Wait for the pipelines started since `mark()` returned `since`; the kernels, in the
+        order they were asked for. Raises the KernelError of the first that failed."""
+        started = self._started[since:]
+        for kernel in started:
+            kernel.pipeline
+        return started
 
     def bind(self, spec: KernelSpec, run, params: dict, resources_: dict, label: str = ""):
         """A bind group for `spec`: `run` is the per-submit uniform buffer, `params` the values

@@ -183,6 +183,25 @@ def test_every_kernel_compiles(kernels):
         assert kernels.kernel(spec).pipeline is not None
 
 
+def test_a_pipeline_that_fails_to_build_is_reported_by_name(kernels):
+    """Pipelines compile beside the caller (rwkvlab.gpu.compute_pipeline): asking for one
+    returns at once, and one that does not build raises, when waited for, the KernelError that
+    names the kernel, its shader file and its constants; asked for again, it is built again."""
+    start = kernels.mark()
+    bad = kernels.kernel(kn.ARGMAX, WG=0)  # a workgroup of no threads: the pipeline refuses it
+    says = r"kernel argmax \(argmax.wgsl\) with constants \{'WG': 0\} failed to build"
+    with pytest.raises(kn.KernelError, match=says):
+        kernels.wait(start)
+    with pytest.raises(kn.KernelError, match=says):
+        bad.pipeline
+    again = kernels.kernel(kn.ARGMAX, WG=0)
+    assert again is not bad and kernels.wait(kernels.mark()) == []
+    with pytest.raises(kn.KernelError, match=says):
+        again.pipeline
+    good = kernels.kernel(kn.ARGMAX)
+    assert kernels.kernel(kn.ARGMAX) is good and good.pipeline is good.pipeline
+
+
 def test_tuning_overrides():
     base = kn.Tuning(matvec_wg=64, matvec_red=1, matvec_unroll=1, norm_wg=64, shift_wg=64,
                      argmax_wg=64, subgroups=False, subgroup_size=0)
