@@ -16,10 +16,12 @@ wkv state) lives on the GPU in fp32 and carries over between calls until `reset(
 from __future__ import annotations
 
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +132,68 @@ def _align(n: int) -> int:
 # Loading
 
 
+# The phases of a load, in the order they start. Those of the calling thread follow one another
+# (their sum is Engine.load_seconds); "upload" and "pipelines" run beside them where the runtime
+# allows (see LoadPhases).
+LOAD_PHASES = {
+    "adapter": "pick the adapter (once per process)",
+    "file": "open the GGUF file: header, tensor table, the NaN / Inf scan of the weights",
+    "device": "make the device (once per process)",
+    "tokenizer": "build the tokenizer from the file's vocab",
+    "layout": "place the weights, make their buffers (empty) and the activations",
+    "upload": "write the weights (beside the calling thread on wgpu-native)",
+    "tuning": "choose the kernel shapes: the subgroup-size probe (a pipeline and a dispatch)",
+    "plan": "build the ops: bind groups; every pipeline starts compiling",
+    "pipelines": "compile the pipelines, from the first started to the last ready (beside the calling thread)",
+    "wait": "wait for the upload and the pipelines",
+}
+BACKGROUND_PHASES = ("upload", "pipelines")
+
+
+@dataclass
+class LoadPhases:
+    """Where a load's time went: each phase's (start, end) in seconds from the start of the
+    load (LOAD_PHASES names them). The calling thread's phases follow one another and add up
+    to Engine.load_seconds. On wgpu-native the weights upload on a thread of their own while
+    the subgroup probe runs and the ops are built, and pipelines compile on worker threads
+    (rwkvlab.gpu.beside, compute_pipeline), so "upload" and "pipelines" overlap the others;
+    "wait" is what is left of them. On Dawn the upload runs inside "wait" and pipelines
+    compile on Dawn's own threads."""
+
+    start: float = field(default_factory=time.perf_counter)  # time.perf_counter() at the start
+    spans: dict[str, tuple[float, float]] = field(default_factory=dict)
+    pipelines_built: int = 0  # pipelines this load compiled (the process keeps them for later loads)
+    # The CPU time their threads spent compiling them, added up: about the "pipelines" span
+    # when they compiled one at a time (a lock somewhere), several times it when they overlapped.
+    # None where the runtime compiles out of sight (Dawn's own threads).
+    compile_cpu_seconds: float | None = None
+
+    @contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, t0, time.perf_counter())
+
+    def add(self, name: str, t0: float, t1: float) -> None:
+        """Record a phase from perf_counter readings."""
+        self.spans[name] = (t0 - self.start, t1 - self.start)
+
+    def seconds(self) -> dict[str, float]:
+        """Each phase's duration, in the order the phases started."""
+        return {n: t1 - t0 for n, (t0, t1) in sorted(self.spans.items(), key=lambda kv: kv[1][0])}
+
+    def text(self) -> str:
+        """One line for people: ``file 0.14 s, layout 0.01 s, ...`` (background phases marked
+        with *), then the pipelines built and the CPU time their compiling took."""
+        text = ", ".join(f"{n}{'*' if n in BACKGROUND_PHASES else ''} {s:.2f} s" for n, s in self.seconds().items())
+        if self.pipelines_built:
+            busy = "" if self.compile_cpu_seconds is None else f", {self.compile_cpu_seconds:.2f} s of CPU"
+            text += f" ({self.pipelines_built} pipelines{busy})"
+        return text
+
+
 def load(path_or_preset: str | Path, options: Options | None = None, progress: bool = True,
          *, split_bytes: int | None = None) -> "Engine":
     """Load a GGUF file, or a synthetic preset by name ("tiny", "0.1b", ...), onto the GPU.
@@ -141,13 +205,16 @@ def load(path_or_preset: str | Path, options: Options | None = None, progress: b
     from rwkvlab.gpu import gpu_for, resolve_options
     from rwkvlab.synth import resolve_model
 
-    start = time.perf_counter()
-    options = resolve_options(options)
-    path = resolve_model(path_or_preset)  # a file, or a preset name (f32, written on first use)
-    model = read_model(path)
-    gpu = gpu_for(options)
-    engine = Engine(model, gpu, options, progress=progress, split_bytes=split_bytes)
-    engine.load_seconds = time.perf_counter() - start
+    phases = LoadPhases()
+    with phases.phase("adapter"):
+        options = resolve_options(options)
+    with phases.phase("file"):
+        path = resolve_model(path_or_preset)  # a file, or a preset name (f32, written on first use)
+        model = read_model(path)
+    with phases.phase("device"):
+        gpu = gpu_for(options)
+    engine = Engine(model, gpu, options, progress=progress, split_bytes=split_bytes, phases=phases)
+    engine.load_seconds = time.perf_counter() - phases.start
     return engine
 
 
@@ -197,6 +264,15 @@ class _UploadSlice:
         return np.ascontiguousarray(_row_bytes_on_gpu(self.tensor, self.fmt, self.r0, self.r1)).reshape(-1)
 
 
+def _progress_bar(total: int, desc: str, progress: bool):
+    """A byte-counting progress bar on stderr (made on the calling thread: a first import of
+    tqdm on the upload thread held that thread up by a tenth of a second or more)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                desc=desc, disable=not progress, leave=False)
+
+
 def _prepared_in_threads(items: list, prepare: Callable, ahead: int | None = None) -> Iterable:
     """(item, prepare(item)) in order, with up to `ahead` items prepared by worker threads
     while the caller consumes earlier ones.
@@ -224,12 +300,13 @@ class Engine:
     """RWKV-7 on one wgpu device: prefill, logits, step, greedy generate, reset.
 
     Attributes: spec (ModelSpec), tokenizer, gpu, options, fusions (the resolved set),
-    tuning (kernel shapes), load_seconds, dispatches_per_token (dispatches of one generation
-    step), step_weight_bytes (weight bytes one generation step reads), weight_formats (tensor -> format on the GPU), matrices (name -> Matrix: where its
-    rows are), last_generate (GenerateStats of the last generate call).
+    tuning (kernel shapes), load_seconds, load_phases (LoadPhases: where the load's time went),
+    dispatches_per_token (dispatches of one generation step), step_weight_bytes (weight bytes
+    one generation step reads), weight_formats (tensor -> format on the GPU), matrices (name ->
+    Matrix: where its rows are), last_generate (GenerateStats of the last generate call).
     """
     def __init__(self, model, gpu, options: Options, *, progress: bool = True,
-                 split_bytes: int | None = None) -> None:
+                 split_bytes: int | None = None, phases: LoadPhases | None = None) -> None:
         from rwkvlab.tokenizer import Tokenizer
 
         if options.path not in KERNEL_PATHS:
@@ -239,8 +316,10 @@ class Engine:
         self.spec = model.spec
         self.gpu = gpu
         self.options = options  # resolved: what runs is what gets recorded
-        self.tokenizer = Tokenizer.from_model(model)
         self.load_seconds = 0.0
+        self.load_phases = phases or LoadPhases()
+        with self.load_phases.phase("tokenizer"):
+            self.tokenizer = Tokenizer.from_model(model)
         self.last_generate: GenerateStats | None = None
         self.path = Path(model.path)
         self._device = gpu.device
@@ -258,15 +337,40 @@ class Engine:
                 f"({self.spec.n_vocab} vocab), over this device's {limit >> 20} MiB binding limit; "
                 f"use a chunk of at most {limit // (self.spec.n_vocab * 4)}")
 
-        self.tuning = kn.choose_tuning(gpu, options.path, options.tuning)
-        self.kernels = kn.kernels_for(gpu, self.tuning)
-        self.weight_formats: dict[str, str] = {}
-        self._upload_weights(progress)
-        self._allocate()
-        self._ops = self._layer_ops()
-        self._head = self._head_ops()
-        self._plans: dict[tuple, kn.Plan] = {}
-        self.dispatches_per_token = len(self.plan(1, head="last", argmax=True))
+        # Buffers are made empty first, so the weights can be written while the subgroup probe
+        # runs and the ops are built (bind groups need buffers, not their contents), and while
+        # the pipelines the ops ask for compile (encoding needs them, building does not).
+        phases = self.load_phases
+        with phases.phase("layout"):
+            self.weight_formats: dict[str, str] = {}
+            slices = self._place_weights()
+            self._allocate()
+            bar = _progress_bar(self._upload_bytes + self.vecs.size, f"loading {self.path.name}", progress)
+        stop = threading.Event()
+        upload = gpu_runtime.beside(gpu, lambda: self._write_weights(slices, bar, stop))
+        try:
+            with phases.phase("tuning"):
+                self.tuning = kn.choose_tuning(gpu, options.path, options.tuning)
+                self.kernels = kn.kernels_for(gpu, self.tuning)
+            with phases.phase("plan"):
+                mark = self.kernels.mark()
+                self._ops = self._layer_ops()
+                self._head = self._head_ops()
+                self._plans: dict[tuple, kn.Plan] = {}
+                self.dispatches_per_token = len(self.plan(1, head="last", argmax=True))
+            with phases.phase("wait"):
+                upload.result()
+                built = self.kernels.wait(mark)
+        except BaseException:
+            stop.set()
+            upload.discard()
+            bar.close()  # where the upload never ran
+            raise
+        if built:
+            phases.add("pipelines", min(k.build.submitted for k in built), max(k.build.ready for k in built))
+            if all(k.build.cpu_seconds is not None for k in built):
+                phases.compile_cpu_seconds = sum(k.build.cpu_seconds for k in built)
+        phases.pipelines_built = len(built)
         # Bytes of weights a generation step reads: every matrix in its GPU format, but of the
         # embedding only its one row (the 1-D vectors are a rounding error next to them).
         self.step_weight_bytes = sum(m.M * m.row_words * 4 for n, m in self.matrices.items()
@@ -350,9 +454,9 @@ class Engine:
                 buffers.append((used, segs))
         return buffers
 
-    def _upload_weights(self, progress: bool) -> None:
-        from tqdm import tqdm
-
+    def _place_weights(self) -> list["_UploadSlice"]:
+        """Every weight's GPU format and place: empty buffers, `matrices`, the vectors' offsets;
+        the uploads that will fill them, in order."""
         for name in self._matrix_names():
             t = self.model.tensor(name)
             self.weight_formats[name] = _gpu_format(t.ggml_type, self.options.weights)
@@ -361,29 +465,34 @@ class Engine:
         if fallback:
             warnings.warn(f"{self.path.name}: the kernels do not read {', '.join(fallback)} yet; those "
                           "matrices are dequantized to F16 at load (see Engine.weight_formats)", stacklevel=3)
-        layout = self._layout()
-        vec_names = self._vector_names()
-        total = sum(words * 4 for words, _ in layout)
-        total += sum(self.model.tensor(n).n_elements * 4 for n in vec_names)
-
-        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                   desc=f"loading {self.path.name}", disable=not progress, leave=False)
-        self._pending = 0
         self.matrices: dict[str, Matrix] = {}
+        layout = self._layout()
+        self._upload_bytes = sum(words * 4 for words, _ in layout)
+        slices = []
+        for words, segs in layout:
+            buf = self._device.create_buffer(label=f"weights:{segs[0][0]}", size=max(16, words * 4),
+                                             usage=gpu_runtime.STORAGE | gpu_runtime.COPY_DST)
+            for name, row0, rows, w_base in segs:
+                mat = self._matrix(name)
+                slices += self._row_slices(buf, w_base, mat, row0, rows)
+                mat.segments.append(Segment(buf, w_base, row0, rows))
+        self._place_vectors(self._vector_names())
+        return slices
+
+    def _write_weights(self, slices: list["_UploadSlice"], bar, stop: threading.Event) -> None:
+        """Fill the buffers `_place_weights` made (the "upload" phase; on a thread of its own
+        where the runtime allows, so it stops early when `stop` is set); closes `bar`."""
+        t0 = time.perf_counter()
+        self._pending = 0
         try:
-            slices = []
-            for words, segs in layout:
-                buf = self._device.create_buffer(label=f"weights:{segs[0][0]}", size=max(16, words * 4),
-                                                 usage=gpu_runtime.STORAGE | gpu_runtime.COPY_DST)
-                for name, row0, rows, w_base in segs:
-                    mat = self._matrix(name)
-                    slices += self._row_slices(buf, w_base, mat, row0, rows)
-                    mat.segments.append(Segment(buf, w_base, row0, rows))
             for s, data in _prepared_in_threads(slices, _UploadSlice.bytes):
+                if stop.is_set():
+                    return
                 self._write(s.buffer, s.offset, data, bar)
-            self._upload_vectors(vec_names, bar)
+            self._write(self.vecs, 0, self._vector_data(), bar)
         finally:
             bar.close()
+            self.load_phases.add("upload", t0, time.perf_counter())
 
     def _matrix(self, name: str) -> Matrix:
         if name not in self.matrices:
@@ -412,7 +521,7 @@ class Engine:
                              min(row0 + rows, s0 + per_slice))
                 for s0 in range(row0, row0 + rows, per_slice)]
 
-    def _upload_vectors(self, names: list[str], bar) -> None:
+    def _place_vectors(self, names: list[str]) -> None:
         """All 1-D tensors (and the six lerp mixes) in one f32 buffer, each 256-byte aligned."""
         self._vec_at = {}
         offset = 0
@@ -420,14 +529,16 @@ class Engine:
             size = self.model.tensor(n).n_elements * 4
             self._vec_at[n] = (offset, size)
             offset = _align(offset + size)
-        host = np.zeros(offset // 4, np.float32)
-        for n in names:
-            off, size = self._vec_at[n]
-            host[off // 4: (off + size) // 4] = self.model.tensor(n).dequantize().reshape(-1)
             self.weight_formats[n] = "F32"
-        self.vecs = self._device.create_buffer(label="vectors", size=max(16, host.nbytes),
+        self.vecs = self._device.create_buffer(label="vectors", size=max(16, offset),
                                                usage=gpu_runtime.STORAGE | gpu_runtime.COPY_DST)
-        self._write(self.vecs, 0, host, bar)
+
+    def _vector_data(self) -> np.ndarray:
+        """The contents of the vectors buffer (`_place_vectors`)."""
+        host = np.zeros(self.vecs.size // 4, np.float32)
+        for n, (off, size) in self._vec_at.items():
+            host[off // 4: (off + size) // 4] = self.model.tensor(n).dequantize().reshape(-1)
+        return host
 
     def _vec(self, name: str) -> tuple:
         """(buffer, byte offset, size) of a 1-D tensor, for a binding."""
@@ -997,4 +1108,5 @@ def cli_generate(args) -> int:
           f"{gen_rate:.1f} tok/s | {engine.gpu.info.label} on {engine.gpu.runtime}, "
           f"{engine.dispatches_per_token} dispatches/token",
           file=sys.stderr)
+    print(f"load phases: {engine.load_phases.text()} (*: beside the others)", file=sys.stderr)
     return 0

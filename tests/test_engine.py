@@ -465,6 +465,53 @@ def test_load_shows_progress(fixtures_dir, capsys):
     assert e.load_seconds > 0 and e.tokenizer.decode(e.tokenizer.encode("Hello")) == "Hello"
 
 
+def test_load_records_its_phases(fixtures_dir):
+    """Engine.load_phases: the calling thread's phases follow one another and add up to
+    load_seconds; the upload and the pipelines (beside them on wgpu-native) lie within the
+    load; a second load in the process compiles nothing (the pipelines are kept)."""
+    options = Options(tuning="argmax_wg=128")  # a tuning no other test uses: every pipeline is new
+    first = load(fixtures_dir / "tiny-q8_0.gguf", options, progress=False)
+    again = load(fixtures_dir / "tiny-q8_0.gguf", options, progress=False)
+    for e, built in ((first, True), (again, False)):
+        phases = e.load_phases
+        assert set(phases.spans) <= set(engine_mod.LOAD_PHASES)
+        main = [phases.spans[n] for n in engine_mod.LOAD_PHASES if n not in engine_mod.BACKGROUND_PHASES]
+        assert len(main) == len(engine_mod.LOAD_PHASES) - 2
+        assert main[0][0] >= 0 and all(a[1] <= b[0] for a, b in zip(main, main[1:]))  # in order
+        total = sum(t1 - t0 for t0, t1 in main)
+        assert total <= e.load_seconds and total == pytest.approx(e.load_seconds, rel=0.1, abs=0.05)
+        for name in ("upload", "pipelines") if built else ("upload",):
+            t0, t1 = phases.spans[name]
+            assert 0 <= t0 <= t1 <= e.load_seconds, name
+        assert (phases.pipelines_built > 0) == built and ("pipelines" in phases.spans) == built
+        assert "upload" in phases.text() and ("pipelines" in phases.text()) == built
+    assert first.load_phases.compile_cpu_seconds > 0  # wgpu-native: compiled on its threads
+    np.testing.assert_array_equal(first.logits(TOKENS[:4]), again.logits(TOKENS[:4]))
+
+
+def test_a_pipeline_that_fails_to_build_fails_the_load_by_name(fixtures_dir, monkeypatch):
+    """A pipeline compiled beside the load that does not build stops the load with the
+    KernelError naming the kernel, once the upload has stopped; loads work again after."""
+    constants_for = kn.Kernels.constants_for
+
+    def broken(self, spec, **overrides):
+        consts = constants_for(self, spec, **overrides)
+        return {**consts, "WG": 0} if spec.name == "argmax" else consts  # no threads: no pipeline
+
+    monkeypatch.setattr(kn.Kernels, "constants_for", broken)
+    says = r"kernel argmax \(argmax.wgsl\) with constants .*'WG': 0.* failed to build"
+    with pytest.raises(kn.KernelError, match=says):
+        load(fixtures_dir / "tiny-f32.gguf", Options(), progress=False)
+    monkeypatch.undo()
+    assert load(fixtures_dir / "tiny-f32.gguf", Options(), progress=False).dispatches_per_token > 0
+
+
+def test_cli_generate_prints_the_load_phases(capsys):
+    assert cli_main(["generate", "--preset", "tiny", "--prompt", "Hi", "-n", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "load phases: adapter" in err and "upload" in err
+
+
 # --- the command line ---------------------------------------------------------------------------
 
 
