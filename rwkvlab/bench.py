@@ -8,7 +8,8 @@ The protocol (the README quotes it; ``rwkvlab bench --help`` states it too):
    of the same length from the same text.
 2. **Load time** runs from opening the file to the first token being ready: ``engine.load`` plus
    one ``step`` on the first prompt token whose logits are read back. The wgpu device is
-   created before the clock starts (it is per process, not per model).
+   created before the clock starts (it is per process, not per model). The record keeps where
+   that time went: the engine's load phases (``Engine.load_phases``) and the first step.
 3. **Prefill**: after ``reset()``, the whole prompt through ``prefill``; the clock stops when its
    last logits are back on the host (that readback is the only honest sync point the engine
    offers). Rate = prompt tokens / seconds.
@@ -37,7 +38,8 @@ The protocol (the README quotes it; ``rwkvlab bench --help`` states it too):
 
 :func:`run_bench` runs the protocol and returns a :class:`BenchRecord`; :func:`save_bench`
 appends it to a history file (the seed format with extra rows Backend, Path, Weights, Fusions,
-Chunk, Dispatches/token, Commit, Logit error) and every raw sample to its JSON-lines sidecar.
+Chunk, Tuning, Dispatches/token, Load phases, Commit, Logit error) and every raw sample to its
+JSON-lines sidecar.
 """
 from __future__ import annotations
 
@@ -153,6 +155,12 @@ class BenchRecord:
     environment: dict[str, str] = field(default_factory=dict)  # rwkvlab.gpu.environment + commit
     kernel_tuning: dict[str, Any] = field(default_factory=dict)  # every kernel shape the engine used
     step_weight_bytes: int | None = None  # weight bytes a generation step reads (Engine.step_weight_bytes)
+    # Where the load time went: each phase of rwkvlab.engine.LOAD_PHASES, and "first_step", as
+    # [start, end] in ms from the start of the load clock. "upload" and "pipelines" run beside
+    # the others where the runtime allows, so durations add up to more than load_ms there.
+    load_phases: dict[str, list[float]] = field(default_factory=dict)
+    pipelines_built: int | None = None  # pipelines the load compiled
+    compile_cpu_ms: float | None = None  # the CPU time compiling them took, added up (not on Dawn)
 
     @property
     def quality_hash(self) -> str:
@@ -194,6 +202,7 @@ class BenchRecord:
             "Chunk": self.options.chunk,
             "Tuning": self.options.tuning or "default",
             "Dispatches/token": "n/a" if self.dispatches_per_token is None else int(self.dispatches_per_token),
+            **({"Load phases": load_phases_text(self.load_phases)} if self.load_phases else {}),
             # In backticks: the history reader keeps it text (a hash like 1234e56 is not a number).
             "Commit": f"`{self.commit}`",
             "Logit error": NOT_CHECKED if self.logit_error is None else float(f"{self.logit_error:.3g}"),
@@ -238,6 +247,9 @@ class BenchRecord:
             "environment": self.environment,
             "kernel_tuning": self.kernel_tuning,
             "step_weight_bytes": self.step_weight_bytes,
+            "load_phases_ms": self.load_phases,
+            "pipelines_built": self.pipelines_built,
+            "compile_cpu_ms": self.compile_cpu_ms,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -259,6 +271,16 @@ class BenchRecord:
         values["options"] = from_record(d["options"])
         values["settings"] = BenchSettings(**d["settings"])
         return cls(**values)
+
+
+def load_phases_text(spans: dict[str, list[float]]) -> str:
+    """The history's Load phases cell: each phase's duration in ms, in the order they started
+    (``file 136, layout 12, upload* 440, ... first_step 40 ms``; * marks phases that ran beside
+    the others)."""
+    from rwkvlab.engine import BACKGROUND_PHASES
+
+    ordered = sorted(spans.items(), key=lambda kv: kv[1][0])
+    return ", ".join(f"{n}{'*' if n in BACKGROUND_PHASES else ''} {t1 - t0:.0f}" for n, (t0, t1) in ordered) + " ms"
 
 
 def logit_tolerance(file_types: dict[str, str], gpu_formats: dict[str, str]) -> float:
@@ -329,6 +351,8 @@ def run_bench(model: str | os.PathLike, options: Options | None = None,
         dispatches_per_token=timings.dispatches_per_token, commit=commit,
         fingerprint=fingerprint(path), environment={**timings.environment, "commit": commit},
         kernel_tuning=timings.kernel_tuning, step_weight_bytes=timings.step_weight_bytes,
+        load_phases=timings.load_phases, pipelines_built=timings.pipelines_built,
+        compile_cpu_ms=timings.compile_cpu_ms,
     )
 
 
@@ -385,6 +409,9 @@ class _Timings:
     environment: dict[str, str] = field(default_factory=dict)
     kernel_tuning: dict[str, Any] = field(default_factory=dict)
     step_weight_bytes: int | None = None
+    load_phases: dict[str, list[float]] = field(default_factory=dict)
+    pipelines_built: int | None = None
+    compile_cpu_ms: float | None = None
 
 
 def _measure(path: Path, options: Options, settings: BenchSettings, prompt: list[int], bar) -> _Timings:
@@ -398,10 +425,21 @@ def _measure(path: Path, options: Options, settings: BenchSettings, prompt: list
     bar.set_description("load")
     start = time.perf_counter()
     engine = load(path, options, progress=settings.progress)
+    stepped = time.perf_counter()
     np.asarray(engine.step(prompt[0]))  # first token ready: its logits are on the host
-    load_s = time.perf_counter() - start
+    end = time.perf_counter()
     engine_load_s = getattr(engine, "load_seconds", None)
-    t = _Timings(load_s=load_s, engine_load_s=None if engine_load_s is None else float(engine_load_s))
+    t = _Timings(load_s=end - start, engine_load_s=None if engine_load_s is None else float(engine_load_s))
+    phases = getattr(engine, "load_phases", None)
+    if phases is not None:
+        def ms(at: float) -> float:  # a perf_counter reading as ms from the start of the clock
+            return round((at - start) * 1000.0, 3)
+
+        t.load_phases = {n: [ms(phases.start + t0), ms(phases.start + t1)] for n, (t0, t1) in phases.spans.items()}
+        t.load_phases["first_step"] = [ms(stepped), ms(end)]
+        t.pipelines_built = phases.pipelines_built
+        if phases.compile_cpu_seconds is not None:
+            t.compile_cpu_ms = round(phases.compile_cpu_seconds * 1000.0, 3)
     bar.update(1)
 
     generated: list[list[int]] = []
@@ -663,6 +701,7 @@ def format_summary(record: BenchRecord, verdict: Verdict) -> str:
         f"  protocol     prompt {len(record.prompt)} tok, generate {s.generate} tok, {s.warmup} warmup + "
         f"{s.repeat} timed rounds (median [min .. max])",
         f"  load         {record.load_ms:10.2f} ms",
+        *([f"  load phases  {load_phases_text(record.load_phases)}"] if record.load_phases else []),
         f"  prefill      {record.prefill_tps:10.2f} tok/s  {spread(record.prefill_tps_samples)}",
         f"  generation   {record.generation_tps:10.2f} tok/s  {spread(record.generation_tps_samples)}",
         f"  dispatches   {record.dispatches_per_token if record.dispatches_per_token is not None else 'n/a'} per token",

@@ -144,8 +144,8 @@ protocol:
               1e-3 when the GPU reads every tensor as stored, 0.05 after f16 rounding at load;
               --no-reference writes "not checked"
   history     appended to <history-dir>/<file>.md (seed format + Backend, Path, Weights,
-              Fusions, Chunk, Dispatches/token, Commit, Logit error rows), every raw sample
-              to <file>.md.jsonl beside it
+              Fusions, Chunk, Tuning, Dispatches/token, Load phases, Commit, Logit error
+              rows), every raw sample and each load phase's span to <file>.md.jsonl beside it
 """
 
 

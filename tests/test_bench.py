@@ -22,8 +22,8 @@ import pandas as pd
 import pytest
 
 from rwkvlab.bench import (F16_AT_LOAD_TOLERANCE, FILE_FORMAT_TOLERANCE, NOT_CHECKED, PROMPT_TEXT, BenchError, BenchRecord,
-                           BenchSettings, git_commit, history_file, judge, logit_tolerance, prompt_tokens,
-                           reference_cache_file, reference_logits, run_bench, save_bench, slug)
+                           BenchSettings, git_commit, history_file, judge, load_phases_text, logit_tolerance,
+                           prompt_tokens, reference_cache_file, reference_logits, run_bench, save_bench, slug)
 from rwkvlab.cli import main
 from rwkvlab.gguf import read_model
 from rwkvlab.history import HistoryWarning, read_history, sidecar_path
@@ -318,6 +318,13 @@ def test_record_holds_the_protocol(bench):
     assert record.prefill_tps == pytest.approx(float(np.median([32 / s for s in record.prefill_seconds])))
     assert record.generation_tps == pytest.approx(float(np.median([16 / s for s in record.generation_seconds])))
     assert record.load_ms > 0 and 0 < record.engine_load_ms <= record.load_ms
+    # where the load went: the engine's phases, then the first step, on the same clock
+    phases = record.load_phases
+    assert {"file", "layout", "upload", "tuning", "plan", "wait", "first_step"} <= set(phases)
+    assert all(0 <= t0 <= t1 <= record.load_ms + 0.01 for t0, t1 in phases.values())  # rounded to us
+    assert phases["first_step"][1] == pytest.approx(record.load_ms, abs=0.01)
+    assert phases["first_step"][0] >= phases["wait"][1] >= phases["upload"][1]
+    assert record.pipelines_built is not None and (record.pipelines_built > 0) == ("pipelines" in phases)
     assert record.consistent
     assert record.dispatches_per_token > 0
     assert (record.model, record.layers, record.embedding) == ("tiny-f32.gguf", 2, 256)
@@ -386,6 +393,8 @@ def test_history_reads_back_every_field(bench):
     save_bench(replace(record, commit="1234e56"), digits)
     assert read(digits).iloc[0]["commit"] == "1234e56"
     assert row["logit_error"] == pytest.approx(record.logit_error, rel=5e-3)  # 3 significant digits
+    assert row["load_phases"] == load_phases_text(record.load_phases)  # text: "file 12, ... ms"
+    assert re.fullmatch(r"(\w+\*? \d+, )+first_step \d+ ms", row["load_phases"]), row["load_phases"]
     samples = row["samples"]
     assert samples["prefill_s"] == record.prefill_seconds
     assert samples["generation_s"] == record.generation_seconds
@@ -396,6 +405,7 @@ def test_history_reads_back_every_field(bench):
     side = json.loads(sidecar_path(history).read_text().splitlines()[-1])
     assert side["options"] == Options(path="native").as_record()  # resolved, as above
     assert side["adapter"] == record.adapter and side["quality_tokens"] == record.quality_tokens
+    assert side["load_phases_ms"] == record.load_phases and side["pipelines_built"] == record.pipelines_built
 
 
 def test_record_round_trips_through_json(bench):

@@ -76,3 +76,8 @@ def test_bench_runs_and_checks_output_on_each_runtime(tmp_path, capsys, runtime)
     record = json.loads(sidecar.read_text().splitlines()[-1])
     assert record["options"]["runtime"] == runtime
     assert record["environment"]["runtime"] == runtime
+    # the load's phases, wherever the runtime ran them (Dawn: the upload inside "wait")
+    spans = record["load_phases_ms"]
+    assert {"file", "upload", "wait", "first_step"} <= set(spans)
+    assert spans["first_step"][0] >= spans["wait"][1] >= spans["upload"][1]
+    assert runtime != "dawn" or record["compile_cpu_ms"] is None
