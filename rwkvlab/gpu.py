@@ -11,6 +11,9 @@ and calls the helpers here for what differs between them:
 - WGSL ``enable`` lines (:func:`shader_preamble`): Tint wants ``enable subgroups;``, Naga none;
 - fast encoding of a dispatch list (:func:`prepare_dispatches` / :func:`encode_prepared`):
   wgpu-native's C functions called directly; Dawn's public methods are already about as fast;
+- work beside the calling thread at load (:func:`compute_pipeline`, :func:`beside`): wgpu-native's
+  device is thread-safe, so pipelines compile on worker threads and weights upload on another;
+  Dawn's is not, so pipelines go through ``create_compute_pipeline_async`` and the rest waits;
 - timestamps inside a pass (:func:`write_timestamp`) and the tick length (:func:`timestamp_period`);
 - feature names: :attr:`GPU.features` uses one spelling (``subgroup``,
   ``timestamp-query-inside-passes``, ``subgroup-matrix``) whatever the runtime calls them.
@@ -28,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from rwkvlab.options import BACKENDS, RUNTIMES, Options, OptionsError, normalize_tuning, tuning_from_environment
@@ -476,6 +479,10 @@ def threads_share_device(gpu: GPU) -> bool:
 
 # Pipelines compiling at once on wgpu-native: the driver compiles each on the thread that asks.
 COMPILE_THREADS = max(2, min(8, os.cpu_count() or 2))
+# Load work beside the calling thread (compute_pipeline, beside). Off, every pipeline compiles
+# when asked for and other work runs when its result is asked for, all on the calling thread:
+# to compare, or to rule the threads out (tests compare both ways).
+BESIDE = True
 
 
 class Pending:
@@ -541,6 +548,16 @@ def _on_thread(submit: Callable, fn: Callable[[], object]) -> Pending:
     return pending
 
 
+def _now(job: Callable[[], object]) -> Future:
+    """`job` run on the calling thread, as a finished Future (the submit of BESIDE = False)."""
+    future: Future = Future()
+    try:
+        future.set_result(job())
+    except Exception as e:
+        future.set_exception(e)
+    return future
+
+
 @functools.lru_cache(maxsize=None)
 def _pool(name: str, workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"rwkvlab-{name}")
@@ -548,12 +565,14 @@ def _pool(name: str, workers: int) -> ThreadPoolExecutor:
 
 def compute_pipeline(gpu: GPU, *, label: str, layout, module, entry_point: str, constants: dict) -> Pending:
     """A compute pipeline, compiling beside the caller: on a worker thread on wgpu-native
-    (COMPILE_THREADS at once), through WebGPU's ``create_compute_pipeline_async`` on Dawn.
-    :meth:`Pending.result` raises the runtime's error for a pipeline that does not build."""
+    (COMPILE_THREADS at once), through WebGPU's ``create_compute_pipeline_async`` on Dawn; here
+    and now with BESIDE off. :meth:`Pending.result` raises the runtime's error for a pipeline
+    that does not build."""
     compute = {"module": module, "entry_point": entry_point, "constants": constants}
-    if threads_share_device(gpu):
-        return _on_thread(_pool("compile", COMPILE_THREADS).submit, lambda: gpu.device.create_compute_pipeline(
-            label=label, layout=layout, compute=compute))
+    if not BESIDE or threads_share_device(gpu):
+        submit = _pool("compile", COMPILE_THREADS).submit if BESIDE else _now
+        return _on_thread(submit, lambda: gpu.device.create_compute_pipeline(label=label, layout=layout,
+                                                                               compute=compute))
     return Pending(gpu.device.create_compute_pipeline_async(label=label, layout=layout, compute=compute).sync_wait)
 
 
@@ -561,7 +580,7 @@ def beside(gpu: GPU, fn: Callable[[], object]) -> Pending:
     """Run ``fn`` (work that calls the device, such as writing the weights) on a thread of its
     own where the runtime allows several threads (:func:`threads_share_device`); elsewhere on
     the calling thread, when its result is first asked for."""
-    if threads_share_device(gpu):
+    if BESIDE and threads_share_device(gpu):
         return _on_thread(_pool("beside", 4).submit, fn)
     return Pending(fn, deferred=True)
 

@@ -489,6 +489,26 @@ def test_load_records_its_phases(fixtures_dir):
     np.testing.assert_array_equal(first.logits(TOKENS[:4]), again.logits(TOKENS[:4]))
 
 
+def test_loading_beside_the_caller_changes_nothing_that_runs(fixtures_dir, monkeypatch):
+    """Pipelines compiled on worker threads and weights written beside the plan (the default
+    on wgpu-native) give the engine the serial load gives (gpu.BESIDE off): the same pipelines,
+    the same plans, the same bits."""
+    file = fixtures_dir / "tiny-q8_0.gguf"
+    # tunings no other test uses, so both loads compile every pipeline (argmax is not in logits)
+    threaded = load(file, Options(tuning="argmax_wg=32"), progress=False)
+    monkeypatch.setattr(gpu_runtime, "BESIDE", False)
+    serial = load(file, Options(tuning="argmax_wg=512"), progress=False)
+    assert serial.load_phases.pipelines_built == threaded.load_phases.pipelines_built > 0
+    plan, wait = serial.load_phases.spans["plan"], serial.load_phases.spans["wait"]
+    assert plan[0] <= serial.load_phases.spans["pipelines"][1] <= plan[1]  # compiled while planning
+    assert wait[0] <= serial.load_phases.spans["upload"][0]  # written when waited for
+    assert serial.dispatches_per_token == threaded.dispatches_per_token
+    np.testing.assert_array_equal(serial.logits(TOKENS), threaded.logits(TOKENS))
+    serial.reset()
+    threaded.reset()
+    assert serial.generate(TOKENS[:4], 6) == threaded.generate(TOKENS[:4], 6)
+
+
 def test_a_pipeline_that_fails_to_build_fails_the_load_by_name(fixtures_dir, monkeypatch):
     """A pipeline compiled beside the load that does not build stops the load with the
     KernelError naming the kernel, once the upload has stopped; loads work again after."""

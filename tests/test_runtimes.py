@@ -65,6 +65,23 @@ def test_fixture_parity_on_each_runtime(fixtures_dir, references, runtime, fmt, 
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_pipeline_that_fails_to_build_is_reported_by_name_on_each_runtime(runtime):
+    """Pipelines compile beside the caller on both runtimes (wgpu-native: worker threads; Dawn:
+    create_compute_pipeline_async); a failed one raises the KernelError naming the kernel."""
+    from rwkvlab import kernels as kn
+    from rwkvlab.gpu import gpu_for, resolve_options
+
+    options = resolve_options(Options(runtime=runtime))
+    gpu = gpu_for(options)
+    kernels = kn.kernels_for(gpu, kn.choose_tuning(gpu, options.path))
+    start = kernels.mark()
+    bad = kernels.kernel(kn.ARGMAX, WG=0)
+    with pytest.raises(kn.KernelError, match=r"kernel argmax \(argmax.wgsl\) with constants \{'WG': 0\}"):
+        kernels.wait(start)
+    assert kernels.kernel(kn.ARGMAX, WG=0) is not bad and kernels.kernel(kn.ARGMAX).pipeline is not None
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
 def test_bench_runs_and_checks_output_on_each_runtime(tmp_path, capsys, runtime):
     """`rwkvlab bench --runtime X` measures, checks logits against the float64 reference and
     records the runtime it ran on (in the options and the environment)."""
