@@ -30,7 +30,9 @@ The protocol (the README quotes it; ``rwkvlab bench --help`` states it too):
    multiply the very same numbers and differ only by float32 accumulation, measured ~1e-5);
    0.05 when some matrix was rounded to f16 at load (f16 keeps 11 significant bits; measured
    ~2e-3 on the tiny fixtures, so 0.05 leaves a 25x margin without letting a wrong kernel
-   through: wrong kernels miss by O(1)). The reference logits are
+   through: wrong kernels miss by O(1)), and 0.05 too when the prefill GEMMs ran on the matrix
+   units (Tuning.gemm_sgmat: activations and weights rounded to f16 as they are staged, the
+   same 11 bits). The reference logits are
    cached on disk (``$RWKVLAB_CACHE`` or ``~/.cache/rwkvlab``, key: file size, mtime, SHA-256
    of the first MiB and of the first bytes of every tensor, prompt tokens); ``--no-reference``
    skips the check for shapes too big for the host, and the record then says "not checked".
@@ -259,12 +261,13 @@ class BenchRecord:
         return cls(**values)
 
 
-def logit_tolerance(file_types: dict[str, str], gpu_formats: dict[str, str]) -> float:
+def logit_tolerance(file_types: dict[str, str], gpu_formats: dict[str, str], f16_products: bool = False) -> float:
     """The tolerance of the numeric check, from each tensor's file type and its format on the GPU:
     1e-3 when the GPU reads every tensor as stored (the reference uses the same dequantized
-    numbers), 0.05 when some tensor was converted (f16 at load)."""
+    numbers), 0.05 when some tensor was converted (f16 at load) or when `f16_products` (the
+    prefill GEMMs rounded their inputs to f16: Tuning.gemm_sgmat)."""
     converted = [n for n, fmt in gpu_formats.items() if file_types.get(n) != fmt]
-    return F16_AT_LOAD_TOLERANCE if converted else FILE_FORMAT_TOLERANCE
+    return F16_AT_LOAD_TOLERANCE if converted or f16_products else FILE_FORMAT_TOLERANCE
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,7 +326,7 @@ def run_bench(model: str | os.PathLike, options: Options | None = None,
         quality_tokens=timings.quality_tokens, consistent=timings.consistent,
         logit_error=error, reference=source,
         logit_tolerance=logit_tolerance({n: t.ggml_type for n, t in host_model.tensors.items()},
-                                        timings.gpu_formats),
+                                        timings.gpu_formats, bool(timings.kernel_tuning.get("gemm_sgmat"))),
         dispatches_per_token=timings.dispatches_per_token, commit=commit,
         fingerprint=fingerprint(path), environment={**timings.environment, "commit": commit},
         kernel_tuning=timings.kernel_tuning,

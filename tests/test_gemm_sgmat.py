@@ -288,3 +288,25 @@ def test_emulated_overflow_is_scaled(monkeypatch, dawn_gpu):
     assert np.isfinite(out).all()
     np.testing.assert_array_less(np.abs(out - want), tol)
 
+
+
+def test_emulated_engine_matches_the_reference(monkeypatch, fixtures_dir):
+    """The engine with gemm_sgmat in its prefill plan (tiles of 32 x 32, 8x8x8 matrices): the
+    tiny Q8_0 fixture's logits within 0.05 of the float64 reference (bench's tolerance for
+    f16-rounded arithmetic) and close to the fp32 gemm's."""
+    from rwkvlab.engine import load
+    from rwkvlab.gguf import read_model
+    from rwkvlab.reference import Reference
+    from test_engine import TOKENS
+
+    emu.install(monkeypatch, EMULATED)
+    monkeypatch.setattr(kn, "_KERNELS", {})  # emulated pipelines stay out of the process cache
+    tuning = "sgmat_m=8,sgmat_n=8,sgmat_k=8,sgmat_tokens=32,sgmat_rows=32"
+    e = load(fixtures_dir / "tiny-q8_0.gguf", Options(runtime="dawn", path="native", tuning=tuning), progress=False)
+    assert e.tuning.gemm_sgmat
+    assert "gemm_sgmat" in {d.kernel.name for d in e.plan(8, "all")}
+    logits = e.logits(TOKENS)
+    ref = Reference(read_model(fixtures_dir / "tiny-q8_0.gguf"))
+    want = np.stack([ref.step(t) for t in TOKENS])
+    assert np.abs(logits - want).max() <= 0.05
+    assert (logits.argmax(1) == want.argmax(1)).mean() >= 0.9
