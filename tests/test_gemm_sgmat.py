@@ -16,6 +16,7 @@ kernel must equal the float64 product of the f16-rounded inputs to f32 summation
 """
 from __future__ import annotations
 
+import io
 import re
 from types import SimpleNamespace
 
@@ -310,3 +311,26 @@ def test_emulated_engine_matches_the_reference(monkeypatch, fixtures_dir):
     want = np.stack([ref.step(t) for t in TOKENS])
     assert np.abs(logits - want).max() <= 0.05
     assert (logits.argmax(1) == want.argmax(1)).mean() >= 0.9
+
+
+def test_gemm_bench_sgmat_rows_emulated(monkeypatch):
+    """gemm_bench --sgmat: a row per config x tile (here one of each), checked with the f16
+    tolerance and on the overflow case before timing; fp32 gemm shapes stay on gemm."""
+    from rwkvlab import gemm_bench
+
+    emu.install(monkeypatch, [emu.config(8, 8, 8)])
+    monkeypatch.setattr(kn, "SGMAT_TILES", ((32, 64),))
+    monkeypatch.setattr(kn, "_KERNELS", {})
+    out = io.StringIO()
+    timings, failures = gemm_bench.run(formats=("Q8_0",), paths=("native",), size="small", tunings=("gemm_rows=64,gemm_k=16",),
+                                       runtime="dawn", repeats=1, out=out, sgmat=True)
+    assert failures == [], failures
+    assert "f16 subgroup-matrix configs (MxNxK): 8x8x8" in out.getvalue()
+    sgmat = "gemm_sgmat=1,sgmat_k=8,sgmat_m=8,sgmat_n=8,sgmat_rows=64,sgmat_tokens=32"
+    assert {(t.kernel, t.tuning) for t in timings} == {("gemm", "gemm_k=16,gemm_rows=64,gemm_sgmat=0"),
+                                                       ("gemm_sgmat", sgmat)}
+    for t in timings:
+        assert t.max_error < 1 and t.seconds > 0
+        assert (t.overflow_error is not None) == (t.kernel == "gemm_sgmat")
+        if t.overflow_error is not None:
+            assert t.overflow_error < 1 and "1e5-1e6" in t.line()
