@@ -514,9 +514,14 @@ def reference_logits(model, prompt: list[int], cache_file: Path, progress: bool 
     from rwkvlab.reference import Reference
 
     ref = Reference(model)
+    # The whole prompt at once (Reference.prefill_chunk: the step loop's math with batched matrix
+    # products), in chunks of 512 for the bar and a bounded [T, F] intermediate.
     logits = None
-    for token in tqdm(prompt, desc="NumPy reference", unit="tok", file=sys.stderr, disable=not progress, leave=False):
-        logits = ref.step(token)
+    bar = tqdm(total=len(prompt), desc="NumPy reference", unit="tok", file=sys.stderr, disable=not progress, leave=False)
+    for start in range(0, len(prompt), 512):
+        logits = ref.prefill_chunk(prompt[start: start + 512])
+        bar.update(len(prompt[start: start + 512]))
+    bar.close()
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as handle:
