@@ -309,7 +309,7 @@ def run(formats=FORMATS, paths=("webgpu",), size: str = "full", tokens=None, tun
                         try:
                             t = bench_gemm(kernels, path, problem, weights, T, tuning, name, size=size,
                                            repeats=repeats, overflow=overflow)
-                        except KernelCheckError as e:
+                        except (KernelCheckError, kn.KernelError) as e:  # wrong, or did not build
                             failures.append(str(e))
                             print(f"FAILED: {e}", file=out, flush=True)
                             continue
