@@ -222,6 +222,8 @@ def bench_gemm(kernels, path: str, problem: Problem, weights: RotatedWeights, T:
                                    f"{case.want[t, i]:.6g} (tolerance {rel_tol * case.scale[t, i]:.3g}); not timed")
         return float(errors.max())
 
+    run_pass(1, timed=False)
+    max_error = check(problem, "")
     overflow_error = None
     if spec is kn.GEMM_SGMAT and overflow is not None:
         big = d.create_buffer_with_data(data=overflow.x[:T].tobytes(), usage=storage)
@@ -234,8 +236,6 @@ def bench_gemm(kernels, path: str, problem: Problem, weights: RotatedWeights, T:
         d.queue.submit([enc.finish()])
         overflow_error = check(overflow, " (activations of 1e5-1e6)")
         big.destroy()
-    run_pass(1, timed=False)
-    max_error = check(problem, "")
 
     t = time_passes(run_pass, max(4, weights.copies), 2000, PASS_SECONDS[size], repeats)
     return GemmTiming(path=path, fmt=fmt, name=name, rows=M, cols=K, tokens=T, tuning=tuning,

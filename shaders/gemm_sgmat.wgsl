@@ -30,22 +30,27 @@
 //
 // K loop, per step of TK = 32 columns: the next step's values were fetched into registers (f32)
 // while the previous step's products ran; they are scaled (see below), rounded to f16 and stored
-// into the tiles; then every subgroup multiplies its part over TK / SK matrix steps.
+// into the tiles; then every subgroup multiplies its part over TK / SK matrix steps. Two
+// barriers per step, one set of tiles.
 //
 // OVERFLOW. f16 tops out at 65504: relu(k)^2 feeding ffn.value, or a quant's scale times its
 // quants, can exceed it, and would stage as inf. So each step takes the maximum |x| and |w| of
-// what it stages (subgroupMax, then one slot per subgroup in workgroup memory). When either is
-// >= 2^15 (LIMIT_EXP), that tile is staged times 2^-ex (X) and 2^-ew (W), the smallest powers of
-// two that bring its maximum under 2^15, and the step runs
-//     acc *= 2^-(ex+ew);  acc += X' W'^T;  acc *= 2^(ex+ew)
-// (subgroupMatrixScalarMultiply: there is no matrix + matrix). Powers of two are exact in f32 (an
-// accumulator below ~2^-126 * 2^(ex+ew) would lose bits; |x| up to 1e6 gives ex = 5),
-// so the only cost in accuracy is that small values sharing a tile step with a huge one are
-// rounded relative to the scaled grid: values >= 2^-14 * 2^(ex) keep f16's 11 bits. The shift
-// is read back with workgroupUniformLoad, so the scaling branch is uniform, as subgroup-matrix
-// calls require; steps without a big value (every step of a normal model) skip both multiplies.
-// Tiny values are not scaled up: below 2^-14 f16 is subnormal, an absolute error under 2^-25
-// per element, negligible against an output's sum |w x| for the activations a model feeds here.
+// what it stages (subgroupMax, then one slot per subgroup in workgroup memory, read by every
+// thread after the barrier that ends the previous step). When one of them is >= 2^15
+// (LIMIT_EXP), the step stages X times 2^-e and W times 2^e, e the power of two that brings the
+// big side under 2^15 (negative when W is the big side): the products X W^T are unchanged, so
+// the accumulators need no rescaling at all (the staging is plain data, the same e in every
+// thread; no matrix-scalar operation and no extra barrier). Powers of two are exact, so the only
+// cost in accuracy is that small values of the scaled-down side, in the same tile step as a
+// huge one, are rounded on a coarser grid (values >= 2^(e-14) keep f16's 11 bits). It works while
+// max|x| * max|w| < 2^30 per tile step (1e6 activations against weights up to 1e3); beyond that
+// one side still overflows to inf and the outputs are inf / NaN (a check fails loudly rather
+// than passing wrong numbers). Steps without a big value (every step of a normal model) have
+// e = 0. Tiny values are not scaled up: below 2^-14 f16 is subnormal, an absolute error under
+// 2^-25 per element, negligible against an output's sum |w x| for the activations a model feeds.
+// (The first version scaled the accumulators instead, acc *= 2^-e; acc += X' W'^T; acc *= 2^e
+// with subgroupMatrixScalarMultiply behind a workgroupUniformLoad branch; it failed this check
+// on an H200, wgpudawn 0.32.0.4. Moving the factor into the other operand needs neither.)
 //
 // Accuracy (gemm_bench's tolerance): each product uses x and w rounded to f16 (relative error
 // <= 2^-11 each), summed in f32, so |error| <= (2^-10 + 2^-22 + K 2^-24) sum_k |w_k x_k| in the
@@ -87,7 +92,6 @@ var<workgroup> x_tile: array<f16, TOKENS * XS>;
 var<workgroup> w_tile: array<f16, ROWS * XS>;
 var<workgroup> out_tile: array<f32, SUBGROUPS * SM * SN>;
 var<workgroup> sg_max: array<vec2<f32>, SUBGROUPS>;   // (max |x|, max |w|) per subgroup
-var<workgroup> step_shift: i32;                       // ex + ew of the current step
 
 // Vec4 number v of the W tile at column k0: row v / KV, columns 4 (v % KV) on; zero for rows
 // past the segment (their outputs are never written).
@@ -114,11 +118,16 @@ fn max_abs4(v: vec4<f32>) -> f32 {
     return max(max(a.x, a.y), max(a.z, a.w));
 }
 
-// The power of two (as its exponent) that brings m under 2^LIMIT_EXP: 0 when m already is.
-// floor(log2 m) comes from the exponent bits (m >= 0; an infinite m gives 114, still finite).
-fn shift_for(m: f32) -> i32 {
+// How many powers of two m is over the limit: 0 when m < 2^LIMIT_EXP. floor(log2 m) comes
+// from the exponent bits (m >= 0; infinity gives 114).
+fn excess(m: f32) -> i32 {
     let e = i32(bitcast<u32>(m) >> 23u) - 127;
     return max(e + 1 - LIMIT_EXP, 0);
+}
+
+// 2^e, exactly, for -126 <= e <= 127.
+fn pow2(e: i32) -> f32 {
+    return bitcast<f32>(u32(127 + e) << 23u);
 }
 
 @compute @workgroup_size(WG)
@@ -163,10 +172,9 @@ fn gemm_sgmat(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
         for (var s = 1u; s < SUBGROUPS; s++) {
             big = max(big, sg_max[s]);
         }
-        let ex = shift_for(big.x);
-        let ew = shift_for(big.y);
-        let sx = ldexp(1.0, -ex);
-        let sw = ldexp(1.0, -ew);
+        let e = excess(big.x) - excess(big.y);  // X staged times 2^-e, W times 2^e
+        let sx = pow2(-e);
+        let sw = pow2(e);
         for (var s = 0u; s < X_SLOTS; s++) {
             let v = lid + WG * s;
             if (v < X_VECS) {
@@ -189,11 +197,7 @@ fn gemm_sgmat(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
                 w_tile[o + 3u] = h.w;
             }
         }
-        if (lid == 0u) {
-            step_shift = ex + ew;
-        }
-        // A barrier (tiles and shift visible to all), and a shift the compiler knows is uniform.
-        let shift = workgroupUniformLoad(&step_shift);
+        workgroupBarrier();
 
         // The next step's values, fetched while this step's products run.
         if (k0 + TK < sg.K) {
@@ -209,11 +213,6 @@ fn gemm_sgmat(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
             }
         }
 
-        if (shift != 0) {
-            for (var a = 0u; a < NACC; a++) {
-                acc[a] = subgroupMatrixScalarMultiply(acc[a], ldexp(1.0, -shift));
-            }
-        }
         for (var kk = 0u; kk < TK; kk += SK) {
             var left: array<subgroup_matrix_left<f16, SK, SM>, AT>;
             for (var i = 0u; i < AT; i++) {
@@ -226,11 +225,6 @@ fn gemm_sgmat(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
                 for (var i = 0u; i < AT; i++) {
                     acc[i * AR + j] = subgroupMatrixMultiplyAccumulate(left[i], right, acc[i * AR + j]);
                 }
-            }
-        }
-        if (shift != 0) {
-            for (var a = 0u; a < NACC; a++) {
-                acc[a] = subgroupMatrixScalarMultiply(acc[a], ldexp(1.0, shift));
             }
         }
     }

@@ -62,14 +62,6 @@ fn emu_mma(l: EmuLeft, r: EmuRight, acc: EmuResult) -> EmuResult {
     return out;
 }
 
-fn emu_scale(m: EmuResult, s: f32) -> EmuResult {
-    var out = m;
-    for (var i = 0u; i < emu_n(SM * SN); i++) {
-        out.v[i] *= s;
-    }
-    return out;
-}
-
 fn emu_store(p: ptr<workgroup, array<f32, SUBGROUPS * SM * SN>>, off: u32, m: EmuResult, col_major: bool, stride: u32) {
     for (var r = 0u; r < emu_n(SM); r++) {
         for (var c = 0u; c < emu_n(SN); c++) {
@@ -86,7 +78,6 @@ REWRITES = (
     ("subgroup_matrix_left<f16, SK, SM>", "EmuLeft"),
     ("subgroup_matrix_result<f32, SN, SM>", "EmuResult"),
     ("subgroupMatrixMultiplyAccumulate(", "emu_mma("),
-    ("subgroupMatrixScalarMultiply(", "emu_scale("),
     ("subgroupMatrixStore(", "emu_store("),
 )
 

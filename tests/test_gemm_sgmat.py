@@ -221,7 +221,10 @@ SEGMENTS = [  # fmt, rows, K, act, bias, accum
 
 
 def stacked_problem(rng, T, x_scale=None, w_scale=None):
-    """The SEGMENTS stacked in one weight buffer: (table, W, X, B, Y0, want, f16 want, tol)."""
+    """The SEGMENTS stacked in one weight buffer: (table, W, X, B, Y0, want, f16 want, tol);
+    `x_scale` scales each token's activations (of every segment but BF16 when `w_scale` scales
+    the BF16 weights: the kernel moves a big side's powers of two into the other side, which
+    needs max |x| * max |w| < 2^30)."""
     words, table, x_off, y_off, b_off, base = [], [], 8, 3, 16, 0
     width = sum(s[1] for s in SEGMENTS) + 3
     X = np.zeros(8 + sum(T * s[2] for s in SEGMENTS), np.float32)
@@ -235,7 +238,7 @@ def stacked_problem(rng, T, x_scale=None, w_scale=None):
             w *= w_scale  # bf16 holds 1e6 where f16 cannot
         raw, wv = encode_rows(w, fmt)
         x = rng.standard_normal((T, K)).astype(np.float32)
-        if x_scale is not None:
+        if x_scale is not None and not (w_scale is not None and fmt == "BF16"):
             x *= x_scale[:, None]
         X[x_off: x_off + T * K] = x.reshape(-1)
         x64 = x.astype(np.float64)
@@ -277,8 +280,9 @@ def test_emulated_segments_formats_and_partial_tiles(monkeypatch, dawn_gpu, tuni
 
 def test_emulated_overflow_is_scaled(monkeypatch, dawn_gpu):
     """Activations of 1e5-1e6 (f16 overflows at 65504) in every other token, ordinary ones in
-    the rest (the same tiles), and bf16 weights of ~1e6: staged scaled by powers of two, the
-    outputs stay within the f16 bound of sum |w x| (no inf, no NaN), small tokens included."""
+    the rest (the same tiles), and, in another segment, bf16 weights of ~1e5: staged with a
+    power of two moved from the big side to the other, the outputs stay within the f16 bound of
+    sum |w x| (no inf, no NaN), small tokens included."""
     kernels = emulated_kernels(monkeypatch, dawn_gpu, "sgmat_m=8,sgmat_n=8,sgmat_k=8,sgmat_tokens=32,sgmat_rows=32")
     T = 37
     rng = np.random.default_rng(4)
