@@ -147,6 +147,13 @@ SGMAT_SUBGROUPS = (2, 2)  # subgroups per workgroup along tokens and rows (the s
 SGMAT_MAX_MATRICES = 16  # result matrices per subgroup (AT x AR) kept in registers
 # (tokens, rows) tiles gemm_bench measures; Tuning takes any that the config divides.
 SGMAT_TILES = ((64, 64), (128, 64), (64, 128), (32, 64))
+# Whether prefill GEMMs take gemm_sgmat by default where an adapter has a config. Not yet: on an
+# H200 (Dawn, wgpudawn 0.32.0.4, gemm_bench at T = 512, 2.9B Q8_0 shapes, data/benchmarks/
+# nvidia-h200.md "gemm_sgmat tiles (issue 13)") its best tile (16x16x16, 64 x 64) ran at
+# 21.7 / 23.1 / 22.1 TFLOP/s on att.out / ffn.key / ffn.value where the fp32 gemm runs 22.4 /
+# 24.5 / 21.9: no faster, and its inputs are rounded to f16. "gemm_sgmat=1" runs it (the config
+# is chosen from the adapter's list either way, and recorded).
+SGMAT_BY_DEFAULT = False
 EMBED = _spec("embed", "embed.wgsl", "embed", "W:read TOK:read NW:read NB:read Y:rw",
               "C row0 rows row_words w_base eps:f32",
               ("common.wgsl", "weights.wgsl", "quants.wgsl", "reduce.wgsl"),
@@ -501,9 +508,9 @@ class Tuning:
     # at most the subgroup size) and state rows per workgroup (<= 64, 16 <= rows x lanes <= 256)
     wkv_lanes: int = 4
     wkv_rows: int = 32
-    # Prefill GEMMs on the matrix units (gemm_sgmat) instead of gemm: on where the native path has
-    # an f16 x f16 -> f32 subgroup-matrix config; sgmat_m/n/k is the config (0: none), the tile
-    # sgmat_tokens x sgmat_rows (SGMAT_TILES).
+    # Prefill GEMMs on the matrix units (gemm_sgmat) instead of gemm (the native path with an f16 x
+    # f16 -> f32 subgroup-matrix config; default SGMAT_BY_DEFAULT); sgmat_m/n/k is the adapter's
+    # config it would use (0: none), the tile sgmat_tokens x sgmat_rows (SGMAT_TILES).
     gemm_sgmat: bool = False
     sgmat_m: int = 0
     sgmat_n: int = 0
@@ -540,11 +547,11 @@ def choose_tuning(gpu, path: str, overrides: str = "") -> Tuning:
     once for twice the rows) led at T = 64 too. wkv_lanes is lowered to the subgroup size where
     that is smaller (8 on lavapipe).
 
-    Prefill GEMMs run on the matrix units (gemm_sgmat: f16 tiles, f32 accumulation) wherever the
-    native path has an f16 x f16 -> f32 subgroup-matrix config (Dawn's adapter properties; the
-    config with the most multiply-adds per instruction, choose_sgmat_config), in 64 x 64 tiles;
-    "gemm_sgmat=0" keeps the fp32 gemm, "sgmat_n=8" or "sgmat_tokens=128" pick another config
-    or tile.
+    Prefill GEMMs can run on the matrix units (gemm_sgmat: f16 tiles, f32 accumulation) wherever
+    the native path has an f16 x f16 -> f32 subgroup-matrix config (Dawn's adapter properties; the
+    config with the most multiply-adds per instruction, choose_sgmat_config), in 64 x 64 tiles:
+    "gemm_sgmat=1" (not the default yet: SGMAT_BY_DEFAULT says why), "sgmat_n=8" or
+    "sgmat_tokens=128" pick another config or tile.
 
     `overrides` (Options.tuning, which $RWKVLAB_TUNING can fill) changes fields for
     experiments, e.g. "matvec_wg=256,matvec_red=64,matvec_unroll=1,matvec_rows=4,
@@ -584,12 +591,14 @@ def choose_tuning(gpu, path: str, overrides: str = "") -> Tuning:
                         argmax_wg=256, subgroups=subgroups, subgroup_size=sg, wkv_wg=256,
                         matvec_rows=2, matvec_pieces=4, matvec_rows_from=4096, **gemm)
     tuning = replace(tuning, trusted=path == "native")
-    # Tensor cores (subgroup matrices, Dawn): on by default where the native path offers an f16
-    # x f16 -> f32 config; the shape comes from the adapter's own list (choose_sgmat_config).
+    # Matrix units (subgroup matrices, Dawn): the shape comes from the adapter's own list
+    # (choose_sgmat_config) where the native path offers an f16 x f16 -> f32 config; used by
+    # default when SGMAT_BY_DEFAULT, else with "gemm_sgmat=1".
     configs = sgmat_adapter_configs(gpu, path, sg)
     config = choose_sgmat_config(configs, sg)
     if config is not None:
-        tuning = replace(tuning, gemm_sgmat=True, sgmat_m=config[0], sgmat_n=config[1], sgmat_k=config[2])
+        tuning = replace(tuning, gemm_sgmat=SGMAT_BY_DEFAULT, sgmat_m=config[0], sgmat_n=config[1],
+                         sgmat_k=config[2])
     tuning = _tuning_overrides(tuning, overrides)
     tuning = _sgmat_tuning(tuning, configs, overrides, wg_bytes)
     if subgroups and tuning.wkv_lanes > sg:  # a row's lanes must share a subgroup

@@ -60,7 +60,8 @@ TUNING_SIZES = ("argmax_wg", "gemm_k", "gemm_rows", "matvec_red", "matvec_rows",
                 "shift_wg", "wkv_lanes", "wkv_rows", "wkv_wg")
 TUNING_COUNTS = ("matvec_pieces", "matvec_rows_from")
 # 0 or 1: trusted (shader modules without runtime checks), gemm_sgmat (prefill GEMMs on the
-# matrix units through subgroup matrices, where the adapter has them)
+# matrix units through subgroup matrices, where the adapter has them; off by default for now,
+# rwkvlab.kernels.SGMAT_BY_DEFAULT)
 TUNING_FLAGS = ("gemm_sgmat", "trusted")
 # One way to set Options.tuning without touching code: it fills an empty tuning when options
 # are resolved (rwkvlab.gpu.resolve_options), so a run under it records the overrides it ran.
@@ -93,7 +94,7 @@ class Options:
               correct set measured (:data:`DEFAULT_FUSIONS`).
     tuning:   kernel-shape overrides, ``"name=value,..."`` (:data:`TUNING_SIZES`,
               :data:`TUNING_COUNTS`, :data:`TUNING_FLAGS` ``=0|1``), on top of the device
-              class's own shapes (``gemm_sgmat=0``: prefill GEMMs on the fp32 gemm kernel);
+              class's own shapes (``gemm_sgmat=1``: prefill GEMMs on the matrix units);
               ``""`` = the device's own (or ``$RWKVLAB_TUNING``, folded in at resolution).
               Kept sorted by name, so equal overrides are equal text.
     Defaults: the fastest correct configuration measured on an H100 (README, "Speed on a real

@@ -82,31 +82,38 @@ def subgroup_size_32(monkeypatch):
     monkeypatch.setattr(kn, "probe_subgroup_size", lambda gpu: 32)
 
 
-def test_tuning_turns_it_on_where_the_adapter_has_a_config(subgroup_size_32):
+@pytest.mark.parametrize("by_default", [False, True])
+def test_tuning_picks_the_adapters_config(subgroup_size_32, monkeypatch, by_default):
+    """Where the native path has an f16 -> f32 config the tuning names it (and runs gemm_sgmat
+    when SGMAT_BY_DEFAULT, off while it is no faster than gemm); nowhere else is it ever on."""
+    monkeypatch.setattr(kn, "SGMAT_BY_DEFAULT", by_default)
     t = kn.choose_tuning(_fake_gpu(H200_LIKE), "native")
-    assert t.gemm_sgmat and (t.sgmat_m, t.sgmat_n, t.sgmat_k) == (16, 16, 16)
+    assert t.gemm_sgmat == by_default and (t.sgmat_m, t.sgmat_n, t.sgmat_k) == (16, 16, 16)
     assert (t.sgmat_tokens, t.sgmat_rows) == (64, 64)
+    assert kn.choose_tuning(_fake_gpu(H200_LIKE), "native", "gemm_sgmat=1").gemm_sgmat
+    assert not kn.choose_tuning(_fake_gpu(H200_LIKE), "native", "gemm_sgmat=0").gemm_sgmat
     for gpu, path in [(_fake_gpu(H200_LIKE), "webgpu"),  # the portable path: never
                       (_fake_gpu([]), "native"),
                       (_fake_gpu([emu.config(16, 16, 32, "i8", "i32")]), "native"),
                       (_fake_gpu(H200_LIKE, features=("subgroup", "subgroup-matrix")), "native"),  # no f16
                       (_fake_gpu(H200_LIKE, features=("subgroup", "shader-f16")), "native")]:
         assert not kn.choose_tuning(gpu, path).gemm_sgmat, (gpu, path)
+        assert kn.choose_tuning(gpu, path).sgmat_m == 0, (gpu, path)
 
 
 def test_tuning_overrides_pick_config_tile_or_off(subgroup_size_32):
     gpu = _fake_gpu(H200_LIKE)
-    assert not kn.choose_tuning(gpu, "native", "gemm_sgmat=0").gemm_sgmat
-    t = kn.choose_tuning(gpu, "native", "sgmat_n=8")
+    on = "gemm_sgmat=1,"
+    t = kn.choose_tuning(gpu, "native", on + "sgmat_n=8")
     assert (t.sgmat_m, t.sgmat_n, t.sgmat_k) == (16, 8, 16)
-    t = kn.choose_tuning(gpu, "native", "sgmat_k=8")
+    t = kn.choose_tuning(gpu, "native", on + "sgmat_k=8")
     assert (t.sgmat_m, t.sgmat_n, t.sgmat_k) == (16, 8, 8)
-    t = kn.choose_tuning(gpu, "native", "sgmat_tokens=128,sgmat_rows=64")
+    t = kn.choose_tuning(gpu, "native", on + "sgmat_tokens=128,sgmat_rows=64")
     assert (t.sgmat_tokens, t.sgmat_rows) == (128, 64)
     with pytest.raises(kn.KernelError, match="sgmat_m=32.*16x8x8, 16x8x16, 16x16x16"):
-        kn.choose_tuning(gpu, "native", "sgmat_m=32")
+        kn.choose_tuning(gpu, "native", on + "sgmat_m=32")
     with pytest.raises(kn.KernelError, match="workgroup memory"):
-        kn.choose_tuning(_fake_gpu(H200_LIKE, wg_bytes=16384), "native", "sgmat_tokens=128")
+        kn.choose_tuning(_fake_gpu(H200_LIKE, wg_bytes=16384), "native", on + "sgmat_tokens=128")
     with pytest.raises(kn.KernelError, match="gemm_sgmat=1 needs .* none; use gemm_sgmat=0"):
         kn.choose_tuning(_fake_gpu([]), "native", "gemm_sgmat=1")
     with pytest.raises(kn.KernelError, match="gemm_sgmat=1 needs"):
@@ -188,7 +195,7 @@ def dawn_gpu():
 
 def emulated_kernels(monkeypatch, gpu, tuning: str) -> kn.Kernels:
     emu.install(monkeypatch, EMULATED)
-    t = kn.choose_tuning(gpu, "native", tuning)
+    t = kn.choose_tuning(gpu, "native", "gemm_sgmat=1," + tuning)
     assert t.gemm_sgmat and t.subgroup_size >= 4
     return kn.Kernels(gpu, t)  # not the process's cache: these modules are emulated
 
@@ -316,7 +323,7 @@ def test_emulated_engine_matches_the_reference(monkeypatch, fixtures_dir):
 
     emu.install(monkeypatch, EMULATED)
     monkeypatch.setattr(kn, "_KERNELS", {})  # emulated pipelines stay out of the process cache
-    tuning = "sgmat_m=8,sgmat_n=8,sgmat_k=8,sgmat_tokens=32,sgmat_rows=32"
+    tuning = "gemm_sgmat=1,sgmat_m=8,sgmat_n=8,sgmat_k=8,sgmat_tokens=32,sgmat_rows=32"
     e = load(fixtures_dir / "tiny-q8_0.gguf", Options(runtime="dawn", path="native", tuning=tuning), progress=False)
     assert e.tuning.gemm_sgmat
     assert "gemm_sgmat" in {d.kernel.name for d in e.plan(8, "all")}
@@ -329,10 +336,12 @@ def test_emulated_engine_matches_the_reference(monkeypatch, fixtures_dir):
 
 def test_gemm_bench_sgmat_rows_emulated(monkeypatch):
     """gemm_bench --sgmat: a row per config x tile (here one of each), checked with the f16
-    tolerance and on the overflow case before timing; fp32 gemm shapes stay on gemm."""
+    tolerance and on the overflow case before timing; fp32 gemm shapes stay on gemm (with
+    gemm_sgmat=0 said where the device would default to gemm_sgmat)."""
     from rwkvlab import gemm_bench
 
     emu.install(monkeypatch, [emu.config(8, 8, 8)])
+    monkeypatch.setattr(kn, "SGMAT_BY_DEFAULT", True)
     monkeypatch.setattr(kn, "SGMAT_TILES", ((32, 64),))
     monkeypatch.setattr(kn, "_KERNELS", {})
     out = io.StringIO()
