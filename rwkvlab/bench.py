@@ -31,7 +31,9 @@ The protocol (the README quotes it; ``rwkvlab bench --help`` states it too):
    multiply the very same numbers and differ only by float32 accumulation, measured ~1e-5);
    0.05 when some matrix was rounded to f16 at load (f16 keeps 11 significant bits; measured
    ~2e-3 on the tiny fixtures, so 0.05 leaves a 25x margin without letting a wrong kernel
-   through: wrong kernels miss by O(1)). The reference logits are
+   through: wrong kernels miss by O(1)), and 0.05 too when the prefill GEMMs ran on the matrix
+   units (Tuning.gemm_sgmat: activations and weights rounded to f16 as they are staged, the
+   same 11 bits). The reference logits are
    cached on disk (``$RWKVLAB_CACHE`` or ``~/.cache/rwkvlab``, key: file size, mtime, SHA-256
    of the first MiB and of the first bytes of every tensor, prompt tokens); ``--no-reference``
    skips the check for shapes too big for the host, and the record then says "not checked".
@@ -283,12 +285,13 @@ def load_phases_text(spans: dict[str, list[float]]) -> str:
     return ", ".join(f"{n}{'*' if n in BACKGROUND_PHASES else ''} {t1 - t0:.0f}" for n, (t0, t1) in ordered) + " ms"
 
 
-def logit_tolerance(file_types: dict[str, str], gpu_formats: dict[str, str]) -> float:
+def logit_tolerance(file_types: dict[str, str], gpu_formats: dict[str, str], f16_products: bool = False) -> float:
     """The tolerance of the numeric check, from each tensor's file type and its format on the GPU:
     1e-3 when the GPU reads every tensor as stored (the reference uses the same dequantized
-    numbers), 0.05 when some tensor was converted (f16 at load)."""
+    numbers), 0.05 when some tensor was converted (f16 at load) or when `f16_products` (the
+    prefill GEMMs rounded their inputs to f16: Tuning.gemm_sgmat)."""
     converted = [n for n, fmt in gpu_formats.items() if file_types.get(n) != fmt]
-    return F16_AT_LOAD_TOLERANCE if converted else FILE_FORMAT_TOLERANCE
+    return F16_AT_LOAD_TOLERANCE if converted or f16_products else FILE_FORMAT_TOLERANCE
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,7 +350,7 @@ def run_bench(model: str | os.PathLike, options: Options | None = None,
         quality_tokens=timings.quality_tokens, consistent=timings.consistent,
         logit_error=error, reference=source,
         logit_tolerance=logit_tolerance({n: t.ggml_type for n, t in host_model.tensors.items()},
-                                        timings.gpu_formats),
+                                        timings.gpu_formats, bool(timings.kernel_tuning.get("gemm_sgmat"))),
         dispatches_per_token=timings.dispatches_per_token, commit=commit,
         fingerprint=fingerprint(path), environment={**timings.environment, "commit": commit},
         kernel_tuning=timings.kernel_tuning, step_weight_bytes=timings.step_weight_bytes,
@@ -553,9 +556,14 @@ def reference_logits(model, prompt: list[int], cache_file: Path, progress: bool 
     from rwkvlab.reference import Reference
 
     ref = Reference(model)
+    # The whole prompt at once (Reference.prefill_chunk: the step loop's math with batched matrix
+    # products), in chunks of 512 for the bar and a bounded [T, F] intermediate.
     logits = None
-    for token in tqdm(prompt, desc="NumPy reference", unit="tok", file=sys.stderr, disable=not progress, leave=False):
-        logits = ref.step(token)
+    bar = tqdm(total=len(prompt), desc="NumPy reference", unit="tok", file=sys.stderr, disable=not progress, leave=False)
+    for start in range(0, len(prompt), 512):
+        logits = ref.prefill_chunk(prompt[start: start + 512])
+        bar.update(len(prompt[start: start + 512]))
+    bar.close()
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as handle:

@@ -141,7 +141,8 @@ protocol:
   output      quality hash of the 32 greedy tokens after the prompt (first 16 shown), compared
               with the previous run of the same model file in the history file; max |logit
               error| after the prompt vs the float64 NumPy reference (cached on disk), within
-              1e-3 when the GPU reads every tensor as stored, 0.05 after f16 rounding at load;
+              1e-3 when the GPU reads every tensor as stored, 0.05 after f16 rounding at load
+              or with prefill GEMMs on the matrix units (tuning gemm_sgmat: f16 inputs);
               --no-reference writes "not checked"
   history     appended to <history-dir>/<file>.md (seed format + Backend, Path, Weights,
               Fusions, Chunk, Tuning, Dispatches/token, Load phases, Commit, Logit error

@@ -622,8 +622,8 @@ class Engine:
     def _matmul(self, label: str, products: list[_Product], fused: bool = False) -> _Op:
         """Matrix products as dispatches: unfused, one per (product, weight buffer); fused, one
         per weight buffer for all products (they must share X and Y; formats may differ).
-        matvec below Options.gemm_min_tokens tokens, gemm from there; both take the same bind
-        group."""
+        matvec below Options.gemm_min_tokens tokens, gemm (or gemm_sgmat) from there; all take
+        the same bind group."""
         k = self.kernels
         runs: list[list[tuple[_Product, Segment]]] = []  # each run becomes one dispatch
         by_buffer: dict[int, list] = {}
@@ -649,7 +649,8 @@ class Engine:
             matvec = k.kernel(kn.MATVEC, FMT=fmt)
             if self._one_row_per_group(table):
                 matvec = k.kernel(kn.MATVEC, FMT=fmt, NR=1)
-            gemm = k.kernel(kn.GEMM, FMT=fmt)
+            # prefill tiles on the matrix units where the tuning says so (Tuning.gemm_sgmat)
+            gemm = k.kernel(kn.GEMM_SGMAT if k.tuning.gemm_sgmat else kn.GEMM, FMT=fmt)
             shape = kn.MatvecShape.of(matvec, k.tuning.matvec_pieces)
             params, wgs, tiles = kn.matmul_params(table, shape, kn.gemm_tile_rows(gemm))
             res = dict(W=seg0.buffer, X=p0.x, B=self.vecs, Y=p0.y)
@@ -663,7 +664,7 @@ class Engine:
                 if T < gemm_min:
                     out.append(Dispatch(matvec, bg, (wgs, T, 1), label))
                 else:
-                    out.append(Dispatch(gemm, bg, kn.gemm_grid(tiles, T), label))
+                    out.append(Dispatch(gemm, bg, kn.gemm_grid(tiles, T, kn.gemm_tile_tokens(gemm)), label))
             return out
 
         return _Op(label, dispatches)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
@@ -30,7 +30,7 @@ import numpy as np
 
 from rwkvlab import gpu as gpu_runtime
 from rwkvlab import quant_kernels as qk
-from rwkvlab.options import normalize_tuning
+from rwkvlab.options import TUNING_FLAGS, normalize_tuning
 
 SHADER_PACKAGE = "rwkvlab.shaders"
 
@@ -77,6 +77,14 @@ class KernelSpec:
     params: tuple[Param, ...]  # fields of the uniform at binding 1, in struct order
     libs: tuple[str, ...] = ("common.wgsl",)  # prepended, in this order
     constants: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    # WGSL extensions the source uses beyond the path's own (gpu.shader_preamble names:
+    # "f16", "subgroups", "subgroup_matrix"); a device without them cannot build the kernel.
+    extensions: tuple[str, ...] = ()
+    # Constants written into the source (`const NAME: u32 = <value>u;` lines rewritten, one
+    # module per set of values) instead of passed as pipeline overrides: Tint wants
+    # subgroup-matrix shapes and the workgroup arrays subgroupMatrixLoad reads sized by
+    # creation-time constants (llama.cpp's ggml-webgpu works around the same).
+    baked: frozenset[str] = frozenset()
 
     def binding_index(self, name: str) -> int:
         for i, b in enumerate(self.bindings):
@@ -124,6 +132,28 @@ GEMM = _spec("gemm", "gemm.wgsl", "gemm", _MAT_BINDINGS, _MAT_PARAMS, _MAT_LIBS,
 GEMM_TOKENS = 64
 GEMM_ROWS = (32, 64, 128)
 GEMM_K = (16, 32)
+# The prefill GEMM on matrix units (shaders/gemm_sgmat.wgsl): gemm's bindings, params and
+# epilogue, f16 tiles and f32 accumulation through subgroup matrices. SM, SN, SK: an f16 x f16 ->
+# f32 config the adapter reports (choose_sgmat_config), TOKENS x ROWS: the output tile
+# (Tuning.sgmat_tokens / sgmat_rows, SGMAT_TILES), WG: SGMAT_SUBGROUPS subgroups. All are baked
+# into the source; FMT stays an override.
+GEMM_SGMAT = replace(
+    _spec("gemm_sgmat", "gemm_sgmat.wgsl", "gemm_sgmat", _MAT_BINDINGS, _MAT_PARAMS, _MAT_LIBS,
+          FMT=0, SM=16, SN=16, SK=16, TOKENS=64, ROWS=64, WG=128),
+    extensions=("f16", "subgroups", "subgroup_matrix"),
+    baked=frozenset({"SM", "SN", "SK", "TOKENS", "ROWS", "WG"}))
+SGMAT_TK = 32  # columns per staged K step (the shader's TK): configs need K dividing it
+SGMAT_SUBGROUPS = (2, 2)  # subgroups per workgroup along tokens and rows (the shader's SGT, SGR)
+SGMAT_MAX_MATRICES = 16  # result matrices per subgroup (AT x AR) kept in registers
+# (tokens, rows) tiles gemm_bench measures; Tuning takes any that the config divides.
+SGMAT_TILES = ((64, 64), (128, 64), (64, 128), (32, 64))
+# Whether prefill GEMMs take gemm_sgmat by default where an adapter has a config. Not yet: on an
+# H200 (Dawn, wgpudawn 0.32.0.4, gemm_bench at T = 512, 2.9B Q8_0 shapes, data/benchmarks/
+# nvidia-h200.md "gemm_sgmat tiles (issue 13)") its best tile (16x16x16, 64 x 64) ran at
+# 21.7 / 23.1 / 22.1 TFLOP/s on att.out / ffn.key / ffn.value where the fp32 gemm runs 22.4 /
+# 24.5 / 21.9: no faster, and its inputs are rounded to f16. "gemm_sgmat=1" runs it (the config
+# is chosen from the adapter's list either way, and recorded).
+SGMAT_BY_DEFAULT = False
 EMBED = _spec("embed", "embed.wgsl", "embed", "W:read TOK:read NW:read NB:read Y:rw",
               "C row0 rows row_words w_base eps:f32",
               ("common.wgsl", "weights.wgsl", "quants.wgsl", "reduce.wgsl"),
@@ -157,11 +187,13 @@ WKV_PREFILL = _spec("wkv_prefill", "wkv_prefill.wgsl", "wkv_prefill",
 ARGMAX = _spec("argmax", "argmax.wgsl", "argmax", "L:read TOK:rw GEN:rw", "V cap", WG=256)
 
 SPECS: dict[str, KernelSpec] = {s.name: s for s in (
-    MATVEC, LORA, GEMM, EMBED, LAYERNORM, GROUPNORM_OUT, SHIFT_MIX, NORM_SHIFT, KV_PREP, ACTIVATE,
+    MATVEC, LORA, GEMM, GEMM_SGMAT, EMBED, LAYERNORM, GROUPNORM_OUT, SHIFT_MIX, NORM_SHIFT, KV_PREP, ACTIVATE,
     WKV, WKV_FUSED, WKV_PREFILL, ARGMAX)}
 # Kernels whose source uses subgroup operations: only a device with the "subgroup" feature (the
 # native path, Tuning.subgroups) builds them.
-NEEDS_SUBGROUPS = frozenset({"wkv_prefill"})
+NEEDS_SUBGROUPS = frozenset({"wkv_prefill", "gemm_sgmat"})
+# Kernels that need subgroup matrices with an f16 x f16 -> f32 config (Tuning.gemm_sgmat).
+NEEDS_SUBGROUP_MATRIX = frozenset({"gemm_sgmat"})
 WKV_PREFILL_LANES = (1, 2, 4, 8, 16)  # lanes per state row: 64 / LANES columns, whole vec4s
 
 # Constants a kernel's workgroup shape is fixed to, whatever the tuning says (the head kernels
@@ -200,6 +232,18 @@ def compose_source(spec: KernelSpec, subgroups: bool = False) -> str:
             name = "reduce_subgroup.wgsl"
         parts.append(f"// ---- {name} ----\n{shader_source(name)}")
     return "\n".join(parts)
+
+
+def bake_constants(source: str, values: dict) -> str:
+    """`source` with each `const NAME: u32 = <n>u;` line of `values` rewritten to its value
+    (KernelSpec.baked); every name must be declared exactly once."""
+    for name, value in sorted(values.items()):
+        pattern = re.compile(rf"^const {name}: u32 = \d+u;", re.M)
+        source, n = pattern.subn(f"const {name}: u32 = {int(value)}u;", source)
+        if n != 1:
+            raise KernelError(f"cannot bake constant {name}: the shader must declare "
+                              f"`const {name}: u32 = <n>u;` once (found {n})")
+    return source
 
 
 def _pack_value(spec_name: str, p: Param, v) -> int:
@@ -277,9 +321,72 @@ def gemm_tile_rows(gemm: "Kernel") -> int:
     return dict(gemm.constants)["ROWS"]
 
 
-def gemm_grid(tiles: int, T: int) -> tuple[int, int, int]:
-    """Workgroups of a gemm dispatch: `tiles` row tiles (matmul_params) x token tiles of T."""
-    return (tiles, -(-T // GEMM_TOKENS), 1)
+def gemm_tile_tokens(gemm: "Kernel") -> int:
+    """Tokens per output tile of a built gemm or gemm_sgmat pipeline."""
+    return dict(gemm.constants).get("TOKENS", GEMM_TOKENS)
+
+
+def gemm_grid(tiles: int, T: int, tokens: int = GEMM_TOKENS) -> tuple[int, int, int]:
+    """Workgroups of a gemm (or gemm_sgmat) dispatch: `tiles` row tiles (matmul_params) x token
+    tiles of T (`tokens` per tile: gemm_tile_tokens of the pipeline)."""
+    return (tiles, -(-T // tokens), 1)
+
+
+# --- the subgroup-matrix GEMM: which adapter config, which tile --------------------------------
+
+
+def sgmat_configs(configs, subgroup_size: int = 0) -> list[tuple[int, int, int]]:
+    """(M, N, K) of the subgroup-matrix configs gemm_sgmat can run, from GPU.subgroup_matrix_configs
+    (Dawn's adapter properties: dicts with m, n, k, component_type, result_component_type and
+    min/max_subgroup_size; upper-case M, N, K accepted too): f16 operands, f32 results, K dividing
+    the staged step SGMAT_TK, and (where the config says) `subgroup_size` in its range."""
+    found = set()
+    for c in configs or ():
+        def get(key, default=None):
+            return c.get(key, c.get(key.upper(), default))
+        if str(get("component_type", "")).lower() != "f16" or str(get("result_component_type", "")).lower() != "f32":
+            continue
+        m, n, k = (int(get(key, 0)) for key in ("m", "n", "k"))
+        if min(m, n, k) <= 0 or SGMAT_TK % k:
+            continue
+        lo, hi = get("min_subgroup_size", 0) or 0, get("max_subgroup_size", 0) or 0
+        if subgroup_size and ((lo and subgroup_size < lo) or (hi and subgroup_size > hi)):
+            continue
+        found.add((m, n, k))
+    return sorted(found)
+
+
+def choose_sgmat_config(configs, subgroup_size: int = 0, m: int = 0, n: int = 0,
+                        k: int = 0) -> tuple[int, int, int] | None:
+    """The config gemm_sgmat uses (None: none fits): among sgmat_configs, those matching the
+    non-zero m, n, k asked for, the one doing the most multiply-adds per matrix instruction
+    (M N K), then the widest result (M N): fewer loads and instructions per output."""
+    usable = [c for c in sgmat_configs(configs, subgroup_size)
+              if all(want in (0, got) for want, got in zip((m, n, k), c))]
+    return max(usable, key=lambda c: (c[0] * c[1] * c[2], c[0] * c[1], c[1]), default=None)
+
+
+def sgmat_workgroup_bytes(tokens: int, rows: int, m: int, n: int) -> int:
+    """Workgroup memory of a gemm_sgmat pipeline: f16 X and W tiles of SGMAT_TK + 8 halves per
+    row, one f32 result matrix per subgroup, the per-subgroup maxima and the step's shift."""
+    sgs = SGMAT_SUBGROUPS[0] * SGMAT_SUBGROUPS[1]
+    return 2 * (tokens + rows) * (SGMAT_TK + 8) + 4 * sgs * m * n + 8 * sgs + 4
+
+
+def sgmat_tile_problem(config: tuple[int, int, int], tokens: int, rows: int, wg_bytes: int) -> str:
+    """Why a (tokens x rows) gemm_sgmat tile cannot run with `config` ("" when it can)."""
+    m, n, _ = config
+    st, sr = SGMAT_SUBGROUPS
+    if tokens % (st * m) or rows % (sr * n):
+        return (f"a {tokens} x {rows} tile does not split into {st} x {sr} subgroups of {m} x {n} "
+                "result matrices")
+    if (tokens // (st * m)) * (rows // (sr * n)) > SGMAT_MAX_MATRICES:
+        return (f"a {tokens} x {rows} tile gives each subgroup more than {SGMAT_MAX_MATRICES} "
+                f"{m} x {n} result matrices")
+    need = sgmat_workgroup_bytes(tokens, rows, m, n)
+    if need > wg_bytes:
+        return f"a {tokens} x {rows} tile needs {need} bytes of workgroup memory, this device has {wg_bytes}"
+    return ""
 
 
 def wkv_prefill_grid(kernel: "Kernel", C: int) -> tuple[int, int, int]:
@@ -401,6 +508,15 @@ class Tuning:
     # at most the subgroup size) and state rows per workgroup (<= 64, 16 <= rows x lanes <= 256)
     wkv_lanes: int = 4
     wkv_rows: int = 32
+    # Prefill GEMMs on the matrix units (gemm_sgmat) instead of gemm (the native path with an f16 x
+    # f16 -> f32 subgroup-matrix config; default SGMAT_BY_DEFAULT); sgmat_m/n/k is the adapter's
+    # config it would use (0: none), the tile sgmat_tokens x sgmat_rows (SGMAT_TILES).
+    gemm_sgmat: bool = False
+    sgmat_m: int = 0
+    sgmat_n: int = 0
+    sgmat_k: int = 0
+    sgmat_tokens: int = 64
+    sgmat_rows: int = 64
 
     def as_record(self) -> dict:
         return dict(self.__dict__)
@@ -430,6 +546,12 @@ def choose_tuning(gpu, path: str, overrides: str = "") -> Tuning:
     8 x 16 and 16 x 8, 0.44 at 1 x 64 (wkv_fused: 1.60); 32 rows (the head's vectors staged
     once for twice the rows) led at T = 64 too. wkv_lanes is lowered to the subgroup size where
     that is smaller (8 on lavapipe).
+
+    Prefill GEMMs can run on the matrix units (gemm_sgmat: f16 tiles, f32 accumulation) wherever
+    the native path has an f16 x f16 -> f32 subgroup-matrix config (Dawn's adapter properties; the
+    config with the most multiply-adds per instruction, choose_sgmat_config), in 64 x 64 tiles:
+    "gemm_sgmat=1" (not the default yet: SGMAT_BY_DEFAULT says why), "sgmat_n=8" or
+    "sgmat_tokens=128" pick another config or tile.
 
     `overrides` (Options.tuning, which $RWKVLAB_TUNING can fill) changes fields for
     experiments, e.g. "matvec_wg=256,matvec_red=64,matvec_unroll=1,matvec_rows=4,
@@ -469,7 +591,16 @@ def choose_tuning(gpu, path: str, overrides: str = "") -> Tuning:
                         argmax_wg=256, subgroups=subgroups, subgroup_size=sg, wkv_wg=256,
                         matvec_rows=2, matvec_pieces=4, matvec_rows_from=4096, **gemm)
     tuning = replace(tuning, trusted=path == "native")
+    # Matrix units (subgroup matrices, Dawn): the shape comes from the adapter's own list
+    # (choose_sgmat_config) where the native path offers an f16 x f16 -> f32 config; used by
+    # default when SGMAT_BY_DEFAULT, else with "gemm_sgmat=1".
+    configs = sgmat_adapter_configs(gpu, path, sg)
+    config = choose_sgmat_config(configs, sg)
+    if config is not None:
+        tuning = replace(tuning, gemm_sgmat=SGMAT_BY_DEFAULT, sgmat_m=config[0], sgmat_n=config[1],
+                         sgmat_k=config[2])
     tuning = _tuning_overrides(tuning, overrides)
+    tuning = _sgmat_tuning(tuning, configs, overrides, wg_bytes)
     if subgroups and tuning.wkv_lanes > sg:  # a row's lanes must share a subgroup
         lanes = sg
         tuning = replace(tuning, wkv_lanes=lanes, wkv_rows=min(64, max(tuning.wkv_rows, 16 // lanes)))
@@ -477,6 +608,39 @@ def choose_tuning(gpu, path: str, overrides: str = "") -> Tuning:
     if need > wg_bytes:
         raise KernelError(f"tuning: gemm_rows={tuning.gemm_rows}, gemm_k={tuning.gemm_k} "
                           f"needs {need} bytes of workgroup memory, this device has {wg_bytes}")
+    return tuning
+
+
+def sgmat_adapter_configs(gpu, path: str, subgroup_size: int) -> tuple:
+    """The adapter's subgroup-matrix configs where gemm_sgmat can use them: the native path of a
+    device made with subgroup matrices, f16 and subgroups (else none)."""
+    if path != "native" or not subgroup_size or not (gpu.has("subgroup-matrix") and gpu.has("shader-f16")):
+        return ()
+    return tuple(getattr(gpu, "subgroup_matrix_configs", ()) or ())
+
+
+def _sgmat_tuning(tuning: Tuning, configs, overrides: str, wg_bytes: int) -> Tuning:
+    """Check the gemm_sgmat fields after overrides: the config named (sgmat_m/n/k given in the
+    overrides are constraints, the rest is chosen again) must be one the adapter reports and the
+    tile must fit it; gemm_sgmat=1 where there is none is refused, naming what exists."""
+    from dataclasses import replace
+
+    if not tuning.gemm_sgmat:
+        return tuning
+    named = {item.partition("=")[0] for item in normalize_tuning(overrides).split(",") if item}
+    asked = {f: getattr(tuning, f"sgmat_{f}") for f in "mnk" if f"sgmat_{f}" in named}
+    config = choose_sgmat_config(configs, tuning.subgroup_size, **asked)
+    if config is None:
+        have = ", ".join("x".join(map(str, c)) for c in sgmat_configs(configs, tuning.subgroup_size)) or "none"
+        raise KernelError(f"tuning: gemm_sgmat=1 needs an f16 x f16 -> f32 subgroup-matrix config (the "
+                          f"native path of the dawn runtime, on an adapter that reports one)"
+                          + (f" with {', '.join(f'sgmat_{f}={v}' for f, v in asked.items())}" if asked else "")
+                          + f"; this device's usable configs (M x N x K): {have}; use gemm_sgmat=0")
+    tuning = replace(tuning, sgmat_m=config[0], sgmat_n=config[1], sgmat_k=config[2])
+    problem = sgmat_tile_problem(config, tuning.sgmat_tokens, tuning.sgmat_rows, wg_bytes)
+    if problem:
+        raise KernelError(f"tuning: sgmat_tokens={tuning.sgmat_tokens}, sgmat_rows={tuning.sgmat_rows} with "
+                          f"the {'x'.join(map(str, config))} config: {problem}")
     return tuning
 
 
@@ -493,7 +657,7 @@ def _tuning_overrides(tuning: Tuning, text: str) -> Tuning:
     changes: dict[str, int | bool] = {}
     for item in filter(None, text.split(",")):
         name, _, value = item.partition("=")
-        changes[name] = value == "1" if name == "trusted" else int(value)
+        changes[name] = value == "1" if name in TUNING_FLAGS else int(value)
     tuning = replace(tuning, **changes)
     if (tuning.matvec_red > tuning.matvec_wg or tuning.matvec_unroll > 4 or tuning.matvec_rows > 4
             or tuning.wkv_wg < 64
@@ -590,12 +754,16 @@ class Kernels:
         self._pipelines: dict[tuple, Kernel] = {}
         self._started: list[Kernel] = []  # every pipeline build, in the order asked for (wait)
 
-    def _module(self, spec: KernelSpec):
-        key = f"{spec.file}:{'+'.join(spec.libs)}"
+    def _module(self, spec: KernelSpec, baked: dict | None = None):
+        baked = baked or {}
+        key = f"{spec.file}:{'+'.join(spec.libs)}:{sorted(baked.items())}"
         if key not in self._modules:
             code = compose_source(spec, self.tuning.subgroups)
-            if self.tuning.subgroups:
-                code = gpu_runtime.shader_preamble(self.gpu, "subgroups") + code
+            if baked:
+                code = bake_constants(code, baked)
+            extensions = tuple(dict.fromkeys(spec.extensions + (("subgroups",) if self.tuning.subgroups else ())))
+            if extensions:
+                code = gpu_runtime.shader_preamble(self.gpu, *extensions) + code
             try:
                 self._modules[key] = gpu_runtime.shader_module(self.gpu, spec.file, code, self.tuning.trusted)
             except Exception as e:  # wgpu raises GPUValidationError with Naga's report
@@ -629,6 +797,9 @@ class Kernels:
             "shift_mix": {"WG": t.shift_wg},
             "argmax": {"WG": t.argmax_wg},
             "gemm": {"ROWS": t.gemm_rows, "TK": t.gemm_k},
+            "gemm_sgmat": {"SM": t.sgmat_m, "SN": t.sgmat_n, "SK": t.sgmat_k, "TOKENS": t.sgmat_tokens,
+                           "ROWS": t.sgmat_rows,
+                           "WG": SGMAT_SUBGROUPS[0] * SGMAT_SUBGROUPS[1] * t.subgroup_size},
             "wkv": {"WG": t.wkv_wg},
             "wkv_fused": {"WG": t.wkv_wg},
             "wkv_prefill": {"WG": t.wkv_rows * t.wkv_lanes, "LANES": t.wkv_lanes},
@@ -647,6 +818,18 @@ class Kernels:
         if spec.name in NEEDS_SUBGROUPS and not t.subgroups:
             raise KernelError(f"kernel {spec.name} uses subgroup operations: it runs on the native "
                               "path of an adapter with subgroups only")
+        if spec.name in NEEDS_SUBGROUP_MATRIX:
+            configs = sgmat_adapter_configs(self.gpu, "native", t.subgroup_size)
+            config = (consts["SM"], consts["SN"], consts["SK"])
+            if config not in sgmat_configs(configs, t.subgroup_size):
+                have = ", ".join("x".join(map(str, c)) for c in sgmat_configs(configs, t.subgroup_size)) or "none"
+                raise KernelError(f"kernel {spec.name} uses subgroup matrices: it needs an f16 x f16 -> f32 "
+                                  f"config of the adapter (the dawn runtime's native path); asked for "
+                                  f"{'x'.join(map(str, config))}, this device has: {have}")
+            wg_bytes = int(self.gpu.limits.get("max-compute-workgroup-storage-size", 16384))
+            problem = sgmat_tile_problem(config, consts["TOKENS"], consts["ROWS"], wg_bytes)
+            if problem:
+                raise KernelError(f"kernel {spec.name}: {problem}")
         if spec.name == WKV_PREFILL.name:
             wg, lanes = consts["WG"], consts["LANES"]
             if not (lanes in WKV_PREFILL_LANES and lanes <= t.subgroup_size and 16 <= wg <= 256
@@ -669,9 +852,10 @@ class Kernels:
         cached = self._pipelines.get(key)
         if cached is None or cached.build.failed:
             _, pipeline_layout = self.layouts(spec)
-            # wgpu takes override constants as numbers (bools as 0/1).
-            wgpu_consts = {k: (int(v) if isinstance(v, bool) else v) for k, v in consts.items()}
-            module = self._module(spec)
+            # wgpu takes override constants as numbers (bools as 0/1); baked ones are in the module.
+            wgpu_consts = {k: (int(v) if isinstance(v, bool) else v) for k, v in consts.items()
+                           if k not in spec.baked}
+            module = self._module(spec, {k: v for k, v in consts.items() if k in spec.baked})
             try:
                 build = gpu_runtime.compute_pipeline(self.gpu, label=f"{spec.name}{dict(consts)}",
                                                      layout=pipeline_layout, module=module,

@@ -58,9 +58,13 @@ DEFAULT_FUSIONS = frozenset(FUSIONS) - {"lora"}
 # picks for the device class. Sizes are powers of two, counts any integer >= 0; kernels checks
 # how they combine (e.g. matvec_red <= matvec_wg) when it builds the device's tuning.
 TUNING_SIZES = ("argmax_wg", "gemm_k", "gemm_rows", "matvec_red", "matvec_rows", "matvec_unroll",
-                "matvec_wg", "norm_wg", "shift_wg", "wkv_lanes", "wkv_rows", "wkv_wg")
+                "matvec_wg", "norm_wg", "sgmat_k", "sgmat_m", "sgmat_n", "sgmat_rows", "sgmat_tokens",
+                "shift_wg", "wkv_lanes", "wkv_rows", "wkv_wg")
 TUNING_COUNTS = ("matvec_pieces", "matvec_rows_from")
-TUNING_FLAGS = ("trusted",)  # 0 or 1
+# 0 or 1: trusted (shader modules without runtime checks), gemm_sgmat (prefill GEMMs on the
+# matrix units through subgroup matrices, where the adapter has them; off by default for now,
+# rwkvlab.kernels.SGMAT_BY_DEFAULT)
+TUNING_FLAGS = ("gemm_sgmat", "trusted")
 # One way to set Options.tuning without touching code: it fills an empty tuning when options
 # are resolved (rwkvlab.gpu.resolve_options), so a run under it records the overrides it ran.
 TUNING_ENV = "RWKVLAB_TUNING"
@@ -91,7 +95,8 @@ class Options:
     fusions:  names of kernel-plan rewrites to apply (:data:`FUSIONS`); default: the fastest
               correct set measured (:data:`DEFAULT_FUSIONS`).
     tuning:   kernel-shape overrides, ``"name=value,..."`` (:data:`TUNING_SIZES`,
-              :data:`TUNING_COUNTS`, ``trusted=0|1``), on top of the device class's own shapes;
+              :data:`TUNING_COUNTS`, :data:`TUNING_FLAGS` ``=0|1``), on top of the device
+              class's own shapes (``gemm_sgmat=1``: prefill GEMMs on the matrix units);
               ``""`` = the device's own (or ``$RWKVLAB_TUNING``, folded in at resolution).
               Kept sorted by name, so equal overrides are equal text.
     Defaults: the fastest correct configuration measured on an H100 (README, "Speed on a real
@@ -207,7 +212,7 @@ def normalize_tuning(text: str) -> str:
         if not eq or not ok:
             raise OptionsError(
                 f"tuning {item!r} is not <field>=<power of two> with field one of {', '.join(TUNING_SIZES)}, "
-                f"nor {' or '.join(TUNING_COUNTS)}=<count>, nor trusted=0|1")
+                f"nor {' or '.join(TUNING_COUNTS)}=<count>, nor {'|'.join(TUNING_FLAGS)}=0|1")
         values[name] = str(int(value))
     return ",".join(f"{k}={values[k]}" for k in sorted(values))
 
@@ -257,7 +262,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"fewest tokens a chunk needs for GEMM instead of mat-vec (default: {d.gemm_min_tokens})")
     parser.add_argument("--tuning", default=d.tuning,
                         help="kernel-shape overrides, e.g. 'matvec_rows=4,wkv_wg=512' (fields: "
-                        f"{', '.join(TUNING_SIZES + TUNING_COUNTS)}, trusted=0|1); empty = the device's own, "
+                        f"{', '.join(TUNING_SIZES + TUNING_COUNTS)}, {', '.join(TUNING_FLAGS)}=0|1); "
+                        "empty = the device's own, "
                         f"or ${TUNING_ENV} where set; the run records what it used")
 
 

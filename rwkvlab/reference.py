@@ -42,6 +42,13 @@ def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float)
     return (x - mean) / np.sqrt(var + eps) * weight + bias
 
 
+def _layer_norm_rows(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    """_layer_norm of every row of x [T, C]."""
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * weight + bias
+
+
 @dataclass
 class _Layer:
     """One block's weights in float64, named as in the math (matrices are used as W @ x)."""
@@ -204,6 +211,59 @@ class Reference:
             x = self._channel_mix(i, x)
         return self.head @ _layer_norm(x, self.out_norm_w, self.out_norm_b, self.spec.eps)
 
+    # --- a whole prompt at once (the same math; bench's check on big models) ---------------------
+
+    def _chunk(self, tokens: list[int]) -> np.ndarray:
+        """_forward for T tokens at once, block by block: each matrix product is one [T, K] x
+        [K, M] product instead of T matrix-vector products (a 2.9B model's 512-token prompt takes
+        seconds, not minutes: the weights are read once per block, not once per token). The
+        token shift takes the previous row, the wkv state still runs token by token (over all
+        heads at once). The same operations as _time_mix / _channel_mix, row by row; the last
+        token's logits, the state as the token loop leaves it."""
+        s = self.spec
+        H, N, T = s.n_head, s.head_size, len(tokens)
+        for t in tokens:
+            if not 0 <= int(t) < s.n_vocab:
+                raise ValueError(f"token id {t} is outside the vocab (0..{s.n_vocab - 1})")
+        x = _layer_norm_rows(self.emb[np.asarray(tokens, dtype=np.int64)], self.emb_norm_w, self.emb_norm_b, s.eps)
+        v_first = None
+        for i, p in enumerate(self.layers):
+            xa = _layer_norm_rows(x, p.attn_norm_w, p.attn_norm_b, s.eps)
+            sx = np.vstack([self.att_prev[i][None], xa[:-1]]) - xa
+            self.att_prev[i] = xa[-1]
+            x_r, x_w, x_k, x_v, x_a, x_g = (xa + sx * p.lerp[j] for j in range(6))
+            r, k, v = x_r @ p.wr.T, x_k @ p.wk.T, x_v @ p.wv.T
+            w = np.exp(-DECAY_SCALE * _sigmoid(p.w0 + np.tanh(x_w @ p.w1.T) @ p.w2.T))
+            if i == 0:
+                v_first = v
+            else:
+                v = v + (v_first - v) * _sigmoid(p.v0 + (x_v @ p.v1.T) @ p.v2.T)
+            a = _sigmoid(p.a0 + (x_a @ p.a1.T) @ p.a2.T)
+            g = _sigmoid(x_g @ p.g1.T) @ p.g2.T
+            kk = (k * p.k_k).reshape(T, H, N)
+            kk = kk / np.maximum(np.linalg.norm(kk, axis=2, keepdims=True), L2_EPS)
+            k = k * (1.0 + (a - 1.0) * p.k_a)
+            r_h, k_h, v_h, w_h, a_h = (m.reshape(T, H, N) for m in (r, k, v, w, a))
+            y = np.empty((T, H, N))
+            S = self.wkv[i]  # [H, value i, key j]
+            for t in range(T):
+                sa = np.einsum("hij,hj->hi", S, -kk[t])
+                S = (S * w_h[t][:, None, :] + v_h[t][:, :, None] * k_h[t][:, None, :]
+                     + sa[:, :, None] * (kk[t] * a_h[t])[:, None, :])
+                y[t] = np.einsum("hij,hj->hi", S, r_h[t])
+            self.wkv[i] = S
+            mean = y.mean(axis=2, keepdims=True)
+            var = ((y - mean) ** 2).mean(axis=2, keepdims=True)
+            y = ((y - mean) / np.sqrt(var + GROUP_NORM_EPS)).reshape(T, -1) * p.ln_x_w + p.ln_x_b
+            y = y + ((r_h * k_h * p.r_k).sum(axis=2, keepdims=True) * v_h).reshape(T, -1)
+            x = x + (y * g) @ p.wo.T
+
+            xf = _layer_norm_rows(x, p.ffn_norm_w, p.ffn_norm_b, s.eps)
+            sx = np.vstack([self.ffn_prev[i][None], xf[:-1]]) - xf
+            self.ffn_prev[i] = xf[-1]
+            x = x + (np.maximum((xf + sx * p.ffn_lerp_k) @ p.ffn_key.T, 0.0) ** 2) @ p.ffn_value.T
+        return self.head @ _layer_norm(x[-1], self.out_norm_w, self.out_norm_b, s.eps)
+
     # --- public API ----------------------------------------------------------------------------
 
     def step(self, token: int) -> np.ndarray:
@@ -225,6 +285,14 @@ class Reference:
         for t in tokens[:-1]:
             self._forward(t)
         return self.step(tokens[-1])
+
+    def prefill_chunk(self, tokens: Iterable[int]) -> np.ndarray:
+        """prefill, with the whole prompt's matrix products batched (_chunk): the same logits
+        to float64 rounding (tests compare them), far faster on big models."""
+        tokens = list(tokens)
+        if not tokens:
+            raise ValueError("prefill needs at least one token")
+        return self._chunk(tokens).astype(np.float32)
 
     def generate(self, prompt_tokens: Iterable[int], n: int) -> list[int]:
         """Greedy: prefill the prompt (continuing from the current state), then n new tokens.

@@ -198,6 +198,8 @@ def test_tolerance_follows_the_weights_on_the_gpu():
     assert logit_tolerance(stored, dict(stored)) == FILE_FORMAT_TOLERANCE == 1e-3
     # one matrix rounded to f16 at load
     assert logit_tolerance(stored, {**stored, "b": "F16"}) == F16_AT_LOAD_TOLERANCE == 0.05
+    # prefill GEMMs on the matrix units (gemm_sgmat) round their inputs to f16 as they stage them
+    assert logit_tolerance(stored, dict(stored), f16_products=True) == F16_AT_LOAD_TOLERANCE
 
 
 def test_settings_are_checked():

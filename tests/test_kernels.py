@@ -108,7 +108,10 @@ def test_spec_matches_wgsl(name):
     # Override constants the spec sets must be declared by the composed source.
     src = kn.compose_source(spec)
     for const in spec.constants:
-        assert re.search(rf"override\s+{const}\b", src), f"{name}: no override {const}"
+        if const in spec.baked:  # written into the source: a `const` line kernels.bake_constants rewrites
+            assert re.search(rf"^const {const}: u32 = \d+u;", src, re.M), f"{name}: no const {const}"
+        else:
+            assert re.search(rf"override\s+{const}\b", src), f"{name}: no override {const}"
 
 
 def test_family_files_share_libraries():
@@ -174,8 +177,13 @@ def test_wheel_builds_without_warnings_and_ships_data(tmp_path):
 
 def test_every_kernel_compiles(kernels):
     """Every kernel builds; one that uses subgroup operations is refused, by name, on a path
-    without them."""
+    without them, and one that uses subgroup matrices wherever the device has none (lavapipe:
+    tests/test_gemm_sgmat.py runs it emulated)."""
     for spec in kn.SPECS.values():
+        if spec.name in kn.NEEDS_SUBGROUP_MATRIX and not kernels.tuning.gemm_sgmat:
+            with pytest.raises(kn.KernelError, match=f"{spec.name} uses subgroup"):
+                kernels.kernel(spec)
+            continue
         if spec.name in kn.NEEDS_SUBGROUPS and not kernels.tuning.subgroups:
             with pytest.raises(kn.KernelError, match=f"{spec.name} uses subgroup operations"):
                 kernels.kernel(spec)

@@ -66,6 +66,24 @@ def test_step_prefill_and_logits_agree(f32):
     np.testing.assert_array_equal(ref.prefill(FIXTURE_TOKENS), all_rows[-1])
 
 
+@pytest.mark.parametrize("fmt", ["f32", "Q4_K_M"])
+def test_prefill_chunk_equals_the_token_loop(fixtures_dir, fmt):
+    """prefill_chunk (batched matrix products, the state token by token) gives the token loop's
+    logits and state to float64 rounding, from a fresh state and continuing from one."""
+    ref = Reference(read_model(fixtures_dir / f"tiny-{fmt}.gguf"))
+    want_mid = ref.prefill(FIXTURE_TOKENS[:9])
+    want = ref.prefill(FIXTURE_TOKENS[9:])
+    state = (ref.att_prev.copy(), ref.ffn_prev.copy(), ref.wkv.copy())
+    ref.reset()
+    np.testing.assert_allclose(ref.prefill_chunk(FIXTURE_TOKENS[:9]), want_mid, rtol=0, atol=1e-5)
+    got = ref.prefill_chunk(FIXTURE_TOKENS[9:])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)  # float32 results of equal float64 sums
+    for a, b in zip((ref.att_prev, ref.ffn_prev, ref.wkv), state):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="outside the vocab"):
+        ref.prefill_chunk([0, 5000])
+
+
 def test_logits_continue_from_the_state(f32):
     model, _ = f32
     ref = Reference(model)
