@@ -644,14 +644,14 @@ class Engine:
                 rows=seg.rows, K=p.mat.K, row_words=p.mat.row_words, w_base=seg.w_base,
                 x_off=p.x_off, y_off=p.y_off + seg.row0, y_stride=p.y_stride, act=p.act,
                 bias=None if p.bias is None else self._vec_floats(p.bias) + seg.row0,
-                accum=p.accum, fmt=p.mat.fmt) for p, seg in items]
+                accum=p.accum, fmt=p.mat.fmt, matrix_rows=p.mat.M) for p, seg in items]
             fmt = kn.matmul_fmt(table)
             matvec = k.kernel(kn.MATVEC, FMT=fmt)
             if self._one_row_per_group(table):
                 matvec = k.kernel(kn.MATVEC, FMT=fmt, NR=1)
             # prefill tiles on the matrix units where the tuning says so (Tuning.gemm_sgmat)
             gemm = k.kernel(kn.GEMM_SGMAT if k.tuning.gemm_sgmat else kn.GEMM, FMT=fmt)
-            shape = kn.MatvecShape.of(matvec, k.tuning.matvec_pieces)
+            shape = kn.MatvecShape.of(matvec, k.tuning)
             params, wgs, tiles = kn.matmul_params(table, shape, kn.gemm_tile_rows(gemm))
             res = dict(W=seg0.buffer, X=p0.x, B=self.vecs, Y=p0.y)
             bg = k.bind(kn.MATVEC, self.run, params, res, label=label)
@@ -823,7 +823,7 @@ class Engine:
         assert all(d.x is d0.x and u.y is u0.y for d, u in pairs)
         kernel = k.kernel(kn.LORA, FMT=kn.matmul_fmt([s for pr in table for s in pr]))
         params, wgs = kn.lora_params(table, dict(kernel.constants)["LROWS"],
-                                     kn.MatvecShape.of(kernel, k.tuning.matvec_pieces))
+                                     kn.MatvecShape.of(kernel, k.tuning))
         bg = k.bind(kn.LORA, self.run, params,
                     dict(W=d0.mat.segments[0].buffer, X=d0.x, B=self.vecs, Y=u0.y), label=label)
         return _Op(label, lambda T: [Dispatch(kernel, bg, (wgs, T, 1), label)])

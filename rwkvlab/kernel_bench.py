@@ -221,7 +221,7 @@ class _Bench:
         seg = kn.MatSegment(rows=M, K=K, row_words=kn.row_words(fmt, K), w_base=0, x_off=0,
                             y_off=0, y_stride=M, fmt=fmt)
         self.kernel = kernels.kernel(kn.MATVEC, FMT=kn.matmul_fmt([seg]))
-        shape = kn.MatvecShape.of(self.kernel, kernels.tuning.matvec_pieces)
+        shape = kn.MatvecShape.of(self.kernel, kernels.tuning)
         self.red, self.nr = shape.red_for(seg), shape.rows
         params, self.groups, _ = kn.matmul_params([seg], shape)
         self.bind_groups = [

@@ -303,6 +303,7 @@ class MatSegment:
     bias: int | None = None  # first float of the bias in the B binding
     accum: bool = False
     fmt: str = "F32"  # read by FMT_PER_SEGMENT pipelines; others use their FMT constant
+    matrix_rows: int = 0  # rows of the whole matrix this segment is part of (0: `rows`)
 
 
 def matmul_fmt(segments: list[MatSegment]) -> int:
@@ -413,21 +414,36 @@ class MatvecShape:
     red: int  # most lanes per row (RED, the pipeline's widest group)
     rows: int = 1  # rows per group of lanes (NR)
     pieces: int = 0  # fewest pieces per lane wanted (Tuning.matvec_pieces); 0: every segment takes `red`
+    wide_pieces: int = 0  # the same for matrices of at least `wide_from` rows (0: `pieces`)
+    wide_from: int = 0
 
     @classmethod
-    def of(cls, kernel: "Kernel", pieces: int = 0) -> "MatvecShape":
-        """The shape of a built matvec / lora pipeline (its WG, RED and NR constants)."""
+    def of(cls, kernel: "Kernel", tuning: "Tuning | None" = None) -> "MatvecShape":
+        """The shape of a built matvec / lora pipeline (its WG, RED and NR constants) with the
+        tuning's pieces per lane (none without a tuning)."""
         c = dict(kernel.constants)
-        return cls(wg=c["WG"], red=c["RED"], rows=c["NR"], pieces=pieces)
+        t = tuning
+        return cls(wg=c["WG"], red=c["RED"], rows=c["NR"], pieces=t.matvec_pieces if t else 0,
+                   wide_pieces=t.matvec_wide_pieces if t else 0, wide_from=t.matvec_wide_from if t else 0)
+
+    def pieces_for(self, seg: MatSegment) -> int:
+        """Fewest pieces per lane for a segment: `wide_pieces` where its whole matrix has at
+        least `wide_from` rows (the head: 65536 rows keep every SM busy with fewer, longer
+        lanes), else `pieces`. Chosen from the matrix, not the segment, so a matrix split over
+        buffers sums like a whole one."""
+        if self.wide_pieces and self.wide_from and (seg.matrix_rows or seg.rows) >= self.wide_from:
+            return self.wide_pieces
+        return self.pieces
 
     def red_for(self, seg: MatSegment) -> int:
-        """Lanes per row for a segment: `red`, halved while a lane would get fewer than `pieces`
-        pieces of a row (a K-quant row of K = 2560 has 40: 8 lanes get 5 each, where 32 lanes
-        would leave most with one piece and a reduction to pay for it)."""
+        """Lanes per row for a segment: `red`, halved while a lane would get fewer than
+        pieces_for(seg) pieces of a row (a K-quant row of K = 2560 has 40: 8 lanes get 5 each,
+        where 32 lanes would leave most with one piece and a reduction to pay for it)."""
         red = self.red
-        if self.pieces:
+        pieces = self.pieces_for(seg)
+        if pieces:
             n = -(-seg.K // PIECE_ELEMS[seg.fmt])
-            while red > 1 and n < red * self.pieces:
+            while red > 1 and n < red * pieces:
                 red //= 2
         return red
 
@@ -504,6 +520,8 @@ class Tuning:
     #                         until its threads get that many (MatvecShape.red_for); 0 = off
     matvec_rows_from: int = 0  # mat-vec dispatches with fewer rows than this (and all lanes on
     #                            each row) use one row per group: more workgroups; 0 = none do
+    matvec_wide_pieces: int = 0  # matvec_pieces for matrices of at least matvec_wide_from rows
+    matvec_wide_from: int = 32768  # (the head); 0 pieces = matvec_pieces for them too
     # wkv_prefill (prefill chunks on the native path): lanes of a subgroup per state row (1..16,
     # at most the subgroup size) and state rows per workgroup (<= 64, 16 <= rows x lanes <= 256)
     wkv_lanes: int = 4
@@ -586,10 +604,14 @@ def choose_tuning(gpu, path: str, overrides: str = "") -> Tuning:
         # and 128 threads per workgroup: with 2 rows per group that is 8 to 32 rows per
         # workgroup, so a 2560-row matrix still makes 80 or more workgroups for 132 SMs and the
         # 10240-row ones several per SM. matvec_rows=4 halves x traffic again but halves the
-        # workgroups; the lead sweeps both (rwkvlab.kernel_bench --tunings).
+        # workgroups; the lead sweeps both (rwkvlab.kernel_bench --tunings). The head (65536
+        # rows, matvec_wide_from) has workgroups to spare: at 8 pieces per lane it streamed 2-3x
+        # faster on an H200 (kernel_bench: F16 1396 -> 4158 GB/s, Q8_0 -> 2.97 TB/s, Q6_K 1298 ->
+        # 1494), where 8 pieces on every matrix lost generation (too few workgroups).
         tuning = Tuning(matvec_wg=128, matvec_red=32, matvec_unroll=2, norm_wg=256, shift_wg=64,
                         argmax_wg=256, subgroups=subgroups, subgroup_size=sg, wkv_wg=256,
-                        matvec_rows=2, matvec_pieces=4, matvec_rows_from=4096, **gemm)
+                        matvec_rows=2, matvec_pieces=4, matvec_rows_from=4096, matvec_wide_pieces=8,
+                        **gemm)
     tuning = replace(tuning, trusted=path == "native")
     # Matrix units (subgroup matrices, Dawn): the shape comes from the adapter's own list
     # (choose_sgmat_config) where the native path offers an f16 x f16 -> f32 config; used by

@@ -289,6 +289,28 @@ def test_matvec_lanes_per_row_policy():
         assert kn.MatvecShape(wg=64, red=64, pieces=1).red_for(seg(fmt, 256)) == min(64, 256 // elems)
 
 
+def test_wide_matrices_take_their_own_pieces_per_lane_by_whole_matrix():
+    """matvec_wide_pieces applies to matrices of at least matvec_wide_from rows (the head),
+    judged by the whole matrix, so a head split over buffers sums like a whole one; GPUs
+    default to 8 (kernel_bench on an H200), CPU adapters leave it off."""
+    def seg(rows, matrix_rows=0):
+        return kn.MatSegment(rows=rows, K=2560, row_words=kn.row_words("Q8_0", 2560), w_base=0, x_off=0,
+                             y_off=0, y_stride=rows, fmt="Q8_0", matrix_rows=matrix_rows)
+
+    shape = kn.MatvecShape(wg=128, red=32, rows=2, pieces=4, wide_pieces=8, wide_from=32768)
+    assert shape.red_for(seg(2560)) == 32  # 160 pieces of 16: 32 lanes keep >= 4 each
+    assert shape.red_for(seg(65536)) == 16  # the head: >= 8 pieces per lane
+    assert shape.red_for(seg(20000, matrix_rows=65536)) == 16  # a part of a split head too
+    assert kn.MatvecShape(wg=128, red=32, rows=2, pieces=4, wide_pieces=0, wide_from=32768).red_for(
+        seg(65536)) == 32  # off: the head takes matvec_pieces like the rest
+    t = kn._tuning_overrides(kn.Tuning(matvec_wg=128, matvec_red=32, matvec_unroll=2, norm_wg=64, shift_wg=64,
+                                       argmax_wg=64, subgroups=False, subgroup_size=0),
+                             "matvec_wide_pieces=8,matvec_wide_from=50000")
+    assert (t.matvec_wide_pieces, t.matvec_wide_from) == (8, 50000)
+    assert kn.Tuning(matvec_wg=64, matvec_red=1, matvec_unroll=1, norm_wg=64, shift_wg=64, argmax_wg=64,
+                     subgroups=False, subgroup_size=0).matvec_wide_pieces == 0
+
+
 def test_pack_params_checks_names():
     data = kn.pack_params(kn.LAYERNORM, dict(C=256, last_only=1, eps=1e-5))
     words = np.frombuffer(data, np.uint32)
