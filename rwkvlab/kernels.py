@@ -604,14 +604,14 @@ def choose_tuning(gpu, path: str, overrides: str = "") -> Tuning:
         # and 128 threads per workgroup: with 2 rows per group that is 8 to 32 rows per
         # workgroup, so a 2560-row matrix still makes 80 or more workgroups for 132 SMs and the
         # 10240-row ones several per SM. matvec_rows=4 halves x traffic again but halves the
-        # workgroups; the lead sweeps both (rwkvlab.kernel_bench --tunings). The head (65536
-        # rows, matvec_wide_from) has workgroups to spare: at 8 pieces per lane it streamed 2-3x
-        # faster on an H200 (kernel_bench: F16 1396 -> 4158 GB/s, Q8_0 -> 2.97 TB/s, Q6_K 1298 ->
-        # 1494), where 8 pieces on every matrix lost generation (too few workgroups).
+        # workgroups; the lead sweeps both (rwkvlab.kernel_bench --tunings). The head alone at 8
+        # pieces per lane (matvec_wide_pieces=8) streamed 2-3x faster in kernel_bench on an H200
+        # (F16 1396 -> 4158 GB/s), but in the engine it changed nothing beyond noise (2.9B Q8_0
+        # 328.3 vs 327.4 tok/s, F16 307.9 vs 307.4, 0.1b 1336 vs 1359; history, d4ba46f), so it
+        # stays off: the head is ~6% of a 2.9B step's bytes.
         tuning = Tuning(matvec_wg=128, matvec_red=32, matvec_unroll=2, norm_wg=256, shift_wg=64,
                         argmax_wg=256, subgroups=subgroups, subgroup_size=sg, wkv_wg=256,
-                        matvec_rows=2, matvec_pieces=4, matvec_rows_from=4096, matvec_wide_pieces=8,
-                        **gemm)
+                        matvec_rows=2, matvec_pieces=4, matvec_rows_from=4096, **gemm)
     tuning = replace(tuning, trusted=path == "native")
     # Matrix units (subgroup matrices, Dawn): the shape comes from the adapter's own list
     # (choose_sgmat_config) where the native path offers an f16 x f16 -> f32 config; used by
