@@ -1,6 +1,6 @@
 """The README's speed table, made from the history: ``rwkvlab history --format speed-table``.
 
-One row per (GPU, model file, runtime, prompt length, generation length): the newest run of
+One row per (GPU, model file content, runtime, prompt length, generation length): the newest run of
 the *default options* (``Options()`` resolved on the adapter: default fusions, chunk and
 weights, the device's own tuning; any kernel path, since ``auto`` resolves per adapter), so the
 table shows what a user gets without flags. Beside generation tok/s, the weight bandwidth it
@@ -21,7 +21,7 @@ from rwkvlab.options import RUNTIMES, OptionsError, from_record
 # Peak memory bandwidth in bytes/s of the GPUs the lab has run on (vendor figures).
 PEAK_BANDWIDTH = {"NVIDIA H200": 4.8e12, "NVIDIA H100 80GB HBM3": 3.35e12}
 
-HEADER = ("| GPU | model | runtime | prompt / generated | generation tok/s | weights streamed | "
+HEADER = ("| GPU | run (model file) | runtime | prompt / generated | generation tok/s | weights streamed | "
           "prefill tok/s | load | output | logits | commit |")
 
 
@@ -37,14 +37,15 @@ def _is_default(options: object) -> bool:
 
 
 def speed_rows(df: pd.DataFrame, verdicts: pd.DataFrame) -> pd.DataFrame:
-    """The newest default-options run per (GPU, model, runtime, prompt, generated), with its
+    """The newest default-options run per (GPU, model content, runtime, prompt, generated), with its
     output verdict; sorted by GPU, model, prompt length and runtime (in RUNTIMES' order)."""
     runs = df.assign(output=verdicts["output"].to_numpy())
     runs = runs[runs["options"].map(_is_default) & runs["generation_tps"].notna()]
     if runs.empty:
         return runs
-    runs = runs.assign(runtime=runs["options"].map(lambda o: o.get("runtime", "wgpu-native")))
-    key = ["gpu", "model", "runtime", "prompt_tokens", "generate_tokens"]
+    runs = runs.assign(runtime=runs["options"].map(lambda o: o.get("runtime", "wgpu-native")),
+                       content=runs["fingerprint"].where(runs["fingerprint"].notna(), runs["model"]))
+    key = ["gpu", "content", "runtime", "prompt_tokens", "generate_tokens"]  # one file by content
     newest = runs.sort_values("timestamp", kind="stable").groupby(key, dropna=False, sort=False).tail(1)
     order = newest["runtime"].map(lambda r: RUNTIMES.index(r) if r in RUNTIMES else len(RUNTIMES))
     return (newest.assign(_order=order)
@@ -75,7 +76,7 @@ def speed_table(df: pd.DataFrame, verdicts: pd.DataFrame) -> str:
         error = r.get("logit_error")
         logits = "not checked" if error is None or pd.isna(error) else f"{float(error):.2g}"
         lines.append(
-            f"| {r['gpu']} | {r['model']} | {r['runtime']} | {_count(r['prompt_tokens'])} / "
+            f"| {r['gpu']} | {r['title']} ({r['model']}) | {r['runtime']} | {_count(r['prompt_tokens'])} / "
             f"{_count(r['generate_tokens'])} | **{r['generation_tps']:,.1f}** | {_bandwidth(r)} | "
             f"{r['prefill_tps']:,.0f} | {r['load_ms'] / 1000:.1f} s | {r['output']} | {logits} | {commit} |")
     if rows.empty:
