@@ -23,12 +23,21 @@ def fake_adapter(backend_type: str, adapter_type: str, compute: bool = True, dev
 
 @pytest.fixture
 def adapters(monkeypatch):
-    """Replace wgpu's adapter list with the list this fixture returns (filled by each test)."""
-    import wgpu
-
+    """Replace the runtimes' adapter scan with the list this fixture returns (filled by each test)."""
     found: list = []
-    monkeypatch.setattr(wgpu.gpu, "enumerate_adapters_sync", lambda: list(found))
+    monkeypatch.setattr(gpu, "_enumerate", lambda runtime: list(found))
     return found
+
+
+def test_only_the_gpu_module_imports_a_webgpu_runtime():
+    """One GPU runtime module: everything else reaches wgpu / wgpudawn through rwkvlab.gpu."""
+    import re
+    from pathlib import Path
+
+    package = Path(gpu.__file__).parent
+    pattern = re.compile(r"^\s*(import|from)\s+(wgpu|wgpudawn)\b", re.MULTILINE)
+    importers = sorted(p.name for p in package.rglob("*.py") if pattern.search(p.read_text()))
+    assert importers == ["gpu.py"]
 
 
 def test_vulkan_before_opengl_before_nothing(adapters):
