@@ -21,6 +21,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,10 +136,11 @@ def _align(n: int) -> int:
 
 # The phases of a load, in the order they start. Those of the calling thread follow one another
 # (their sum is Engine.load_seconds); "upload" and "pipelines" run beside them where the runtime
-# allows (see LoadPhases).
+# allows (see LoadPhases), "scan" always.
 LOAD_PHASES = {
     "adapter": "pick the adapter (once per process)",
-    "file": "open the GGUF file: header, tensor table, the NaN / Inf scan of the weights",
+    "file": "open the GGUF file: header, tensor table (memory-mapped)",
+    "scan": "the NaN / Inf scan of every float and quant scale (beside the calling thread)",
     "device": "make the device (once per process)",
     "tokenizer": "build the tokenizer from the file's vocab",
     "layout": "place the weights, make their buffers (empty) and the activations",
@@ -148,7 +150,7 @@ LOAD_PHASES = {
     "pipelines": "compile the pipelines, from the first started to the last ready (beside the calling thread)",
     "wait": "wait for the upload and the pipelines",
 }
-BACKGROUND_PHASES = ("upload", "pipelines")
+BACKGROUND_PHASES = ("upload", "pipelines", "scan")
 
 
 @dataclass
@@ -202,7 +204,7 @@ def load(path_or_preset: str | Path, options: Options | None = None, progress: b
     `split_bytes` (internal, for tests) lowers the size above which a matrix is split across
     several buffers by rows; the default is the device's max storage binding size.
     """
-    from rwkvlab.gguf import read_model
+    from rwkvlab.gguf import nonfinite_counts, read_model, warn_nonfinite
     from rwkvlab.gpu import gpu_for, resolve_options
     from rwkvlab.synth import resolve_model
 
@@ -211,12 +213,26 @@ def load(path_or_preset: str | Path, options: Options | None = None, progress: b
         options = resolve_options(options)
     with phases.phase("file"):
         path = resolve_model(path_or_preset)  # a file, or a preset name (f32, written on first use)
-        model = read_model(path)
-    with phases.phase("device"):
-        gpu = gpu_for(options)
-    engine = Engine(model, gpu, options, progress=progress, split_bytes=split_bytes, phases=phases)
+        model = read_model(path, check_values=False)
+    # The NaN / Inf scan reads every float and quant scale of the file (~0.8 s for 3 GB): it runs
+    # beside the rest of the load, and its warning (read_model's) comes before load returns.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rwkvlab-scan") as pool:
+        scan = pool.submit(_timed, nonfinite_counts, model.tensors)
+        with phases.phase("device"):
+            gpu = gpu_for(options)
+        engine = Engine(model, gpu, options, progress=progress, split_bytes=split_bytes, phases=phases)
+        bad, t0, t1 = scan.result()
+    phases.add("scan", t0, t1)
+    warn_nonfinite(path, model.tensors, bad, stacklevel=2)
     engine.load_seconds = time.perf_counter() - phases.start
     return engine
+
+
+def _timed(fn: Callable, *args) -> tuple[object, float, float]:
+    """fn(*args) with the perf_counter readings around it."""
+    t0 = time.perf_counter()
+    value = fn(*args)
+    return value, t0, time.perf_counter()
 
 
 def _gpu_format(ggml_type: str, policy: str) -> str:
@@ -283,7 +299,6 @@ def _prepared_in_threads(items: list, prepare: Callable, ahead: int | None = Non
     workers preparing the next slices overlap the main thread's write_buffer calls; `ahead`
     bounds the host memory held to that many slices (UPLOAD_SLICE bytes each)."""
     import os
-    from concurrent.futures import ThreadPoolExecutor
 
     workers = max(1, min(8, (os.cpu_count() or 1) - 1))
     ahead = ahead or workers + 2

@@ -714,8 +714,14 @@ def count_nonfinite(t: Tensor) -> int:
     return bad
 
 
-def _warn_nonfinite(path: Path, tensors: dict[str, Tensor]) -> None:
-    bad = {name: n for name, t in tensors.items() if (n := count_nonfinite(t))}
+def nonfinite_counts(tensors: dict[str, Tensor]) -> dict[str, int]:
+    """Tensor name -> how many NaN / Inf values (or block scales) it holds, for those with any.
+    NumPy does the work with the GIL released, so a load runs it beside the upload."""
+    return {name: n for name, t in tensors.items() if (n := count_nonfinite(t))}
+
+
+def warn_nonfinite(path: Path, tensors: dict[str, Tensor], bad: dict[str, int], stacklevel: int = 2) -> None:
+    """The GGUFWarning naming the tensors of `bad` (nonfinite_counts), if any."""
     if not bad:
         return
     shown = ", ".join(f"{name!r} ({tensors[name].ggml_type}: {n} "
@@ -723,7 +729,7 @@ def _warn_nonfinite(path: Path, tensors: dict[str, Tensor]) -> None:
                       for name, n in list(bad.items())[:5])
     more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
     warnings.warn(GGUFWarning(f"{path}: {len(bad)} tensor(s) hold NaN or Inf: {shown}{more}; "
-                              "outputs that depend on them will be NaN"), stacklevel=3)
+                              "outputs that depend on them will be NaN"), stacklevel=stacklevel + 1)
 
 
 def read_model(path: str | Path, *, check_values: bool = True) -> Model:
@@ -771,7 +777,7 @@ def read_model(path: str | Path, *, check_values: bool = True) -> Model:
         tensors[info.name] = Tensor(name=info.name, ggml_type=type_name, shape=shapes[info.name],
                                     raw=reader.data[at:at + nbytes])
     if check_values:
-        _warn_nonfinite(path, tensors)
+        warn_nonfinite(path, tensors, nonfinite_counts(tensors), stacklevel=2)
 
     metadata = {k: _field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     return Model(path=path, spec=spec, tensors=tensors, vocab=vocab, metadata=metadata)

@@ -188,7 +188,8 @@ class GPU:
 
     features: what the device was made with, in the lab's spelling (see the module docstring);
     subgroup_matrix_configs: Dawn's subgroup-matrix shapes when the device has them, each a
-    dict with M, N, K, component_type and result_component_type (empty otherwise).
+    dict as Dawn reports it (on an H200: m, n, k, component_type, result_component_type,
+    min_subgroup_size, max_subgroup_size; kernels.choose_sgmat_config reads it) (empty otherwise).
     """
 
     adapter: object
@@ -412,7 +413,7 @@ def _unused_twin(adapter):
 
 
 def _subgroup_matrix_configs(adapter) -> tuple:
-    """Dawn's subgroup-matrix shapes of an adapter, as plain dicts (M, N, K, component_type,
+    """Dawn's subgroup-matrix shapes of an adapter, as plain dicts (m, n, k, component_type,
     result_component_type), from its adapter properties."""
     from wgpudawn.backends.dawn import extras
 

@@ -467,8 +467,8 @@ def test_load_shows_progress(fixtures_dir, capsys):
 
 def test_load_records_its_phases(fixtures_dir):
     """Engine.load_phases: the calling thread's phases follow one another and add up to
-    load_seconds; the upload and the pipelines (beside them on wgpu-native) lie within the
-    load; a second load in the process compiles nothing (the pipelines are kept)."""
+    load_seconds; the upload and the pipelines (beside them on wgpu-native) and the NaN scan
+    lie within the load; a second load in the process compiles nothing (the pipelines are kept)."""
     options = Options(tuning="argmax_wg=128")  # a tuning no other test uses: every pipeline is new
     first = load(fixtures_dir / "tiny-q8_0.gguf", options, progress=False)
     again = load(fixtures_dir / "tiny-q8_0.gguf", options, progress=False)
@@ -476,11 +476,11 @@ def test_load_records_its_phases(fixtures_dir):
         phases = e.load_phases
         assert set(phases.spans) <= set(engine_mod.LOAD_PHASES)
         main = [phases.spans[n] for n in engine_mod.LOAD_PHASES if n not in engine_mod.BACKGROUND_PHASES]
-        assert len(main) == len(engine_mod.LOAD_PHASES) - 2
+        assert len(main) == len(engine_mod.LOAD_PHASES) - len(engine_mod.BACKGROUND_PHASES)
         assert main[0][0] >= 0 and all(a[1] <= b[0] for a, b in zip(main, main[1:]))  # in order
         total = sum(t1 - t0 for t0, t1 in main)
         assert total <= e.load_seconds and total == pytest.approx(e.load_seconds, rel=0.1, abs=0.05)
-        for name in ("upload", "pipelines") if built else ("upload",):
+        for name in ("upload", "scan", "pipelines") if built else ("upload", "scan"):
             t0, t1 = phases.spans[name]
             assert 0 <= t0 <= t1 <= e.load_seconds, name
         assert (phases.pipelines_built > 0) == built and ("pipelines" in phases.spans) == built

@@ -270,6 +270,20 @@ def test_nan_or_inf_weights_warn_naming_the_tensor(tmp_path, fmt, name, at, bits
         read_model(FIXTURES / f"tiny-{fmt}.gguf")  # and a clean file never warns
 
 
+def test_loading_a_file_with_nan_weights_warns_once_naming_the_tensor(tmp_path):
+    """The engine's load runs the same scan beside the upload (a "scan" load phase) and gives
+    read_model's warning before it returns."""
+    from rwkvlab.engine import load
+
+    name = "blk.1.time_mix_key.weight"
+    path = write(tmp_path, "nan.gguf", patched("f32", (layout("f32").tensors[name]["data"] + 4000, f32(math.nan))))
+    with pytest.warns(GGUFWarning) as record:
+        engine = load(path, progress=False)
+    messages = [str(r.message) for r in record if issubclass(r.category, GGUFWarning)]
+    assert len(messages) == 1 and f"{name!r} (F32: 1 values" in messages[0]
+    assert "scan" in engine.load_phases.spans
+
+
 @pytest.mark.parametrize(("edit", "fragments"), [
     (lambda: patched("f32", (8, u64(0xFFFFFFFF))), ["declares 4294967295 tensors", "count is corrupt"]),
     (lambda: patched("f32", (16, u64(1 << 62))), ["metadata keys", "count is corrupt"]),
