@@ -32,6 +32,24 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
+@pytest.fixture(scope="module")
+def reference(fixtures_dir):
+    """reference(fmt) -> the float64 NumPy Reference of tiny-<fmt>.gguf, reset (shared within a
+    module: building one dequantizes the file)."""
+    from rwkvlab.gguf import read_model
+    from rwkvlab.reference import Reference
+
+    cache: dict = {}
+
+    def get(fmt: str):
+        if fmt not in cache:
+            cache[fmt] = Reference(read_model(fixtures_dir / f"tiny-{fmt}.gguf"))
+        cache[fmt].reset()
+        return cache[fmt]
+
+    return get
+
+
 # Two compute pipelines doing the same arithmetic in the same order give the same bits on the
 # CPU adapters CI runs (lavapipe), and the fusion tests demand exactly that there. A GPU's
 # shader compiler decides per pipeline where to contract a*b + c into one fma, so on the H100

@@ -54,19 +54,6 @@ def engine(fixtures_dir):
     return get
 
 
-@pytest.fixture(scope="module")
-def reference(fixtures_dir):
-    cache: dict[str, Reference] = {}
-
-    def get(fmt: str) -> Reference:
-        if fmt not in cache:
-            cache[fmt] = Reference(read_model(fixtures_dir / f"tiny-{fmt}.gguf"))
-        cache[fmt].reset()
-        return cache[fmt]
-
-    return get
-
-
 def assert_llama_parity(got: np.ndarray, want: np.ndarray, tol: float) -> None:
     assert got.shape == want.shape
     diff = np.abs(got - want).max()

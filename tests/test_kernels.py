@@ -753,29 +753,6 @@ def _wkv_reference(r, w, k, v, kk, a, s0):
     return y, S, y_err, E
 
 
-@pytest.mark.parametrize("T", [1, 7])
-@pytest.mark.parametrize("wg", WKV_WGS)
-def test_wkv_over_several_tokens(kernels, wg, T):
-    """T tokens through three heads from a non-zero state: outputs and the final state, for
-    every workgroup shape (1 to 16 lanes per state row). Tolerance: twice the worst-case fp32
-    bounds of _wkv_reference (first order; doubled for the terms it drops), + 1e-7."""
-    rng = np.random.default_rng(10)
-    H, N = 3, 64
-    C = H * N
-    r, k, v = (rng.standard_normal((T, C)).astype(np.float32) for _ in range(3))
-    w = np.exp(-0.606531 / (1 + np.exp(-rng.standard_normal((T, C))))).astype(np.float32)
-    kk = rng.standard_normal((T, H, N))
-    kk = (kk / np.linalg.norm(kk, axis=-1, keepdims=True)).reshape(T, C).astype(np.float32)
-    a = rng.random((T, C)).astype(np.float32)
-    s0 = (rng.standard_normal((H, N, N)) * 0.1).astype(np.float32)
-    res = kn.run_kernel(kernels, kn.WKV, dict(C=C),
-                        dict(R=r, DECAY=w, K=k, V=v, KK=kk, A=a, S=s0.copy(), Y=np.zeros((T, C), np.float32)),
-                        (H, 1, 1), T=T, read=("S", "Y"), constants=dict(WG=wg))
-    want, S, y_err, s_err = _wkv_reference(*(x.astype(np.float64) for x in (r, w, k, v, kk, a)), s0)
-    assert np.all(np.abs(res["S"] - S) <= 2 * s_err + 1e-7)
-    assert np.all(np.abs(res["Y"] - want) <= 2 * y_err + 1e-7)
-
-
 def _wkv_case(T: int, H: int, seed: int) -> dict[str, np.ndarray]:
     """Inputs of wkv in their model ranges: r, k, v normal, w in (0.545, 1), kk unit per head,
     a in (0, 1), and a random non-zero state."""
@@ -789,6 +766,22 @@ def _wkv_case(T: int, H: int, seed: int) -> dict[str, np.ndarray]:
     a = rng.random((T, C)).astype(np.float32)
     s0 = (rng.standard_normal((H, N, N)) * 0.1).astype(np.float32)
     return dict(R=r, DECAY=w, K=k, V=v, KK=kk, A=a, S=s0, Y=np.zeros((T, C), np.float32))
+
+
+@pytest.mark.parametrize("T", [1, 7])
+@pytest.mark.parametrize("wg", WKV_WGS)
+def test_wkv_over_several_tokens(kernels, wg, T):
+    """T tokens through three heads from a non-zero state: outputs and the final state, for
+    every workgroup shape (1 to 16 lanes per state row). Tolerance: twice the worst-case fp32
+    bounds of _wkv_reference (first order; doubled for the terms it drops), + 1e-7."""
+    H, C = 3, 3 * 64
+    x = _wkv_case(T, H, seed=10)
+    res = kn.run_kernel(kernels, kn.WKV, dict(C=C), {**x, "S": x["S"].copy()}, (H, 1, 1), T=T,
+                        read=("S", "Y"), constants=dict(WG=wg))
+    want, S, y_err, s_err = _wkv_reference(*(x[n].astype(np.float64) for n in ("R", "DECAY", "K", "V", "KK", "A")),
+                                           x["S"])
+    assert np.all(np.abs(res["S"] - S) <= 2 * s_err + 1e-7)
+    assert np.all(np.abs(res["Y"] - want) <= 2 * y_err + 1e-7)
 
 
 @pytest.fixture(scope="module")

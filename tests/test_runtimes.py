@@ -17,37 +17,22 @@ import pytest
 from conftest import assert_same_plan
 from rwkvlab.cli import main as cli_main
 from rwkvlab.engine import load
-from rwkvlab.gguf import read_model
 from rwkvlab.options import DEFAULT_FUSIONS, RUNTIMES, Options
-from rwkvlab.reference import Reference
 from test_engine import FILE_FORMATS, LLAMA_TOL, TOKENS, assert_llama_parity
 
 REFERENCE_TOL = 1e-3
 
 
-@pytest.fixture(scope="module")
-def references(fixtures_dir):
-    cache: dict[str, Reference] = {}
-
-    def get(fmt: str) -> Reference:
-        if fmt not in cache:
-            cache[fmt] = Reference(read_model(fixtures_dir / f"tiny-{fmt}.gguf"))
-        cache[fmt].reset()
-        return cache[fmt]
-
-    return get
-
-
 @pytest.mark.parametrize("path", ["webgpu", "native"])
 @pytest.mark.parametrize("fmt", FILE_FORMATS)
 @pytest.mark.parametrize("runtime", RUNTIMES)
-def test_fixture_parity_on_each_runtime(fixtures_dir, references, runtime, fmt, path):
+def test_fixture_parity_on_each_runtime(fixtures_dir, reference, runtime, fmt, path):
     file = fixtures_dir / f"tiny-{fmt}.gguf"
     plain = load(file, Options(runtime=runtime, path=path, fusions=frozenset()), progress=False)
     assert plain.gpu.runtime == runtime and plain.options.runtime == runtime
     logits = plain.logits(TOKENS)
     assert_llama_parity(logits, np.load(fixtures_dir / f"tiny-{fmt}.logits.npy"), LLAMA_TOL[fmt])
-    ref = references(fmt)
+    ref = reference(fmt)
     want = np.stack([ref.step(t) for t in TOKENS])
     assert np.abs(logits - want).max() <= REFERENCE_TOL
     plain.reset()
