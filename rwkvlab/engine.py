@@ -3,11 +3,12 @@
 Read top to bottom: `load` opens a GGUF file (or a synthetic preset), uploads the weights
 (chunked, with a progress bar; a block's small matrices stacked in shared buffers, matrices
 over the binding limit split by rows), allocates activations and the recurrent state on the
-GPU and builds every bind group once; the upload runs beside the op building and the pipeline
-compiles where the runtime allows, and `Engine.load_phases` says where the time went. The
-forward pass is a list of ops (`_layer_ops`; with no fusion, one per kernel dispatch; each
-fusion of options.FUSIONS swaps a run of them for one); a plan for T tokens is that list turned into dispatches (mat-vec kernels below
-Options.gemm_min_tokens tokens, GEMM from there). A token is one compute pass and one submit;
+GPU and builds every bind group once; the upload, the pipeline compiles and the NaN scan run
+beside the op building where the runtime allows, and `Engine.load_phases` says where the time
+went. The forward pass is a list of ops (`_layer_ops`; with no fusion, one per kernel
+dispatch; each fusion of options.FUSIONS swaps a run of them for one); a plan for T tokens is
+that list turned into dispatches (mat-vec kernels below Options.gemm_min_tokens tokens, GEMM
+from there; prefill chunks on the native path run WKV as wkv_prefill). A token is one compute pass and one submit;
 `generate` encodes several steps per submit and keeps the sampled ids on the GPU (argmax
 writes the id the next step's embedding gather reads).
 
