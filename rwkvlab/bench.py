@@ -561,8 +561,9 @@ def reference_logits(model, prompt: list[int], cache_file: Path, progress: bool 
     logits = None
     bar = tqdm(total=len(prompt), desc="NumPy reference", unit="tok", file=sys.stderr, disable=not progress, leave=False)
     for start in range(0, len(prompt), 512):
-        logits = ref.prefill_chunk(prompt[start: start + 512])
-        bar.update(len(prompt[start: start + 512]))
+        chunk = prompt[start: start + 512]
+        logits = ref.prefill_chunk(chunk)
+        bar.update(len(chunk))
     bar.close()
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")

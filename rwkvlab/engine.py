@@ -662,9 +662,8 @@ class Engine:
                 bias=None if p.bias is None else self._vec_floats(p.bias) + seg.row0,
                 accum=p.accum, fmt=p.mat.fmt, matrix_rows=p.mat.M) for p, seg in items]
             fmt = kn.matmul_fmt(table)
-            matvec = k.kernel(kn.MATVEC, FMT=fmt)
-            if self._one_row_per_group(table):
-                matvec = k.kernel(kn.MATVEC, FMT=fmt, NR=1)
+            # one pipeline per product: the one-row variant where it applies (no unused default)
+            matvec = k.kernel(kn.MATVEC, FMT=fmt, **({"NR": 1} if self._one_row_per_group(table) else {}))
             # prefill tiles on the matrix units where the tuning says so (Tuning.gemm_sgmat)
             gemm = k.kernel(kn.GEMM_SGMAT if k.tuning.gemm_sgmat else kn.GEMM, FMT=fmt)
             shape = kn.MatvecShape.of(matvec, k.tuning)
@@ -755,15 +754,19 @@ class Engine:
         dn, up = self.down, self.up
         state = self._layer_range("wkv", i, H * kn.HEAD_SIZE * kn.HEAD_SIZE)
         prep = "kv" in self.fusions and "wkv" in self.fusions
-        kv_ops = self._kv(L, i)
+        chunks = self.kernels.tuning.subgroups  # prefill chunks run wkv_prefill (native path)
+        # Ops are built (bind groups made, pipelines compiled) only where some plan runs them.
+        kv_ops = self._kv(L, i) if chunks or not prep else []
         wkv_res = dict(R=dn.range("r"), DECAY=up.range("w"), K=dn.range("k"), V=dn.range("v"),
                        KK=B["kk"], A=up.range("a"), S=state, Y=B["y"])
-        groupnorm = self._simple(
-            L + "att.groupnorm", kn.GROUPNORM_OUT, dict(C=C),
-            dict(GY=B["y"], R=dn.range("r"), K=dn.range("k"), V=dn.range("v"), G=up.range("g"),
-                 LNW=self._vec(b + "time_mix_ln.weight"), LNB=self._vec(b + "time_mix_ln.bias"),
-                 RK=self._vec(b + "time_mix_r_k.weight")),
-            lambda T: (H, T, 1))
+        groupnorm = None
+        if chunks or "wkv" not in self.fusions:
+            groupnorm = self._simple(
+                L + "att.groupnorm", kn.GROUPNORM_OUT, dict(C=C),
+                dict(GY=B["y"], R=dn.range("r"), K=dn.range("k"), V=dn.range("v"), G=up.range("g"),
+                     LNW=self._vec(b + "time_mix_ln.weight"), LNB=self._vec(b + "time_mix_ln.bias"),
+                     RK=self._vec(b + "time_mix_r_k.weight")),
+                lambda T: (H, T, 1))
         if "wkv" in self.fusions:
             params = dict(C=C, r=dn.floats("r"), k=dn.floats("k"), v=dn.floats("v"), w=up.floats("w"),
                           a=up.floats("a"), vmix=up.floats("vmix"), g=up.floats("g"),
@@ -779,7 +782,7 @@ class Engine:
         else:
             step = kv_ops + [self._simple(L + "att.wkv", kn.WKV, dict(C=C), wkv_res, lambda T: (H, 1, 1)),
                              groupnorm]
-        if not self.kernels.tuning.subgroups:
+        if not chunks:
             return step
         kernel = self.kernels.kernel(kn.WKV_PREFILL)
         grid = kn.wkv_prefill_grid(kernel, C)

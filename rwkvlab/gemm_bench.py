@@ -252,7 +252,7 @@ def sgmat_tunings(gpu, path: str) -> list[str]:
     sg = kn.probe_subgroup_size(gpu)
     wg_bytes = int(gpu.limits.get("max-compute-workgroup-storage-size", 16384))
     out = []
-    for m, n, k in kn.sgmat_configs(kn.sgmat_adapter_configs(gpu, path, sg), sg):
+    for m, n, k in kn.usable_sgmat_configs(gpu, path, sg):
         for tokens, rows in kn.SGMAT_TILES:
             if not kn.sgmat_tile_problem((m, n, k), tokens, rows, wg_bytes):
                 out.append(f"gemm_sgmat=1,sgmat_k={k},sgmat_m={m},sgmat_n={n},sgmat_rows={rows},sgmat_tokens={tokens}")
@@ -291,9 +291,9 @@ def run(formats=FORMATS, paths=("webgpu",), size: str = "full", tokens=None, tun
         except (kn.KernelError, OptionsError) as e:
             raise ValueError(str(e)) from None
         sg = kn.probe_subgroup_size(gpu) if path == "native" and gpu.has("subgroup") else 0
-        configs = ", ".join("x".join(map(str, c)) for c in kn.sgmat_configs(kn.sgmat_adapter_configs(gpu, path, sg), sg))
+        configs = kn.sgmat_configs_text(kn.usable_sgmat_configs(gpu, path, sg))
         print(f"# {path} path on {gpu.info.label} ({gpu.runtime}); f16 subgroup-matrix configs (MxNxK): "
-              f"{configs or 'none'}", file=out, flush=True)
+              f"{configs}", file=out, flush=True)
     timings, failures = [], []
     for fmt in formats:
         for name, (M, K) in SHAPES[size].items():

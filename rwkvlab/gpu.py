@@ -83,6 +83,10 @@ COMPUTE_STAGE = 0x4
 BINDING_TYPES = {"uniform": "uniform", "read": "read-only-storage", "rw": "storage"}
 
 
+# The Python package each runtime comes in.
+PACKAGES = {"wgpu-native": "wgpu", "dawn": "wgpudawn"}
+
+
 def _api(runtime: str):
     """The runtime's wgpu-py module (imported on first use; Dawn's instance set up once)."""
     if runtime == "wgpu-native":
@@ -156,7 +160,7 @@ def installed_runtimes() -> list[str]:
     """The runtimes whose package imports on this machine (no adapter is asked for)."""
     import importlib.util
 
-    return [r for r, module in zip(RUNTIMES, ("wgpu", "wgpudawn")) if importlib.util.find_spec(module)]
+    return [r for r in RUNTIMES if importlib.util.find_spec(PACKAGES[r])]
 
 
 def available_runtimes() -> list[str]:
@@ -671,7 +675,7 @@ def environment(gpu: GPU) -> dict[str, str]:
     WebGPU implementation and its versions, Python and the OS."""
     from importlib.metadata import PackageNotFoundError, version
 
-    package = {"wgpu-native": "wgpu", "dawn": "wgpudawn"}[gpu.runtime]
+    package = PACKAGES[gpu.runtime]
     try:
         package_version = version(package)
     except PackageNotFoundError:

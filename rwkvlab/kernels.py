@@ -357,6 +357,11 @@ def sgmat_configs(configs, subgroup_size: int = 0) -> list[tuple[int, int, int]]
     return sorted(found)
 
 
+def sgmat_configs_text(usable: list[tuple[int, int, int]]) -> str:
+    """Configs from sgmat_configs as people read them in errors: "16x16x16, 16x8x16" or "none"."""
+    return ", ".join("x".join(map(str, c)) for c in usable) or "none"
+
+
 def choose_sgmat_config(configs, subgroup_size: int = 0, m: int = 0, n: int = 0,
                         k: int = 0) -> tuple[int, int, int] | None:
     """The config gemm_sgmat uses (None: none fits): among sgmat_configs, those matching the
@@ -578,8 +583,6 @@ def choose_tuning(gpu, path: str, overrides: str = "") -> Tuning:
     gemm_rows 32, 64 or 128; gemm_k 16 or 32; 64 <= wkv_wg <= 1024), or "trusted=0" (the native
     path with Naga's runtime checks back on); engines record their tuning (Engine.tuning).
     """
-    from dataclasses import replace
-
     subgroups = path == "native" and gpu.has("subgroup")
     sg = probe_subgroup_size(gpu) if subgroups else 0
     wg_bytes = int(gpu.limits.get("max-compute-workgroup-storage-size", 16384))
@@ -641,19 +644,23 @@ def sgmat_adapter_configs(gpu, path: str, subgroup_size: int) -> tuple:
     return tuple(getattr(gpu, "subgroup_matrix_configs", ()) or ())
 
 
+def usable_sgmat_configs(gpu, path: str, subgroup_size: int) -> list[tuple[int, int, int]]:
+    """(M, N, K) of the configs gemm_sgmat can run on this device and path (sgmat_configs of
+    sgmat_adapter_configs)."""
+    return sgmat_configs(sgmat_adapter_configs(gpu, path, subgroup_size), subgroup_size)
+
+
 def _sgmat_tuning(tuning: Tuning, configs, overrides: str, wg_bytes: int) -> Tuning:
     """Check the gemm_sgmat fields after overrides: the config named (sgmat_m/n/k given in the
     overrides are constraints, the rest is chosen again) must be one the adapter reports and the
     tile must fit it; gemm_sgmat=1 where there is none is refused, naming what exists."""
-    from dataclasses import replace
-
     if not tuning.gemm_sgmat:
         return tuning
     named = {item.partition("=")[0] for item in normalize_tuning(overrides).split(",") if item}
     asked = {f: getattr(tuning, f"sgmat_{f}") for f in "mnk" if f"sgmat_{f}" in named}
     config = choose_sgmat_config(configs, tuning.subgroup_size, **asked)
     if config is None:
-        have = ", ".join("x".join(map(str, c)) for c in sgmat_configs(configs, tuning.subgroup_size)) or "none"
+        have = sgmat_configs_text(sgmat_configs(configs, tuning.subgroup_size))
         raise KernelError(f"tuning: gemm_sgmat=1 needs an f16 x f16 -> f32 subgroup-matrix config (the "
                           f"native path of the dawn runtime, on an adapter that reports one)"
                           + (f" with {', '.join(f'sgmat_{f}={v}' for f, v in asked.items())}" if asked else "")
@@ -668,8 +675,6 @@ def _sgmat_tuning(tuning: Tuning, configs, overrides: str, wg_bytes: int) -> Tun
 
 def _tuning_overrides(tuning: Tuning, text: str) -> Tuning:
     """`tuning` with the fields `text` (Options.tuning syntax) names; checks how they combine."""
-    from dataclasses import replace
-
     from rwkvlab.options import OptionsError
 
     try:
@@ -841,10 +846,10 @@ class Kernels:
             raise KernelError(f"kernel {spec.name} uses subgroup operations: it runs on the native "
                               "path of an adapter with subgroups only")
         if spec.name in NEEDS_SUBGROUP_MATRIX:
-            configs = sgmat_adapter_configs(self.gpu, "native", t.subgroup_size)
+            usable = usable_sgmat_configs(self.gpu, "native", t.subgroup_size)
             config = (consts["SM"], consts["SN"], consts["SK"])
-            if config not in sgmat_configs(configs, t.subgroup_size):
-                have = ", ".join("x".join(map(str, c)) for c in sgmat_configs(configs, t.subgroup_size)) or "none"
+            if config not in usable:
+                have = sgmat_configs_text(usable)
                 raise KernelError(f"kernel {spec.name} uses subgroup matrices: it needs an f16 x f16 -> f32 "
                                   f"config of the adapter (the dawn runtime's native path); asked for "
                                   f"{'x'.join(map(str, config))}, this device has: {have}")
