@@ -635,6 +635,14 @@ class Engine:
         rows = sum(s.rows for s in table)
         return rows < self.kernels.tuning.matvec_rows_from and not any(s.fmt in qk.LAYOUTS for s in table)
 
+    def _one_row_constants(self) -> dict:
+        """The one-row variant's pipeline constants: NR 1, and Tuning.matvec_small_wg threads
+        per workgroup where set. Measured on an H200 (docs/perf-notes.md, change 14): the small
+        products of a step are latency bound, and 64 threads (2 rows per workgroup) give twice
+        the workgroups of 128."""
+        wg = self.kernels.tuning.matvec_small_wg
+        return {"NR": 1, **({"WG": wg} if wg else {})}
+
     def _matmul(self, label: str, products: list[_Product], fused: bool = False) -> _Op:
         """Matrix products as dispatches: unfused, one per (product, weight buffer); fused, one
         per weight buffer for all products (they must share X and Y; formats may differ).
@@ -663,7 +671,7 @@ class Engine:
                 accum=p.accum, fmt=p.mat.fmt, matrix_rows=p.mat.M) for p, seg in items]
             fmt = kn.matmul_fmt(table)
             # one pipeline per product: the one-row variant where it applies (no unused default)
-            matvec = k.kernel(kn.MATVEC, FMT=fmt, **({"NR": 1} if self._one_row_per_group(table) else {}))
+            matvec = k.kernel(kn.MATVEC, FMT=fmt, **(self._one_row_constants() if self._one_row_per_group(table) else {}))
             # prefill tiles on the matrix units where the tuning says so (Tuning.gemm_sgmat)
             gemm = k.kernel(kn.GEMM_SGMAT if k.tuning.gemm_sgmat else kn.GEMM, FMT=fmt)
             shape = kn.MatvecShape.of(matvec, k.tuning)

@@ -525,6 +525,7 @@ class Tuning:
     #                         until its threads get that many (MatvecShape.red_for); 0 = off
     matvec_rows_from: int = 0  # mat-vec dispatches with fewer rows than this (and all lanes on
     #                            each row) use one row per group: more workgroups; 0 = none do
+    matvec_small_wg: int = 0  # threads per workgroup of those one-row dispatches (0 = matvec_wg)
     matvec_wide_pieces: int = 0  # matvec_pieces for matrices of at least matvec_wide_from rows
     matvec_wide_from: int = 32768  # (the head); 0 pieces = matvec_pieces for them too
     # wkv_prefill (prefill chunks on the native path): lanes of a subgroup per state row (1..16,
@@ -611,10 +612,14 @@ def choose_tuning(gpu, path: str, overrides: str = "") -> Tuning:
         # pieces per lane (matvec_wide_pieces=8) streamed 2-3x faster in kernel_bench on an H200
         # (F16 1396 -> 4158 GB/s), but in the engine it changed nothing beyond noise (2.9B Q8_0
         # 328.3 vs 327.4 tok/s, F16 307.9 vs 307.4, 0.1b 1336 vs 1359; history, d4ba46f), so it
-        # stays off: the head is ~6% of a 2.9B step's bytes.
+        # stays off: the head is ~6% of a 2.9B step's bytes. The one-row dispatches (fewer than
+        # matvec_rows_from rows: 2560-row products of 2.9B, every product but the head of 0.1b)
+        # take 64 threads per workgroup (matvec_small_wg), twice the workgroups: on an H200 a
+        # step's small products are latency bound (docs/perf-notes.md, change 14).
         tuning = Tuning(matvec_wg=128, matvec_red=32, matvec_unroll=2, norm_wg=256, shift_wg=64,
                         argmax_wg=256, subgroups=subgroups, subgroup_size=sg, wkv_wg=256,
-                        matvec_rows=2, matvec_pieces=4, matvec_rows_from=4096, **gemm)
+                        matvec_rows=2, matvec_pieces=4, matvec_rows_from=4096, matvec_small_wg=64,
+                        **gemm)
     tuning = replace(tuning, trusted=path == "native")
     # Matrix units (subgroup matrices, Dawn): the shape comes from the adapter's own list
     # (choose_sgmat_config) where the native path offers an f16 x f16 -> f32 config; used by
@@ -686,13 +691,14 @@ def _tuning_overrides(tuning: Tuning, text: str) -> Tuning:
         name, _, value = item.partition("=")
         changes[name] = value == "1" if name in TUNING_FLAGS else int(value)
     tuning = replace(tuning, **changes)
-    if (tuning.matvec_red > tuning.matvec_wg or tuning.matvec_unroll > 4 or tuning.matvec_rows > 4
+    if (tuning.matvec_red > tuning.matvec_wg or tuning.matvec_red > (tuning.matvec_small_wg or 1024)
+            or tuning.matvec_unroll > 4 or tuning.matvec_rows > 4
             or tuning.wkv_wg < 64
-            or max(tuning.matvec_wg, tuning.norm_wg, tuning.argmax_wg, tuning.wkv_wg) > 1024
+            or max(tuning.matvec_wg, tuning.matvec_small_wg, tuning.norm_wg, tuning.argmax_wg, tuning.wkv_wg) > 1024
             or tuning.gemm_rows not in GEMM_ROWS or tuning.gemm_k not in GEMM_K
             or tuning.wkv_lanes not in WKV_PREFILL_LANES or tuning.wkv_rows > 64
             or not 16 <= tuning.wkv_rows * tuning.wkv_lanes <= 256):
-        raise KernelError(f"tuning: matvec_red must be <= matvec_wg, matvec_unroll and "
+        raise KernelError(f"tuning: matvec_red must be <= matvec_wg and matvec_small_wg, matvec_unroll and "
                           f"matvec_rows 1, 2 or 4, wkv_wg >= 64 and workgroups <= 1024 threads, "
                           f"gemm_rows one of {GEMM_ROWS}, gemm_k one of {GEMM_K}, wkv_lanes <= 16, "
                           f"wkv_rows <= 64 and 16 <= wkv_rows x wkv_lanes <= 256, got {tuning}")

@@ -58,7 +58,7 @@ DEFAULT_FUSIONS = frozenset(FUSIONS) - {"lora"}
 # picks for the device class. Sizes are powers of two, counts any integer >= 0; kernels checks
 # how they combine (e.g. matvec_red <= matvec_wg) when it builds the device's tuning.
 TUNING_SIZES = ("argmax_wg", "gemm_k", "gemm_rows", "matvec_red", "matvec_rows", "matvec_unroll",
-                "matvec_wg", "norm_wg", "sgmat_k", "sgmat_m", "sgmat_n", "sgmat_rows", "sgmat_tokens",
+                "matvec_small_wg", "matvec_wg", "norm_wg", "sgmat_k", "sgmat_m", "sgmat_n", "sgmat_rows", "sgmat_tokens",
                 "shift_wg", "wkv_lanes", "wkv_rows", "wkv_wg")
 TUNING_COUNTS = ("matvec_pieces", "matvec_rows_from", "matvec_wide_pieces", "matvec_wide_from")
 # 0 or 1: trusted (shader modules without runtime checks), gemm_sgmat (prefill GEMMs on the
