@@ -297,10 +297,12 @@ def test_all_fusions_dispatch_count(engine, fmt):
 
 
 # What real GPUs get (kernels.choose_tuning): up to 32 lanes per mat-vec row, fewer for short
-# rows (at least 4 pieces per lane), 2 rows per group of lanes; 4 lanes per wkv state row; in
-# wkv_prefill 4 lanes of a subgroup per state row, 32 rows per workgroup.
+# rows (at least 4 pieces per lane), 2 rows per group of lanes (one, in workgroups of 64, for
+# small products); 4 lanes per wkv state row; in wkv_prefill 4 lanes of a subgroup per state
+# row, 32 rows per workgroup.
 GPU_TUNING = ("matvec_wg=128,matvec_red=32,matvec_unroll=2,matvec_rows=2,matvec_pieces=4,"
-              "matvec_rows_from=4096,norm_wg=256,argmax_wg=256,wkv_wg=256,wkv_lanes=4,wkv_rows=32")
+              "matvec_rows_from=4096,matvec_small_wg=64,norm_wg=256,argmax_wg=256,wkv_wg=256,"
+              "wkv_lanes=4,wkv_rows=32")
 
 
 @pytest.mark.parametrize("path", ["webgpu", "native"])
@@ -584,23 +586,26 @@ def test_load_prepares_slices_in_order_and_bounded_ahead():
 @pytest.mark.parametrize("fmt", ["q8_0", "Q4_K_M"])
 def test_small_matvec_dispatches_take_one_row_per_group(fixtures_dir, monkeypatch, fmt):
     """matvec_rows_from: dispatches with fewer rows and no 4-6 bit segment keep one row per
-    group of lanes; bigger ones and those of Q4_0/K-quant rows the tuning's matvec_rows. Rows
-    per group change no sum (each row's pieces and reduction stay), so the logits are the
+    group of lanes, in workgroups of matvec_small_wg threads; bigger ones and those of
+    Q4_0/K-quant rows the tuning's matvec_rows and matvec_wg. Rows per group and threads per
+    workgroup change no sum (each row's pieces and reduction stay), so the logits are the
     all-matvec_rows plan's (conftest.assert_same_plan)."""
     file = fixtures_dir / f"tiny-{fmt}.gguf"
 
     def engine_with(extra):
         monkeypatch.setenv(options_mod.TUNING_ENV, GPU_TUNING + extra)
         e = load(file, Options(), progress=False)
-        return e, {d.label: (dict(d.kernel.constants)["NR"], e.weight_formats.get(_product_of(d.label)))
+        return e, {d.label: (dict(d.kernel.constants)["NR"], dict(d.kernel.constants)["WG"],
+                             e.weight_formats.get(_product_of(d.label)))
                    for d in e.plan(1, "last") if d.kernel.name == "matvec"}
 
     want, _ = engine_with(",matvec_rows_from=0")
-    e, nr = engine_with(",matvec_rows_from=1000")
-    assert nr["head"][0] == 2  # 65536 rows
-    for label, (rows_per_group, wf) in nr.items():
+    e, nr = engine_with(",matvec_rows_from=1000,matvec_small_wg=64")
+    assert nr["head"][:2] == (2, 128)  # 65536 rows
+    for label, (rows_per_group, wg, wf) in nr.items():
         if label.endswith(("att.out", "ffn.value")):  # 256 rows each
-            assert rows_per_group == (2 if wf in ("Q4_0", "Q4_K", "Q5_K", "Q6_K") else 1), (label, wf)
+            small = wf not in ("Q4_0", "Q4_K", "Q5_K", "Q6_K")
+            assert (rows_per_group, wg) == ((1, 64) if small else (2, 128)), (label, wf)
     assert_same_plan(np.stack([e.step(t) for t in TOKENS[:4]]),
                      np.stack([want.step(t) for t in TOKENS[:4]]), e.gpu)
 
