@@ -421,6 +421,8 @@ class MatvecShape:
     pieces: int = 0  # fewest pieces per lane wanted (Tuning.matvec_pieces); 0: every segment takes `red`
     wide_pieces: int = 0  # the same for matrices of at least `wide_from` rows (0: `pieces`)
     wide_from: int = 0
+    short_pieces: int = 0  # the same for rows shorter than `short_k` elements (0: `pieces`)
+    short_k: int = 0
 
     @classmethod
     def of(cls, kernel: "Kernel", tuning: "Tuning | None" = None) -> "MatvecShape":
@@ -428,16 +430,23 @@ class MatvecShape:
         tuning's pieces per lane (none without a tuning)."""
         c = dict(kernel.constants)
         t = tuning
-        return cls(wg=c["WG"], red=c["RED"], rows=c["NR"], pieces=t.matvec_pieces if t else 0,
-                   wide_pieces=t.matvec_wide_pieces if t else 0, wide_from=t.matvec_wide_from if t else 0)
+        if t is None:
+            return cls(wg=c["WG"], red=c["RED"], rows=c["NR"])
+        return cls(wg=c["WG"], red=c["RED"], rows=c["NR"], pieces=t.matvec_pieces,
+                   wide_pieces=t.matvec_wide_pieces, wide_from=t.matvec_wide_from,
+                   short_pieces=t.matvec_short_pieces, short_k=t.matvec_short_k)
 
     def pieces_for(self, seg: MatSegment) -> int:
         """Fewest pieces per lane for a segment: `wide_pieces` where its whole matrix has at
         least `wide_from` rows (the head: 65536 rows keep every SM busy with fewer, longer
         lanes), else `pieces`. Chosen from the matrix, not the segment, so a matrix split over
-        buffers sums like a whole one."""
+        buffers sums like a whole one. `short_pieces` where its rows are shorter than `short_k`
+        (the LoRA up-projections, K = 32..320: a lane of 4 pieces leaves such a row 1-8 lanes
+        and a few dozen workgroups for 10240 rows)."""
         if self.wide_pieces and self.wide_from and (seg.matrix_rows or seg.rows) >= self.wide_from:
             return self.wide_pieces
+        if self.short_pieces and seg.K < self.short_k:
+            return self.short_pieces
         return self.pieces
 
     def red_for(self, seg: MatSegment) -> int:
@@ -528,6 +537,8 @@ class Tuning:
     matvec_small_wg: int = 0  # threads per workgroup of those one-row dispatches (0 = matvec_wg)
     matvec_wide_pieces: int = 0  # matvec_pieces for matrices of at least matvec_wide_from rows
     matvec_wide_from: int = 32768  # (the head); 0 pieces = matvec_pieces for them too
+    matvec_short_pieces: int = 0  # matvec_pieces for rows shorter than matvec_short_k elements
+    matvec_short_k: int = 1024  # (the LoRA ups); 0 pieces = matvec_pieces for them too
     # wkv_prefill (prefill chunks on the native path): lanes of a subgroup per state row (1..16,
     # at most the subgroup size) and state rows per workgroup (<= 64, 16 <= rows x lanes <= 256)
     wkv_lanes: int = 4
@@ -615,11 +626,13 @@ def choose_tuning(gpu, path: str, overrides: str = "") -> Tuning:
         # stays off: the head is ~6% of a 2.9B step's bytes. The one-row dispatches (fewer than
         # matvec_rows_from rows: 2560-row products of 2.9B, every product but the head of 0.1b)
         # take 64 threads per workgroup (matvec_small_wg), twice the workgroups: on an H200 a
-        # step's small products are latency bound (docs/perf-notes.md, change 14).
+        # step's small products are latency bound (docs/perf-notes.md, change 14). For the same
+        # reason rows shorter than 1024 (the LoRA ups) want lanes of 1 piece, not 4
+        # (matvec_short_pieces: a K = 96 Q8_0 row gets 4 lanes instead of 1; change 15).
         tuning = Tuning(matvec_wg=128, matvec_red=32, matvec_unroll=2, norm_wg=256, shift_wg=64,
                         argmax_wg=256, subgroups=subgroups, subgroup_size=sg, wkv_wg=256,
                         matvec_rows=2, matvec_pieces=4, matvec_rows_from=4096, matvec_small_wg=64,
-                        **gemm)
+                        matvec_short_pieces=1, **gemm)
     tuning = replace(tuning, trusted=path == "native")
     # Matrix units (subgroup matrices, Dawn): the shape comes from the adapter's own list
     # (choose_sgmat_config) where the native path offers an f16 x f16 -> f32 config; used by

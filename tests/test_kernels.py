@@ -311,6 +311,28 @@ def test_wide_matrices_take_their_own_pieces_per_lane_by_whole_matrix():
                      subgroups=False, subgroup_size=0).matvec_wide_pieces == 0
 
 
+def test_short_rows_take_their_own_pieces_per_lane():
+    """matvec_short_pieces applies to rows shorter than matvec_short_k (the LoRA ups): a K = 96
+    Q8_0 row (6 pieces) gets 4 lanes at 1 piece per lane where 4 pieces per lane leave it 1;
+    long rows keep matvec_pieces, and the head matvec_wide_pieces."""
+    def seg(K, fmt="Q8_0", rows=2560):
+        return kn.MatSegment(rows=rows, K=K, row_words=kn.row_words(fmt, K), w_base=0, x_off=0,
+                             y_off=0, y_stride=rows, fmt=fmt)
+
+    shape = kn.MatvecShape(wg=128, red=32, rows=2, pieces=4, wide_pieces=8, wide_from=32768,
+                           short_pieces=1, short_k=1024)
+    assert kn.MatvecShape(wg=128, red=32, rows=2, pieces=4).red_for(seg(96)) == 1
+    assert shape.red_for(seg(96)) == 4
+    assert shape.red_for(seg(320)) == 16  # 20 pieces
+    assert shape.red_for(seg(96, "F32")) == 16  # 24 pieces of 4
+    assert shape.red_for(seg(2560, "Q4_K")) == 8  # long rows: 40 pieces, >= 4 per lane
+    assert shape.red_for(seg(2560, rows=65536)) == 16  # the head
+    tuning = kn._tuning_overrides(kn.Tuning(matvec_wg=128, matvec_red=32, matvec_unroll=2, norm_wg=64,
+                                            shift_wg=64, argmax_wg=64, subgroups=False, subgroup_size=0),
+                                  "matvec_short_pieces=2,matvec_short_k=512")
+    assert (tuning.matvec_short_pieces, tuning.matvec_short_k) == (2, 512)
+
+
 def test_pack_params_checks_names():
     data = kn.pack_params(kn.LAYERNORM, dict(C=256, last_only=1, eps=1e-5))
     words = np.frombuffer(data, np.uint32)
