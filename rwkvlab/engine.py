@@ -628,12 +628,15 @@ class Engine:
     def _one_row_per_group(self, table: list[kn.MatSegment]) -> bool:
         """Whether a mat-vec dispatch runs one row per group of lanes instead of the tuning's
         matvec_rows: when it has fewer rows than Tuning.matvec_rows_from and no K-quant or
-        Q4_0 segment. Measured on an H100 (docs/perf-notes.md, change 12): 2560-row Q8_0, F16
-        and F32 products run faster with the workgroups one row per group gives; the 4-6 bit
-        formats run faster with two rows sharing each load of x, whatever their row length.
-        Rows per group change no sum (each row keeps its pieces and its reduction)."""
+        Q4_0 segment with rows longer than Tuning.matvec_quant_short_k. Measured on an H100
+        (docs/perf-notes.md, change 12): 2560-row Q8_0, F16 and F32 products run faster with
+        the workgroups one row per group gives; the 4-6 bit formats ran faster with two rows
+        sharing each load of x. Rows per group change no sum (each row keeps its pieces and
+        its reduction)."""
+        t = self.kernels.tuning
         rows = sum(s.rows for s in table)
-        return rows < self.kernels.tuning.matvec_rows_from and not any(s.fmt in qk.LAYOUTS for s in table)
+        return rows < t.matvec_rows_from and all(s.fmt not in qk.LAYOUTS or s.K <= t.matvec_quant_short_k
+                                                 for s in table)
 
     def _one_row_constants(self) -> dict:
         """The one-row variant's pipeline constants: NR 1, and Tuning.matvec_small_wg threads

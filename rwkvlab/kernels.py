@@ -535,6 +535,7 @@ class Tuning:
     matvec_rows_from: int = 0  # mat-vec dispatches with fewer rows than this (and all lanes on
     #                            each row) use one row per group: more workgroups; 0 = none do
     matvec_small_wg: int = 0  # threads per workgroup of those one-row dispatches (0 = matvec_wg)
+    matvec_quant_short_k: int = 0  # Q4_0 / K-quant rows at most this long may take them too (0 = none)
     matvec_wide_pieces: int = 0  # matvec_pieces for matrices of at least matvec_wide_from rows
     matvec_wide_from: int = 32768  # (the head); 0 pieces = matvec_pieces for them too
     matvec_short_pieces: int = 0  # matvec_pieces for rows shorter than matvec_short_k elements
