@@ -237,13 +237,18 @@ def _profile(sub) -> None:
         help="per-kernel GPU time of one generation step (timestamp queries)",
         description="Load a model and time every kernel of a generation step with GPU timestamps: "
         "microseconds per token per kernel and its share of the step, grouped over layers. Without "
-        "timestamp support it says so and reports the wall time per token.",
+        "timestamp support it says so and reports the wall time per token. Timestamps cost time "
+        "themselves; --ablate measures without them: the step, the step without each op (what that op "
+        "costs in place) and the floor one more dispatch costs.",
     )
     _model_args(p)
     p.add_argument("--tokens", type=int, default=16, help="generation steps to profile (default: 16)")
     p.add_argument("--top", type=int, default=None, help="show only the N most expensive kernels")
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="T",
                    help="profile a prefill chunk of T tokens instead of a generation step (times per token)")
+    p.add_argument("--ablate", action="store_true",
+                   help="time whole steps (--tokens per measurement, median of 3) with each op left out, "
+                   "instead of timestamps between dispatches")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(handler="rwkvlab.profile:cli_profile")
 

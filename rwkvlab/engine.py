@@ -1016,6 +1016,10 @@ class Engine:
         self._queue.submit([enc.finish()])
         return self._read(nbytes, dtype)
 
+    def wait(self) -> None:
+        """Wait until the GPU has run everything submitted so far (a 4-byte read)."""
+        self._copy_and_read(self.buffers["gen"], 0, 4, np.uint32)
+
     def reset(self) -> None:
         """Zero the recurrent state: the next token starts a new sequence."""
         enc = self._device.create_command_encoder()
@@ -1061,6 +1065,21 @@ class Engine:
         self._plans = {k: v for k, v in self._plans.items() if not k[2]}
         self._ensure_readback((1 + self.gen_capacity) * 4)
 
+    def run_steps(self, step: kn.Plan, n: int) -> None:
+        """Submit `n` one-token steps of a plan (T = 1 must be set), STEPS_PER_SUBMIT per
+        command buffer, without waiting: how generate runs them, and what
+        rwkvlab.profile.ablate times with ops left out or repeated."""
+        left = n
+        while left > 0:
+            k = min(left, STEPS_PER_SUBMIT)
+            enc = self._device.create_command_encoder()
+            for _ in range(k):
+                cp = enc.begin_compute_pass()
+                kn.encode(cp, step)
+                cp.end()
+            self._queue.submit([enc.finish()])
+            left -= k
+
     def generate(self, prompt_tokens: Iterable[int], n: int) -> list[int]:
         """Greedy: prefill the prompt (continuing from the state), then n tokens.
 
@@ -1088,17 +1107,7 @@ class Engine:
         self._read(4, np.uint32)
         t1 = time.perf_counter()
         self._set_T(1)
-        step = self.plan(1, "last", argmax=True)
-        left = n - 1
-        while left > 0:
-            k = min(left, STEPS_PER_SUBMIT)
-            enc = self._device.create_command_encoder()
-            for _ in range(k):
-                cp = enc.begin_compute_pass()
-                kn.encode(cp, step)
-                cp.end()
-            self._queue.submit([enc.finish()])
-            left -= k
+        self.run_steps(self.plan(1, "last", argmax=True), n - 1)
         out = self._copy_and_read(self.buffers["gen"], 4, n * 4, np.uint32)
         t2 = time.perf_counter()
         self.last_generate = GenerateStats(len(ids), n, t1 - t0, t2 - t1)

@@ -8,7 +8,7 @@ import pytest
 from rwkvlab import cli
 from rwkvlab.engine import load
 from rwkvlab.options import Options
-from rwkvlab.profile import profile
+from rwkvlab.profile import ablate, profile
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +77,26 @@ def test_prefill_chunk_profile_is_per_prompt_token(engine):
     wkv = "att.wkv_prefill" if engine.tuning.subgroups else "att.wkv"
     assert {wkv, "att.groupnorm", "ffn.key"} <= set(p.table["label"])
     assert p.wall_us_per_token > 0
+
+
+def test_ablation_accounts_for_every_op_and_leaves_the_engine_fresh(engine):
+    engine.reset()
+    before = engine.generate([0, 33, 72], 8)
+    a = ablate(engine, n_tokens=2, repeat=1)
+    assert a.dispatches_per_token == engine.dispatches_per_token
+    assert a.table["calls"].sum() == a.dispatches_per_token  # every dispatch in one row
+    assert {"embed", "att.wkv", "ffn.key", "head", "argmax"} <= set(a.table["label"])
+    assert a.step_us > 0 and a.floor_us > 0
+    assert a.table["per_call_us"].tolist() == pytest.approx((a.table["without_us"] / a.table["calls"]).tolist())
+    assert "a dispatch costs at least" in a.text() and "without" in a.text()
+    assert engine.generate([0, 33, 72], 8) == before
+
+
+def test_cli_ablate(fixtures_dir, capsys):
+    assert cli.main(["profile", "--model", str(fixtures_dir / "tiny-f32.gguf"), "--tokens", "2", "--ablate",
+                     "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "a dispatch costs at least" in out and "ffn.key" in out
+    assert cli.main(["profile", "--model", str(fixtures_dir / "tiny-f32.gguf"), "--ablate",
+                     "--prefill-chunk", "8", "--no-progress"]) == 2
+    assert "--ablate" in capsys.readouterr().err
