@@ -640,9 +640,8 @@ class Engine:
 
     def _one_row_constants(self) -> dict:
         """The one-row variant's pipeline constants: NR 1, and Tuning.matvec_small_wg threads
-        per workgroup where set. Measured on an H200 (docs/perf-notes.md, change 14): the small
-        products of a step are latency bound, and 64 threads (2 rows per workgroup) give twice
-        the workgroups of 128."""
+        per workgroup where set (64 gives twice the workgroups of 128: a step's small products
+        are latency bound on an H200, docs/perf-notes.md)."""
         wg = self.kernels.tuning.matvec_small_wg
         return {"NR": 1, **({"WG": wg} if wg else {})}
 

@@ -624,16 +624,14 @@ def choose_tuning(gpu, path: str, overrides: str = "") -> Tuning:
         # pieces per lane (matvec_wide_pieces=8) streamed 2-3x faster in kernel_bench on an H200
         # (F16 1396 -> 4158 GB/s), but in the engine it changed nothing beyond noise (2.9B Q8_0
         # 328.3 vs 327.4 tok/s, F16 307.9 vs 307.4, 0.1b 1336 vs 1359; history, d4ba46f), so it
-        # stays off: the head is ~6% of a 2.9B step's bytes. The one-row dispatches (fewer than
-        # matvec_rows_from rows: 2560-row products of 2.9B, every product but the head of 0.1b)
-        # take 64 threads per workgroup (matvec_small_wg), twice the workgroups: on an H200 a
-        # step's small products are latency bound (docs/perf-notes.md, change 14). For the same
-        # reason rows shorter than 1024 (the LoRA ups) want lanes of 1 piece, not 4
-        # (matvec_short_pieces: a K = 96 Q8_0 row gets 4 lanes instead of 1; change 15).
+        # stays off: the head is ~6% of a 2.9B step's bytes. Two knobs wait for their engine
+        # measurement (docs/perf-notes.md): matvec_small_wg=64 (the one-row dispatches in
+        # workgroups of 64: twice the workgroups; 64-thread workgroups everywhere ran the 0.1b
+        # model at 1,560 tok/s against 1,457) and matvec_short_pieces=1 (the LoRA ups, K < 1024,
+        # at 1 piece per lane: a K = 96 Q8_0 row gets 4 lanes instead of 1).
         tuning = Tuning(matvec_wg=128, matvec_red=32, matvec_unroll=2, norm_wg=256, shift_wg=64,
                         argmax_wg=256, subgroups=subgroups, subgroup_size=sg, wkv_wg=256,
-                        matvec_rows=2, matvec_pieces=4, matvec_rows_from=4096, matvec_small_wg=64,
-                        matvec_short_pieces=1, **gemm)
+                        matvec_rows=2, matvec_pieces=4, matvec_rows_from=4096, **gemm)
     tuning = replace(tuning, trusted=path == "native")
     # Matrix units (subgroup matrices, Dawn): the shape comes from the adapter's own list
     # (choose_sgmat_config) where the native path offers an f16 x f16 -> f32 config; used by

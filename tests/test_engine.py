@@ -297,11 +297,11 @@ def test_all_fusions_dispatch_count(engine, fmt):
 
 
 # What real GPUs get (kernels.choose_tuning): up to 32 lanes per mat-vec row, fewer for short
-# rows (at least 4 pieces per lane), 2 rows per group of lanes (one, in workgroups of 64, for
-# small products); 4 lanes per wkv state row; in wkv_prefill 4 lanes of a subgroup per state
-# row, 32 rows per workgroup.
+# rows (at least 4 pieces per lane), 2 rows per group of lanes (one for small products); 4
+# lanes per wkv state row; in wkv_prefill 4 lanes of a subgroup per state row, 32 rows per
+# workgroup.
 GPU_TUNING = ("matvec_wg=128,matvec_red=32,matvec_unroll=2,matvec_rows=2,matvec_pieces=4,"
-              "matvec_rows_from=4096,matvec_small_wg=64,norm_wg=256,argmax_wg=256,wkv_wg=256,"
+              "matvec_rows_from=4096,norm_wg=256,argmax_wg=256,wkv_wg=256,"
               "wkv_lanes=4,wkv_rows=32")
 
 
