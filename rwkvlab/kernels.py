@@ -703,7 +703,7 @@ def _tuning_overrides(tuning: Tuning, text: str) -> Tuning:
         name, _, value = item.partition("=")
         changes[name] = value == "1" if name in TUNING_FLAGS else int(value)
     tuning = replace(tuning, **changes)
-    if (tuning.matvec_red > tuning.matvec_wg or tuning.matvec_red > (tuning.matvec_small_wg or 1024)
+    if (tuning.matvec_red > tuning.matvec_wg or (tuning.matvec_small_wg and tuning.matvec_red > tuning.matvec_small_wg)
             or tuning.matvec_unroll > 4 or tuning.matvec_rows > 4
             or tuning.wkv_wg < 64
             or max(tuning.matvec_wg, tuning.matvec_small_wg, tuning.norm_wg, tuning.argmax_wg, tuning.wkv_wg) > 1024

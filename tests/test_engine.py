@@ -301,8 +301,7 @@ def test_all_fusions_dispatch_count(engine, fmt):
 # lanes per wkv state row; in wkv_prefill 4 lanes of a subgroup per state row, 32 rows per
 # workgroup.
 GPU_TUNING = ("matvec_wg=128,matvec_red=32,matvec_unroll=2,matvec_rows=2,matvec_pieces=4,"
-              "matvec_rows_from=4096,norm_wg=256,argmax_wg=256,wkv_wg=256,"
-              "wkv_lanes=4,wkv_rows=32")
+              "matvec_rows_from=4096,norm_wg=256,argmax_wg=256,wkv_wg=256,wkv_lanes=4,wkv_rows=32")
 
 
 @pytest.mark.parametrize("path", ["webgpu", "native"])
