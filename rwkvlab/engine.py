@@ -35,7 +35,7 @@ from rwkvlab import quant_kernels as qk
 from rwkvlab.kernels import Dispatch
 from rwkvlab.options import KERNEL_PATHS, Options, OptionsError
 
-UPLOAD_SLICE = 64 << 20  # bytes per write_buffer during load (then submit([]) frees staging)
+UPLOAD_SLICE = 64 << 20  # most bytes of one upload slice, and of each staging buffer of the load
 STEPS_PER_SUBMIT = 8  # generation steps encoded into one command buffer
 GEN_CAPACITY = 1024  # generated ids the GPU list holds before it is grown
 _ALIGN = 256  # storage binding offsets are multiples of this on every device (WebGPU maximum)
@@ -498,16 +498,21 @@ class Engine:
 
     def _write_weights(self, slices: list["_UploadSlice"], bar, stop: threading.Event) -> None:
         """Fill the buffers `_place_weights` made (the "upload" phase; on a thread of its own
-        where the runtime allows, so it stops early when `stop` is set); closes `bar`."""
+        where the runtime allows, so it stops early when `stop` is set) through a staging ring
+        (gpu.StagingRing: reused staging buffers, not write_buffer's one per call); closes `bar`."""
         t0 = time.perf_counter()
-        self._pending = 0
+        ring = gpu_runtime.StagingRing(self.gpu, UPLOAD_SLICE)
         try:
             for s, data in _prepared_in_threads(slices, _UploadSlice.bytes):
                 if stop.is_set():
                     return
-                self._write(s.buffer, s.offset, data, bar)
-            self._write(self.vecs, 0, self._vector_data(), bar)
+                ring.write(s.buffer, s.offset, data)
+                bar.update(data.nbytes)
+            vectors = self._vector_data()
+            ring.write(self.vecs, 0, vectors)
+            bar.update(vectors.nbytes)
         finally:
+            ring.close()
             bar.close()
             self.load_phases.add("upload", t0, time.perf_counter())
 
@@ -517,16 +522,6 @@ class Engine:
             fmt = self.weight_formats[name]
             self.matrices[name] = Matrix(name, fmt, M, K, kn.row_words(fmt, K), [])
         return self.matrices[name]
-
-    def _write(self, buffer, offset: int, data: np.ndarray, bar) -> None:
-        """write_buffer, with a submit([]) every UPLOAD_SLICE bytes: wgpu keeps each write's
-        staging copy until the next submit, so without it host memory grows by the model."""
-        self._queue.write_buffer(buffer, offset, data)
-        self._pending += data.nbytes
-        bar.update(data.nbytes)
-        if self._pending >= UPLOAD_SLICE:
-            self._queue.submit([])
-            self._pending = 0
 
     def _row_slices(self, buf, w_base: int, mat: Matrix, row0: int, rows: int) -> list["_UploadSlice"]:
         """Rows [row0, row0 + rows) of a matrix as uploads of at most UPLOAD_SLICE bytes into

@@ -76,8 +76,8 @@ _LIMITS = (
 )
 
 # WebGPU's numbers for the flags the lab uses (the spec's bit values; both runtimes take them).
-MAP_READ, COPY_SRC, COPY_DST, UNIFORM, STORAGE, QUERY_RESOLVE = 0x1, 0x4, 0x8, 0x40, 0x80, 0x200
-MAP_MODE_READ = 0x1
+MAP_READ, MAP_WRITE, COPY_SRC, COPY_DST, UNIFORM, STORAGE, QUERY_RESOLVE = 0x1, 0x2, 0x4, 0x8, 0x40, 0x80, 0x200
+MAP_MODE_READ, MAP_MODE_WRITE = 0x1, 0x2
 COMPUTE_STAGE = 0x4
 # Bind group layout entry types (Kernels.layouts), by the lab's binding kinds.
 BINDING_TYPES = {"uniform": "uniform", "read": "read-only-storage", "rw": "storage"}
@@ -588,6 +588,76 @@ def beside(gpu: GPU, fn: Callable[[], object]) -> Pending:
     if BESIDE and threads_share_device(gpu):
         return _on_thread(_pool("beside", 4).submit, fn)
     return Pending(fn, deferred=True)
+
+
+class StagingRing:
+    """Host bytes into device buffers through a few reusable staging buffers (the load's weights).
+
+    ``queue.write_buffer`` makes a fresh staging buffer for every call and frees it once the
+    GPU has copied from it; at 64 MiB per call that allocation, not the copy, bounds the load
+    (about 2 GB/s on an H200). Here ``slots`` buffers of ``slot_bytes`` (MAP_WRITE | COPY_SRC)
+    are made once and cycled: :meth:`write` packs data into the mapped slot, and a full slot is
+    unmapped, its copies encoded and submitted, and the next slot mapped (waiting, if need
+    be, for the GPU to have copied out of it). :meth:`flush` submits what is packed;
+    :meth:`close` flushes and frees the slots. Sizes and offsets are multiples of 4 (WebGPU's
+    copy alignment); each piece starts 8-byte aligned in its slot (a mapped range's offset
+    must be). One thread at a time."""
+
+    def __init__(self, gpu: GPU, slot_bytes: int = 64 << 20, slots: int = 3) -> None:
+        if slot_bytes % 8 or slots < 1:
+            raise ValueError(f"staging slots of {slot_bytes} bytes x {slots}: need a multiple of 8 and at least one")
+        self._device = gpu.device
+        self.slot_bytes = slot_bytes
+        self._slots = [gpu.device.create_buffer(label=f"staging:{i}", size=slot_bytes,
+                                                usage=MAP_WRITE | COPY_SRC, mapped_at_creation=True)
+                       for i in range(slots)]
+        self._mapped = [True] * slots
+        self._slot = 0  # the slot being packed
+        self._used = 0  # bytes packed into it
+        self._copies: list[tuple] = []  # (slot offset, destination, destination offset, bytes)
+
+    def write(self, buffer, offset: int, data) -> None:
+        """Copy ``data`` (a contiguous array or bytes) to ``buffer`` at byte ``offset``."""
+        view = memoryview(data).cast("B")
+        if offset % 4 or view.nbytes % 4:
+            raise ValueError(f"staging copy of {view.nbytes} bytes at offset {offset}: WebGPU copies "
+                             "multiples of 4 bytes at offsets that are multiples of 4")
+        done = 0
+        while done < view.nbytes:
+            if self._used >= self.slot_bytes:
+                self.flush()
+            n = min(view.nbytes - done, self.slot_bytes - self._used)
+            slot = self._slots[self._slot]
+            if not self._mapped[self._slot]:
+                slot.map_sync(MAP_MODE_WRITE)
+                self._mapped[self._slot] = True
+            slot.write_mapped(view[done:done + n], self._used)
+            self._copies.append((self._used, buffer, offset + done, n))
+            self._used += -(-n // 8) * 8
+            done += n
+
+    def flush(self) -> None:
+        """Submit the copies packed so far and move to the next slot."""
+        if not self._copies:
+            return
+        slot = self._slots[self._slot]
+        slot.unmap()
+        self._mapped[self._slot] = False
+        enc = self._device.create_command_encoder()
+        for src_offset, buffer, offset, n in self._copies:
+            enc.copy_buffer_to_buffer(slot, src_offset, buffer, offset, n)
+        self._device.queue.submit([enc.finish()])
+        self._copies.clear()
+        self._slot = (self._slot + 1) % len(self._slots)
+        self._used = 0
+
+    def close(self) -> None:
+        """Flush, then let the slots go (the runtime frees each once the GPU has copied from it)."""
+        self.flush()
+        for slot, mapped in zip(self._slots, self._mapped):
+            if mapped:
+                slot.unmap()
+        self._slots.clear()
 
 
 # Encode wgpu-native dispatch lists through its C functions (tests switch it off to compare).

@@ -73,3 +73,57 @@ def test_the_check_asks_for_a_vulkan_driver_when_opengl_cannot_compute(adapters,
     monkeypatch.setattr(gpu, "_pick_adapter", gpu._pick_adapter.__wrapped__)  # no cached choice
     assert gpu.main(["--check"]) == 3
     assert "no usable adapter" in capsys.readouterr().err
+
+
+# --- the load's staging ring ----------------------------------------------------------------
+
+
+def _read_back(g, buffer, nbytes: int):
+    import numpy as np
+
+    out = g.device.create_buffer(size=nbytes, usage=gpu.MAP_READ | gpu.COPY_DST)
+    enc = g.device.create_command_encoder()
+    enc.copy_buffer_to_buffer(buffer, 0, out, 0, nbytes)
+    g.device.queue.submit([enc.finish()])
+    out.map_sync(gpu.MAP_MODE_READ)
+    try:
+        return np.frombuffer(out.read_mapped(), np.uint8).copy()
+    finally:
+        out.unmap()
+
+
+@pytest.mark.parametrize("runtime", ["wgpu-native", "dawn"])
+def test_the_staging_ring_puts_every_byte_where_it_was_asked(runtime):
+    """Writes smaller than a slot, spanning slots and larger than the whole ring (so slots are
+    mapped again after the GPU copied out of them), into two buffers out of order: every byte
+    lands at its offset, and bytes never written stay zero."""
+    import numpy as np
+
+    g = gpu.get_gpu("auto", runtime=runtime)
+    rng = np.random.default_rng(1)
+    size = 4096
+    dst = [g.device.create_buffer(size=size, usage=gpu.STORAGE | gpu.COPY_DST | gpu.COPY_SRC) for _ in range(2)]
+    want = [np.zeros(size, np.uint8) for _ in dst]
+    ring = gpu.StagingRing(g, slot_bytes=256, slots=2)
+    for b, offset, n in [(0, 0, 40), (1, 1000, 300), (0, 2048, 1200), (1, 8, 4), (0, 100, 96), (1, 2000, 2096)]:
+        data = rng.integers(0, 256, n, dtype=np.uint8)
+        ring.write(dst[b], offset, data)
+        want[b][offset:offset + n] = data
+    ring.close()
+    for b, w in zip(dst, want):
+        np.testing.assert_array_equal(_read_back(g, b, size), w)
+
+
+def test_the_staging_ring_refuses_unaligned_copies_by_size_and_offset():
+    import numpy as np
+
+    g = gpu.get_gpu("auto")
+    dst = g.device.create_buffer(size=64, usage=gpu.STORAGE | gpu.COPY_DST)
+    ring = gpu.StagingRing(g, slot_bytes=64, slots=1)
+    with pytest.raises(ValueError, match="6 bytes at offset 0: WebGPU copies multiples of 4"):
+        ring.write(dst, 0, np.zeros(6, np.uint8))
+    with pytest.raises(ValueError, match="8 bytes at offset 2"):
+        ring.write(dst, 2, np.zeros(8, np.uint8))
+    with pytest.raises(ValueError, match="staging slots of 68 bytes x 2: need a multiple of 8"):
+        gpu.StagingRing(g, slot_bytes=68, slots=2)
+    ring.close()
