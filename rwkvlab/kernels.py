@@ -535,6 +535,7 @@ class Tuning:
     matvec_rows_from: int = 0  # mat-vec dispatches with fewer rows than this (and all lanes on
     #                            each row) use one row per group: more workgroups; 0 = none do
     matvec_small_wg: int = 0  # threads per workgroup of those one-row dispatches (0 = matvec_wg)
+    matvec_small_weights: int = 0  # ... of those with at most this many weights (0 = all of them)
     matvec_quant_short_k: int = 0  # Q4_0 / K-quant rows at most this long may take them too (0 = none)
     matvec_wide_pieces: int = 0  # matvec_pieces for matrices of at least matvec_wide_from rows
     matvec_wide_from: int = 32768  # (the head); 0 pieces = matvec_pieces for them too
@@ -624,14 +625,17 @@ def choose_tuning(gpu, path: str, overrides: str = "") -> Tuning:
         # pieces per lane (matvec_wide_pieces=8) streamed 2-3x faster in kernel_bench on an H200
         # (F16 1396 -> 4158 GB/s), but in the engine it changed nothing beyond noise (2.9B Q8_0
         # 328.3 vs 327.4 tok/s, F16 307.9 vs 307.4, 0.1b 1336 vs 1359; history, d4ba46f), so it
-        # stays off: the head is ~6% of a 2.9B step's bytes. Two knobs wait for their engine
-        # measurement (docs/perf-notes.md): matvec_small_wg=64 (the one-row dispatches in
-        # workgroups of 64: twice the workgroups; 64-thread workgroups everywhere ran the 0.1b
-        # model at 1,560 tok/s against 1,457) and matvec_short_pieces=1 (the LoRA ups, K < 1024,
-        # at 1 piece per lane: a K = 96 Q8_0 row gets 4 lanes instead of 1).
+        # stays off: the head is ~6% of a 2.9B step's bytes. One-row dispatches of at most 4 M
+        # weights run in 64-thread workgroups (twice the workgroups): on an H200 (history,
+        # issue 14) 64 threads for every one-row dispatch ran the 0.1b model (products of at
+        # most 2.4 M weights) 9.6% faster and the 2.9B Q8_0 one (6.6 M and up) 2% slower, so
+        # the 2.9B and larger products keep 128. matvec_short_pieces=1 (the LoRA ups, K < 1024,
+        # at 1 piece per lane) measured +1.4% on 2.9B Q8_0 but moves the logits (other sums):
+        # it stays a knob.
         tuning = Tuning(matvec_wg=128, matvec_red=32, matvec_unroll=2, norm_wg=256, shift_wg=64,
                         argmax_wg=256, subgroups=subgroups, subgroup_size=sg, wkv_wg=256,
-                        matvec_rows=2, matvec_pieces=4, matvec_rows_from=4096, **gemm)
+                        matvec_rows=2, matvec_pieces=4, matvec_rows_from=4096,
+                        matvec_small_wg=64, matvec_small_weights=1 << 22, **gemm)
     tuning = replace(tuning, trusted=path == "native")
     # Matrix units (subgroup matrices, Dawn): the shape comes from the adapter's own list
     # (choose_sgmat_config) where the native path offers an f16 x f16 -> f32 config; used by

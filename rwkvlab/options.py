@@ -61,7 +61,7 @@ TUNING_SIZES = ("argmax_wg", "gemm_k", "gemm_rows", "matvec_red", "matvec_rows",
                 "matvec_small_wg", "matvec_wg", "norm_wg", "sgmat_k", "sgmat_m", "sgmat_n", "sgmat_rows", "sgmat_tokens",
                 "shift_wg", "wkv_lanes", "wkv_rows", "wkv_wg")
 TUNING_COUNTS = ("matvec_pieces", "matvec_rows_from", "matvec_wide_pieces", "matvec_wide_from",
-                 "matvec_short_pieces", "matvec_short_k", "matvec_quant_short_k")
+                 "matvec_short_pieces", "matvec_short_k", "matvec_quant_short_k", "matvec_small_weights")
 # 0 or 1: trusted (shader modules without runtime checks), gemm_sgmat (prefill GEMMs on the
 # matrix units through subgroup matrices, where the adapter has them; off by default for now,
 # rwkvlab.kernels.SGMAT_BY_DEFAULT)

@@ -297,11 +297,12 @@ def test_all_fusions_dispatch_count(engine, fmt):
 
 
 # What real GPUs get (kernels.choose_tuning): up to 32 lanes per mat-vec row, fewer for short
-# rows (at least 4 pieces per lane), 2 rows per group of lanes (one for small products); 4
-# lanes per wkv state row; in wkv_prefill 4 lanes of a subgroup per state row, 32 rows per
-# workgroup.
+# rows (at least 4 pieces per lane), 2 rows per group of lanes (one for small products, in
+# 64-thread workgroups when they hold at most 4 M weights); 4 lanes per wkv state row; in
+# wkv_prefill 4 lanes of a subgroup per state row, 32 rows per workgroup.
 GPU_TUNING = ("matvec_wg=128,matvec_red=32,matvec_unroll=2,matvec_rows=2,matvec_pieces=4,"
-              "matvec_rows_from=4096,norm_wg=256,argmax_wg=256,wkv_wg=256,wkv_lanes=4,wkv_rows=32")
+              "matvec_rows_from=4096,matvec_small_wg=64,matvec_small_weights=4194304,"
+              "norm_wg=256,argmax_wg=256,wkv_wg=256,wkv_lanes=4,wkv_rows=32")
 
 
 @pytest.mark.parametrize("path", ["webgpu", "native"])
@@ -599,12 +600,23 @@ def test_small_matvec_dispatches_take_one_row_per_group(fixtures_dir, monkeypatc
                    for d in e.plan(1, "last") if d.kernel.name == "matvec"}
 
     want, _ = engine_with(",matvec_rows_from=0")
-    e, nr = engine_with(",matvec_rows_from=1000,matvec_small_wg=64")
+    e, nr = engine_with(",matvec_rows_from=1000,matvec_small_weights=0")
     assert nr["head"][:2] == (2, 128)  # 65536 rows
     for label, (rows_per_group, wg, wf) in nr.items():
         if label.endswith(("att.out", "ffn.value")):  # 256 rows each
             small = wf not in ("Q4_0", "Q4_K", "Q5_K", "Q6_K")
             assert (rows_per_group, wg) == ((1, 64) if small else (2, 128)), (label, wf)
+    assert_same_plan(np.stack([e.step(t) for t in TOKENS[:4]]),
+                     np.stack([want.step(t) for t in TOKENS[:4]]), e.gpu)
+    # matvec_small_weights: only one-row dispatches of at most that many weights take
+    # matvec_small_wg (att.out, 256 x 256 = 65536 weights, does; ffn.value, 256 x 1024, does not)
+    assert (e.matrices["blk.0.time_mix_output.weight"].M, e.matrices["blk.0.time_mix_output.weight"].K,
+            e.matrices["blk.0.channel_mix_value.weight"].K) == (256, 256, 1024)
+    e, nr = engine_with(",matvec_rows_from=1000,matvec_small_weights=65536")
+    for label, (rows_per_group, wg, wf) in nr.items():
+        if label.endswith(("att.out", "ffn.value")) and wf not in ("Q4_0", "Q4_K", "Q5_K", "Q6_K"):
+            assert (rows_per_group, wg) == ((1, 64) if label.endswith("att.out") else (1, 128)), (label, wf)
+    want.reset()
     assert_same_plan(np.stack([e.step(t) for t in TOKENS[:4]]),
                      np.stack([want.step(t) for t in TOKENS[:4]]), e.gpu)
 
