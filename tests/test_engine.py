@@ -407,6 +407,33 @@ def test_generate_equals_reference_greedy(engine, reference):
     assert (st.n_prompt, st.n_generated) == (5, 20) and st.prefill_seconds > 0 < st.generate_seconds
 
 
+def test_steps_are_submitted_one_then_doubling_up_to_steps_per_submit(monkeypatch):
+    """run_steps puts 1, 2, 4, then STEPS_PER_SUBMIT steps in each command buffer (the GPU
+    starts after one step's encoding), every step in a compute pass of its own, none lost."""
+    from types import SimpleNamespace
+
+    passes, submits = [], []
+
+    class Encoder:
+        def begin_compute_pass(self):
+            passes.append(0)
+            return SimpleNamespace(end=lambda: None)
+
+        def finish(self):
+            return len(passes)
+
+    monkeypatch.setattr(engine_mod.kn, "encode", lambda cp, plan: None)
+    fake = SimpleNamespace(_device=SimpleNamespace(create_command_encoder=Encoder),
+                           _queue=SimpleNamespace(submit=lambda bufs: submits.append(bufs[0])))
+    assert engine_mod.STEPS_PER_SUBMIT == 8
+    engine_mod.Engine.run_steps(fake, None, 40)
+    sizes = np.diff([0, *submits]).tolist()
+    assert sizes == [1, 2, 4, 8, 8, 8, 8, 1]
+    passes.clear(), submits.clear()
+    engine_mod.Engine.run_steps(fake, None, 2)
+    assert np.diff([0, *submits]).tolist() == [1, 1]
+
+
 def test_generate_grows_its_id_list(engine, monkeypatch):
     monkeypatch.setattr(engine_mod, "GEN_CAPACITY", 3)
     e = load(engine("f32").path, Options(fusions=frozenset()), progress=False)
