@@ -324,8 +324,6 @@ class Engine:
     """
     def __init__(self, model, gpu, options: Options, *, progress: bool = True,
                  split_bytes: int | None = None, phases: LoadPhases | None = None) -> None:
-        from rwkvlab.tokenizer import Tokenizer
-
         if options.path not in KERNEL_PATHS:
             raise OptionsError(f"Engine needs a resolved kernel path, got {options.path!r}; "
                                "load() resolves it (rwkvlab.gpu.resolve_options)")
@@ -335,6 +333,19 @@ class Engine:
         self.options = options  # resolved: what runs is what gets recorded
         self.load_seconds = 0.0
         self.load_phases = phases or LoadPhases()
+        # The tuning (its subgroup probe compiles and runs a shader: ~0.3 s on a fresh H200
+        # driver) is worked out beside the tokenizer and the layout; the plan waits for it.
+        tuning = gpu_runtime.beside(gpu, lambda: kn.choose_tuning(gpu, options.path, options.tuning))
+        try:
+            self._layout_and_plan(model, gpu, options, tuning, progress, split_bytes)
+        finally:
+            tuning.discard()  # waited for already, or an error stopped the load before the plan
+
+    def _layout_and_plan(self, model, gpu, options: Options, tuning: "gpu_runtime.Pending", progress: bool,
+                         split_bytes: int | None) -> None:
+        """The rest of __init__: tokenizer, checks, layout, then the upload beside the plan."""
+        from rwkvlab.tokenizer import Tokenizer
+
         with self.load_phases.phase("tokenizer"):
             self.tokenizer = Tokenizer.from_model(model)
         self.last_generate: GenerateStats | None = None
@@ -367,7 +378,7 @@ class Engine:
         upload = gpu_runtime.beside(gpu, lambda: self._write_weights(slices, bar, stop))
         try:
             with phases.phase("tuning"):
-                self.tuning = kn.choose_tuning(gpu, options.path, options.tuning)
+                self.tuning = tuning.result()
                 self.kernels = kn.kernels_for(gpu, self.tuning)
             with phases.phase("plan"):
                 mark = self.kernels.mark()

@@ -542,6 +542,16 @@ def test_a_pipeline_that_fails_to_build_fails_the_load_by_name(fixtures_dir, mon
     assert load(fixtures_dir / "tiny-f32.gguf", Options(), progress=False).dispatches_per_token > 0
 
 
+def test_a_tuning_that_cannot_be_built_fails_the_load_and_the_next_load_works(fixtures_dir):
+    """The tuning is worked out beside the tokenizer and the layout: one that cannot be built
+    still stops the load with its KernelError (after the upload has stopped), and the next
+    load, with the device's own tuning, works; the load's phases still hold "tuning"."""
+    with pytest.raises(kn.KernelError, match="matvec_red must be <= matvec_wg"):
+        load(fixtures_dir / "tiny-f32.gguf", Options(tuning="matvec_red=64,matvec_wg=32"), progress=False)
+    e = load(fixtures_dir / "tiny-f32.gguf", Options(), progress=False)
+    assert e.dispatches_per_token > 0 and "tuning" in e.load_phases.spans
+
+
 def test_cli_generate_prints_the_load_phases(capsys):
     assert cli_main(["generate", "--preset", "tiny", "--prompt", "Hi", "-n", "2"]) == 0
     err = capsys.readouterr().err
