@@ -35,7 +35,11 @@ from rwkvlab import quant_kernels as qk
 from rwkvlab.kernels import Dispatch
 from rwkvlab.options import KERNEL_PATHS, Options, OptionsError
 
-UPLOAD_SLICE = 64 << 20  # most bytes of one upload slice, and of each staging buffer of the load
+UPLOAD_SLICE = 64 << 20  # most bytes of one upload slice (prepared by a worker thread)
+# Bytes of each of the load's three staging buffers (gpu.StagingRing). 16 and 64 MiB ran alike
+# on an H200 (8.4 GB/s), and freeing 3 x 64 MiB of mapped memory at the end of the load cost
+# the first step ~90 ms on wgpu-native.
+STAGING_SLOT = 16 << 20
 STEPS_PER_SUBMIT = 8  # most generation steps encoded into one command buffer (run_steps)
 GEN_CAPACITY = 1024  # generated ids the GPU list holds before it is grown
 _ALIGN = 256  # storage binding offsets are multiples of this on every device (WebGPU maximum)
@@ -512,7 +516,8 @@ class Engine:
         where the runtime allows, so it stops early when `stop` is set) through a staging ring
         (gpu.StagingRing: reused staging buffers, not write_buffer's one per call); closes `bar`."""
         t0 = time.perf_counter()
-        ring = gpu_runtime.StagingRing(self.gpu, UPLOAD_SLICE)
+        # slots no bigger than the whole upload (a tiny model's is a few MB)
+        ring = gpu_runtime.StagingRing(self.gpu, min(STAGING_SLOT, _ceil_div(self._upload_bytes + self.vecs.size, 8) * 8))
         try:
             for s, data in _prepared_in_threads(slices, _UploadSlice.bytes):
                 if stop.is_set():

@@ -34,6 +34,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from rwkvlab.options import BACKENDS, RUNTIMES, Options, OptionsError, normalize_tuning, tuning_from_environment
 
 # Options.backend -> the adapter's info["backend_type"] (both runtimes spell them alike)
@@ -594,16 +596,18 @@ class StagingRing:
     """Host bytes into device buffers through a few reusable staging buffers (the load's weights).
 
     ``queue.write_buffer`` makes a fresh staging buffer for every call and frees it once the
-    GPU has copied from it; at 64 MiB per call that allocation, not the copy, bounds the load
-    (about 2 GB/s on an H200). Here ``slots`` buffers of ``slot_bytes`` (MAP_WRITE | COPY_SRC)
-    are made once and cycled: :meth:`write` packs data into the mapped slot, and a full slot is
-    unmapped, its copies encoded and submitted, and the next slot mapped (waiting, if need
-    be, for the GPU to have copied out of it). :meth:`flush` submits what is packed;
-    :meth:`close` flushes and frees the slots. Sizes and offsets are multiples of 4 (WebGPU's
-    copy alignment); each piece starts 8-byte aligned in its slot (a mapped range's offset
-    must be). One thread at a time."""
+    GPU has copied from it: on Dawn that ran a 2.9B Q8_0 upload from memory at 2.9 GB/s, this
+    ring at 9 GB/s (wgpu-native: 7.5 and 8.4; H200, docs/perf-notes.md). ``slots`` buffers of
+    ``slot_bytes`` (MAP_WRITE | COPY_SRC) are made once and cycled: :meth:`write` copies data
+    into the mapped slot, and a full slot is unmapped, its copies encoded and submitted, and
+    the next slot mapped (waiting, if need be, for the GPU to have copied out of it).
+    :meth:`flush` submits what is packed; :meth:`close` flushes and lets the slots go. Sizes
+    and offsets are multiples of 4 (WebGPU's copy alignment); each piece starts 8-byte aligned
+    in its slot (a mapped range's offset must be). The copy into a slot is NumPy's, which lets
+    go of the GIL (wgpu-py's write_mapped copies holding it, stalling the threads that prepare
+    the next slices) where the runtime hands out the mapped range itself. One thread at a time."""
 
-    def __init__(self, gpu: GPU, slot_bytes: int = 64 << 20, slots: int = 3) -> None:
+    def __init__(self, gpu: GPU, slot_bytes: int = 16 << 20, slots: int = 3) -> None:
         if slot_bytes % 8 or slots < 1:
             raise ValueError(f"staging slots of {slot_bytes} bytes x {slots}: need a multiple of 8 and at least one")
         self._device = gpu.device
@@ -618,20 +622,24 @@ class StagingRing:
 
     def write(self, buffer, offset: int, data) -> None:
         """Copy ``data`` (a contiguous array or bytes) to ``buffer`` at byte ``offset``."""
-        view = memoryview(data).cast("B")
-        if offset % 4 or view.nbytes % 4:
-            raise ValueError(f"staging copy of {view.nbytes} bytes at offset {offset}: WebGPU copies "
+        src = np.frombuffer(memoryview(data).cast("B"), np.uint8)
+        if offset % 4 or src.nbytes % 4:
+            raise ValueError(f"staging copy of {src.nbytes} bytes at offset {offset}: WebGPU copies "
                              "multiples of 4 bytes at offsets that are multiples of 4")
         done = 0
-        while done < view.nbytes:
+        while done < src.nbytes:
             if self._used >= self.slot_bytes:
                 self.flush()
-            n = min(view.nbytes - done, self.slot_bytes - self._used)
+            n = min(src.nbytes - done, self.slot_bytes - self._used)
             slot = self._slots[self._slot]
             if not self._mapped[self._slot]:
                 slot.map_sync(MAP_MODE_WRITE)
                 self._mapped[self._slot] = True
-            slot.write_mapped(view[done:done + n], self._used)
+            mapped_range = getattr(slot, "_experimental_get_mapped_range", None)
+            if mapped_range is not None:  # both runtimes' wgpu-py have it (0.32); a view valid until unmap
+                np.copyto(np.frombuffer(mapped_range(self._used, n), np.uint8), src[done:done + n])
+            else:
+                slot.write_mapped(src[done:done + n], self._used)
             self._copies.append((self._used, buffer, offset + done, n))
             self._used += -(-n // 8) * 8
             done += n
