@@ -39,9 +39,8 @@ from rwkvlab.kernels import Dispatch
 from rwkvlab.options import KERNEL_PATHS, Options, OptionsError
 
 UPLOAD_SLICE = 64 << 20  # most bytes of one upload slice (prepared by a worker thread)
-# Bytes of each of the load's three staging buffers (gpu.StagingRing). 16 and 64 MiB ran alike
-# on an H200 (8.4 GB/s), and freeing 3 x 64 MiB of mapped memory at the end of the load cost
-# the first step ~90 ms on wgpu-native.
+# Bytes of each of the load's three staging buffers (gpu.StagingRing): 16 and 64 MiB wrote
+# alike on an H200 (~8 GB/s), so the smaller one, less mapped memory held.
 STAGING_SLOT = 16 << 20
 STEPS_PER_SUBMIT = 8  # most generation steps encoded into one command buffer (run_steps)
 GEN_CAPACITY = 1024  # generated ids the GPU list holds before it is grown
@@ -536,9 +535,10 @@ class Engine:
             yield slices
 
     def _write_weights(self, slices: Iterable["_UploadSlice"], bar, stop: threading.Event) -> None:
-        """Fill the buffers `_weight_buffers` makes, as it hands them over (the "upload" phase; on a thread of its own
-        where the runtime allows, so it stops early when `stop` is set) through a staging ring
-        (gpu.StagingRing: reused staging buffers, not write_buffer's one per call); closes `bar`."""
+        """Fill the buffers `_weight_buffers` makes, as it hands them over (the "upload" phase;
+        on a thread of its own where the runtime allows, so it stops early when `stop` is set)
+        through a staging ring (gpu.StagingRing: reused staging buffers, not write_buffer's one
+        per call); closes `bar`."""
         t0 = time.perf_counter()
         # slots no bigger than the whole upload (a tiny model's is a few MB)
         ring = gpu_runtime.StagingRing(self.gpu, min(STAGING_SLOT, _ceil_div(self._upload_bytes + self.vecs.size, 8) * 8))
