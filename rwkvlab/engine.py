@@ -17,14 +17,11 @@ wkv state) lives on the GPU in fp32 and carries over between calls until `reset(
 """
 from __future__ import annotations
 
-import collections
-import itertools
-import queue
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -297,31 +294,26 @@ def _progress_bar(total: int, desc: str, progress: bool):
                 desc=desc, disable=not progress, leave=False)
 
 
-def _prepared_in_threads(items: Iterable, prepare: Callable, ahead: int | None = None) -> Iterable:
+def _prepared_in_threads(items: list, prepare: Callable, ahead: int | None = None) -> Iterable:
     """(item, prepare(item)) in order, with up to `ahead` items prepared by worker threads
-    while the caller consumes earlier ones. `items` may be an iterator that blocks until the
-    next item exists (the load hands slices over as it makes their buffers).
+    while the caller consumes earlier ones.
 
     Loading is a chain of host copies: page-cache reads of the file, the Q8_0 regroup (about
-    0.3 s per GB on one core), the staging copy. NumPy releases the GIL while copying, so
-    workers preparing the next slices overlap the caller's writes; `ahead` bounds the host
-    memory held to that many slices (UPLOAD_SLICE bytes each)."""
+    0.3 s per GB on one core), wgpu's staging copy. NumPy releases the GIL while copying, so
+    workers preparing the next slices overlap the main thread's write_buffer calls; `ahead`
+    bounds the host memory held to that many slices (UPLOAD_SLICE bytes each)."""
     import os
 
     workers = max(1, min(8, (os.cpu_count() or 1) - 1))
     ahead = ahead or workers + 2
-    source = iter(items)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rwkvlab-load") as pool:
-        pending = collections.deque((it, pool.submit(prepare, it)) for it in itertools.islice(source, ahead))
-        while pending:
-            item, future = pending.popleft()
-            yield item, future.result()  # the slice is freed once the caller has written it
-            nxt = next(source, _END)  # after the write: waiting for the next item must not hold it up
-            if nxt is not _END:
-                pending.append((nxt, pool.submit(prepare, nxt)))
-
-
-_END = object()
+        pending = [pool.submit(prepare, it) for it in items[:ahead]]
+        for i, item in enumerate(items):
+            data = pending[i].result()
+            pending[i] = None  # drop the reference: the slice is freed once written
+            if i + ahead < len(items):
+                pending.append(pool.submit(prepare, items[i + ahead]))
+            yield item, data
 
 
 class Engine:
@@ -376,28 +368,18 @@ class Engine:
                 f"({self.spec.n_vocab} vocab), over this device's {limit >> 20} MiB binding limit; "
                 f"use a chunk of at most {limit // (self.spec.n_vocab * 4)}")
 
-        # Buffers are made empty, and each one's weights handed to the upload thread as soon as
-        # it exists, so the weights are written while the rest are made, while the subgroup
-        # probe runs and the ops are built (bind groups need buffers, not their contents), and
-        # while the pipelines the ops ask for compile (encoding needs them, building does not).
+        # Buffers are made empty first, so the weights can be written while the subgroup probe
+        # runs and the ops are built (bind groups need buffers, not their contents), and while
+        # the pipelines the ops ask for compile (encoding needs them, building does not).
         phases = self.load_phases
-        feed: queue.SimpleQueue = queue.SimpleQueue()  # slices to write, then None
+        with phases.phase("layout"):
+            self.weight_formats: dict[str, str] = {}
+            slices = self._place_weights()
+            self._allocate()
+            bar = _progress_bar(self._upload_bytes + self.vecs.size, f"loading {self.path.name}", progress)
         stop = threading.Event()
-        upload = bar = None
+        upload = gpu_runtime.beside(gpu, lambda: self._write_weights(slices, bar, stop))
         try:
-            with phases.phase("layout"):
-                self.weight_formats: dict[str, str] = {}
-                layout = self._plan_weights()
-                self._place_vectors(self._vector_names())
-                bar = _progress_bar(self._upload_bytes + self.vecs.size, f"loading {self.path.name}", progress)
-                upload = gpu_runtime.beside(gpu, lambda: self._write_weights(iter(feed.get, None), bar, stop))
-                try:
-                    for slices in self._weight_buffers(layout):
-                        for piece in slices:
-                            feed.put(piece)
-                finally:
-                    feed.put(None)
-                self._allocate()
             with phases.phase("tuning"):
                 self.tuning = tuning.result()
                 self.kernels = kn.kernels_for(gpu, self.tuning)
@@ -412,10 +394,8 @@ class Engine:
                 built = self.kernels.wait(mark)
         except BaseException:
             stop.set()
-            if upload is not None:
-                upload.discard()
-            if bar is not None:
-                bar.close()  # where the upload never ran
+            upload.discard()
+            bar.close()  # where the upload never ran
             raise
         if built:
             phases.add("pipelines", min(k.build.submitted for k in built), max(k.build.ready for k in built))
@@ -505,9 +485,9 @@ class Engine:
                 buffers.append((used, segs))
         return buffers
 
-    def _plan_weights(self) -> list[tuple[int, list[tuple[str, int, int, int]]]]:
-        """Every weight's GPU format and place (`weight_formats`, `matrices` without segments yet,
-        `_upload_bytes`): the buffers to make, as `_layout` gives them."""
+    def _place_weights(self) -> list["_UploadSlice"]:
+        """Every weight's GPU format and place: empty buffers, `matrices`, the vectors' offsets;
+        the uploads that will fill them, in order."""
         for name in self._matrix_names():
             t = self.model.tensor(name)
             self.weight_formats[name] = _gpu_format(t.ggml_type, self.options.weights)
@@ -515,30 +495,25 @@ class Engine:
                            if f == "F16" != self.model.tensor(n).ggml_type and self.options.weights == "native"})
         if fallback:
             warnings.warn(f"{self.path.name}: the kernels do not read {', '.join(fallback)} yet; those "
-                          "matrices are dequantized to F16 at load (see Engine.weight_formats)", stacklevel=4)
+                          "matrices are dequantized to F16 at load (see Engine.weight_formats)", stacklevel=3)
         self.matrices: dict[str, Matrix] = {}
         layout = self._layout()
         self._upload_bytes = sum(words * 4 for words, _ in layout)
-        return layout
-
-    def _weight_buffers(self, layout: list) -> Iterator[list["_UploadSlice"]]:
-        """Make the empty weight buffers of `layout` one at a time, recording where each
-        matrix's rows are (Matrix.segments); after each, the uploads that will fill it."""
+        slices = []
         for words, segs in layout:
             buf = self._device.create_buffer(label=f"weights:{segs[0][0]}", size=max(16, words * 4),
                                              usage=gpu_runtime.STORAGE | gpu_runtime.COPY_DST)
-            slices = []
             for name, row0, rows, w_base in segs:
                 mat = self._matrix(name)
                 slices += self._row_slices(buf, w_base, mat, row0, rows)
                 mat.segments.append(Segment(buf, w_base, row0, rows))
-            yield slices
+        self._place_vectors(self._vector_names())
+        return slices
 
-    def _write_weights(self, slices: Iterable["_UploadSlice"], bar, stop: threading.Event) -> None:
-        """Fill the buffers `_weight_buffers` makes, as it hands them over (the "upload" phase;
-        on a thread of its own where the runtime allows, so it stops early when `stop` is set)
-        through a staging ring (gpu.StagingRing: reused staging buffers, not write_buffer's one
-        per call); closes `bar`."""
+    def _write_weights(self, slices: list["_UploadSlice"], bar, stop: threading.Event) -> None:
+        """Fill the buffers `_place_weights` made (the "upload" phase; on a thread of its own
+        where the runtime allows, so it stops early when `stop` is set) through a staging ring
+        (gpu.StagingRing: reused staging buffers, not write_buffer's one per call); closes `bar`."""
         t0 = time.perf_counter()
         # slots no bigger than the whole upload (a tiny model's is a few MB)
         ring = gpu_runtime.StagingRing(self.gpu, min(STAGING_SLOT, _ceil_div(self._upload_bytes + self.vecs.size, 8) * 8))

@@ -552,25 +552,6 @@ def test_a_tuning_that_cannot_be_built_fails_the_load_and_the_next_load_works(fi
     assert e.dispatches_per_token > 0 and "tuning" in e.load_phases.spans
 
 
-def test_an_error_while_making_the_buffers_stops_the_upload_and_the_next_load_works(fixtures_dir, monkeypatch):
-    """Weight buffers are handed to the upload thread one by one as they are made: an error
-    after the first still ends the upload (nothing waits for slices that never come) and fails
-    the load with that error; the next load works."""
-    made = engine_mod.Engine._weight_buffers
-
-    def fails_after_one(self, layout):
-        gen = made(self, layout)
-        yield next(gen)
-        raise MemoryError("out of device memory (test)")
-
-    monkeypatch.setattr(engine_mod.Engine, "_weight_buffers", fails_after_one)
-    with pytest.raises(MemoryError, match="out of device memory"):
-        load(fixtures_dir / "tiny-f32.gguf", Options(), progress=False)
-    monkeypatch.undo()
-    e = load(fixtures_dir / "tiny-f32.gguf", Options(), progress=False)
-    assert e.generate(TOKENS[:3], 4) == load(fixtures_dir / "tiny-f32.gguf", Options(), progress=False).generate(TOKENS[:3], 4)
-
-
 def test_cli_generate_prints_the_load_phases(capsys):
     assert cli_main(["generate", "--preset", "tiny", "--prompt", "Hi", "-n", "2"]) == 0
     err = capsys.readouterr().err
