@@ -340,14 +340,15 @@ class Engine:
         # driver) is worked out beside the tokenizer and the layout; the plan waits for it.
         tuning = gpu_runtime.beside(gpu, lambda: kn.choose_tuning(gpu, options.path, options.tuning))
         try:
-            self._layout_and_plan(model, gpu, options, tuning, progress, split_bytes)
+            self._layout_and_plan(tuning, progress, split_bytes)
         finally:
             tuning.discard()  # waited for already, or an error stopped the load before the plan
 
-    def _layout_and_plan(self, model, gpu, options: Options, tuning: "gpu_runtime.Pending", progress: bool,
-                         split_bytes: int | None) -> None:
+    def _layout_and_plan(self, tuning: "gpu_runtime.Pending", progress: bool, split_bytes: int | None) -> None:
         """The rest of __init__: tokenizer, checks, layout, then the upload beside the plan."""
         from rwkvlab.tokenizer import Tokenizer
+
+        model, gpu, options = self.model, self.gpu, self.options
 
         with self.load_phases.phase("tokenizer"):
             self.tokenizer = Tokenizer.from_model(model)
@@ -1103,8 +1104,9 @@ class Engine:
 
         Sampling stays on the GPU: argmax writes each id where the next step's embedding
         gather reads it and appends it to a GPU list; steps are encoded up to STEPS_PER_SUBMIT
-        to a submit (run_steps), and the ids are read back once at the end. As in Reference.generate, the last
-        id is not fed back (the state has seen the prompt and the first n - 1 ids).
+        to a submit (run_steps), and the ids are read back once at the end. As in
+        Reference.generate, the last id is not fed back (the state has seen the prompt and the
+        first n - 1 ids).
         """
         ids = self._check_tokens(prompt_tokens)
         if not ids.size:

@@ -429,7 +429,8 @@ def test_steps_are_submitted_one_then_doubling_up_to_steps_per_submit(monkeypatc
     engine_mod.Engine.run_steps(fake, None, 40)
     sizes = np.diff([0, *submits]).tolist()
     assert sizes == [1, 2, 4, 8, 8, 8, 8, 1]
-    passes.clear(), submits.clear()
+    passes.clear()
+    submits.clear()
     engine_mod.Engine.run_steps(fake, None, 2)
     assert np.diff([0, *submits]).tolist() == [1, 1]
 
